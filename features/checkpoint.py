@@ -1,0 +1,125 @@
+"""Resumable checkpoints, written atomically, and the final Hugging Face export.
+
+    python train.py --output-dir runs/a --save-every 100
+    python train.py --output-dir runs/a --resume auto          # continues from the latest checkpoint
+    python train.py --resume runs/a/checkpoints/step_00000100  # or from a given one
+
+Layout of `<output-dir>/checkpoints/step_<N>/`: the trainable weights and the optimizer state
+through torch.distributed.checkpoint (sharded-ready, so later parallel layouts can reshard),
+`trainer_state.json` (step, scheduler, data position) and `rng_rank<R>.pt`. A checkpoint is
+written under a `.tmp-` name and renamed when complete, so a run killed mid-save leaves the
+previous checkpoint intact; `--resume auto` never picks an incomplete one.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from features import UserError
+from features.distributed import Dist, barrier, unwrap
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Frozen weights are not saved (an adapter run stores only the adapter); strict=False lets them load.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in an output dir, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name))]
+    return sorted(p for p in found if (p[1] / "trainer_state.json").is_file())
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = checkpoints(output_dir)
+        return found[-1][1] if found else None  # nothing yet: a fresh start (safe to requeue)
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json); "
+                        f"pass a checkpoints/step_<N> directory or 'auto'")
+    return path
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, batches, d: Dist,
+                    keep: int, tokens: int = 0) -> Path:
+    root = Path(output_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer, options=_OPTIONS)
+    with warnings.catch_warnings():  # one process: DCP warns that it runs without a process group
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.is_main:
+        state = {"step": step, "tokens": tokens, "world_size": d.world_size, "data": batches.state_dict(),
+                 "scheduler": scheduler.state_dict()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
+        for _, old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -> dict:
+    """Restore everything saved by save_checkpoint; returns its trainer state (step, tokens, ...)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer, options=_OPTIONS)
+    sd = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=path)
+    set_state_dict(unwrap(model), optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=_OPTIONS)
+    scheduler.load_state_dict(state["scheduler"])
+    batches.load_state_dict(state["data"])
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh RNG there
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def export_hf(model, tokenizer, out: Path, d: Dist) -> Path | None:
+    """Write the final model + tokenizer with save_pretrained (atomically, rank 0)."""
+    if not d.is_main:
+        return None
+    tmp = out.with_name(".tmp-" + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per shard drowns the log of a non-interactive run
+    unwrap(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,330 @@
+"""Datasets: load records, render them in one of four formats, tokenize, mask, split.
+
+    python train.py --dataset data/train.jsonl                      # alpaca, auto-detected
+    python train.py --dataset chats.parquet --dataset-format chat   # messages + chat template
+    python train.py --dataset tatsu-lab/alpaca --val-size 500       # hub dataset, 500 held out
+
+Sources: local .jsonl / .json / .parquet / .csv files, or a Hugging Face hub id. Formats
+(`--dataset-format auto` picks by the keys of the first record):
+  alpaca      {"instruction", "input"?, "output"}      prompt = ALPACA_PROMPT, trained = output + eos
+  chat        {"messages": [{"role", "content"}]}      the tokenizer's chat template; assistant turns trained
+  completion  {"prompt", "completion"} or {"text"}     trained = completion + eos (or all of text + eos)
+  pretrain    {"text"}                                  documents joined with eos, cut into --seq-len blocks
+Prompt tokens are masked from the loss (label -100) unless --train-on-inputs. Samples longer
+than --seq-len are dropped (or cut with --truncation truncate) and counted; a malformed record
+stops the run with its file and line.
+"""
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Literal
+
+from features import UserError
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+VAL_NAMES = ("val", "validation", "valid", "dev", "test")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str = "data/train.jsonl"
+    """Training data: a .jsonl/.json/.parquet/.csv file or a Hugging Face hub dataset id."""
+    dataset_format: Literal["auto", "completion", "alpaca", "chat", "pretrain"] = "auto"
+    """Record format; auto picks by the keys of the first record (see the data module)."""
+    dataset_split: str = "train"
+    """Split to train on, for hub datasets."""
+    dataset_subset: str | None = None
+    """Configuration (subset) name, for hub datasets that have several."""
+    val_dataset: str = "auto"
+    """Held-out data: a file or hub id; 'auto' uses a sibling val/validation/test file (or hub
+    split) when there is one, else holds out --val-size samples of the training data; 'none'."""
+    val_size: float = 0.05
+    """Held out from the training data when there is no validation set: a fraction (< 1) or a count."""
+    max_val_samples: int = 1000
+    """At most this many validation samples are kept (evaluation cost stays bounded)."""
+    seq_len: int = 512
+    """Maximum tokens per sample (per block for pretrain)."""
+    train_on_inputs: bool = False
+    """Also train on prompt tokens (by default only responses are in the loss)."""
+    truncation: Literal["drop", "truncate"] = "drop"
+    """What to do with samples longer than --seq-len: drop them or cut them (both are counted)."""
+
+
+@dataclasses.dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids (not shifted); -100 = not trained
+    prompt_len: int  # tokens before the last trained response (for exact-match generation)
+
+
+@dataclasses.dataclass
+class Split:
+    samples: list[Sample]
+    stats: dict  # counts: records, samples, dropped_too_long, truncated, dropped_untrained, tokens
+
+
+Record = tuple[dict, str]  # (the record, where it came from: "file:line")
+
+
+# ---------------------------------------------------------------------------- loading records
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8")
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line")
+        records.append((record, where))
+    return records
+
+
+def _read_json(path: Path) -> list[Record]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid UTF-8 JSON ({e}); a .json dataset is one array of objects")
+    if not isinstance(data, list):
+        raise UserError(f"{path}: a .json dataset must be an array of objects (use .jsonl for one per line)")
+    return [(r, f"{path}: item {i}") for i, r in enumerate(data)]
+
+
+def _read_table(path: Path) -> list[Record]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+    except Exception as e:  # pyarrow/pandas raise many types for a damaged file
+        raise UserError(f"{path}: could not read as {path.suffix[1:]} ({type(e).__name__}: {e})") from e
+    first = 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
+    label = "line" if path.suffix == ".csv" else "row"
+    return [(dict(r), f"{path}: {label} {i + first}") for i, r in enumerate(table)]
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
+
+
+def _read_hub(name: str, subset: str | None, split: str, flag: str) -> list[Record]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:  # network, missing repo, missing split: all end the same way for a user
+        raise UserError(f"{flag} {name!r}: could not load from the hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check the id, --dataset-split, "
+                        f"network access, or pass a local file") from e
+    return [(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(table)]
+
+
+def read_records(source: str, flag: str, subset: str | None = None, split: str = "train") -> list[Record]:
+    path = Path(source)
+    if path.suffix in _READERS:
+        if not path.is_file():
+            raise UserError(f"{flag} {source}: file not found")
+        records = _READERS[path.suffix](path)
+    elif path.exists():
+        raise UserError(f"{flag} {source}: unsupported file type; use .jsonl, .json, .parquet or .csv")
+    else:
+        records = _read_hub(source, subset, split, flag)
+    if not records:
+        raise UserError(f"{flag} {source}: the dataset is empty")
+    return records
+
+
+def _sibling_val_file(train: Path) -> Path | None:
+    if train.stem not in ("train", "training"):
+        return None
+    for name in VAL_NAMES:
+        if (candidate := train.with_name(name + train.suffix)).is_file():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------- formats
+
+
+def detect_format(record: dict, where: str) -> str:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record or ("prompt" in record and "completion" in record):
+        return "completion"
+    raise UserError(f"{where}: cannot tell the format from keys {sorted(record)}; expected messages, "
+                    f"instruction+output, prompt+completion or text (or pass --dataset-format)")
+
+
+def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) -> str:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        got = "missing" if key not in record else f"a {type(value).__name__}"
+        raise UserError(f"{where}: {fmt} records need a string {key!r} ({got})")
+    return value
+
+
+def _prompt_response(record: dict, fmt: str, where: str) -> tuple[str, str]:
+    """(prompt, response) strings for the alpaca and completion formats."""
+    if fmt == "alpaca":
+        instruction = _field(record, "instruction", where, fmt)
+        inp = _field(record, "input", where, fmt, required=False)
+        template = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
+        return template.format(instruction=instruction, input=inp), _field(record, "output", where, fmt)
+    if isinstance(record, dict) and "prompt" in record:
+        return _field(record, "prompt", where, fmt), _field(record, "completion", where, fmt)
+    return "", _field(record, "text", where, fmt)
+
+
+def _encode(tok, text: str, first: bool) -> list[int]:
+    return tok(text, add_special_tokens=first)["input_ids"]
+
+
+def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
+    prompt, response = _prompt_response(record, fmt, where)
+    if not response.strip():
+        raise UserError(f"{where}: empty response; every {fmt} record needs text to train on")
+    prompt_ids = _encode(tok, prompt, first=True) if prompt else []
+    response_ids = _encode(tok, response, first=not prompt) + [tok.eos_token_id]
+    ids = prompt_ids + response_ids
+    return Sample(ids, [-100] * len(prompt_ids) + response_ids, len(prompt_ids))
+
+
+def _check_messages(record, where) -> list[dict]:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: chat records need a non-empty list 'messages'")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: messages[{i}] needs a string 'content'")
+        if m.get("role") not in CHAT_ROLES:
+            raise UserError(f"{where}: messages[{i}] has role {m.get('role')!r}; use one of {CHAT_ROLES}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: no assistant message, so nothing to train on")
+    return messages
+
+
+def _tokenize_chat(record, where, tok) -> Sample:
+    """Assistant turns are trained; their spans come from rendering each conversation prefix."""
+    messages = _check_messages(record, where)
+
+    def render(msgs, gen_prompt=False):
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        return _encode(tok, text, first=False)  # the template writes its own special tokens
+
+    ids = render(messages)
+    labels, prompt_len = [-100] * len(ids), 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i], gen_prompt=True)), len(render(messages[: i + 1]))
+        if ids[:end] != render(messages[: i + 1]):
+            raise UserError(f"{where}: the tokenizer's chat template rewrites earlier turns, so turn "
+                            f"masks cannot be found; use --train-on-inputs or another --tokenizer")
+        labels[start:end], prompt_len = ids[start:end], start
+    return Sample(ids, labels, prompt_len)
+
+
+def tokenize(record: dict, fmt: str, where: str, tok, train_on_inputs: bool) -> Sample:
+    if fmt == "chat":
+        if tok.chat_template is None:
+            raise UserError("--dataset-format chat: the tokenizer has no chat template; pass a "
+                            "--tokenizer with one, or use --dataset-format alpaca/completion")
+        sample = _tokenize_chat(record, where, tok)
+    else:
+        sample = _tokenize_prompt_response(record, fmt, where, tok)
+    if train_on_inputs:
+        sample.labels = list(sample.input_ids)
+    return sample
+
+
+# ---------------------------------------------------------------------------- building splits
+
+
+def _fit(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], dict]:
+    """Apply --seq-len: drop or cut long samples, drop samples left with no trained target."""
+    kept, stats = [], dict(dropped_too_long=0, truncated=0, dropped_untrained=0)
+    for s in samples:
+        if len(s.input_ids) > cfg.seq_len:
+            if cfg.truncation == "drop":
+                stats["dropped_too_long"] += 1
+                continue
+            stats["truncated"] += 1
+            s = Sample(s.input_ids[: cfg.seq_len], s.labels[: cfg.seq_len], min(s.prompt_len, cfg.seq_len))
+        if all(label == -100 for label in s.labels[1:]):  # the first token is never a target
+            stats["dropped_untrained"] += 1
+            continue
+        kept.append(s)
+    return kept, stats
+
+
+def _pretrain_blocks(records: list[Record], tok, seq_len: int) -> tuple[list[Sample], dict]:
+    stream = []
+    for record, where in records:
+        stream += _encode(tok, _field(record, "text", where, "pretrain"), first=True) + [tok.eos_token_id]
+    n = len(stream) // seq_len
+    blocks = [stream[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+    return [Sample(b, list(b), 0) for b in blocks], dict(dropped_tail_tokens=len(stream) - n * seq_len)
+
+
+def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: str) -> Split:
+    if fmt == "pretrain":
+        samples, stats = _pretrain_blocks(records, tok, cfg.seq_len)
+    else:
+        samples, stats = _fit([tokenize(r, fmt, w, tok, cfg.train_on_inputs) for r, w in records], cfg)
+    if not samples:
+        hint = "raise --seq-len or pass --truncation truncate" if fmt != "pretrain" else "lower --seq-len"
+        raise UserError(f"{source}: no usable samples out of {len(records)} records ({stats}); {hint}")
+    stats.update(records=len(records), samples=len(samples), tokens=sum(len(s.input_ids) for s in samples))
+    return Split(samples, stats)
+
+
+def _hold_out(records: list[Record], cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]]:
+    n_val = int(cfg.val_size * len(records)) if cfg.val_size < 1 else int(cfg.val_size)
+    n_val = min(n_val, cfg.max_val_samples, len(records) - 1)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in val], [records[i] for i in sorted(val)]
+
+
+def _val_source(cfg: DataConfig) -> str | None:
+    if cfg.val_dataset == "none":
+        return None
+    if cfg.val_dataset != "auto":
+        return cfg.val_dataset
+    sibling = _sibling_val_file(Path(cfg.dataset))
+    return str(sibling) if sibling else None
+
+
+def load_splits(cfg: DataConfig, tok, seed: int) -> tuple[Split, Split | None]:
+    """Tokenized (train, validation) splits; validation is None with --val-dataset none."""
+    records = read_records(cfg.dataset, "--dataset", cfg.dataset_subset, cfg.dataset_split)
+    fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(*records[0])
+    val_source = _val_source(cfg)
+    if val_source is not None:
+        val_records = read_records(val_source, "--val-dataset", cfg.dataset_subset, "validation")
+    elif cfg.val_dataset == "auto" and cfg.val_size > 0 and len(records) > 1:
+        records, val_records = _hold_out(records, cfg, seed)
+    else:
+        val_records = []
+    train = build_split(records, fmt, tok, cfg, cfg.dataset)
+    val = build_split(val_records[: cfg.max_val_samples], fmt, tok, cfg, val_source or "held-out split") \
+        if val_records else None
+    return train, val

@@ -1,0 +1,65 @@
+"""Held-out evaluation: validation loss, and exact match of greedy answers.
+
+    python train.py --eval-every 50 --eval-exact-match 64
+
+Validation loss is token-weighted over the whole validation set (the same accounting as
+training). Exact match greedily generates the response of the first N validation samples from
+their prompt and counts those whose tokens equal the reference, end-of-sequence token included
+(so an answer that is right but does not stop is wrong). It is meaningful for tasks with one
+right answer, like the embedded dataset; set --eval-exact-match 0 for open-ended data.
+"""
+
+import torch
+
+from features.batches import eval_batches
+from features.data import Sample
+from features.distributed import Dist, all_reduce_sum, unwrap
+from features.loss import count_targets, forward_loss_sum
+
+
+@torch.no_grad()
+def validation_loss(model, samples: list[Sample], micro_batch_size: int, pad_id: int, d: Dist,
+                    autocast) -> float:
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (loss sum, tokens)
+    for batch in eval_batches(samples, micro_batch_size, pad_id, d.rank, d.world_size):
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        with autocast:
+            total[0] += forward_loss_sum(unwrap(model), batch).double()
+        total[1] += count_targets(batch["labels"])
+    model.train()
+    total = all_reduce_sum(total, d)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autocast,
+                batch_size: int = 32) -> float | None:
+    """Fraction of the first n prompted validation samples answered exactly; None if there are none."""
+    chosen = [s for s in samples if 0 < s.prompt_len < len(s.input_ids)][:n][d.rank::d.world_size]
+    net = unwrap(model)
+    net.eval()
+    hits = torch.zeros(2, dtype=torch.float64, device=d.device)  # (correct, total)
+    for i in range(0, len(chosen), batch_size):
+        group = chosen[i:i + batch_size]
+        refs = [s.input_ids[s.prompt_len:] for s in group]
+        ids, mask = _left_pad([s.input_ids[:s.prompt_len] for s in group], tokenizer.pad_token_id, d.device)
+        with autocast:
+            out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(map(len, refs)),
+                               do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+        for row, ref in enumerate(refs):
+            hits[0] += out[row, ids.shape[1]:ids.shape[1] + len(ref)].tolist() == ref
+        hits[1] += len(group)
+    net.train()
+    hits = all_reduce_sum(hits, d)
+    return (hits[0] / hits[1]).item() if hits[1] > 0 else None

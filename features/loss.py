@@ -1,0 +1,35 @@
+"""The training loss as a sum over tokens, so train.py can normalize by the global token count.
+
+A step's loss is the sum of token losses over all its micro-batches and ranks divided by the
+number of trained tokens in all of them (see train.py); a per-micro-batch mean instead would
+weight a short micro-batch's tokens more than a long one's, and gradient accumulation would no
+longer equal one big batch.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Trained tokens in a batch: labels are unshifted, so position 0 is never a target."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """targets[:, t] is the token position t must predict (labels[:, t + 1]); the last is ignored."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy in fp32 over the trained positions."""
+    targets = shifted_targets(labels)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the model on a batch (everything but labels goes to the model) and sum the token losses."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return cross_entropy_sum(model(**inputs).logits, batch["labels"])

@@ -1,0 +1,172 @@
+"""Load the model and tokenizer: a Hugging Face id, a local path, or a named preset.
+
+    python train.py --model tiny-llama                 # random weights, embedded tokenizer (CPU)
+    python train.py --model llama3-8b --precision bf16  # Llama-3.1-8B shape, random weights
+    python train.py --model meta-llama/Llama-3.1-8B     # real weights from the hub or a local dir
+
+Presets are architecture shapes with random weights, for tests and benchmarks; they use the
+tokenizer kept in `data/tokenizer` (their vocabulary is never smaller than its). Precision:
+`fp32`; `bf16` stores weights in bf16 (pure bf16 training, the memory-frugal choice);
+`bf16-mixed` keeps fp32 weights and runs matmuls under bf16 autocast (what HF Trainer's
+`bf16=True` does); `auto` is bf16-mixed on CUDA and fp32 on CPU.
+"""
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import tyro
+
+from features import UserError
+
+EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "tokenizer"
+
+_TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+_LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+# name -> (transformers config class name, config fields). Shapes follow the published configs.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("LlamaConfig", dict(_TINY, tie_word_embeddings=True)),
+    "tiny-qwen2": ("Qwen2Config", dict(_TINY, tie_word_embeddings=True)),
+    "tiny-mistral": ("MistralConfig", dict(_TINY, sliding_window=64)),
+    "tiny-gemma": ("GemmaConfig", dict(_TINY, head_dim=64)),
+    "llama3.2-1b": ("LlamaConfig", dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+        tie_word_embeddings=True, rope_parameters=dict(_LLAMA3_ROPE, factor=32.0), rms_norm_eps=1e-5)),
+    "llama3.2-3b": ("LlamaConfig", dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+        tie_word_embeddings=True, rope_parameters=dict(_LLAMA3_ROPE, factor=32.0), rms_norm_eps=1e-5)),
+    "llama3-8b": ("LlamaConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+        rope_parameters=_LLAMA3_ROPE, rms_norm_eps=1e-5)),
+    "qwen2.5-7b": ("Qwen2Config", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), rms_norm_eps=1e-6)),
+    "mistral-7b": ("MistralConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32768, max_position_embeddings=32768,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), rms_norm_eps=1e-5)),
+}
+PRESETS["llama3.1-8b"] = PRESETS["llama3-8b"]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: Annotated[str, tyro.conf.arg(name="model")] = "tiny-llama"
+    """Hugging Face id (org/name), local directory, or a preset with random weights:
+    tiny-llama, tiny-qwen2, tiny-mistral, tiny-gemma, llama3.2-1b, llama3.2-3b, llama3-8b,
+    llama3.1-8b, qwen2.5-7b, mistral-7b."""
+    tokenizer: str | None = None
+    """Tokenizer id or path; default: the model's own (presets: data/tokenizer)."""
+    precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"
+    """Weights and compute dtype (see the module docstring); auto: bf16-mixed on CUDA, fp32 on CPU."""
+    attn: Literal["sdpa", "eager"] = "sdpa"
+    """Attention implementation passed to transformers."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with a hub checkpoint (only for repos you trust)."""
+
+
+def resolve_precision(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    return cfg.precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward-pass context for a precision: bf16 autocast for bf16-mixed, else nothing."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _is_preset(path: str) -> bool:
+    return path in PRESETS
+
+
+def _check_source(path: str, flag: str) -> None:
+    if _is_preset(path) or os.path.isdir(path) or "/" in path and not path.startswith((".", "/")):
+        return
+    raise UserError(f"{flag} {path!r}: not a preset ({', '.join(PRESETS)}), not a local directory, "
+                    f"and not a hub id of the form org/name")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or (str(EMBEDDED_TOKENIZER) if _is_preset(cfg.path) else cfg.path)
+    _check_source(source, "--tokenizer" if cfg.tokenizer else "--model")
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the tokenizer from {source!r} ({_first_line(e)}); "
+                        f"check the path/id, or pass --tokenizer") from e
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer {source!r} has no eos token; pass a --tokenizer that defines one")
+    if tok.pad_token_id is None:  # padded positions are masked out, so any id works as padding
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, tokenizer, device: torch.device):
+    """The model on `device`, in the storage dtype of the resolved precision, in train mode."""
+    import transformers
+
+    dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else torch.float32
+    _check_source(cfg.path, "--model")
+    if _is_preset(cfg.path):
+        cls_name, fields = PRESETS[cfg.path]
+        config = getattr(transformers, cls_name)(**fields)
+        config.vocab_size = max(fields.get("vocab_size", 0), len(tokenizer))  # tiny: the tokenizer's
+        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        with torch.device(device):  # initialise on the target device: 8B on CPU takes minutes
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=cfg.attn)
+    else:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                cfg.path, dtype=dtype, attn_implementation=cfg.attn,
+                trust_remote_code=cfg.trust_remote_code).to(device)
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not load --model {cfg.path!r} ({_first_line(e)})") from e
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --model {cfg.path!r} embeds "
+                        f"{model.get_input_embeddings().num_embeddings}; pass a matching --tokenizer")
+    model.config.use_cache = False  # training never reuses the KV cache
+    return model.train()
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def count_params(model) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_flops_per_token(model, seq_len: int) -> float:
+    """Model FLOPs per trained token (the MFU numerator; recompute is not counted).
+
+    Matmuls: 6 N per token when all weights train (forward 2N, backward 4N), 4 N when the base is
+    frozen (its weight gradients are skipped), with N the non-embedding parameters plus the output
+    projection. Attention scores and values: 12 * layers * hidden * seq_len per token (forward +
+    backward, causal masking not discounted, as in the PaLM paper's MFU definition).
+    """
+    cfg = model.config
+    emb = model.get_input_embeddings().weight.numel()
+    total, trainable = count_params(model)
+    n = total - emb + (emb if getattr(cfg, "tie_word_embeddings", False) else 0)
+    per_param = 6 if trainable >= 0.5 * total else 4
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return per_param * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len

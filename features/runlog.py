@@ -1,0 +1,183 @@
+"""The run directory and the per-step record: what ran, on what, and how it went.
+
+`<output-dir>/` holds `config.json` (the resolved config), `run.json` (argv, git SHA and dirty
+flag, package versions, device, world size, data counts), `git.diff` when the tree is dirty,
+and `metrics.jsonl` with one object per logging step (step, loss, lr, grad_norm, tokens,
+tokens_per_s, mfu, peak_mem_gib, eta_s; val_loss on evaluation steps). Rank 0 writes them and
+prints one line per logging step (plus a progress bar when stderr is a terminal).
+"""
+
+import dataclasses
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "tyro", "accelerate",
+            "bitsandbytes", "flash-attn", "flash-attn-4", "torchao", "deepspeed", "liger-kernel",
+            "cut-cross-entropy", "wandb")
+# Dense bf16 datasheet peaks (FLOP/s) by GPU name; MFU is reported against these.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12,
+             "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _versions() -> dict:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), **found}
+
+
+def write_run_info(run_dir: Path, cfg, device: torch.device, world_size: int, extra: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+    diff = _git("diff", "HEAD")
+    info = {"argv": sys.argv, "git_sha": (_git("rev-parse", "HEAD") or "").strip() or None,
+            "git_dirty": bool(diff), "versions": _versions(), "device": device_name(device),
+            "world_size": world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1, default=str))
+    if diff:
+        (run_dir / "git.diff").write_text(diff)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def format_line(m: dict, total_steps: int) -> str:
+    """The one human line per logging step."""
+    parts = [f"step {m['step']}/{total_steps}", f"loss {m['loss']:.4f}"]
+    if "val_loss" in m:
+        parts.append(f"val {m['val_loss']:.4f}")
+    parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    if m.get("mfu") is not None:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if m.get("peak_mem_gib"):
+        parts.append(f"mem {m['peak_mem_gib']:.1f}GiB")
+    parts.append(f"eta {_fmt_duration(m['eta_s'])}")
+    return " | ".join(parts)
+
+
+class StepMeter:
+    """Loss and token counts between log lines; reduced over ranks only when a line is written,
+    so a training step costs no host-device sync for logging."""
+
+    def __init__(self, device: torch.device, world_size: int, flops_per_token: float, total_steps: int,
+                 start_step: int, tokens: int):
+        self.device, self.world, self.fpt, self.total = device, world_size, flops_per_token, total_steps
+        self.peak, self.tokens, self.steps_left = peak_flops(device), tokens, total_steps - start_step
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.targets = self.window_tokens = self.steps = 0
+        self.t_window = self.t_start = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, targets: int, tokens: int) -> None:
+        self.loss += loss_sum.detach()
+        self.targets, self.window_tokens = self.targets + targets, self.window_tokens + tokens
+
+    def step_done(self) -> float:
+        """Count a finished step; returns the window's tokens/s estimate for the progress bar."""
+        self.steps += 1
+        return self.window_tokens * self.world / max(time.perf_counter() - self.t_window, 1e-9)
+
+    def record(self, step: int, lr: float, grad_norm: torch.Tensor, reduce) -> dict:
+        """The metrics of the window that ends at `step` (reduce: the all-reduce-sum over ranks)."""
+        counts = torch.tensor([self.targets, self.window_tokens], dtype=torch.float64, device=self.device)
+        loss, targets, tokens = reduce(torch.cat([self.loss[None], counts])).tolist()
+        now = time.perf_counter()
+        tok_s = tokens / (now - self.t_window)
+        self.tokens += int(tokens)
+        record = {"step": step, "loss": loss / max(targets, 1), "lr": lr, "grad_norm": grad_norm.item(),
+                  "tokens": self.tokens, "tokens_per_s": tok_s,
+                  "mfu": self.fpt * tok_s / (self.peak * self.world) if self.peak else None,
+                  "peak_mem_gib": peak_mem_gib(self.device),
+                  "eta_s": (now - self.t_start) / self.steps * (self.total - step)}
+        self.loss.zero_()
+        self.targets = self.window_tokens = 0
+        self.restart_clock()
+        return record
+
+    def restart_clock(self) -> None:
+        """Start the throughput window now (evaluation and checkpoint time is not training)."""
+        self.t_window = time.perf_counter()
+
+
+def peak_mem_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
+
+
+class MetricsLog:
+    """metrics.jsonl writer + console output. On resume, entries after the resumed step are cut."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled, self.total = enabled, total_steps
+        self.path = run_dir / "metrics.jsonl"
+        self.bar = None
+        if not enabled:
+            return
+        if self.path.exists():  # keep the history up to the step we resume from
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.print(format_line(record, self.total) if "loss" in record else json.dumps(record))
+
+    def advance(self, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{tokens_per_s:,.0f} tok/s", refresh=False)
+            self.bar.update(1)
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

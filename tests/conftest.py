@@ -1,0 +1,42 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(2)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from features.model import ModelConfig, load_tokenizer
+
+    return load_tokenizer(ModelConfig())
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    """A 192-sample train.jsonl with a sibling 32-sample val.jsonl cut from the embedded data."""
+    lines = (ROOT / "data" / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:192]) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[192:224]) + "\n")
+    return tmp_path / "train.jsonl"
+
+
+def run_train(out: Path, *args: str) -> int:
+    """train.py's main() in this process; returns the exit status."""
+    import train
+
+    return train.main(["--output-dir", str(out), "--eval-exact-match", "0", *args])

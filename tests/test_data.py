@@ -1,0 +1,152 @@
+"""Formats, masking, truncation counts and dataset sources."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import ROOT, write_jsonl
+from features import UserError
+from features.data import ALPACA_PROMPT, DataConfig, load_splits, tokenize
+
+
+def decode_trained(tok, sample):
+    return tok.decode([t for t, l in zip(sample.input_ids, sample.labels) if l != -100])
+
+
+def test_alpaca_masks_prompt_and_trains_response_plus_eos(tok):
+    rec = {"instruction": "Reverse the letters.", "input": "a b c", "output": "c b a"}
+    s = tokenize(rec, "alpaca", "x:1", tok, train_on_inputs=False)
+    prompt = ALPACA_PROMPT.format(instruction=rec["instruction"], input=rec["input"])
+    assert tok.decode(s.input_ids[:s.prompt_len], skip_special_tokens=True) == prompt
+    assert s.labels[:s.prompt_len] == [-100] * s.prompt_len
+    assert s.labels[s.prompt_len:] == s.input_ids[s.prompt_len:]
+    assert s.input_ids[-1] == tok.eos_token_id
+    assert decode_trained(tok, s) == "c b a" + tok.eos_token
+
+
+def test_alpaca_without_input_uses_short_template(tok):
+    s = tokenize({"instruction": "Say hi.", "output": "hi"}, "alpaca", "x:1", tok, False)
+    assert "### Input" not in tok.decode(s.input_ids[:s.prompt_len])
+
+
+def test_train_on_inputs_trains_every_token(tok):
+    rec = {"instruction": "Copy.", "input": "a", "output": "a"}
+    s = tokenize(rec, "alpaca", "x:1", tok, train_on_inputs=True)
+    assert s.labels == s.input_ids
+
+
+def test_completion_formats(tok):
+    s = tokenize({"prompt": "2+2=", "completion": "4"}, "completion", "x:1", tok, False)
+    assert decode_trained(tok, s) == "4" + tok.eos_token
+    s = tokenize({"text": "hello world"}, "completion", "x:1", tok, False)
+    assert s.prompt_len == 0 and s.labels == s.input_ids
+
+
+def test_chat_trains_only_assistant_turns(tok):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "u1"},
+                {"role": "assistant", "content": "first answer"}, {"role": "user", "content": "u2"},
+                {"role": "assistant", "content": "second answer"}]
+    s = tokenize({"messages": messages}, "chat", "x:1", tok, False)
+    trained = decode_trained(tok, s)
+    assert "first answer" in trained and "second answer" in trained
+    for masked in ("Be terse.", "u1", "u2", "system", "user"):
+        assert masked not in trained
+    # the prompt for exact-match generation ends right before the last answer
+    assert tok.decode(s.input_ids[s.prompt_len:]).startswith("second answer")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"messages": [{"role": "robot", "content": "x"}]}, "role 'robot'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+    ({"messages": [{"role": "assistant", "content": 3}]}, "string 'content'"),
+    ({"messages": "hi"}, "non-empty list"),
+])
+def test_chat_rejects_malformed_records_with_location(tok, bad, message):
+    with pytest.raises(UserError, match=f"data.jsonl:7: .*{message}"):
+        tokenize(bad, "chat", "data.jsonl:7", tok, False)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"instruction": "x"}, "string 'output' \\(missing\\)"),
+    ({"instruction": "x", "output": 5}, "string 'output' \\(a int\\)"),
+    ({"instruction": "x", "output": "   "}, "empty response"),
+])
+def test_alpaca_rejects_malformed_records_with_location(tok, bad, message):
+    with pytest.raises(UserError, match=f"f.jsonl:3: .*{message}"):
+        tokenize(bad, "alpaca", "f.jsonl:3", tok, False)
+
+
+def test_long_samples_dropped_or_truncated_and_counted(tmp_path, tok):
+    records = [{"instruction": "Copy.", "input": "a", "output": "a"},
+               {"instruction": "Copy.", "input": "a", "output": " ".join("abcdefgh" * 10)}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    train, _ = load_splits(DataConfig(dataset=str(path), seq_len=40, val_dataset="none"), tok, 0)
+    assert train.stats["dropped_too_long"] == 1 and len(train.samples) == 1
+    train, _ = load_splits(DataConfig(dataset=str(path), seq_len=40, val_dataset="none",
+                                      truncation="truncate"), tok, 0)
+    assert train.stats["truncated"] == 1 and len(train.samples) == 2
+    assert max(len(s.input_ids) for s in train.samples) == 40
+
+
+def test_sample_with_only_prompt_left_after_truncation_is_dropped(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x " * 50, "output": "y"}] * 2
+                       + [{"instruction": "Copy.", "output": "y"}])
+    train, _ = load_splits(DataConfig(dataset=str(path), seq_len=20, val_dataset="none",
+                                      truncation="truncate"), tok, 0)
+    assert train.stats["dropped_untrained"] == 2 and len(train.samples) == 1
+
+
+def test_pretrain_packs_documents_into_full_blocks(tmp_path, tok):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": f"document number {i} " * 3} for i in range(20)])
+    train, _ = load_splits(DataConfig(dataset=str(path), dataset_format="pretrain", seq_len=16,
+                                      val_dataset="none"), tok, 0)
+    assert all(len(s.input_ids) == 16 and s.labels == s.input_ids for s in train.samples)
+    assert train.stats["tokens"] + train.stats["dropped_tail_tokens"] > 20 * 3
+
+
+def test_auto_format_and_sibling_validation_file(small_data, tok):
+    train, val = load_splits(DataConfig(dataset=str(small_data)), tok, 0)
+    assert len(train.samples) == 192 and len(val.samples) == 32
+
+
+def test_hold_out_when_no_validation_file(tmp_path, tok):
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"text": f"t {i}"} for i in range(100)])
+    train, val = load_splits(DataConfig(dataset=str(path), val_size=0.1), tok, 0)
+    assert len(train.samples) == 90 and len(val.samples) == 10
+    again, _ = load_splits(DataConfig(dataset=str(path), val_size=0.1), tok, 0)
+    assert [s.input_ids for s in again.samples] == [s.input_ids for s in train.samples]
+
+
+def test_parquet_csv_and_json_sources(tmp_path, tok):
+    import datasets
+
+    rows = [{"instruction": "Copy.", "input": c, "output": c} for c in "abcdef"]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        w.writeheader(), w.writerows(rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ("d.parquet", "d.csv", "d.json"):
+        train, _ = load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none"), tok, 0)
+        assert len(train.samples) == 6, name
+
+
+def test_example_files_for_every_format_load(tok):
+    for name in ("alpaca", "chat", "completion", "text"):
+        train, _ = load_splits(DataConfig(dataset=str(ROOT / f"data/examples/{name}.jsonl"), val_dataset="none"), tok, 0)
+        assert train.samples, name
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "ok"}\n{"text": "ok",\n', "bad.jsonl:2: invalid JSON"),
+    (b'{"text": "ok"}\n\xff\xfe{"text": 1}\n', "bad.jsonl:2: invalid UTF-8"),
+    (b'{"text": "ok"}\n[1, 2]\n', "bad.jsonl:2: expected a JSON object"),
+    (b'{"text": "ok"}\n{"text": 7}\n', "bad.jsonl:2: completion records need a string 'text'"),
+    (b"\n\n", "the dataset is empty"),
+    (b'{"foo": 1}\n', "bad.jsonl:1: cannot tell the format"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, tok, content, message):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_splits(DataConfig(dataset=str(tmp_path / "bad.jsonl"), val_dataset="none"), tok, 0)

@@ -1,0 +1,242 @@
+"""nanotune: fine-tune open LLMs with one readable PyTorch loop.
+
+    python train.py                                        # the embedded CPU demo (< 3 minutes)
+    python train.py --model meta-llama/Llama-3.1-8B --dataset my.jsonl --seq-len 4096
+    torchrun --nproc_per_node 8 train.py --model llama3-8b --dataset my.jsonl
+    python train.py --help                                 # every flag
+
+The story, top to bottom: parse -> dist -> data -> model -> features (fixed order) ->
+optimizer -> steps -> save. The step loop has no feature branches; a feature changes the model,
+the batches or the loss before the loop starts.
+"""
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+from features import UserError
+from features.batches import StepBatches
+from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
+from features.data import DataConfig, load_splits
+from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
+                                  init_distributed, sync_gradients, teardown, wrap_data_parallel)
+from features.evaluate import exact_match, validation_loss
+from features.loss import count_targets, forward_loss_sum
+from features.model import (ModelConfig, autocast, count_params, load_model, load_tokenizer,
+                            resolve_precision, train_flops_per_token)
+from features.optim import OptimConfig, build_optimizer, build_scheduler
+from features.runlog import MetricsLog, StepMeter, write_run_info
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    micro_batch_size: int = 32
+    """Samples per forward/backward pass on each rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = micro-batch-size x grad-accum x ranks)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 derives them from --epochs."""
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed), when --max-steps is -1."""
+    seed: int = 0
+    """Seeds the weights of presets, the data order and dropout."""
+    output_dir: str | None = None
+    """Run directory (config, metrics, checkpoints, final model); default runs/<date-time>."""
+    log_every: int = 10
+    """Optimizer steps between log lines (step 1 and the last step are always logged)."""
+    eval_every: int = 0
+    """Optimizer steps between validation passes; 0 = only before training and at the end."""
+    eval_exact_match: int = 64
+    """Validation samples answered greedily and scored by exact match, before and after training."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints (0 = none; with N > 0 the last step is saved too)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk (0 keeps all)."""
+    resume: str | None = None
+    """A checkpoint directory to continue from, or 'auto' for the latest in --output-dir."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto picks CUDA when available."""
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse values and combinations that cannot work, naming the flag and the fix."""
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    checks = [
+        (d.seq_len >= 2, f"--seq-len must be at least 2 (got {d.seq_len})"),
+        (o.lr > 0, f"--lr must be positive (got {o.lr})"),
+        (0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1] (got {o.min_lr_ratio})"),
+        (o.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {o.warmup_steps})"),
+        (o.weight_decay >= 0, f"--weight-decay must be >= 0 (got {o.weight_decay})"),
+        (o.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, 0 disables clipping (got {o.max_grad_norm})"),
+        (t.micro_batch_size >= 1, f"--micro-batch-size must be at least 1 (got {t.micro_batch_size})"),
+        (t.grad_accum >= 1, f"--grad-accum must be at least 1 (got {t.grad_accum})"),
+        (t.max_steps > 0 or t.max_steps == -1, f"--max-steps must be positive, or -1 to use --epochs (got {t.max_steps})"),
+        (t.max_steps > 0 or t.epochs > 0, f"--epochs must be positive (got {t.epochs})"),
+        (t.log_every >= 1, f"--log-every must be at least 1 (got {t.log_every})"),
+        (min(t.eval_every, t.save_every, t.eval_exact_match, t.keep_checkpoints) >= 0,
+         "--eval-every, --save-every, --eval-exact-match and --keep-checkpoints must be >= 0"),
+        (d.val_size >= 0, f"--val-size must be >= 0 (got {d.val_size})"),
+        (t.resume != "auto" or t.output_dir is not None, "--resume auto needs --output-dir (the run to continue)"),
+        (t.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is visible; use --device cpu"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    cfg = tyro.cli(Config, args=argv, config=(tyro.conf.OmitArgPrefixes,),
+                   description=__doc__.split("\n\n")[0])
+    validate(cfg)
+    return cfg
+
+
+def prepare_output_dir(cfg: Config, d: Dist) -> Path:
+    out = Path(cfg.train.output_dir or broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"), d))
+    if checkpoints(out) and cfg.train.resume is None:
+        raise UserError(f"--output-dir {out} already holds checkpoints; pass --resume auto to continue "
+                        f"that run, or choose another --output-dir")
+    return out
+
+
+def evaluate(model, val, cfg: Config, tok, d: Dist, ctx, with_generation: bool) -> dict:
+    if val is None:
+        return {}
+    result = {"val_loss": validation_loss(model, val.samples, cfg.train.micro_batch_size,
+                                          tok.pad_token_id, d, ctx)}
+    if with_generation and cfg.train.eval_exact_match > 0:
+        em = exact_match(model, val.samples, cfg.train.eval_exact_match, tok, d, ctx)
+        if em is not None:
+            result["exact_match"] = em
+    return result
+
+
+def train(cfg: Config) -> dict:
+    # ---- processes, seeds, run directory
+    d = init_distributed(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    out = prepare_output_dir(cfg, d)
+    say = print if d.is_main else (lambda *a, **k: None)
+
+    # ---- data
+    tok = load_tokenizer(cfg.model)
+    train_split, val = load_splits(cfg.data, tok, cfg.train.seed)
+    batches = StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                          cfg.train.seed, tok.pad_token_id, d.rank, d.world_size)
+    if batches.steps_per_epoch == 0:
+        raise UserError(f"--dataset {cfg.data.dataset}: {len(train_split.samples)} samples are fewer than one "
+                        f"step takes ({d.world_size} ranks x --micro-batch-size x --grad-accum); lower them")
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else \
+        math.ceil(cfg.train.epochs * batches.steps_per_epoch)
+    say(f"data: train {train_split.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set"))
+    say(f"data: {batches.steps_per_epoch} steps/epoch, {batches.dropped_per_epoch()} samples/epoch left "
+        f"out to keep full batches on every rank; {total_steps} steps")
+
+    # ---- model, then the features in their fixed order (each one an `if` below as it lands)
+    precision = resolve_precision(cfg.model, d.device)
+    model = load_model(cfg.model, tok, d.device)
+    ctx = autocast(precision, d.device)
+    flops_per_token = train_flops_per_token(model, cfg.data.seq_len)
+    total_params, trainable = count_params(model)
+    say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
+        f"{precision} on {d.device}, world size {d.world_size}")
+    model = wrap_data_parallel(model, d)  # sharding: FSDP2 / DeepSpeed join here
+
+    # ---- optimizer, schedule, resume
+    optimizer = build_optimizer(model, cfg.optim, d.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    resume_from = resolve_resume(cfg.train.resume, out)
+    state = load_checkpoint(resume_from, model, optimizer, scheduler, batches, d) if resume_from else {}
+    start, seen_tokens = state.get("step", 0), state.get("tokens", 0)
+    if d.is_main:
+        write_run_info(out, cfg, d.device, d.world_size, {"data": {"train": train_split.stats,
+                       "val": val.stats if val else None}, "total_steps": total_steps,
+                       "resumed_from": str(resume_from) if resume_from else None})
+    log = MetricsLog(out, total_steps, start, d.is_main)
+    if resume_from:
+        log.print(f"resumed from {resume_from} at step {start}")
+    summary = {"step": start}
+    if start == 0:
+        summary["before"] = evaluate(model, val, cfg, tok, d, ctx, with_generation=True)
+        log.log({"step": 0, **summary["before"]})
+
+    # ---- the loop
+    meter = StepMeter(d.device, d.world_size, flops_per_token, total_steps, start, seen_tokens)
+    step_batches = iter(batches)
+    for step in range(start + 1, total_steps + 1):
+        micro = next(step_batches)
+        n_targets = global_count(sum(count_targets(mb["labels"]) for mb in micro), d)
+        for i, mb in enumerate(micro):
+            mb = {k: v.to(d.device, non_blocking=True) for k, v in mb.items()}
+            with sync_gradients(model, sync=i == len(micro) - 1), ctx:
+                loss_sum = forward_loss_sum(model, mb)
+            # DDP averages gradients over ranks, so scale by world size to get sum / global targets
+            (loss_sum * (d.world_size / n_targets)).backward()
+            meter.add(loss_sum, count_targets(mb["labels"]), int(mb["attention_mask"].sum()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.advance(meter.step_done())
+
+        is_last = step == total_steps
+        is_save = cfg.train.save_every > 0 and (step % cfg.train.save_every == 0 or is_last)
+        if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save:
+            record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d))
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
+                record.update(evaluate(model, val, cfg, tok, d, ctx, with_generation=is_last))
+                meter.restart_clock()
+            log.log(record)
+            summary.update(record)
+        if is_save:
+            path = save_checkpoint(out, step, model, optimizer, scheduler, batches, d,
+                                   cfg.train.keep_checkpoints, tokens=meter.tokens)
+            log.print(f"saved {path}")
+            meter.restart_clock()  # evaluation and checkpoint time are not training throughput
+    log.close()
+
+    # ---- save
+    final = export_hf(model, tok, out / "final", d)
+    barrier(d)
+    if final:
+        say(f"saved the final model to {final}")
+        report(summary)
+    return summary
+
+
+def report(summary: dict) -> None:
+    before, after = summary.get("before", {}), summary
+    if "val_loss" in before and "val_loss" in after:
+        print(f"validation loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
+    if "exact_match" in before and "exact_match" in after:
+        print(f"held-out exact match {100 * before['exact_match']:.1f}% -> {100 * after['exact_match']:.1f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(parse_config(argv))
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
