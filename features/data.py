@@ -40,8 +40,7 @@ class DataConfig:
     dataset_subset: str | None = None
     """Configuration (subset) name, for hub datasets that have several."""
     val_dataset: str = "auto"
-    """Held-out data: a file or hub id; 'auto' uses a sibling val/validation/test file (or hub
-    split) when there is one, else holds out --val-size samples of the training data; 'none'."""
+    """Held-out data: a file or hub id; 'none'; or 'auto': a sibling val/validation/test file when there is one, else --val-size samples held out of the training data."""
     val_size: float = 0.05
     """Held out from the training data when there is no validation set: a fraction (< 1) or a count."""
     max_val_samples: int = 1000

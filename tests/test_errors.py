@@ -1,0 +1,62 @@
+"""Bad input ends with one line `error: ...` naming the flag or file, exit status 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_train
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    "malformed jsonl line": (lambda t: ["--dataset", _write(t / "d.jsonl", '{"text": "a"}\n{"text": \n')],
+                             "d.jsonl:2: invalid JSON"),
+    "missing file": (lambda t: ["--dataset", str(t / "nope.jsonl")], "--dataset .*nope.jsonl: file not found"),
+    "empty dataset": (lambda t: ["--dataset", _write(t / "e.jsonl", "")], "e.jsonl: the dataset is empty"),
+    "unknown preset": (lambda t: ["--model", "tiny-lama"], "--model 'tiny-lama': not a preset"),
+    "seq-len 0": (lambda t: ["--seq-len", "0"], "--seq-len must be at least 2"),
+    "negative lr": (lambda t: ["--lr", "-1"], "--lr must be positive"),
+    "zero micro-batch": (lambda t: ["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+    "resume auto without output dir": (lambda t: ["--resume", "auto"], "--resume auto needs --output-dir"),
+    "resume from a non-checkpoint": (lambda t: ["--resume", str(t)], "not a complete checkpoint"),
+    "all samples too long": (lambda t: ["--seq-len", "4"], "no usable samples .* raise --seq-len"),
+    "too few samples for a step": (lambda t: ["--dataset", _write(t / "s.jsonl", '{"text": "a"}\n' * 3),
+                                              "--val-dataset", "none"], "fewer than one step takes"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_one_line_error(tmp_path, capsys, name):
+    make_args, pattern = CASES[name]
+    args = make_args(tmp_path)
+    if "--output-dir" not in args and name != "resume auto without output dir":
+        args = ["--output-dir", str(tmp_path / "run"), *args]
+    import train
+
+    assert train.main(["--max-steps", "1", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    import re
+
+    assert re.search(pattern, err[0]), err[0]
+
+
+def test_cli_exit_status_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    proc = subprocess.run([sys.executable, "train.py", "--dataset", str(bad), "--output-dir", str(tmp_path / "r")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {bad}:2: alpaca records need a string 'output' (missing)"
+
+
+def test_bad_flag_value_is_a_parser_error(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--seq-len", "abc"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--seq-len" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,74 @@
+"""Checkpoints: a resumed run reproduces the uninterrupted run's per-step losses exactly."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_train
+from features.checkpoint import checkpoints
+
+ARGS = ["--max-steps", "8", "--log-every", "1", "--micro-batch-size", "4", "--save-every", "4",
+        "--warmup-steps", "3", "--seed", "11", "--eval-every", "4"]
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, small_data):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_train(full, "--dataset", str(small_data), *ARGS, "--keep-checkpoints", "0") == 0
+    # the interrupted run: the same job whose process died after the step-4 checkpoint
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000004", cut / "checkpoints" / "step_00000004")
+    assert run_train(cut, "--dataset", str(small_data), *ARGS, "--resume", "auto") == 0
+
+    a = {m["step"]: m for m in read_metrics(full)}
+    b = {m["step"]: m for m in read_metrics(cut)}
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in b:  # bit-exact on CPU: same data position, RNG, optimizer and schedule state
+        assert b[step]["loss"] == a[step]["loss"], step
+        assert b[step]["lr"] == a[step]["lr"] and b[step]["grad_norm"] == a[step]["grad_norm"]
+        assert b[step]["tokens"] == a[step]["tokens"]
+    assert b[8]["val_loss"] == a[8]["val_loss"]
+    from safetensors.torch import load_file  # the final weights agree too
+    fa, fb = load_file(full / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_checkpoint_layout_and_retention(tmp_path, small_data):
+    out = tmp_path / "run"
+    assert run_train(out, "--dataset", str(small_data), "--max-steps", "6", "--save-every", "2",
+                     "--keep-checkpoints", "2", "--micro-batch-size", "4") == 0
+    assert [s for s, _ in checkpoints(out)] == [4, 6]
+    state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data"] == {"epoch": 0, "step_in_epoch": 6}
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_incomplete_checkpoint_is_ignored_by_auto_resume(tmp_path, small_data):
+    out = tmp_path / "run"
+    assert run_train(out, "--dataset", str(small_data), "--max-steps", "2", "--save-every", "2",
+                     "--micro-batch-size", "4") == 0
+    shutil.copytree(out / "checkpoints" / "step_00000002", out / "checkpoints" / ".tmp-step_00000004")
+    partial = out / "checkpoints" / "step_00000003"
+    partial.mkdir()  # a directory without trainer_state.json: a save that never finished
+    assert [s for s, _ in checkpoints(out)] == [2]
+
+
+def test_existing_checkpoints_need_resume(tmp_path, small_data, capsys):
+    out = tmp_path / "run"
+    common = ["--dataset", str(small_data), "--max-steps", "2", "--save-every", "2", "--micro-batch-size", "4"]
+    assert run_train(out, *common) == 0
+    assert run_train(out, *common) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert run_train(out, *common, "--resume", "auto") == 0  # already finished: nothing to redo
+
+
+def test_final_model_loads_with_transformers(tmp_path, small_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    assert run_train(out, "--dataset", str(small_data), "--max-steps", "2", "--micro-batch-size", "4") == 0
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("### Instruction:\nCopy.", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
