@@ -11,7 +11,6 @@ the batches or the loss before the loop starts.
 """
 
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import tyro
 
 from features import UserError
-from features.batches import StepBatches
+from features.batches import StepBatches, count_tokens, to_device
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
 from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
@@ -42,17 +41,17 @@ class TrainConfig:
     """Micro-batches per optimizer step (global batch = micro-batch-size x grad-accum x ranks)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 derives them from --epochs."""
-    epochs: float = 1.0
+    epochs: float = 3.0
     """Passes over the training data (fractions allowed), when --max-steps is -1."""
     seed: int = 0
     """Seeds the weights of presets, the data order and dropout."""
     output_dir: str | None = None
     """Run directory (config, metrics, checkpoints, final model); default runs/<date-time>."""
-    log_every: int = 10
+    log_every: int = 25
     """Optimizer steps between log lines (step 1 and the last step are always logged)."""
     eval_every: int = 0
     """Optimizer steps between validation passes; 0 = only before training and at the end."""
-    eval_exact_match: int = 64
+    eval_exact_match: int = 128
     """Validation samples answered greedily and scored by exact match, before and after training."""
     save_every: int = 0
     """Optimizer steps between checkpoints (0 = none; with N > 0 the last step is saved too)."""
@@ -137,14 +136,13 @@ def train(cfg: Config) -> dict:
     train_split, val = load_splits(cfg.data, tok, cfg.train.seed)
     batches = StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
                           cfg.train.seed, tok.pad_token_id, d.rank, d.world_size)
-    if batches.steps_per_epoch == 0:
+    if batches.steps_in_epoch(0) == 0:
         raise UserError(f"--dataset {cfg.data.dataset}: {len(train_split.samples)} samples are fewer than one "
                         f"step takes ({d.world_size} ranks x --micro-batch-size x --grad-accum); lower them")
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else \
-        math.ceil(cfg.train.epochs * batches.steps_per_epoch)
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else batches.total_steps(cfg.train.epochs)
     say(f"data: train {train_split.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set"))
-    say(f"data: {batches.steps_per_epoch} steps/epoch, {batches.dropped_per_epoch()} samples/epoch left "
-        f"out to keep full batches on every rank; {total_steps} steps")
+    say(f"data: {batches.steps_in_epoch(0)} steps/epoch, {batches.dropped(0)} samples/epoch left out to "
+        f"keep full batches on every rank; {total_steps} steps")
 
     # ---- model, then the features in their fixed order (each one an `if` below as it lands)
     precision = resolve_precision(cfg.model, d.device)
@@ -181,12 +179,13 @@ def train(cfg: Config) -> dict:
         micro = next(step_batches)
         n_targets = global_count(sum(count_targets(mb["labels"]) for mb in micro), d)
         for i, mb in enumerate(micro):
-            mb = {k: v.to(d.device, non_blocking=True) for k, v in mb.items()}
+            meter.count(count_targets(mb["labels"]), count_tokens(mb))  # on the host, before the copy
+            mb = to_device(mb, d.device)
             with sync_gradients(model, sync=i == len(micro) - 1), ctx:
                 loss_sum = forward_loss_sum(model, mb)
             # DDP averages gradients over ranks, so scale by world size to get sum / global targets
             (loss_sum * (d.world_size / n_targets)).backward()
-            meter.add(loss_sum, count_targets(mb["labels"]), int(mb["attention_mask"].sum()))
+            meter.add_loss(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()

@@ -1,22 +1,24 @@
 """Batches: a deterministic, resumable plan of micro-batches per optimizer step and rank.
 
-Each epoch shuffles the sample order with (seed, epoch) and cuts it into global steps of
-ranks x --grad-accum x --micro-batch-size samples (the remainder of the epoch is dropped, so every
-rank runs the same number of full steps); rank r takes the r-th slice of each global step. So a
-step holds the same samples for any split of one global batch into ranks and micro-batches,
-which is what makes 8 x 1 x 4 train exactly like 1 x 4 x 8. The position
-(epoch, step within the epoch) is all a checkpoint needs to continue exactly where it stopped.
-Rows are padded to the longest sample of their micro-batch.
+Each epoch shuffles the samples with (seed, epoch) into rows (one sample per row, or several
+with --packing) and cuts the rows into global steps of ranks x --grad-accum x --micro-batch-size
+rows; the remainder of the epoch is dropped, so every rank runs the same number of full steps,
+known before training. Rank r takes the r-th slice of each global step, so a step holds the same
+rows for any split of one global batch into ranks and micro-batches: 8 ranks x 1 x 4 train
+exactly like 1 rank x 4 x 8. The position (epoch, step within the epoch) is all a checkpoint
+needs to continue where it stopped. Unpacked rows are padded to the longest of their micro-batch.
 """
 
+import math
 import random
 
 import torch
 
 from features.data import Sample
+from features.packing import best_fit_decreasing, collate_packed
 
 
-def collate_padded(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_padded(samples: list[Sample], pad_id: int) -> dict:
     """input_ids / labels / attention_mask, right-padded; labels stay unshifted (HF convention)."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
@@ -25,40 +27,74 @@ def collate_padded(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": int(mask.sum())}
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens in a batch: what tokens/s counts."""
+    return batch["num_tokens"]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class StepBatches:
     """Yields, for this rank, the list of micro-batches of each optimizer step, epoch after epoch."""
 
     def __init__(self, samples: list[Sample], micro_batch_size: int, grad_accum: int, seed: int,
-                 pad_id: int, rank: int = 0, world_size: int = 1):
+                 pad_id: int, rank: int = 0, world_size: int = 1, pack_to: int | None = None):
         self.samples, self.mbs, self.accum = samples, micro_batch_size, grad_accum
-        self.seed, self.pad_id, self.rank, self.world = seed, pad_id, rank, world_size
+        self.seed, self.pad_id, self.rank, self.world, self.pack_to = seed, pad_id, rank, world_size, pack_to
+        self.rows_per_step = world_size * micro_batch_size * grad_accum
         self.epoch, self.step_in_epoch = 0, 0
-        self.steps_per_epoch = len(samples) // (world_size * micro_batch_size * grad_accum)
+        self._plans: dict[int, list[list[int]]] = {}
 
-    def dropped_per_epoch(self) -> int:
-        """Samples left out of each epoch so that every rank and step gets full micro-batches."""
-        return len(self.samples) - self.steps_per_epoch * self.world * self.mbs * self.accum
+    def rows(self, epoch: int) -> list[list[int]]:
+        """The epoch's rows of sample indices, in training order (cached: packing is deterministic)."""
+        if epoch not in self._plans:
+            order = list(range(len(self.samples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            if self.pack_to is None:
+                plan = [[i] for i in order]
+            else:
+                plan = best_fit_decreasing([len(s.input_ids) for s in self.samples], self.pack_to, order)
+                random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(plan)  # no longest-first bias
+            self._plans = {epoch: plan}  # keep one epoch: plans of big datasets are not small
+        return self._plans[epoch]
 
-    def _rank_order(self, epoch: int) -> list[int]:
-        """This rank's sample indices for the epoch, step after step."""
-        order = list(range(len(self.samples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        per_rank = self.mbs * self.accum
-        return [i for step in range(self.steps_per_epoch)
-                for i in order[(step * self.world + self.rank) * per_rank:][:per_rank]]
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self.rows(epoch)) // self.rows_per_step
+
+    def total_steps(self, epochs: float) -> int:
+        """Steps in `epochs` passes (a fraction of the last one rounds up)."""
+        whole = int(epochs)
+        steps = sum(self.steps_in_epoch(e) for e in range(whole))
+        return steps + (math.ceil((epochs - whole) * self.steps_in_epoch(whole)) if epochs > whole else 0)
+
+    def efficiency(self, epoch: int = 0) -> float:
+        """Real tokens / token slots of the epoch's rows (1.0 = no padding at --seq-len)."""
+        width = self.pack_to or max(len(s.input_ids) for s in self.samples)
+        used = self.rows(epoch)[: self.steps_in_epoch(epoch) * self.rows_per_step]
+        return sum(len(self.samples[i].input_ids) for row in used for i in row) / max(1, len(used) * width)
+
+    def dropped(self, epoch: int = 0) -> int:
+        """Samples left out of an epoch so that every rank and step gets full micro-batches."""
+        return sum(len(row) for row in self.rows(epoch)[self.steps_in_epoch(epoch) * self.rows_per_step:])
+
+    def _collate(self, rows: list[list[int]]) -> dict:
+        if self.pack_to is None:
+            return collate_padded([self.samples[row[0]] for row in rows], self.pad_id)
+        return collate_packed([[self.samples[i] for i in row] for row in rows], self.pad_id)
 
     def __iter__(self):
         while True:
-            order = self._rank_order(self.epoch)
-            per_step = self.mbs * self.accum
-            while self.step_in_epoch < self.steps_per_epoch:
-                chunk = order[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step]
+            rows, per_rank = self.rows(self.epoch), self.mbs * self.accum
+            while self.step_in_epoch < self.steps_in_epoch(self.epoch):
+                start = (self.step_in_epoch * self.world + self.rank) * per_rank
+                mine = rows[start:start + per_rank]
                 self.step_in_epoch += 1
-                yield [collate_padded([self.samples[i] for i in chunk[j:j + self.mbs]], self.pad_id)
-                       for j in range(0, per_step, self.mbs)]
+                yield [self._collate(mine[j:j + self.mbs]) for j in range(0, per_rank, self.mbs)]
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
@@ -70,7 +106,7 @@ class StepBatches:
 
 def eval_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, rank: int = 0,
                  world_size: int = 1):
-    """This rank's share of the validation set, in order, in micro-batches (ragged tail kept)."""
+    """This rank's share of the validation set, in order, in padded micro-batches (ragged tail kept)."""
     mine = samples[rank::world_size]
     for i in range(0, len(mine), micro_batch_size):
         yield collate_padded(mine[i:i + micro_batch_size], pad_id)

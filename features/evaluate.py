@@ -11,7 +11,7 @@ right answer, like the embedded dataset; set --eval-exact-match 0 for open-ended
 
 import torch
 
-from features.batches import eval_batches
+from features.batches import eval_batches, to_device
 from features.data import Sample
 from features.distributed import Dist, all_reduce_sum, unwrap
 from features.loss import count_targets, forward_loss_sum
@@ -23,7 +23,7 @@ def validation_loss(model, samples: list[Sample], micro_batch_size: int, pad_id:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (loss sum, tokens)
     for batch in eval_batches(samples, micro_batch_size, pad_id, d.rank, d.world_size):
-        batch = {k: v.to(d.device) for k, v in batch.items()}
+        batch = to_device(batch, d.device)
         with autocast:
             total[0] += forward_loss_sum(unwrap(model), batch).double()
         total[1] += count_targets(batch["labels"])

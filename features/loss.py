@@ -29,7 +29,10 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                            reduction="sum")
 
 
-def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run the model on a batch (everything but labels goes to the model) and sum the token losses."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def forward_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Run the model on a batch and sum the token losses."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     return cross_entropy_sum(model(**inputs).logits, batch["labels"])

@@ -24,17 +24,18 @@ from features import UserError
 
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "tokenizer"
 
-_TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+# tiny-*: ~1M parameters, sized so that the embedded demo learns on a 2-core CPU in ~2 minutes
+_TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 _LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                     high_freq_factor=4.0, original_max_position_embeddings=8192)
 
 # name -> (transformers config class name, config fields). Shapes follow the published configs.
 PRESETS: dict[str, tuple[str, dict]] = {
-    "tiny-llama": ("LlamaConfig", dict(_TINY, tie_word_embeddings=True)),
+    "tiny-llama": ("LlamaConfig", dict(_TINY, num_key_value_heads=4)),
     "tiny-qwen2": ("Qwen2Config", dict(_TINY, tie_word_embeddings=True)),
-    "tiny-mistral": ("MistralConfig", dict(_TINY, sliding_window=64)),
-    "tiny-gemma": ("GemmaConfig", dict(_TINY, head_dim=64)),
+    "tiny-mistral": ("MistralConfig", dict(_TINY, sliding_window=16)),
+    "tiny-gemma": ("GemmaConfig", dict(_TINY, head_dim=32)),
     "llama3.2-1b": ("LlamaConfig", dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,

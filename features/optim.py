@@ -16,13 +16,13 @@ import torch
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """The schedule ends at lr * min-lr-ratio."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     """Linear warmup from 0 over this many optimizer steps."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay, on matrices only."""

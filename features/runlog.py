@@ -103,9 +103,11 @@ class StepMeter:
         self.targets = self.window_tokens = self.steps = 0
         self.t_window = self.t_start = time.perf_counter()
 
-    def add(self, loss_sum: torch.Tensor, targets: int, tokens: int) -> None:
-        self.loss += loss_sum.detach()
+    def count(self, targets: int, tokens: int) -> None:
         self.targets, self.window_tokens = self.targets + targets, self.window_tokens + tokens
+
+    def add_loss(self, loss_sum: torch.Tensor) -> None:
+        self.loss += loss_sum.detach()
 
     def step_done(self) -> float:
         """Count a finished step; returns the window's tokens/s estimate for the progress bar."""
