@@ -11,6 +11,7 @@ the batches or the loss before the loop starts.
 """
 
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -27,8 +28,11 @@ from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_objec
                                   init_distributed, sync_gradients, teardown, wrap_data_parallel)
 from features.evaluate import exact_match, validation_loss
 from features.loss import count_targets, forward_loss_sum
-from features.model import (ModelConfig, autocast, count_params, load_model, load_tokenizer,
-                            resolve_precision, train_flops_per_token)
+from features.model import (ModelConfig, autocast, check_vocab, count_params, load_config, load_model,
+                            load_tokenizer, resolve_precision, train_flops_per_token)
+from features import attention
+from features.attention import AttentionConfig
+from features.packing import PackingConfig
 from features.optim import OptimConfig, build_optimizer, build_scheduler
 from features.runlog import MetricsLog, StepMeter, write_run_info
 
@@ -66,7 +70,9 @@ class TrainConfig:
 @dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -112,11 +118,11 @@ def prepare_output_dir(cfg: Config, d: Dist) -> Path:
     return out
 
 
-def evaluate(model, val, cfg: Config, tok, d: Dist, ctx, with_generation: bool) -> dict:
+def evaluate(model, val, cfg: Config, tok, d: Dist, ctx, loss_fn, with_generation: bool) -> dict:
     if val is None:
         return {}
     result = {"val_loss": validation_loss(model, val.samples, cfg.train.micro_batch_size,
-                                          tok.pad_token_id, d, ctx)}
+                                          tok.pad_token_id, d, ctx, loss_fn)}
     if with_generation and cfg.train.eval_exact_match > 0:
         em = exact_match(model, val.samples, cfg.train.eval_exact_match, tok, d, ctx)
         if em is not None:
@@ -135,19 +141,26 @@ def train(cfg: Config) -> dict:
     tok = load_tokenizer(cfg.model)
     train_split, val = load_splits(cfg.data, tok, cfg.train.seed)
     batches = StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
-                          cfg.train.seed, tok.pad_token_id, d.rank, d.world_size)
+                          cfg.train.seed, tok.pad_token_id, d.rank, d.world_size,
+                          pack_to=cfg.data.seq_len if cfg.packing.packing else None)
     if batches.steps_in_epoch(0) == 0:
         raise UserError(f"--dataset {cfg.data.dataset}: {len(train_split.samples)} samples are fewer than one "
                         f"step takes ({d.world_size} ranks x --micro-batch-size x --grad-accum); lower them")
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else batches.total_steps(cfg.train.epochs)
     say(f"data: train {train_split.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set"))
     say(f"data: {batches.steps_in_epoch(0)} steps/epoch, {batches.dropped(0)} samples/epoch left out to "
-        f"keep full batches on every rank; {total_steps} steps")
+        f"keep full batches on every rank; {total_steps} steps; {100 * batches.efficiency(0):.1f}% of "
+        f"token slots hold real tokens" + (" (packed)" if cfg.packing.packing else " (padded)"))
 
     # ---- model, then the features in their fixed order (each one an `if` below as it lands)
     precision = resolve_precision(cfg.model, d.device)
-    model = load_model(cfg.model, tok, d.device)
+    config = load_config(cfg.model, tok)  # 1. the model: config, then attention choice and weights
+    check_vocab(config, tok, cfg.model.path)
+    attn_impl = attention.resolve(cfg.attention, d.device, config)
+    say(f"attention: {attention.describe(attn_impl)}")
+    model = load_model(cfg.model, config, d.device, attn_impl)
     ctx = autocast(precision, d.device)
+    loss_fn = functools.partial(forward_loss_sum, attn_impl=attn_impl)
     flops_per_token = train_flops_per_token(model, cfg.data.seq_len)
     total_params, trainable = count_params(model)
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
@@ -169,7 +182,7 @@ def train(cfg: Config) -> dict:
         log.print(f"resumed from {resume_from} at step {start}")
     summary = {"step": start}
     if start == 0:
-        summary["before"] = evaluate(model, val, cfg, tok, d, ctx, with_generation=True)
+        summary["before"] = evaluate(model, val, cfg, tok, d, ctx, loss_fn, with_generation=True)
         log.log({"step": 0, **summary["before"]})
 
     # ---- the loop
@@ -182,7 +195,7 @@ def train(cfg: Config) -> dict:
             meter.count(count_targets(mb["labels"]), count_tokens(mb))  # on the host, before the copy
             mb = to_device(mb, d.device)
             with sync_gradients(model, sync=i == len(micro) - 1), ctx:
-                loss_sum = forward_loss_sum(model, mb)
+                loss_sum = loss_fn(model, mb)
             # DDP averages gradients over ranks, so scale by world size to get sum / global targets
             (loss_sum * (d.world_size / n_targets)).backward()
             meter.add_loss(loss_sum)
@@ -198,7 +211,7 @@ def train(cfg: Config) -> dict:
         if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save:
             record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d))
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
-                record.update(evaluate(model, val, cfg, tok, d, ctx, with_generation=is_last))
+                record.update(evaluate(model, val, cfg, tok, d, ctx, loss_fn, with_generation=is_last))
                 meter.restart_clock()
             log.log(record)
             summary.update(record)

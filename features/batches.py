@@ -19,15 +19,12 @@ from features.packing import best_fit_decreasing, collate_packed
 
 
 def collate_padded(samples: list[Sample], pad_id: int) -> dict:
-    """input_ids / labels / attention_mask, right-padded; labels stay unshifted (HF convention)."""
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": int(mask.sum())}
+    """One sample per row, right-padded: a packed batch of one document per row plus attention_mask,
+    so every attention backend can take either (labels stay unshifted, HF convention)."""
+    batch = collate_packed([[s] for s in samples], pad_id)
+    lengths = torch.tensor([len(s.input_ids) for s in samples])
+    batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < lengths[:, None]).long()
+    return batch
 
 
 def count_tokens(batch: dict) -> int:

@@ -9,6 +9,8 @@ longer equal one big batch.
 import torch
 import torch.nn.functional as F
 
+from features.attention import model_inputs
+
 IGNORE = -100
 
 
@@ -29,10 +31,6 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                            reduction="sum")
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def forward_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Run the model on a batch and sum the token losses."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    return cross_entropy_sum(model(**inputs).logits, batch["labels"])
+def forward_loss_sum(model, batch: dict, attn_impl: str = "sdpa") -> torch.Tensor:
+    """Run the model on a batch (inputs shaped for the attention backend) and sum the token losses."""
+    return cross_entropy_sum(model(**model_inputs(batch, attn_impl)).logits, batch["labels"])

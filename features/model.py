@@ -68,8 +68,6 @@ class ModelConfig:
     """Tokenizer id or path; default: the model's own (presets: data/tokenizer)."""
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"
     """Weights and compute dtype (see the module docstring); auto: bf16-mixed on CUDA, fp32 on CPU."""
-    attn: Literal["sdpa", "eager"] = "sdpa"
-    """Attention implementation passed to transformers."""
     trust_remote_code: bool = False
     """Allow model code shipped with a hub checkpoint (only for repos you trust)."""
 
@@ -115,11 +113,10 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, tokenizer, device: torch.device):
-    """The model on `device`, in the storage dtype of the resolved precision, in train mode."""
+def load_config(cfg: ModelConfig, tokenizer):
+    """The model's transformers config: the preset's shape, or the checkpoint's config.json."""
     import transformers
 
-    dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else torch.float32
     _check_source(cfg.path, "--model")
     if _is_preset(cfg.path):
         cls_name, fields = PRESETS[cfg.path]
@@ -127,21 +124,36 @@ def load_model(cfg: ModelConfig, tokenizer, device: torch.device):
         config.vocab_size = max(fields.get("vocab_size", 0), len(tokenizer))  # tiny: the tokenizer's
         config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         config.bos_token_id = tokenizer.bos_token_id
+        return config
+    try:
+        return transformers.AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load --model {cfg.path!r} ({_first_line(e)})") from e
+
+
+def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementation: str = "sdpa"):
+    """The model on `device`, in the storage dtype of the resolved precision, in train mode."""
+    import transformers
+
+    dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else torch.float32
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if _is_preset(cfg.path):
         with torch.device(device):  # initialise on the target device: 8B on CPU takes minutes
-            model = transformers.AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation=cfg.attn)
+            model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                cfg.path, dtype=dtype, attn_implementation=cfg.attn,
-                trust_remote_code=cfg.trust_remote_code).to(device)
+                cfg.path, config=config, trust_remote_code=cfg.trust_remote_code, **kwargs).to(device)
         except (OSError, ValueError) as e:
             raise UserError(f"could not load --model {cfg.path!r} ({_first_line(e)})") from e
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --model {cfg.path!r} embeds "
-                        f"{model.get_input_embeddings().num_embeddings}; pass a matching --tokenizer")
     model.config.use_cache = False  # training never reuses the KV cache
     return model.train()
+
+
+def check_vocab(config, tokenizer, path: str) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --model {path!r} embeds "
+                        f"{config.vocab_size}; pass a matching --tokenizer")
 
 
 def _first_line(e: Exception) -> str:

@@ -1,0 +1,172 @@
+"""Attention backends, each one document-aware on packed batches, through transformers' own hooks.
+
+    python train.py --attn sdpa                       # default; CPU and GPU
+    python train.py --packing --attn flash            # FlashAttention varlen on CUDA
+    python train.py --packing --attn flex             # compiled flex_attention, document-causal BlockMask
+
+How each backend keeps packed documents apart (no transformers code is patched):
+  eager, sdpa, flex  transformers' mask builders detect documents from `position_ids` restarting at
+                     0 (masking_utils.find_packed_sequence_indices, transformers 5.x) and build a
+                     block-diagonal causal mask (flex: a BlockMask) -- so we pass position_ids.
+  flash              FlashAttention-4 (`flash_attn.cute`, Hopper/Blackwell) or FlashAttention-2
+                     (`flash_attn`) through transformers' flash_attention_4/2, else PyTorch's own
+                     FlashAttention varlen kernel (`torch.nn.attention.varlen`) registered with
+                     `AttentionInterface.register`; all get the documents as `cu_seq_lens_q/k` and
+                     `max_length_q/k` (transformers' FlashAttentionKwargs), so no per-layer recount.
+  xformers           memory_efficient_attention with a BlockDiagonalCausalMask, registered likewise.
+Sliding-window models (Mistral) work with every backend; logit soft-capping (Gemma 2) only with
+eager and flex. Generation (exact-match evaluation) always runs on sdpa with a padding mask.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+from typing import Literal
+
+import torch
+
+from features import UserError
+
+NATIVE = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention"}
+CUSTOM = ("nanotune_varlen", "nanotune_xformers")  # our registered implementations
+FLASH_KWARGS = ("flash_attention_2", "flash_attention_4") + CUSTOM  # take cu_seq_lens_* kwargs
+
+
+@dataclasses.dataclass
+class AttentionConfig:
+    attn: Literal["eager", "sdpa", "flex", "flash", "xformers"] = "sdpa"
+    """Attention kernel: eager (reference), sdpa, flex (compiled flex_attention), flash (FA4/FA2/torch varlen), xformers."""
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:  # a broken CUDA extension raises more than ImportError
+        return False
+
+
+def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> str:
+    """The transformers attn_implementation to use; refuses what cannot run here, with the fix."""
+    softcap = getattr(model_config, "attn_logit_softcapping", None) if model_config is not None else None
+    if cfg.attn in NATIVE:
+        if cfg.attn == "flex" and device.type != "cuda":  # torch 2.13: "does not support backward on CPU"
+            raise UserError("--attn flex: FlexAttention has no backward pass on CPU; use --attn sdpa here "
+                            "(the same masks), flex on a CUDA GPU")
+        if softcap and cfg.attn == "sdpa":
+            raise UserError("--attn sdpa: this model soft-caps attention logits, which SDPA cannot; "
+                            "use --attn flex or --attn eager")
+        return NATIVE[cfg.attn]
+    if device.type != "cuda":
+        raise UserError(f"--attn {cfg.attn} needs a CUDA GPU; on {device.type} use --attn sdpa or --attn flex")
+    if softcap:
+        raise UserError(f"--attn {cfg.attn}: this model soft-caps attention logits; use --attn flex or eager")
+    if cfg.attn == "xformers":
+        if not _importable("xformers.ops"):
+            raise UserError("--attn xformers: xformers is not installed (or its kernels do not load for this "
+                            "torch); pip install xformers, or use --attn flash, flex or sdpa")
+        _register()
+        return "nanotune_xformers"
+    if torch.cuda.get_device_capability(device)[0] >= 9 and _importable("flash_attn.cute"):
+        return "flash_attention_4"
+    if _importable("flash_attn"):
+        return "flash_attention_2"
+    if not _importable("torch.nn.attention.varlen"):
+        raise UserError("--attn flash: no FlashAttention found (pip install flash-attn-4 on Hopper/Blackwell, "
+                        "flash-attn elsewhere, or torch >= 2.10 for its built-in varlen kernel); or use --attn sdpa")
+    _register()
+    return "nanotune_varlen"
+
+
+def describe(impl: str) -> str:
+    return {"flash_attention_4": "FlashAttention-4 (flash_attn.cute)", "flash_attention_2": "FlashAttention-2",
+            "nanotune_varlen": "PyTorch FlashAttention varlen (torch.nn.attention.varlen)",
+            "nanotune_xformers": "xformers memory_efficient_attention"}.get(impl, impl)
+
+
+def model_inputs(batch: dict, impl: str) -> dict:
+    """The model's keyword arguments for a batch under attention implementation `impl`."""
+    inputs = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch and impl not in CUSTOM:
+        inputs["attention_mask"] = batch["attention_mask"]  # padded rows: transformers' padding path
+        return inputs
+    inputs["position_ids"] = batch["position_ids"]
+    if impl in FLASH_KWARGS:
+        cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    return inputs
+
+
+@contextlib.contextmanager
+def attention_for_generation(model):
+    """Our registered kernels expect document boundaries, which generate() does not pass: use sdpa."""
+    impl = model.config._attn_implementation
+    if impl in CUSTOM:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if impl in CUSTOM:
+            model.set_attn_implementation(impl)
+
+
+# ---------------------------------------------------------------------------- registered kernels
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, seq, dim) -> (batch * seq, heads, dim), the varlen layout."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      sliding_window=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, _, seq, _ = query.shape
+    options = {"scale": scaling}
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch >= 2.12: causal (and sliding) through window_size
+        options["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
+    elif sliding_window:
+        raise UserError("--attn flash: this torch's varlen kernel has no sliding window; install flash-attn-4")
+    else:
+        options["is_causal"] = True
+    if "enable_gqa" in params:
+        options["enable_gqa"] = key.shape[1] != query.shape[1]
+    if key.shape[1] != query.shape[1] and not options.get("enable_gqa"):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    cu = cu_seq_lens_q.to(torch.int32)
+    out = varlen_attn(_flatten(query), _flatten(key), _flatten(value), cu, cu, max_length_q, max_length_q,
+                      **options)
+    return out.view(batch, seq, *out.shape[1:]), None
+
+
+def _xformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        sliding_window=None, cu_seq_lens_q=None, **kwargs):
+    from xformers.ops import fmha
+
+    batch, heads, seq, dim = query.shape
+    lengths = cu_seq_lens_q.diff().tolist()
+    mask = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lengths)
+    if sliding_window:
+        mask = mask.make_local_attention(sliding_window)
+    q = query.transpose(1, 2).reshape(1, batch * seq, heads, dim)
+    kv_heads = key.shape[1]
+    k = key.transpose(1, 2).reshape(1, batch * seq, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(1, batch * seq, kv_heads, dim)
+    if kv_heads != heads:  # xformers takes GQA as (batch, seq, groups, heads per group, dim)
+        g = heads // kv_heads
+        q = q.view(1, batch * seq, kv_heads, g, dim)
+        k, v = (t[:, :, :, None].expand(1, batch * seq, kv_heads, g, dim) for t in (k, v))
+    out = fmha.memory_efficient_attention(q, k, v, attn_bias=mask, scale=scaling)
+    return out.reshape(batch, seq, heads, dim), None
+
+
+@functools.cache
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("nanotune_varlen", _varlen_attention)
+    AttentionInterface.register("nanotune_xformers", _xformers_attention)
