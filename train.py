@@ -25,11 +25,11 @@ from features.batches import StepBatches, count_tokens, to_device
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
 from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
-                                  init_distributed, sync_gradients, teardown, wrap_data_parallel)
+                                  init_distributed, sync_gradients, teardown, unwrap, wrap_data_parallel)
 from features.evaluate import exact_match, validation_loss
 from features.loss import count_targets, forward_loss_sum
 from features.model import (ModelConfig, autocast, check_vocab, count_params, load_config, load_model,
-                            load_tokenizer, resolve_precision, train_flops_per_token)
+                            load_tokenizer, resolve_precision, train_flops)
 from features import attention
 from features.attention import AttentionConfig
 from features.packing import PackingConfig
@@ -161,7 +161,6 @@ def train(cfg: Config) -> dict:
     model = load_model(cfg.model, config, d.device, attn_impl)
     ctx = autocast(precision, d.device)
     loss_fn = functools.partial(forward_loss_sum, attn_impl=attn_impl)
-    flops_per_token = train_flops_per_token(model, cfg.data.seq_len)
     total_params, trainable = count_params(model)
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{precision} on {d.device}, world size {d.world_size}")
@@ -186,13 +185,13 @@ def train(cfg: Config) -> dict:
         log.log({"step": 0, **summary["before"]})
 
     # ---- the loop
-    meter = StepMeter(d.device, d.world_size, flops_per_token, total_steps, start, seen_tokens)
+    meter = StepMeter(d.device, d.world_size, train_flops(unwrap(model)), total_steps, start, seen_tokens)
     step_batches = iter(batches)
     for step in range(start + 1, total_steps + 1):
         micro = next(step_batches)
         n_targets = global_count(sum(count_targets(mb["labels"]) for mb in micro), d)
         for i, mb in enumerate(micro):
-            meter.count(count_targets(mb["labels"]), count_tokens(mb))  # on the host, before the copy
+            meter.count(count_targets(mb["labels"]), count_tokens(mb), mb["sum_sq_len"])  # host side
             mb = to_device(mb, d.device)
             with sync_gradients(model, sync=i == len(micro) - 1), ctx:
                 loss_sum = loss_fn(model, mb)

@@ -88,7 +88,7 @@ def describe(impl: str) -> str:
 def model_inputs(batch: dict, impl: str) -> dict:
     """The model's keyword arguments for a batch under attention implementation `impl`."""
     inputs = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch and impl not in CUSTOM:
+    if "attention_mask" in batch and impl not in CUSTOM + ("flex_attention",):
         inputs["attention_mask"] = batch["attention_mask"]  # padded rows: transformers' padding path
         return inputs
     inputs["position_ids"] = batch["position_ids"]
@@ -100,14 +100,17 @@ def model_inputs(batch: dict, impl: str) -> dict:
 
 @contextlib.contextmanager
 def attention_for_generation(model):
-    """Our registered kernels expect document boundaries, which generate() does not pass: use sdpa."""
+    """generate() runs on sdpa unless the backend is one transformers generates with: our registered
+    kernels need document boundaries that generate() does not pass, and flex would recompile for
+    every new length (on torch 2.11 it failed inside dynamo)."""
     impl = model.config._attn_implementation
-    if impl in CUSTOM:
+    switch = impl in CUSTOM + ("flex_attention",)
+    if switch:
         model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
-        if impl in CUSTOM:
+        if switch:
             model.set_attn_implementation(impl)
 
 

@@ -82,7 +82,7 @@ class StepBatches:
     def _collate(self, rows: list[list[int]]) -> dict:
         if self.pack_to is None:
             return collate_padded([self.samples[row[0]] for row in rows], self.pad_id)
-        return collate_packed([[self.samples[i] for i in row] for row in rows], self.pad_id)
+        return collate_packed([[self.samples[i] for i in row] for row in rows], self.pad_id, self.pack_to)
 
     def __iter__(self):
         while True:

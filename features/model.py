@@ -166,13 +166,15 @@ def count_params(model) -> tuple[int, int]:
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_flops_per_token(model, seq_len: int) -> float:
-    """Model FLOPs per trained token (the MFU numerator; recompute is not counted).
+def train_flops(model) -> tuple[float, float]:
+    """Model FLOPs of a training step, as (per token, per squared document length): a batch costs
+    per_token * tokens + per_sq * sum(len(doc)^2 for its documents). Recompute is not counted.
 
     Matmuls: 6 N per token when all weights train (forward 2N, backward 4N), 4 N when the base is
-    frozen (its weight gradients are skipped), with N the non-embedding parameters plus the output
-    projection. Attention scores and values: 12 * layers * hidden * seq_len per token (forward +
-    backward, causal masking not discounted, as in the PaLM paper's MFU definition).
+    frozen (its weight gradients are skipped), N = non-embedding parameters + the output
+    projection. Attention scores and values: 12 * layers * heads * head_dim per token per token of
+    context, forward + backward (PaLM's MFU definition, causal masking not discounted), summed over
+    documents, so padding and packed neighbours are not counted as work.
     """
     cfg = model.config
     emb = model.get_input_embeddings().weight.numel()
@@ -180,4 +182,4 @@ def train_flops_per_token(model, seq_len: int) -> float:
     n = total - emb + (emb if getattr(cfg, "tie_word_embeddings", False) else 0)
     per_param = 6 if trainable >= 0.5 * total else 4
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return per_param * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len
+    return per_param * n, 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim

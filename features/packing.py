@@ -53,12 +53,15 @@ def best_fit_decreasing(lengths: list[int], capacity: int, order: list[int]) -> 
     return bins
 
 
-def collate_packed(rows: list[list[Sample]], pad_id: int) -> dict:
-    """input_ids, labels, position_ids (restarting per document), cu_seqlens, max_seqlen.
+def collate_packed(rows: list[list[Sample]], pad_id: int, width: int | None = None) -> dict:
+    """input_ids, labels, position_ids (restarting per document), cu_seqlens, max_seqlen, plus
+    num_tokens and sum_sq_len (real tokens, and the sum of squared document lengths, for MFU).
 
-    Padding at the end of a row is its own document (label -100), so it attends only to itself.
+    Rows are padded to `width` (default: the longest row); padding is its own document (label
+    -100), so it attends only to itself. A fixed width (--seq-len when packing) keeps shapes
+    static for compiled kernels.
     """
-    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    width = width or max(sum(len(s.input_ids) for s in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -78,5 +81,6 @@ def collate_packed(rows: list[list[Sample]], pad_id: int) -> dict:
             lengths.append(width - at)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
+    real_lengths = [len(s.input_ids) for row in rows for s in row]
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "cu_seqlens": cu,
-            "max_seqlen": max(lengths), "num_tokens": real}
+            "max_seqlen": max(lengths), "num_tokens": real, "sum_sq_len": sum(n * n for n in real_lengths)}

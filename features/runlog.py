@@ -95,16 +95,17 @@ class StepMeter:
     """Loss and token counts between log lines; reduced over ranks only when a line is written,
     so a training step costs no host-device sync for logging."""
 
-    def __init__(self, device: torch.device, world_size: int, flops_per_token: float, total_steps: int,
+    def __init__(self, device: torch.device, world_size: int, flops: tuple[float, float], total_steps: int,
                  start_step: int, tokens: int):
-        self.device, self.world, self.fpt, self.total = device, world_size, flops_per_token, total_steps
+        self.device, self.world, self.flops, self.total = device, world_size, flops, total_steps
         self.peak, self.tokens, self.steps_left = peak_flops(device), tokens, total_steps - start_step
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.targets = self.window_tokens = self.steps = 0
+        self.targets = self.window_tokens = self.window_sq = self.steps = 0
         self.t_window = self.t_start = time.perf_counter()
 
-    def count(self, targets: int, tokens: int) -> None:
+    def count(self, targets: int, tokens: int, sum_sq_len: int) -> None:
         self.targets, self.window_tokens = self.targets + targets, self.window_tokens + tokens
+        self.window_sq += sum_sq_len
 
     def add_loss(self, loss_sum: torch.Tensor) -> None:
         self.loss += loss_sum.detach()
@@ -116,18 +117,20 @@ class StepMeter:
 
     def record(self, step: int, lr: float, grad_norm: torch.Tensor, reduce) -> dict:
         """The metrics of the window that ends at `step` (reduce: the all-reduce-sum over ranks)."""
-        counts = torch.tensor([self.targets, self.window_tokens], dtype=torch.float64, device=self.device)
-        loss, targets, tokens = reduce(torch.cat([self.loss[None], counts])).tolist()
+        counts = [self.targets, self.window_tokens, self.window_sq]
+        counts = torch.tensor(counts, dtype=torch.float64, device=self.device)
+        loss, targets, tokens, sum_sq = reduce(torch.cat([self.loss[None], counts])).tolist()
         now = time.perf_counter()
         tok_s = tokens / (now - self.t_window)
+        flops_s = (self.flops[0] * tokens + self.flops[1] * sum_sq) / (now - self.t_window)
         self.tokens += int(tokens)
         record = {"step": step, "loss": loss / max(targets, 1), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens": self.tokens, "tokens_per_s": tok_s,
-                  "mfu": self.fpt * tok_s / (self.peak * self.world) if self.peak else None,
+                  "mfu": flops_s / (self.peak * self.world) if self.peak else None,
                   "peak_mem_gib": peak_mem_gib(self.device),
                   "eta_s": (now - self.t_start) / self.steps * (self.total - step)}
         self.loss.zero_()
-        self.targets = self.window_tokens = 0
+        self.targets = self.window_tokens = self.window_sq = 0
         self.restart_clock()
         return record
 

@@ -68,4 +68,4 @@ def test_collated_rows_restart_positions_and_mask_document_starts():
     # a document's first token is never a target: the previous document must not learn to predict it
     assert batch["labels"].tolist() == [[-100, 11, 12, -100, 21], [-100, 31, 32, 33, -100]]
     assert batch["cu_seqlens"].tolist() == [0, 3, 5, 9, 10] and batch["max_seqlen"] == 4
-    assert batch["num_tokens"] == 9
+    assert batch["num_tokens"] == 9 and batch["sum_sq_len"] == 9 + 4 + 16
