@@ -174,7 +174,8 @@ def train(cfg: Config) -> dict:
     start, seen_tokens = state.get("step", 0), state.get("tokens", 0)
     if d.is_main:
         write_run_info(out, cfg, d.device, d.world_size, {"data": {"train": train_split.stats,
-                       "val": val.stats if val else None}, "total_steps": total_steps,
+                       "val": val.stats if val else None, "token_slot_efficiency": batches.efficiency(0),
+                       "dropped_per_epoch": batches.dropped(0)}, "total_steps": total_steps,
                        "resumed_from": str(resume_from) if resume_from else None})
     log = MetricsLog(out, total_steps, start, d.is_main)
     if resume_from:

@@ -75,6 +75,11 @@ def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> st
     if not _importable("torch.nn.attention.varlen"):
         raise UserError("--attn flash: no FlashAttention found (pip install flash-attn-4 on Hopper/Blackwell, "
                         "flash-attn elsewhere, or torch >= 2.10 for its built-in varlen kernel); or use --attn sdpa")
+    from torch.nn.attention.varlen import varlen_attn
+
+    if getattr(model_config, "sliding_window", None) and "window_size" not in inspect.signature(varlen_attn).parameters:
+        raise UserError(f"--attn flash: this model uses a sliding window, which torch {torch.__version__}'s "
+                        f"varlen kernel lacks; pip install flash-attn-4 (Hopper) or use --attn flex")
     _register()
     return "nanotune_varlen"
 
@@ -131,9 +136,7 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     params = inspect.signature(varlen_attn).parameters
     if "window_size" in params:  # torch >= 2.12: causal (and sliding) through window_size
         options["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
-    elif sliding_window:
-        raise UserError("--attn flash: this torch's varlen kernel has no sliding window; install flash-attn-4")
-    else:
+    else:  # older torch: causal only (resolve() refused sliding-window models)
         options["is_causal"] = True
     if "enable_gqa" in params:
         options["enable_gqa"] = key.shape[1] != query.shape[1]

@@ -1,0 +1,106 @@
+"""The peer: Hugging Face Trainer + peft LoRA on a random-weight model, timed like nanotune.
+
+    python benchmarks/peer.py --model llama3-8b --seq-len 4096 --micro-batch-size 1 --steps 20 \
+        --gradient-checkpointing --liger --out peer.json
+
+Same shapes as nanotune's presets (features/model.py), base weights in bf16, `bf16=True`, SDPA,
+LoRA on every linear layer of the decoder, random token ids of full length (no padding). Step
+time is measured with CUDA synchronisation around each optimizer step, over the steps after
+`--warmup` ones; the Trainer's own logged loss and grad norm are kept, so a run that does not
+train cannot pass for fast. Prints one JSON object (and writes it to --out).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def build(args):
+    import peft
+    import transformers
+
+    from features.model import PRESETS, train_flops
+
+    cls_name, fields = PRESETS[args.model]
+    config = getattr(transformers, cls_name)(**fields)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa")
+    model.config.use_cache = False
+    lora = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
+                           lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lora)
+    return model, train_flops(model)
+
+
+class Timer(TrainerCallback):
+    """Wall time of each optimizer step (CUDA-synchronised), and the Trainer's logs."""
+
+    def __init__(self):
+        self.times, self.logs, self.t = [], [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        self.t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.t)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.logs.append(dict(logs or {}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--liger", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    model, (per_token, per_sq) = build(args)
+    vocab = model.config.vocab_size
+    rows = torch.randint(0, vocab, (args.steps * args.micro_batch_size, args.seq_len)).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    timer = Timer()
+    targs = TrainingArguments(output_dir="/tmp/peer", per_device_train_batch_size=args.micro_batch_size,
+                              max_steps=args.steps, bf16=True, learning_rate=1e-4, logging_steps=1,
+                              gradient_checkpointing=args.gradient_checkpointing, use_liger_kernel=args.liger,
+                              report_to=[], save_strategy="no", dataloader_num_workers=0, lr_scheduler_type="constant")
+    torch.cuda.reset_peak_memory_stats()
+    Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer]).train()
+    step = statistics.median(timer.times[args.warmup:])
+    tokens = args.micro_batch_size * args.seq_len
+    flops = per_token * tokens + per_sq * args.micro_batch_size * args.seq_len ** 2
+    losses = [round(l["loss"], 3) for l in timer.logs if "loss" in l]
+    norms = [round(l["grad_norm"], 3) for l in timer.logs if "grad_norm" in l]
+    result = {"side": "peer (HF Trainer + peft)", "model": args.model, "seq_len": args.seq_len,
+              "micro_batch_size": args.micro_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
+              "liger": args.liger, "step_s": step, "tokens_per_s": tokens / step,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tflops": flops / step / 1e12,
+              "first_losses": losses[:3], "grad_norms": norms[:3]}
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
