@@ -150,3 +150,30 @@ def test_malformed_files_name_file_and_line(tmp_path, tok, content, message):
     (tmp_path / "bad.jsonl").write_bytes(content)
     with pytest.raises(UserError, match=message):
         load_splits(DataConfig(dataset=str(tmp_path / "bad.jsonl"), val_dataset="none"), tok, 0)
+
+
+def test_hub_dataset_path_uses_datasets_load_dataset(monkeypatch, tok):
+    """The hub branch (no network here): datasets.load_dataset gets the id, subset and split."""
+    import datasets
+
+    calls = []
+
+    def fake_load(name, subset=None, split=None):
+        calls.append((name, subset, split))
+        return datasets.Dataset.from_list([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    train, val = load_splits(DataConfig(dataset="someorg/qa", dataset_subset="en", val_size=2), tok, 0)
+    assert calls == [("someorg/qa", "en", "train")]
+    assert len(train.samples) == 8 and len(val.samples) == 2
+
+
+def test_hub_dataset_failure_is_one_line(monkeypatch, tok):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach the Hub\nlong trace")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match="--dataset 'someorg/qa': could not load from the hub .*ConnectionError"):
+        load_splits(DataConfig(dataset="someorg/qa"), tok, 0)

@@ -58,3 +58,14 @@ def test_default_run_learns_within_three_minutes(tmp_path):
     assert after["val_loss"] < 0.5 * before["val_loss"]
     assert after["exact_match"] >= before["exact_match"] + 0.2
     assert "held-out exact match" in proc.stdout
+
+
+def test_fine_tune_from_a_local_hf_directory(tmp_path, small_data):
+    """--model <dir>: the from_pretrained path (offline), here on the HF export of a previous run."""
+    first = tmp_path / "first"
+    assert run_train(first, "--dataset", str(small_data), "--max-steps", "3", "--micro-batch-size", "4") == 0
+    second = tmp_path / "second"
+    assert run_train(second, "--model", str(first / "final"), "--dataset", str(small_data),
+                     "--max-steps", "3", "--micro-batch-size", "4") == 0
+    before_second = read_metrics(second)[0]["val_loss"]
+    assert before_second == pytest.approx(read_metrics(first)[-1]["val_loss"], rel=1e-5)  # same weights
