@@ -20,20 +20,21 @@ from typing import Literal
 import torch
 import tyro
 
-from features import UserError
+from features import UserError, attention, lora, lora_kernels
+from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
 from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
                                   init_distributed, sync_gradients, teardown, unwrap, wrap_data_parallel)
 from features.evaluate import exact_match, validation_loss
+from features.lora import LoraConfig
+from features.lora_kernels import LoraKernelsConfig
 from features.loss import count_targets, forward_loss_sum
 from features.model import (ModelConfig, autocast, check_vocab, count_params, load_config, load_model,
                             load_tokenizer, resolve_precision, train_flops)
-from features import attention
-from features.attention import AttentionConfig
-from features.packing import PackingConfig
 from features.optim import OptimConfig, build_optimizer, build_scheduler
+from features.packing import PackingConfig
 from features.runlog import MetricsLog, StepMeter, write_run_info
 
 
@@ -65,6 +66,8 @@ class TrainConfig:
     """A checkpoint directory to continue from, or 'auto' for the latest in --output-dir."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks CUDA when available."""
+    skip_export: bool = False
+    """Do not write the final model to <output-dir>/final (benchmarks; checkpoints still follow --save-every)."""
 
 
 @dataclasses.dataclass
@@ -73,6 +76,8 @@ class Config:
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -101,6 +106,8 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    lora.validate(cfg.lora)
+    lora_kernels.validate(cfg.lora_kernels, cfg.lora)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -158,7 +165,12 @@ def train(cfg: Config) -> dict:
     check_vocab(config, tok, cfg.model.path)
     attn_impl = attention.resolve(cfg.attention, d.device, config)
     say(f"attention: {attention.describe(attn_impl)}")
-    model = load_model(cfg.model, config, d.device, attn_impl)
+    model = load_model(cfg.model, config, d.device, attn_impl, lora.quantization_config(cfg.lora, d.device))
+    # 2. module swaps (Liger, TiledMLP, FP8, QAT) land here
+    if lora.enabled(cfg.lora):  # 3. adapters, then the fused LoRA kernels
+        model = lora.apply_lora(model, cfg.lora)
+    if cfg.lora_kernels.lora_kernels:
+        model = lora_kernels.apply_lora_kernels(model)
     ctx = autocast(precision, d.device)
     loss_fn = functools.partial(forward_loss_sum, attn_impl=attn_impl)
     total_params, trainable = count_params(model)
@@ -223,10 +235,16 @@ def train(cfg: Config) -> dict:
     log.close()
 
     # ---- save
-    final = export_hf(model, tok, out / "final", d)
+    if cfg.train.skip_export:
+        final = None
+    elif lora.enabled(cfg.lora):  # the adapter in peft's format (+ a preset's random base)
+        final = lora.export(unwrap(model), tok, out / "final") if d.is_main else None
+    else:
+        final = export_hf(model, tok, out / "final", d)
     barrier(d)
     if final:
         say(f"saved the final model to {final}")
+    if d.is_main:
         report(summary)
     return summary
 

@@ -45,7 +45,7 @@ def run_nanotune(args, extra: list[str], data: Path, tmp: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--seq-len", str(args.seq_len),
            "--dataset", str(data), "--dataset-format", "pretrain", "--val-dataset", "none",
            "--micro-batch-size", "1", "--max-steps", str(args.steps), "--log-every", "10", "--warmup-steps", "0",
-           "--lr", "1e-4", "--eval-exact-match", "0", "--output-dir", str(out), *extra]
+           "--lr", "1e-4", "--eval-exact-match", "0", "--skip-export", "--output-dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]}

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 from features import UserError
 from features.distributed import Dist, barrier, unwrap
@@ -29,6 +30,17 @@ from features.distributed import Dist, barrier, unwrap
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Frozen weights are not saved (an adapter run stores only the adapter); strict=False lets them load.
 _OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _trainable(model) -> dict:
+    """The trainable parameters by name, as detached views that DCP loads into in place.
+
+    Not get_state_dict's model.state_dict(): a quantized base adds non-parameter entries there
+    (bitsandbytes' absmax, SCB) that it cannot map to attributes (8-bit: AttributeError 'SCB') or
+    saves into every checkpoint (4-bit), torch 2.13 + bitsandbytes 0.50.2; a resume rebuilds the
+    frozen base from --model anyway.
+    """
+    return {n.replace("_orig_mod.", ""): p.detach() for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -73,10 +85,10 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, ba
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(d)
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer, options=_OPTIONS)
+    optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_OPTIONS)
     with warnings.catch_warnings():  # one process: DCP warns that it runs without a process group
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        dcp.save({"model": _trainable(model), "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     barrier(d)
     if d.is_main:
@@ -94,13 +106,11 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, ba
 def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -> dict:
     """Restore everything saved by save_checkpoint; returns its trainer state (step, tokens, ...)."""
     state = json.loads((path / "trainer_state.json").read_text())
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer, options=_OPTIONS)
-    sd = {"model": model_sd, "optim": optim_sd}
+    sd = {"model": _trainable(model), "optim": get_optimizer_state_dict(unwrap(model), optimizer, options=_OPTIONS)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(sd, checkpoint_id=path)
-    set_state_dict(unwrap(model), optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                   options=_OPTIONS)
+        dcp.load(sd, checkpoint_id=path)  # weights load in place; the optimizer state is set below
+    set_optimizer_state_dict(unwrap(model), optimizer, sd["optim"], options=_OPTIONS)
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["data"])
     rng_file = path / f"rng_rank{d.rank}.pt"

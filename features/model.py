@@ -13,6 +13,7 @@ tokenizer kept in `data/tokenizer` (their vocabulary is never smaller than its).
 
 import contextlib
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -131,8 +132,10 @@ def load_config(cfg: ModelConfig, tokenizer):
         raise UserError(f"could not load --model {cfg.path!r} ({_first_line(e)})") from e
 
 
-def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementation: str = "sdpa"):
-    """The model on `device`, in the storage dtype of the resolved precision, in train mode."""
+def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementation: str = "sdpa",
+               quantization_config=None):
+    """The model on `device`, in the storage dtype of the resolved precision, in train mode; its
+    decoder linears in 4/8-bit when given a bitsandbytes `quantization_config` (--qlora, --lora-8bit)."""
     import transformers
 
     dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else torch.float32
@@ -140,10 +143,15 @@ def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementati
     if _is_preset(cfg.path):
         with torch.device(device):  # initialise on the target device: 8B on CPU takes minutes
             model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+        if quantization_config is not None:  # from_config takes no quantization config (transformers 5)
+            from features.lora import quantize_base
+
+            model = quantize_base(model, quantization_config)
     else:
-        try:
+        try:  # a quantized model cannot be moved after loading: place it while loading
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                cfg.path, config=config, trust_remote_code=cfg.trust_remote_code, **kwargs).to(device)
+                cfg.path, config=config, trust_remote_code=cfg.trust_remote_code, device_map={"": device},
+                quantization_config=quantization_config, **kwargs)
         except (OSError, ValueError) as e:
             raise UserError(f"could not load --model {cfg.path!r} ({_first_line(e)})") from e
     model.config.use_cache = False  # training never reuses the KV cache
@@ -160,10 +168,15 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _numel(p: torch.Tensor) -> int:
+    quant_state = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight packs 2 per byte
+    return math.prod(quant_state.shape) if quant_state is not None else p.numel()
+
+
 def count_params(model) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(total, trainable) parameter counts, quantized weights counted as the matrices they stand for."""
+    total = sum(_numel(p) for p in model.parameters())
+    return total, sum(_numel(p) for p in model.parameters() if p.requires_grad)
 
 
 def train_flops(model) -> tuple[float, float]:
