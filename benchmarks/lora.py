@@ -78,14 +78,18 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=None)
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--qlora", action="store_true", help="QLoRA on both sides instead of LoRA")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     data = random_text(tmp / "random.jsonl", docs=args.steps * 3, letters=args.seq_len + 64)
-    lora = ["--lora", "--lora-rank", "16", "--precision", "bf16"]
+    lora = ["--qlora" if args.qlora else "--lora", "--lora-rank", "16", "--precision", "bf16"]
+    q = ["--qlora"] if args.qlora else []
     rows = []
     if not args.skip_peer:
-        rows.append(("peer", "SDPA + checkpointing + Liger", run_peer(args, ["--gradient-checkpointing", "--liger"], tmp)))
-        rows.append(("peer", "SDPA + checkpointing", run_peer(args, ["--gradient-checkpointing"], tmp)))
+        rows.append(("peer", "SDPA + checkpointing + Liger" + " + NF4" * args.qlora,
+                     run_peer(args, ["--gradient-checkpointing", "--liger", *q], tmp)))
+        rows.append(("peer", "SDPA + checkpointing" + " + NF4" * args.qlora,
+                     run_peer(args, ["--gradient-checkpointing", *q], tmp)))
     for settings in (["--attn", "flash"], ["--attn", "flash", "--lora-kernels"]):
         rows.append(("nanotune", " ".join(lora + settings), run_nanotune(args, lora + settings, data, tmp)))
         print(rows[-1], flush=True)

@@ -1,10 +1,12 @@
 """The peer: Hugging Face Trainer + peft LoRA on a random-weight model, timed like nanotune.
 
     python benchmarks/peer.py --model llama3-8b --seq-len 4096 --micro-batch-size 1 --steps 20 \
-        --gradient-checkpointing --liger --out peer.json
+        --gradient-checkpointing --liger [--qlora] --out peer.json
 
 Same shapes as nanotune's presets (features/model.py), base weights in bf16, `bf16=True`, SDPA,
-LoRA on every linear layer of the decoder, random token ids of full length (no padding). Step
+LoRA on every linear layer of the decoder, random token ids of full length (no padding). With
+--qlora: the decoder linears in NF4 (double quantization, bf16 compute) and peft's
+prepare_model_for_kbit_training, the standard QLoRA recipe. Step
 time is measured with CUDA synchronisation around each optimizer step, over the steps after
 `--warmup` ones; the Trainer's own logged loss and grad norm are kept, so a run that does not
 train cannot pass for fast. Prints one JSON object (and writes it to --out).
@@ -36,6 +38,15 @@ def build(args):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                                               attn_implementation="sdpa")
     model.config.use_cache = False
+    if args.qlora:  # NF4 + double quantization, bf16 compute: what from_pretrained does with this config
+        from transformers import BitsAndBytesConfig
+
+        from features.lora import quantize_base
+
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+        model = peft.prepare_model_for_kbit_training(quantize_base(model, qc),
+                                                     use_gradient_checkpointing=args.gradient_checkpointing)
     lora = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
                            lora_dropout=0.0, task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
@@ -70,6 +81,7 @@ def main():
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--liger", action="store_true")
+    p.add_argument("--qlora", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -94,7 +106,7 @@ def main():
     norms = [round(l["grad_norm"], 3) for l in timer.logs if "grad_norm" in l]
     result = {"side": "peer (HF Trainer + peft)", "model": args.model, "seq_len": args.seq_len,
               "micro_batch_size": args.micro_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
-              "liger": args.liger, "step_s": step, "tokens_per_s": tokens / step,
+              "liger": args.liger, "qlora": args.qlora, "step_s": step, "tokens_per_s": tokens / step,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tflops": flops / step / 1e12,
               "first_losses": losses[:3], "grad_norms": norms[:3]}
     print(json.dumps(result))

@@ -104,16 +104,17 @@ def model_inputs(batch: dict, impl: str) -> dict:
 
 
 @contextlib.contextmanager
-def attention_for_generation(model):
-    """generate() runs on sdpa unless the backend is one transformers generates with: our registered
-    kernels need document boundaries that generate() does not pass, and flex would recompile for
-    every new length (on torch 2.11 it failed inside dynamo)."""
+def eval_attention(model):
+    """Evaluation (validation loss, generate()) runs on sdpa when training uses flex or one of our
+    registered kernels; yields the implementation to shape inputs for. Our kernels need document
+    boundaries that generate() does not pass, and compiled flex recompiles for every new short
+    shape (torch 2.11 failed to lower it for a 33-token padded batch: NoValidChoicesError)."""
     impl = model.config._attn_implementation
     switch = impl in CUSTOM + ("flex_attention",)
     if switch:
         model.set_attn_implementation("sdpa")
     try:
-        yield
+        yield "sdpa" if switch else impl
     finally:
         if switch:
             model.set_attn_implementation(impl)

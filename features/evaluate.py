@@ -11,7 +11,7 @@ right answer, like the embedded dataset; set --eval-exact-match 0 for open-ended
 
 import torch
 
-from features.attention import attention_for_generation
+from features.attention import eval_attention
 from features.batches import eval_batches, to_device
 from features.data import Sample
 from features.distributed import Dist, all_reduce_sum, unwrap
@@ -21,14 +21,16 @@ from features.loss import count_targets, forward_loss_sum
 @torch.no_grad()
 def validation_loss(model, samples: list[Sample], micro_batch_size: int, pad_id: int, d: Dist,
                     autocast, loss_fn=forward_loss_sum) -> float:
-    model.eval()
+    net = unwrap(model)
+    net.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (loss sum, tokens)
-    for batch in eval_batches(samples, micro_batch_size, pad_id, d.rank, d.world_size):
-        batch = to_device(batch, d.device)
-        with autocast:
-            total[0] += loss_fn(unwrap(model), batch).double()
-        total[1] += count_targets(batch["labels"])
-    model.train()
+    with eval_attention(net) as impl:
+        for batch in eval_batches(samples, micro_batch_size, pad_id, d.rank, d.world_size):
+            batch = to_device(batch, d.device)
+            with autocast:
+                total[0] += loss_fn(net, batch, attn_impl=impl).double()
+            total[1] += count_targets(batch["labels"])
+    net.train()
     total = all_reduce_sum(total, d)
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -54,7 +56,7 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
         group = chosen[i:i + batch_size]
         refs = [s.input_ids[s.prompt_len:] for s in group]
         ids, mask = _left_pad([s.input_ids[:s.prompt_len] for s in group], tokenizer.pad_token_id, d.device)
-        with autocast, attention_for_generation(net):
+        with autocast, eval_attention(net):
             out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(map(len, refs)),
                                do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id)
