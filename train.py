@@ -23,6 +23,7 @@ import tyro
 from features import UserError, attention, lora, lora_kernels
 from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
+from features.checkpointing import CheckpointingConfig, apply_checkpointing
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
 from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
@@ -78,6 +79,7 @@ class Config:
     packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
+    checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -176,7 +178,11 @@ def train(cfg: Config) -> dict:
     total_params, trainable = count_params(model)
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{precision} on {d.device}, world size {d.world_size}")
-    model = wrap_data_parallel(model, d)  # sharding: FSDP2 / DeepSpeed join here
+    # 4. sequence parallel: a later issue
+    if cfg.checkpointing.ac != "none":  # 5. activation checkpointing (offload: a later issue)
+        model = apply_checkpointing(model, cfg.checkpointing)
+    # 6. compile: a later issue
+    model = wrap_data_parallel(model, d)  # 7. sharding (DDP with several processes; FSDP2 / DeepSpeed later)
 
     # ---- optimizer, schedule, resume
     optimizer = build_optimizer(model, cfg.optim, d.device)
