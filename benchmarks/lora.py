@@ -79,6 +79,8 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--qlora", action="store_true", help="QLoRA on both sides instead of LoRA")
+    p.add_argument("--rows", nargs="+", default=["--attn flash", "--attn flash --lora-kernels"],
+                   help="nanotune rows: extra train.py flags for each")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     data = random_text(tmp / "random.jsonl", docs=args.steps * 3, letters=args.seq_len + 64)
@@ -90,7 +92,7 @@ def main():
                      run_peer(args, ["--gradient-checkpointing", "--liger", *q], tmp)))
         rows.append(("peer", "SDPA + checkpointing" + " + NF4" * args.qlora,
                      run_peer(args, ["--gradient-checkpointing", *q], tmp)))
-    for settings in (["--attn", "flash"], ["--attn", "flash", "--lora-kernels"]):
+    for settings in (r.split() for r in args.rows):
         rows.append(("nanotune", " ".join(lora + settings), run_nanotune(args, lora + settings, data, tmp)))
         print(rows[-1], flush=True)
     peers = [r["tokens_per_s"] for s, _, r in rows if s == "peer" and "tokens_per_s" in r]
