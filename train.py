@@ -24,6 +24,7 @@ from features import UserError, attention, lora, lora_kernels
 from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
+from features.chunked_loss import LossConfig, apply_chunked_loss, forward_chunked_loss_sum
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
 from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
@@ -80,6 +81,7 @@ class Config:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -175,6 +177,9 @@ def train(cfg: Config) -> dict:
         model = lora_kernels.apply_lora_kernels(model)
     ctx = autocast(precision, d.device)
     loss_fn = functools.partial(forward_loss_sum, attn_impl=attn_impl)
+    if cfg.loss.loss == "chunked":  # 8. the loss (its head swap goes before sharding wraps the model)
+        model = apply_chunked_loss(model, cfg.loss)
+        loss_fn = functools.partial(forward_chunked_loss_sum, attn_impl=attn_impl, chunk=cfg.loss.loss_chunk)
     total_params, trainable = count_params(model)
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{precision} on {d.device}, world size {d.world_size}")

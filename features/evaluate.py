@@ -12,6 +12,7 @@ right answer, like the embedded dataset; set --eval-exact-match 0 for open-ended
 import torch
 
 from features.attention import eval_attention
+from features.chunked_loss import real_logits
 from features.batches import eval_batches, to_device
 from features.data import Sample
 from features.distributed import Dist, all_reduce_sum, unwrap
@@ -56,7 +57,7 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
         group = chosen[i:i + batch_size]
         refs = [s.input_ids[s.prompt_len:] for s in group]
         ids, mask = _left_pad([s.input_ids[:s.prompt_len] for s in group], tokenizer.pad_token_id, d.device)
-        with autocast, eval_attention(net):
+        with autocast, eval_attention(net), real_logits(net):
             out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(map(len, refs)),
                                do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id)

@@ -25,10 +25,10 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy in fp32 over the trained positions."""
+    """Summed next-token cross entropy (in fp32, or fp64 for fp64 logits) over the trained positions."""
     targets = shifted_targets(labels)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def forward_loss_sum(model, batch: dict, attn_impl: str = "sdpa") -> torch.Tensor:
