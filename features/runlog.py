@@ -102,6 +102,8 @@ class StepMeter:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.targets = self.window_tokens = self.window_sq = self.steps = 0
         self.t_window = self.t_start = time.perf_counter()
+        if device.type == "cuda":  # the training peak, not model setup (a preset's bf16 init before 4-bit)
+            torch.cuda.reset_peak_memory_stats(device)
 
     def count(self, targets: int, tokens: int, sum_sq_len: int) -> None:
         self.targets, self.window_tokens = self.targets + targets, self.window_tokens + tokens
