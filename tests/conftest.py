@@ -15,6 +15,15 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def assert_same_metrics(a: dict, b: dict, keys, rel: float) -> None:
+    """Metric by metric: equal within `rel`, or absent (None) from both records."""
+    for key in keys:
+        if a.get(key) is None or b.get(key) is None:
+            assert a.get(key) == b.get(key), key
+        else:
+            assert a[key] == pytest.approx(b[key], rel=rel), key
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

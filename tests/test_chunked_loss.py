@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import read_metrics, run_train
+from conftest import assert_same_metrics, read_metrics, run_train
 from features.chunked_loss import chunked_cross_entropy_sum
 from features.loss import cross_entropy_sum
 
@@ -50,8 +50,7 @@ def test_train_py_chunked_equals_plain(tmp_path, small_data, extra):
     assert run_train(tmp_path / "ce", *common) == 0
     assert run_train(tmp_path / "chunked", *common, "--loss", "chunked", "--loss-chunk", "50") == 0
     for a, b in zip(read_metrics(tmp_path / "ce"), read_metrics(tmp_path / "chunked"), strict=True):
-        for key in ("loss", "val_loss", "grad_norm", "exact_match"):
-            assert a.get(key) == pytest.approx(b.get(key), rel=1e-5), key
+        assert_same_metrics(a, b, ("loss", "val_loss", "grad_norm", "exact_match"), rel=1e-5)
 
 
 def test_final_model_from_chunked_run_has_its_head(tmp_path, small_data):
