@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import tyro
 
-from features import UserError, attention, lora, lora_kernels
+from features import UserError, attention, lora, lora_kernels, overrides
 from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
@@ -36,6 +36,7 @@ from features.loss import count_targets, forward_loss_sum
 from features.model import (ModelConfig, autocast, check_vocab, count_params, load_config, load_model,
                             load_tokenizer, resolve_precision, train_flops)
 from features.optim import OptimConfig, build_optimizer, build_scheduler
+from features.overrides import OverridesConfig, apply_overrides
 from features.packing import PackingConfig
 from features.runlog import MetricsLog, StepMeter, write_run_info
 
@@ -75,6 +76,7 @@ class TrainConfig:
 @dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    overrides: OverridesConfig = dataclasses.field(default_factory=OverridesConfig)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
@@ -110,6 +112,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    overrides.validate(cfg.overrides)
     lora.validate(cfg.lora)
     lora_kernels.validate(cfg.lora_kernels, cfg.lora)
 
@@ -165,7 +168,8 @@ def train(cfg: Config) -> dict:
 
     # ---- model, then the features in their fixed order (each one an `if` below as it lands)
     precision = resolve_precision(cfg.model, d.device)
-    config = load_config(cfg.model, tok)  # 1. the model: config, then attention choice and weights
+    config = load_config(cfg.model, tok)  # 1. the model: config (+ RoPE / field overrides), attention, weights
+    config = apply_overrides(config, cfg.overrides)
     check_vocab(config, tok, cfg.model.path)
     attn_impl = attention.resolve(cfg.attention, d.device, config)
     say(f"attention: {attention.describe(attn_impl)}")
