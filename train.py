@@ -217,9 +217,10 @@ def train(cfg: Config) -> dict:
     step_batches = iter(batches)
     for step in range(start + 1, total_steps + 1):
         micro = next(step_batches)
-        n_targets = global_count(sum(count_targets(mb["labels"]) for mb in micro), d)
+        targets = [count_targets(mb["labels"]) for mb in micro]  # on the host, before the copy
+        n_targets = global_count(sum(targets), d)
         for i, mb in enumerate(micro):
-            meter.count(count_targets(mb["labels"]), count_tokens(mb), mb["sum_sq_len"])  # host side
+            meter.count(targets[i], count_tokens(mb), mb["sum_sq_len"])
             mb = to_device(mb, d.device)
             with sync_gradients(model, sync=i == len(micro) - 1), ctx:
                 loss_sum = loss_fn(model, mb)

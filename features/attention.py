@@ -75,9 +75,7 @@ def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> st
     if not _importable("torch.nn.attention.varlen"):
         raise UserError("--attn flash: no FlashAttention found (pip install flash-attn-4 on Hopper/Blackwell, "
                         "flash-attn elsewhere, or torch >= 2.10 for its built-in varlen kernel); or use --attn sdpa")
-    from torch.nn.attention.varlen import varlen_attn
-
-    if getattr(model_config, "sliding_window", None) and "window_size" not in inspect.signature(varlen_attn).parameters:
+    if getattr(model_config, "sliding_window", None) and "window_size" not in _varlen_params():
         raise UserError(f"--attn flash: this model uses a sliding window, which torch {torch.__version__}'s "
                         f"varlen kernel lacks; pip install flash-attn-4 (Hopper) or use --attn flex")
     _register()
@@ -128,13 +126,21 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """varlen_attn's keyword names, which changed across torch releases (looked up once, not per layer)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sliding_window=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
     from torch.nn.attention.varlen import varlen_attn
 
     batch, _, seq, _ = query.shape
     options = {"scale": scaling}
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     if "window_size" in params:  # torch >= 2.12: causal (and sliding) through window_size
         options["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
     else:  # older torch: causal only (resolve() refused sliding-window models)

@@ -11,6 +11,7 @@ written under a `.tmp-` name and renamed when complete, so a run killed mid-save
 previous checkpoint intact; `--resume auto` never picks an incomplete one.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -119,17 +120,26 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -
     return state
 
 
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary sibling directory to fill; it replaces `out` only once the block completes,
+    so a run killed mid-write leaves the previous `out` (or none), never a partial one."""
+    out = Path(out)
+    tmp = out.with_name(".tmp-" + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def export_hf(model, tokenizer, out: Path, d: Dist) -> Path | None:
     """Write the final model + tokenizer with save_pretrained (atomically, rank 0)."""
     if not d.is_main:
         return None
-    tmp = out.with_name(".tmp-" + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per shard drowns the log of a non-interactive run
-    unwrap(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        unwrap(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out

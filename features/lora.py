@@ -31,8 +31,6 @@ Does not work with: two of --lora / --qlora / --lora-8bit at once.
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -192,16 +190,15 @@ def _not_the_cast_notice(record: logging.LogRecord) -> bool:
 
 def export(model, tokenizer, out_dir) -> Path:
     """Write the adapter in peft's format + the tokenizer (atomically); a preset's base goes in base/."""
+    from features.checkpoint import atomic_dir
+
     out = Path(out_dir)
-    tmp = out.with_name(".tmp-" + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if not model.peft_config["default"].base_model_name_or_path:  # built by from_config: random weights
-        base = model.get_base_model()
-        base.save_pretrained(tmp / "base", state_dict=_plain_base_weights(base))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not model.peft_config["default"].base_model_name_or_path:  # built by from_config: random weights
+            base = model.get_base_model()
+            base.save_pretrained(tmp / "base", state_dict=_plain_base_weights(base))
     return out
 
 
@@ -237,6 +234,7 @@ def merge_and_save(base: str, adapter_dir, out_dir, dtype: str = "auto") -> Path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from features.checkpoint import atomic_dir
     from features.model import PRESETS
 
     adapter, out = Path(adapter_dir), Path(out_dir)
@@ -257,12 +255,10 @@ def merge_and_save(base: str, adapter_dir, out_dir, dtype: str = "auto") -> Path
     if getattr(model, "hf_quantizer", None) is not None:  # a base saved already quantized
         model = model.dequantize()
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tmp = out.with_name(".tmp-" + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
     return out
 
 
