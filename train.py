@@ -25,6 +25,7 @@ from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
 from features.chunked_loss import LossConfig, apply_chunked_loss, forward_chunked_loss_sum
+from features.compile import CompileConfig, apply_compile
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
 from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
@@ -83,6 +84,7 @@ class Config:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
+    compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -190,7 +192,8 @@ def train(cfg: Config) -> dict:
     # 4. sequence parallel: a later issue
     if cfg.checkpointing.ac != "none":  # 5. activation checkpointing (offload: a later issue)
         model = apply_checkpointing(model, cfg.checkpointing)
-    # 6. compile: a later issue
+    if cfg.compile.compile:  # 6. torch.compile, per decoder block
+        model = apply_compile(model, cfg.compile)
     model = wrap_data_parallel(model, d)  # 7. sharding (DDP with several processes; FSDP2 / DeepSpeed later)
 
     # ---- optimizer, schedule, resume

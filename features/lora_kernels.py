@@ -105,31 +105,29 @@ def _base_grad(dy: torch.Tensor, base, x: torch.Tensor) -> torch.Tensor:
 
 
 def _lora_forward(x, A, B, base, s):
-    """(y, x A^T). The low-rank path runs in the adapter's dtype (fp32 adapters on a bf16 base),
-    like peft, but x is cast on the fly instead of a cast copy being saved."""
-    xa = x.to(A.dtype) @ A.t()
+    """(y, x A^T). The low-rank path runs in the base output's dtype, with fp32 accumulation inside
+    the matmuls: on a bf16 base the fp32 adapters (the optimizer's master copy) are cast to bf16 per
+    call, as bf16 autocast does, and s (x A^T) B^T is added into y by one matmul with beta = 1
+    (addmm_). Computing it in fp32, as peft does on a pure-bf16 base, writes and reads fp32
+    (tokens, out) tensors per adapter: 7 adapters x 32 layers of them cost more time than the
+    base matmuls on the 8B shape (benchmarks/results/2026-11-25-perf.md)."""
     y = _base_linear(x, base)
-    if y.dtype == xa.dtype:  # one fused multiply-add into the base output (B cast as autocast would)
-        return y.addmm_(xa, B.t().to(xa.dtype), alpha=s), xa
-    return (y + (xa @ B.t()) * s).to(y.dtype), xa  # peft's order: add in the adapter dtype, then cast
+    xa = x.to(y.dtype) @ A.t().to(y.dtype)
+    return y.addmm_(xa, B.t().to(y.dtype), alpha=s), xa
 
 
 def _lora_backward(dy, x, xa, A, B, base, s, dx=None, need_dx=True):
     """(dx, dA, dB) of _lora_forward; dx is accumulated into `dx` when given (a shared input).
     need_dx=False skips the base matmul for an input without grad (layer 0's q/k/v: the
-    embeddings are frozen)."""
-    dyl = dy.to(B.dtype)
+    embeddings are frozen). dA and dB come back in the adapters' own dtype."""
+    dt = xa.dtype
+    dyl = dy.to(dt)
     dB = (dyl.t() @ xa).mul_(s).to(B.dtype)
-    dxa = (dyl @ B).mul_(s)
-    dA = (dxa.t() @ x.to(A.dtype)).to(A.dtype)
+    dxa = (dyl @ B.to(dt)).mul_(s)
+    dA = (dxa.t() @ x.to(dt)).to(A.dtype)
     if not need_dx:
         return None, dA, dB
-    g = _base_grad(dy, base, x)
-    if g.dtype == dxa.dtype:
-        g = g.addmm_(dxa, A.to(g.dtype))
-    else:  # fp32 adapter on a bf16 base: the low-rank product in fp32, as peft's cast backward
-        g += (dxa @ A).to(g.dtype)
-    g = g.to(x.dtype)
+    g = _base_grad(dy, base, x).to(dt).addmm_(dxa, A.to(dt)).to(x.dtype)
     return (g if dx is None else dx.add_(g)), dA, dB
 
 

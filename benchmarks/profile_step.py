@@ -1,0 +1,91 @@
+"""Where a training step's GPU time goes: train.py under torch.profiler, kernels by category.
+
+    python benchmarks/profile_step.py --out prof.md -- --model llama3-8b --lora --precision bf16 \
+        --attn flash --lora-kernels --seq-len 4096 --micro-batch-size 1 --max-steps 8 ...
+
+Everything after `--` is train.py's own flags. Steps 5 and 6 are profiled (after warm-up and any
+compilation); the table splits their GPU kernel time into matmul (cuBLAS/CUTLASS GEMMs),
+attention, elementwise/reduction (norms, RoPE, activations, casts, adds, loss, optimizer) and
+copies, and reports idle = wall time - kernel time (host overhead, syncs, launch gaps).
+"""
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CATEGORIES = [  # first match wins; names as CUDA reports them (cuBLAS, CUTLASS, FA4, inductor, aten)
+    ("attention", r"flash|fmha|attn|attention"),
+    ("matmul", r"gemm|nvjet|sm90_xmma|cutlass|matmul|splitk|cublas"),
+    ("copy", r"memcpy|memset|copy_kernel|Memcpy|Memset"),
+    ("triton (compiled)", r"^triton_"),
+    ("elementwise/reduction", r"."),
+]
+
+
+def category(name: str) -> str:
+    return next(c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE))
+
+
+def summarize(prof, steps: int) -> str:
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        return "no CUDA kernels recorded"
+    start = min(e.time_range.start for e in kernels)
+    wall = max(e.time_range.end for e in kernels) - start  # us
+    by_cat, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        d = e.time_range.end - e.time_range.start
+        by_cat[category(e.name)] += d
+        by_name[e.name][0] += d
+        by_name[e.name][1] += 1
+    busy = sum(by_cat.values())
+    lines = [f"per step: wall {wall / steps / 1e3:.1f} ms, kernels {busy / steps / 1e3:.1f} ms, "
+             f"{len(kernels) // steps} kernel launches", "",
+             "| category | ms/step | share of wall |", "|---|---|---|"]
+    for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cat} | {t / steps / 1e3:.1f} | {100 * t / wall:.1f}% |")
+    lines.append(f"| idle (no kernel running) | {(wall - busy) / steps / 1e3:.1f} | {100 * (wall - busy) / wall:.1f}% |")
+    lines += ["", "| kernel (top 25 by time) | category | ms/step | calls/step |", "|---|---|---|---|"]
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+        lines.append(f"| `{name[:90]}` | {category(name)} | {t / steps / 1e3:.2f} | {n // steps} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--first", type=int, default=5, help="first profiled step")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps")
+    args, train_args = p.parse_known_args()
+    train_args = [a for a in train_args if a != "--"]
+
+    import train
+    from features import runlog
+
+    schedule = torch.profiler.schedule(wait=args.first - 1, warmup=0, active=args.steps, repeat=1)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                              torch.profiler.ProfilerActivity.CUDA], schedule=schedule)
+    advance = runlog.MetricsLog.advance
+
+    def advance_and_step(self, tokens_per_s):  # one profiler step per optimizer step
+        advance(self, tokens_per_s)
+        prof.step()
+
+    runlog.MetricsLog.advance = advance_and_step
+    with prof:
+        train.train(train.parse_config(train_args))
+    text = summarize(prof, args.steps)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(f"train.py {' '.join(train_args)}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
