@@ -20,10 +20,11 @@ from typing import Literal
 import torch
 import tyro
 
-from features import UserError, attention, lora, lora_kernels, overrides
+from features import UserError, attention, lora, lora_kernels, offload, overrides
 from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
+from features.offload import OffloadConfig, apply_offload
 from features.chunked_loss import LossConfig, apply_chunked_loss, forward_chunked_loss_sum
 from features.compile import CompileConfig, apply_compile
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
@@ -84,6 +85,7 @@ class Config:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
+    offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
     compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -117,6 +119,7 @@ def validate(cfg: Config) -> None:
     overrides.validate(cfg.overrides)
     lora.validate(cfg.lora)
     lora_kernels.validate(cfg.lora_kernels, cfg.lora)
+    offload.validate(cfg.offload)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -190,8 +193,10 @@ def train(cfg: Config) -> dict:
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{precision} on {d.device}, world size {d.world_size}")
     # 4. sequence parallel: a later issue
-    if cfg.checkpointing.ac != "none":  # 5. activation checkpointing (offload: a later issue)
+    if cfg.checkpointing.ac != "none":  # 5. activation checkpointing, then activation offload
         model = apply_checkpointing(model, cfg.checkpointing)
+    if cfg.offload.offload != "none":
+        model = apply_offload(model, cfg.offload, d.device)
     if cfg.compile.compile:  # 6. torch.compile, per decoder block
         model = apply_compile(model, cfg.compile)
     model = wrap_data_parallel(model, d)  # 7. sharding (DDP with several processes; FSDP2 / DeepSpeed later)

@@ -1,0 +1,141 @@
+"""Activation offload (cpu and disk): the same loss and gradients as without, with and without
+checkpointing; with --ac full exactly the block inputs leave; a full disk is a clear error."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+from conftest import assert_same_metrics, read_metrics, run_train
+from features import UserError
+from features.batches import collate_padded
+from features.checkpointing import CheckpointingConfig, apply_checkpointing, decoder_blocks
+from features.data import Sample
+from features.loss import forward_loss_sum
+from features.model import ModelConfig, load_config, load_model
+from features.offload import OffloadConfig, apply_offload, validate
+
+CPU = torch.device("cpu")
+
+
+def _model(tok, lora=False):
+    torch.manual_seed(0)
+    model = load_model(ModelConfig("tiny-llama"), load_config(ModelConfig("tiny-llama"), tok), CPU)
+    if lora:
+        from features.lora import LoraConfig, apply_lora
+
+        model = apply_lora(model, LoraConfig(lora=True, lora_rank=4))
+        for name, p in model.named_parameters():  # peft starts B at zero: make the adapter matter
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(4, 400, (n,), generator=g).tolist() for n in (40, 23, 57)]
+    return collate_padded([Sample(d, d, 0) for d in docs], 0)
+
+
+def _run(model, batch):
+    model.zero_grad()
+    loss = forward_loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _offloaded(tok, kind, ac, lora, tmp_path):
+    model = _model(tok, lora)
+    if ac != "none":
+        model = apply_checkpointing(model, CheckpointingConfig(ac=ac))
+    cfg = OffloadConfig(offload=kind, offload_min_kib=0, offload_dir=str(tmp_path) if kind == "disk" else None)
+    return apply_offload(model, cfg, CPU)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+@pytest.mark.parametrize("ac, lora", [("none", False), ("full", False), ("full", True), ("selective", True)])
+def test_offload_keeps_loss_and_gradients(tok, tmp_path, kind, ac, lora):
+    batch = _batch()
+    loss_ref, grads_ref = _run(_model(tok, lora), batch)
+    model = _offloaded(tok, kind, ac, lora, tmp_path)
+    loss, grads = _run(model, batch)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert model._offloader.copied_bytes > 0
+    if kind == "disk":  # every file is unlinked as soon as it is mapped
+        assert os.listdir(model._offloader.store.tmp.name) == []
+
+
+def test_with_full_checkpointing_the_block_inputs_leave(tok, tmp_path):
+    batch = _batch()
+    plain = _offloaded(tok, "cpu", "none", False, tmp_path)
+    _run(plain, batch)
+    ac = _offloaded(tok, "cpu", "full", False, tmp_path)
+    _run(ac, batch)
+    tokens = batch["input_ids"].numel()
+    hidden = tokens * ac.config.hidden_size * 4  # one fp32 (B, S, H) activation
+    blocks = len(decoder_blocks(ac))
+    # the block inputs, the final norm's input and two of its products (the head's input), and
+    # per-token scraps (token ids, the norm's 1/rms): nothing else
+    assert blocks * hidden <= ac._offloader.copied_bytes <= (blocks + 3) * hidden + 16 * tokens
+    assert ac._offloader.copied_bytes < plain._offloader.copied_bytes / 3
+
+
+def test_parameters_and_small_tensors_stay(tok, tmp_path):
+    model = apply_offload(_model(tok), OffloadConfig(offload="cpu"), CPU)  # default: >= 1 MiB only
+    _run(model, _batch())
+    assert model._offloader.copied_bytes == 0  # tiny model: every activation is under 1 MiB
+    off = model._offloader
+    weight = model.model.layers[0].mlp.up_proj.weight
+    off.start(model.parameters())
+    off.min_bytes = 0
+    assert off.pack(weight) is weight and off.keep(weight.t())
+    x = torch.randn(2, 3, requires_grad=True)
+    assert off.pack(x) is not x and off.pack(x) is off.pack(x)  # a tensor saved twice is copied once
+
+
+def test_full_disk_is_a_clear_error(tok, tmp_path, monkeypatch):
+    import features.offload as offload
+
+    def full(fd, nbytes):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(offload, "_reserve", full)
+    model = _offloaded(tok, "disk", "full", False, tmp_path)
+    with pytest.raises(UserError, match="--offload disk: no space left in .*--offload-dir"):
+        _run(model, _batch())
+    assert os.listdir(model._offloader.store.tmp.name) == []  # the half-made file is gone too
+    before = model._offloader.copied_bytes
+    _run(_model(tok), _batch())  # the hooks were left on the error: another model's forward is plain
+    assert model._offloader.copied_bytes == before
+
+
+def test_temp_dir_is_removed_with_the_model(tok, tmp_path):
+    model = _offloaded(tok, "disk", "none", False, tmp_path)
+    _run(model, _batch())
+    directory = model._offloader.store.tmp.name
+    assert os.path.isdir(directory)
+    model._offloader.store.tmp.cleanup()
+    assert not os.path.exists(directory) and os.listdir(tmp_path) == []
+
+
+def test_bad_flags():
+    with pytest.raises(UserError, match="--offload-dir is for --offload disk"):
+        validate(OffloadConfig(offload="cpu", offload_dir="/tmp"))
+    with pytest.raises(UserError, match="--offload-min-kib must be >= 0"):
+        validate(OffloadConfig(offload="cpu", offload_min_kib=-1))
+    with pytest.raises(UserError, match="not a directory"):
+        validate(OffloadConfig(offload="disk", offload_dir="/nonexistent/dir"))
+
+
+def test_train_py_offload_disk_with_checkpointing_matches_plain(tmp_path, small_data):
+    common = ["--dataset", str(small_data), "--max-steps", "2", "--log-every", "1", "--micro-batch-size", "8",
+              "--lora", "--lora-rank", "4"]
+    assert run_train(tmp_path / "plain", *common) == 0
+    assert run_train(tmp_path / "off", *common, "--ac", "full", "--offload", "disk", "--offload-min-kib", "0",
+                     "--offload-dir", str(tmp_path)) == 0
+    for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "off"), strict=True):
+        assert_same_metrics(a, b, ("loss", "val_loss", "grad_norm"), rel=1e-5)
