@@ -40,6 +40,8 @@ from features.model import (ModelConfig, autocast, check_vocab, count_params, lo
 from features.optim import OptimConfig, build_optimizer, build_scheduler
 from features.overrides import OverridesConfig, apply_overrides
 from features.packing import PackingConfig
+from features import qat
+from features.qat import QatConfig
 from features.runlog import MetricsLog, StepMeter, write_run_info
 
 
@@ -84,6 +86,7 @@ class Config:
     packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
+    qat: QatConfig = dataclasses.field(default_factory=QatConfig)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
     compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
@@ -119,6 +122,7 @@ def validate(cfg: Config) -> None:
     overrides.validate(cfg.overrides)
     lora.validate(cfg.lora)
     lora_kernels.validate(cfg.lora_kernels, cfg.lora)
+    qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     offload.validate(cfg.offload)
 
 
@@ -180,6 +184,8 @@ def train(cfg: Config) -> dict:
     say(f"attention: {attention.describe(attn_impl)}")
     model = load_model(cfg.model, config, d.device, attn_impl, lora.quantization_config(cfg.lora, d.device))
     # 2. module swaps (Liger, TiledMLP, FP8, QAT) land here
+    if cfg.qat.qat:  # fake-quantized decoder linears (switched on at --qat-start-step)
+        model = qat.apply_qat(model, cfg.qat)
     if lora.enabled(cfg.lora):  # 3. adapters, then the fused LoRA kernels
         model = lora.apply_lora(model, cfg.lora)
     if cfg.lora_kernels.lora_kernels:
@@ -207,6 +213,8 @@ def train(cfg: Config) -> dict:
     resume_from = resolve_resume(cfg.train.resume, out)
     state = load_checkpoint(resume_from, model, optimizer, scheduler, batches, d) if resume_from else {}
     start, seen_tokens = state.get("step", 0), state.get("tokens", 0)
+    if cfg.qat.qat:  # an optimizer post-step hook turns fake quantization on at --qat-start-step
+        qat.schedule(model, optimizer, cfg.qat, steps_done=start)
     if d.is_main:
         write_run_info(out, cfg, d.device, d.world_size, {"data": {"train": train_split.stats,
                        "val": val.stats if val else None, "token_slot_efficiency": batches.efficiency(0),
@@ -268,6 +276,8 @@ def train(cfg: Config) -> dict:
     barrier(d)
     if final:
         say(f"saved the final model to {final}")
+    if final and cfg.qat.qat:  # convert consumes the model: last
+        say(f"saved the quantized model to {qat.export(unwrap(model), tok, out / 'final-quantized', cfg.qat)}")
     if d.is_main:
         report(summary)
     return summary
