@@ -80,18 +80,18 @@ def main():
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--qlora", action="store_true", help="QLoRA on both sides instead of LoRA")
     p.add_argument("--rows", nargs="+", default=["--attn flash", "--attn flash --lora-kernels"],
-                   help="nanotune rows: extra train.py flags for each")
+                   help="nanotune rows: extra train.py flags for each (a later --micro-batch-size wins)")
+    p.add_argument("--peer-rows", nargs="+", default=["--gradient-checkpointing --liger", "--gradient-checkpointing"],
+                   help="peer rows: extra benchmarks/peer.py flags for each")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    data = random_text(tmp / "random.jsonl", docs=args.steps * 3, letters=args.seq_len + 64)
+    data = random_text(tmp / "random.jsonl", docs=args.steps * 5, letters=args.seq_len + 64)
     lora = ["--qlora" if args.qlora else "--lora", "--lora-rank", "16", "--precision", "bf16"]
     q = ["--qlora"] if args.qlora else []
     rows = []
-    if not args.skip_peer:
-        rows.append(("peer", "SDPA + checkpointing + Liger" + " + NF4" * args.qlora,
-                     run_peer(args, ["--gradient-checkpointing", "--liger", *q], tmp)))
-        rows.append(("peer", "SDPA + checkpointing" + " + NF4" * args.qlora,
-                     run_peer(args, ["--gradient-checkpointing", *q], tmp)))
+    for settings in ([] if args.skip_peer else args.peer_rows):
+        rows.append(("peer", "SDPA " + settings + " --qlora (NF4)" * args.qlora, run_peer(args, [*settings.split(), *q], tmp)))
+        print(rows[-1], flush=True)
     for settings in (r.split() for r in args.rows):
         rows.append(("nanotune", " ".join(lora + settings), run_nanotune(args, lora + settings, data, tmp)))
         print(rows[-1], flush=True)

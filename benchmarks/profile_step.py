@@ -34,7 +34,8 @@ def category(name: str) -> str:
 
 
 def summarize(prof, steps: int) -> str:
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in prof.events()  # ProfilerStep#N is the profiler's own step range, not a kernel
+               if e.device_type == DeviceType.CUDA and not e.name.startswith("ProfilerStep")]
     if not kernels:
         return "no CUDA kernels recorded"
     start = min(e.time_range.start for e in kernels)

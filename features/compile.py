@@ -8,8 +8,11 @@ checkpoints and `save_pretrained` are unchanged. All blocks run the same code on
 dynamo treats as inputs, so one graph serves all of them: start-up costs one block's compile (tens
 of seconds on the 8B shape), not a whole model's. Inductor fuses what eager runs as separate
 memory-bound kernels: RMSNorm's fp32 upcast, square, mean and rescale, RoPE's rotate-half, the
-residual adds, SiLU * up. The attention kernel and the fused LoRA Functions stay opaque calls
-(graph breaks or custom ops), which is fine: they are single big kernels already.
+residual adds, SiLU * up; the fused LoRA Functions are traced into the same graph. FlashAttention
+(FA2/FA4) and xformers are registered as opaque calls (torch.compiler.disable): dynamo otherwise
+traces into FA4's Python launcher and splits each block into a dozen graph fragments, whose
+guards and launch gaps cost more host time than the fusion saves (measured: the idle gap, in
+benchmarks/results/2026-11-25-perf.md).
 
 Order (DESIGN.md step 6): after adapters, fused LoRA kernels and activation checkpointing (the
 checkpoint wraps the compiled block), before sharding. Packed rows are padded to --seq-len, so
@@ -49,7 +52,24 @@ def apply_compile(model, cfg: CompileConfig):
     # Graphs are shared across blocks; the default limit of 8 recompiles is reached by packed batches'
     # varying document counts before dynamo settles on dynamic shapes (torch 2.11).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    _opaque_attention(model.config._attn_implementation)
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     for block in blocks:
         block.compile(backend=cfg.compile_backend, mode=mode if cfg.compile_backend == "inductor" else None)
     return model
+
+
+_OPAQUE = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "nanotune_xformers")
+
+
+def _opaque_attention(impl: str) -> None:
+    """Re-register a kernel-launching attention function under its own name, wrapped so that dynamo
+    calls it as one opaque function (one graph break per block) instead of tracing into it."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    fn = ALL_ATTENTION_FUNCTIONS.get(impl)
+    if impl in _OPAQUE and fn is not None and not getattr(fn, "nanotune_opaque", False):
+        wrapped = torch.compiler.disable(fn)
+        wrapped.nanotune_opaque = True
+        AttentionInterface.register(impl, wrapped)

@@ -86,3 +86,17 @@ def test_cuda_inductor_bf16(tok):
     compiled = apply_compile(copy.deepcopy(ref), CompileConfig(compile=True))
     ids, pos = _packed_batch(ref.config.vocab_size, "cuda")
     _assert_close(_loss_and_grads(ref, ids, pos), _loss_and_grads(compiled, ids, pos), 3e-2)
+
+
+def test_flash_attention_is_opaque_to_dynamo():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from features.compile import _opaque_attention
+
+    _opaque_attention("flash_attention_2")
+    wrapped = ALL_ATTENTION_FUNCTIONS["flash_attention_2"]
+    assert wrapped.nanotune_opaque
+    _opaque_attention("flash_attention_2")  # idempotent: not wrapped twice
+    assert ALL_ATTENTION_FUNCTIONS["flash_attention_2"] is wrapped
+    _opaque_attention("sdpa")  # traceable backends stay as they are
+    assert not getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "nanotune_opaque", False)
