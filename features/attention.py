@@ -108,7 +108,8 @@ def eval_attention(model):
     boundaries that generate() does not pass, and compiled flex recompiles for every new short
     shape (torch 2.11 failed to lower it for a 33-token padded batch: NoValidChoicesError)."""
     impl = model.config._attn_implementation
-    switch = impl in CUSTOM + ("flex_attention",)
+    # sequence-parallel attention (nanotune_sp_*) expects sharded batches: evaluation runs unsharded
+    switch = impl in CUSTOM + ("flex_attention",) or impl.startswith("nanotune_sp_")
     if switch:
         model.set_attn_implementation("sdpa")
     try:

@@ -24,13 +24,21 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy (in fp32, or fp64 for fp64 logits) over the trained positions."""
-    targets = shifted_targets(labels)
+def next_token_targets(batch: dict) -> torch.Tensor:
+    """Each position's target: `shift_labels` when the batch carries them already shifted (a
+    sequence-parallel shard, whose last token's target lives on another rank; transformers' name),
+    else `labels` shifted by one."""
+    return batch["shift_labels"] if "shift_labels" in batch else shifted_targets(batch["labels"])
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token cross entropy (in fp32, or fp64 for fp64 logits) over the trained positions
+    (`targets`, if given, are already shifted and `labels` is not used)."""
+    targets = shifted_targets(labels) if targets is None else targets
     logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
     return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def forward_loss_sum(model, batch: dict, attn_impl: str = "sdpa") -> torch.Tensor:
     """Run the model on a batch (inputs shaped for the attention backend) and sum the token losses."""
-    return cross_entropy_sum(model(**model_inputs(batch, attn_impl)).logits, batch["labels"])
+    return cross_entropy_sum(model(**model_inputs(batch, attn_impl)).logits, None, next_token_targets(batch))
