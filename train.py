@@ -30,7 +30,11 @@ from features.compile import CompileConfig, apply_compile
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
 from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
-                                  init_distributed, sync_gradients, teardown, unwrap, wrap_data_parallel)
+                                  init_distributed, sync_gradients, teardown, unwrap)
+from features import distributed, fsdp, tensor_parallel
+from features.distributed import MeshConfig
+from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm, gather_full
+from features.tensor_parallel import apply_tensor_parallel
 from features.evaluate import exact_match, validation_loss
 from features.lora import LoraConfig
 from features.lora_kernels import LoraKernelsConfig
@@ -92,6 +96,8 @@ class Config:
     compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
@@ -122,6 +128,8 @@ def validate(cfg: Config) -> None:
     overrides.validate(cfg.overrides)
     lora.validate(cfg.lora)
     lora_kernels.validate(cfg.lora_kernels, cfg.lora)
+    distributed.validate(cfg.mesh)
+    fsdp.validate(cfg.sharding, cfg.mesh)
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     offload.validate(cfg.offload)
 
@@ -155,7 +163,7 @@ def evaluate(model, val, cfg: Config, tok, d: Dist, ctx, loss_fn, with_generatio
 
 def train(cfg: Config) -> dict:
     # ---- processes, seeds, run directory
-    d = init_distributed(cfg.train.device)
+    d = init_distributed(cfg.train.device, cfg.mesh, need_group=cfg.sharding.fsdp)
     torch.manual_seed(cfg.train.seed)
     out = prepare_output_dir(cfg, d)
     say = print if d.is_main else (lambda *a, **k: None)
@@ -164,11 +172,11 @@ def train(cfg: Config) -> dict:
     tok = load_tokenizer(cfg.model)
     train_split, val = load_splits(cfg.data, tok, cfg.train.seed)
     batches = StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
-                          cfg.train.seed, tok.pad_token_id, d.rank, d.world_size,
+                          cfg.train.seed, tok.pad_token_id, d.dp_rank, d.dp_size,
                           pack_to=cfg.data.seq_len if cfg.packing.packing else None)
     if batches.steps_in_epoch(0) == 0:
         raise UserError(f"--dataset {cfg.data.dataset}: {len(train_split.samples)} samples are fewer than one "
-                        f"step takes ({d.world_size} ranks x --micro-batch-size x --grad-accum); lower them")
+                        f"step takes ({d.dp_size} data-parallel ranks x --micro-batch-size x --grad-accum); lower them")
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else batches.total_steps(cfg.train.epochs)
     say(f"data: train {train_split.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set"))
     say(f"data: {batches.steps_in_epoch(0)} steps/epoch, {batches.dropped(0)} samples/epoch left out to "
@@ -182,7 +190,7 @@ def train(cfg: Config) -> dict:
     check_vocab(config, tok, cfg.model.path)
     attn_impl = attention.resolve(cfg.attention, d.device, config)
     say(f"attention: {attention.describe(attn_impl)}")
-    model = load_model(cfg.model, config, d.device, attn_impl, lora.quantization_config(cfg.lora, d.device))
+    model = load_model(cfg.model, config, d.device, attn_impl, fsdp.quantization_storage(lora.quantization_config(cfg.lora, d.device), cfg.sharding))
     # 2. module swaps (Liger, TiledMLP, FP8, QAT) land here
     if cfg.qat.qat:  # fake-quantized decoder linears (switched on at --qat-start-step)
         model = qat.apply_qat(model, cfg.qat)
@@ -198,6 +206,9 @@ def train(cfg: Config) -> dict:
     total_params, trainable = count_params(model)
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{precision} on {d.device}, world size {d.world_size}")
+    tensor_parallel.validate(d.size("tp"), config, lora.enabled(cfg.lora))
+    if d.size("tp") > 1:  # 4. tensor parallel (DTensor), then sequence parallel
+        model = apply_tensor_parallel(model, d)
     # 4. sequence parallel: a later issue
     if cfg.checkpointing.ac != "none":  # 5. activation checkpointing, then activation offload
         model = apply_checkpointing(model, cfg.checkpointing)
@@ -205,7 +216,7 @@ def train(cfg: Config) -> dict:
         model = apply_offload(model, cfg.offload, d.device)
     if cfg.compile.compile:  # 6. torch.compile, per decoder block
         model = apply_compile(model, cfg.compile)
-    model = wrap_data_parallel(model, d)  # 7. sharding (DDP with several processes; FSDP2 / DeepSpeed later)
+    model = apply_sharding(model, cfg.sharding, d, precision)  # 7. sharding: FSDP2 / HSDP, or DDP with >1 rank
 
     # ---- optimizer, schedule, resume
     optimizer = build_optimizer(model, cfg.optim, d.device)
@@ -240,10 +251,10 @@ def train(cfg: Config) -> dict:
             mb = to_device(mb, d.device)
             with sync_gradients(model, sync=i == len(micro) - 1), ctx:
                 loss_sum = loss_fn(model, mb)
-            # DDP averages gradients over ranks, so scale by world size to get sum / global targets
-            (loss_sum * (d.world_size / n_targets)).backward()
+            # DDP / FSDP average gradients over the dp x cp ranks: scale by them to get sum / global targets
+            (loss_sum * (d.grad_ranks / n_targets)).backward()
             meter.add_loss(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
+        grad_norm = clip_grad_norm(model, cfg.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -267,6 +278,8 @@ def train(cfg: Config) -> dict:
     log.close()
 
     # ---- save
+    if not cfg.train.skip_export:  # sharded weights (FSDP / TP) made whole on every rank for the export
+        model = gather_full(model, d)
     if cfg.train.skip_export:
         final = None
     elif lora.enabled(cfg.lora):  # the adapter in peft's format (+ a preset's random base)

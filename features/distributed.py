@@ -1,18 +1,51 @@
-"""Process setup: the one place that reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE.
+"""Process setup: the one place that reads RANK / LOCAL_RANK / WORLD_SIZE, and the device mesh.
 
-    python train.py                                   # one process: nothing here does anything
-    torchrun --nproc_per_node 4 train.py ...          # data parallel (DDP) over 4 processes
+    python train.py                                             # one process: nothing here does anything
+    torchrun --nproc_per_node 4 train.py ...                    # data parallel (DDP) over 4 ranks
+    torchrun --nproc_per_node 8 train.py --fsdp --dp-replicate 2      # HSDP: 2 replicas x 4 shards
+    torchrun --nproc_per_node 8 train.py --fsdp --tp 2          # 4-way FSDP x 2-way tensor parallel
+    srun torchrun --nnodes $N --rdzv-backend c10d ... train.py  # SLURM: see launch/slurm.sbatch
 
-With several processes the model is wrapped in DistributedDataParallel; gradients are averaged
-over ranks, which train.py's loss normalization accounts for (see features/loss.py).
+With several processes (or a sharding flag) one DeviceMesh with the named dims
+(dp_replicate, dp_shard, cp, tp) is kept on `Dist.mesh`, plus flattened views: "dp"
+(dp_replicate x dp_shard: ranks that read different batches), "dp_shard_cp" (what FSDP shards
+over) and "dp_cp" (the ranks gradients are averaged over). Reference: torchtitan's
+ParallelDims; torch.distributed.device_mesh.
+
+Accounting (train.py): batches are split over the "dp" ranks (tp and cp ranks of a dp rank read
+the same batch), trained-token counts are summed over "dp" (counts of the unsharded batches), and
+the loss is scaled by `grad_ranks` (= dp x cp) because DDP/FSDP average gradients over "dp_cp":
+the gradient is then sum(token losses of all ranks) / global trained tokens, as with one process.
+
+Works with: --fsdp / --ddp (features/fsdp.py), --tp (features/tensor_parallel.py), sequence
+parallel on the "cp" dim. Refused: dims whose product is not the world size.
 """
 
 import contextlib
 import dataclasses
+import datetime
 import os
+import socket
+import warnings
 
 import torch
 import torch.distributed as dist
+
+from features import UserError
+
+DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    dp_replicate: int = 1
+    """Data-parallel replicas; with --fsdp each replica shards over --dp-shard ranks (HSDP)."""
+    dp_shard: int = -1
+    """Data-parallel ranks inside a replica (FSDP shards parameters over them); -1 = the ranks the other dims leave."""
+    cp: int = 1
+    """Context-parallel ranks that split each sequence (sequence parallelism); 1 = off."""
+    tp: int = 1
+    """Tensor-parallel ranks (column/row-parallel decoder projections, features/tensor_parallel.py); 1 = off."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,47 +54,123 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    mesh: object = None
+    """The DeviceMesh (None with one process and no sharding flag)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def sub(self, *dims: str):
+        """A sub-mesh by name(s), flattened ones ("dp", "dp_shard_cp", "dp_cp") included."""
+        with warnings.catch_warnings():  # torch 2.13 warns that slicing flattened dims "will be deprecated"
+            warnings.filterwarnings("ignore", "Slicing a flattened dim", UserWarning)
+            return self.mesh[dims if len(dims) > 1 else dims[0]]
 
-def init_distributed(device: str = "auto") -> Dist:
-    """Join the process group torchrun set up (if any) and pick this rank's device."""
+    def size(self, dim: str) -> int:
+        return self.sub(dim).size() if self.mesh is not None else 1
+
+    @property
+    def dp_rank(self) -> int:
+        """Which slice of each global batch this rank reads."""
+        return self.sub("dp").get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def dp_size(self) -> int:
+        """Ranks that read different batches (tp and cp ranks share theirs)."""
+        return self.size("dp")
+
+    @property
+    def grad_ranks(self) -> int:
+        """Ranks that DDP/FSDP average gradients over (dp x cp); the loss is scaled by it."""
+        return self.size("dp_cp")
+
+
+def validate(cfg: MeshConfig) -> None:
+    for name in DIMS:
+        value = getattr(cfg, name)
+        if value < 1 and not (name == "dp_shard" and value == -1):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be >= 1" + (" or -1 (infer)" if name == "dp_shard" else "") +
+                            f" (got {value})")
+
+
+def mesh_shape(cfg: MeshConfig, world: int) -> tuple[int, ...]:
+    """The sizes of (dp_replicate, dp_shard, cp, tp) for `world` ranks, dp_shard = -1 inferred."""
+    fixed = cfg.dp_replicate * cfg.cp * cfg.tp
+    shard = cfg.dp_shard if cfg.dp_shard != -1 else world // fixed
+    if shard < 1 or fixed * shard != world:
+        raise UserError(f"--dp-replicate {cfg.dp_replicate} x --dp-shard {cfg.dp_shard} x --cp {cfg.cp} x "
+                        f"--tp {cfg.tp} does not multiply to the world size {world}; pick dims whose "
+                        f"product is {world} (or --dp-shard -1 to infer it)")
+    return cfg.dp_replicate, shard, cfg.cp, cfg.tp
+
+
+def build_mesh(device_type: str, shape: tuple[int, ...]):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
+    # _flatten is DeviceMesh's (private) way to name merged dims, as torchtitan does (torch 2.13)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    return mesh
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto", mesh_cfg: MeshConfig | None = None, need_group: bool = False) -> Dist:
+    """Join the process group torchrun (or srun + torchrun) set up and build the device mesh.
+
+    need_group: a sharding engine (FSDP2, DeepSpeed) wants a process group and mesh even with
+    one process; without torchrun's env a single-rank group on a free local port is made.
+    """
+    mesh_cfg = mesh_cfg or MeshConfig()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    shape = mesh_shape(mesh_cfg, world)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return Dist(rank, local_rank, world, dev)
+    if world == 1 and not need_group:
+        return Dist(rank, local_rank, world, dev)
+    if not dist.is_initialized():
+        init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, local_rank, world, dev, build_mesh(dev.type, shape))
+
+
+def _dp_group(d: Dist):
+    return d.sub("dp").get_group()
 
 
 def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Sum over ranks (a no-op with one process)."""
-    if d.world_size > 1:
+    """Sum over the data-parallel ranks (tp / cp ranks of a dp rank hold the same batch; a no-op
+    with one)."""
+    if d.dp_size > 1:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=_dp_group(d))
     return value
 
 
 def global_count(n: int, d: Dist) -> int:
-    """An integer summed over ranks (returned to the host: the loss needs it before backward)."""
-    if d.world_size == 1:
+    """An integer summed over the dp ranks (returned to the host: the loss needs it before backward)."""
+    if d.dp_size == 1:
         return n
     return int(all_reduce_sum(torch.tensor(n, device=d.device), d).item())
 
 
-def wrap_data_parallel(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
-    if d.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+def is_sharded(model: torch.nn.Module) -> bool:
+    """FSDP2 / tensor-parallel parameters (DTensors): every forward is a collective over ranks."""
+    from torch.distributed.tensor import DTensor
 
-    ids = [d.device.index] if d.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return dist.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -69,7 +178,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def sync_gradients(model: torch.nn.Module, sync: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP's no_sync)."""
+    """Skip the gradient reduction on all but the last micro-batch of a step (DDP's no_sync,
+    FSDP2's set_requires_gradient_sync)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()

@@ -15,7 +15,7 @@ from features.attention import eval_attention
 from features.chunked_loss import real_logits
 from features.batches import eval_batches, to_device
 from features.data import Sample
-from features.distributed import Dist, all_reduce_sum, unwrap
+from features.distributed import Dist, all_reduce_sum, is_sharded, unwrap
 from features.loss import count_targets, forward_loss_sum
 
 
@@ -26,7 +26,9 @@ def validation_loss(model, samples: list[Sample], micro_batch_size: int, pad_id:
     net.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (loss sum, tokens)
     with eval_attention(net) as impl:
-        for batch in eval_batches(samples, micro_batch_size, pad_id, d.rank, d.world_size):
+        if is_sharded(net):  # sharded (FSDP / TP) forwards are collective: equal batch counts per rank
+            samples = samples[:len(samples) - len(samples) % d.dp_size]
+        for batch in eval_batches(samples, micro_batch_size, pad_id, d.dp_rank, d.dp_size):
             batch = to_device(batch, d.device)
             with autocast:
                 total[0] += loss_fn(net, batch, attn_impl=impl).double()
@@ -49,7 +51,11 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autocast,
                 batch_size: int = 32) -> float | None:
     """Fraction of the first n prompted validation samples answered exactly; None if there are none."""
-    chosen = [s for s in samples if 0 < s.prompt_len < len(s.input_ids)][:n][d.rank::d.world_size]
+    chosen = [s for s in samples if 0 < s.prompt_len < len(s.input_ids)][:n]
+    # generate() runs a data-dependent number of forwards; sharded (FSDP / TP) forwards are
+    # collective, so with a mesh every rank answers the same prompts (identical greedy steps)
+    sharded = is_sharded(model)
+    chosen = chosen if sharded else chosen[d.dp_rank::d.dp_size]
     net = unwrap(model)
     net.eval()
     hits = torch.zeros(2, dtype=torch.float64, device=d.device)  # (correct, total)
@@ -65,5 +71,5 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
             hits[0] += out[row, ids.shape[1]:ids.shape[1] + len(ref)].tolist() == ref
         hits[1] += len(group)
     net.train()
-    hits = all_reduce_sum(hits, d)
+    hits = hits if sharded else all_reduce_sum(hits, d)
     return (hits[0] / hits[1]).item() if hits[1] > 0 else None

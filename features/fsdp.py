@@ -1,0 +1,154 @@
+"""Data-parallel sharding: FSDP2 (`fully_shard` per decoder block + root), HSDP, or DDP.
+
+    torchrun --nproc_per_node 8 train.py --fsdp                       # FSDP2 over 8 ranks (ZeRO-3 style)
+    torchrun --nproc_per_node 8 train.py --fsdp --dp-replicate 2      # HSDP: 2 replicas x 4 shards
+    torchrun --nproc_per_node 8 train.py --qlora --fsdp               # QLoRA + FSDP2 (4-bit base in bf16 storage)
+    torchrun --nproc_per_node 4 train.py --fsdp --fsdp-cpu-offload    # params, grads, optimizer on the CPU
+    torchrun --nproc_per_node 4 train.py --ddp                        # plain DDP (the default with >1 rank)
+
+FSDP2 shards every parameter over the "dp_shard_cp" mesh dim (and replicates over
+"dp_replicate": HSDP); each decoder block is one all-gather / reduce-scatter unit, the root unit
+holds embeddings, final norm and head. Gradients are averaged over "dp_cp", which train.py's loss
+scale (`Dist.grad_ranks`) accounts for. Mixed precision: with --precision bf16-mixed the
+all-gathered params are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy).
+Reference: PyTorch FSDP2 (torch.distributed.fsdp.fully_shard), torchtitan's apply_fsdp.
+
+Works with: LoRA/QLoRA (4-bit base stored as --fsdp-quant-storage so it can be sharded), --tp
+(2-D FSDP x TP), activation checkpointing, sequence parallel, DCP checkpoints (resume on another
+world size). Refused with: --ddp together with --fsdp; --deepspeed; --tp or --cp > 1 with --ddp.
+"""
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from features import UserError
+from features.distributed import Dist, MeshConfig
+
+
+@dataclasses.dataclass
+class ShardingConfig:
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state with FSDP2 over the dp ranks (HSDP with --dp-replicate > 1)."""
+    ddp: bool = False
+    """Replicate the model with DistributedDataParallel (what several ranks do without --fsdp)."""
+    fsdp_keep_gathered: bool = False
+    """Keep each block's gathered params from forward to backward (no re-gather: faster, ZeRO-2-like memory)."""
+    fsdp_cpu_offload: bool = False
+    """Keep sharded params, grads and the optimizer step on the CPU (FSDP2 CPUOffloadPolicy)."""
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the gradient reduce-scatter with --precision bf16-mixed."""
+    fsdp_quant_storage: Literal["bf16", "fp32"] = "bf16"
+    """Storage dtype of a 4-bit (--qlora) base under --fsdp (bnb_4bit_quant_storage): FSDP shards it like any weight."""
+
+
+def validate(cfg: ShardingConfig, mesh: MeshConfig) -> None:
+    if cfg.fsdp and cfg.ddp:  # compat: --fsdp x --ddp
+        raise UserError("--fsdp and --ddp are two ways to do data parallelism; pass one of them")
+    if cfg.ddp and (mesh.tp > 1 or mesh.cp > 1):  # compat: --ddp x --tp/--cp
+        raise UserError("--ddp replicates whole modules and cannot hold --tp/--cp shards; use --fsdp instead")
+    gathered_flags = cfg.fsdp_keep_gathered or cfg.fsdp_cpu_offload or cfg.fsdp_reduce_dtype != "fp32"
+    if gathered_flags and not cfg.fsdp:
+        raise UserError("--fsdp-keep-gathered / --fsdp-cpu-offload / --fsdp-reduce-dtype need --fsdp")
+
+
+def quantization_storage(qconfig, cfg: ShardingConfig):
+    """Store a 4-bit base in a float dtype FSDP can shard (bitsandbytes packs 2 values per element of it)."""
+    if cfg.fsdp and qconfig is not None and getattr(qconfig, "load_in_4bit", False):
+        qconfig.bnb_4bit_quant_storage = torch.bfloat16 if cfg.fsdp_quant_storage == "bf16" else torch.float32
+    return qconfig
+
+
+def _blocks(model) -> list[torch.nn.Module]:
+    """The decoder blocks (GradientCheckpointingLayer / nn.ModuleList items) of an HF causal LM."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and hasattr(module[0], "self_attn"):
+            return list(module)
+    raise UserError("--fsdp: found no decoder blocks (a ModuleList of layers with self_attn) in the model")
+
+
+def _fsdp_mesh(d: Dist):
+    return d.sub("dp_replicate", "dp_shard_cp") if d.size("dp_replicate") > 1 else d.sub("dp_shard_cp")
+
+
+def apply_fsdp(model, cfg: ShardingConfig, d: Dist, precision: str):
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if precision == "bf16-mixed":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                  reduce_dtype=torch.float32 if cfg.fsdp_reduce_dtype == "fp32" else torch.bfloat16)
+    kwargs = dict(mesh=_fsdp_mesh(d), mp_policy=mp,
+                  offload_policy=CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy())
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):  # the last block is resharded by the root anyway: skip that work
+        fully_shard(block, reshard_after_forward=not cfg.fsdp_keep_gathered and i < len(blocks) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=False, **kwargs)  # the root's weights are needed right back
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def reshard_after_no_grad_forward(module, args, output):
+        # evaluation has no backward to reshard the root (and kept-gathered blocks); the optimizer
+        # and DCP need the sharded parameters registered again
+        if not torch.is_grad_enabled():
+            for unit in units:
+                unit.reshard()
+        return output
+
+    model.register_forward_hook(reshard_after_no_grad_forward)
+    return model
+
+
+def apply_ddp(model, d: Dist):
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, process_group=d.sub("dp_cp").get_group())
+
+
+def apply_sharding(model, cfg: ShardingConfig, d: Dist, precision: str):
+    """Step 7 of train.py's order: FSDP2 when asked, else DDP when gradients need averaging."""
+    if cfg.fsdp:
+        return apply_fsdp(model, cfg, d, precision)
+    if d.grad_ranks > 1 and d.size("tp") > 1:  # compat: --tp x data parallel without --fsdp
+        raise UserError(f"--tp {d.size('tp')} with {d.grad_ranks} data-parallel ranks needs --fsdp "
+                        f"(DDP cannot hold tensor-parallel shards); add --fsdp")
+    return apply_ddp(model, d) if d.grad_ranks > 1 else model
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """The global gradient norm (and clipping to max_norm; 0 = no clipping), also for DTensor
+    gradients on several meshes (FSDP x TP leaves some on the 2-D mesh, some on the dp mesh),
+    which torch's clip_grad_norm_ cannot stack (torch 2.13)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = []
+    for mesh, group in groups.items():
+        norm = torch.nn.utils.get_total_norm(group, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])) if norms else torch.zeros(())
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for group in groups.values():
+            torch._foreach_mul_(group, coef.item())
+    return total
+
+
+def gather_full(model, d: Dist):
+    """Full parameters for the final export on rank 0, gathered on every rank: each sharded
+    DTensor parameter (FSDP2, TP) is replaced by its full tensor (the run is over, nothing reshards)."""
+    from torch.distributed.tensor import DTensor
+
+    if d.mesh is None:
+        return model
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):
+                module.register_parameter(name, torch.nn.Parameter(p.full_tensor(), p.requires_grad))
+    return model

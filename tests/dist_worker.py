@@ -1,0 +1,111 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): for each parallel layout, one
+training step's loss and full gradients, computed with train.py's accounting, against one
+process on the same global batch (computed on every rank, on an unsharded copy).
+
+    torchrun --nproc_per_node 4 tests/dist_worker.py OUT.json LAYOUT [LAYOUT ...]
+
+A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp]. Rank 0 writes {layout: {"loss": [got, want],
+"grad_max_abs_err": e, "grad_max_abs": m, "norm": [got, want]}} to OUT.json.
+"""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from features import attention  # noqa: E402
+from features.attention import AttentionConfig  # noqa: E402
+from features.batches import StepBatches  # noqa: E402
+from features.data import Sample  # noqa: E402
+from features.distributed import Dist, build_mesh, global_count, init_distributed, sync_gradients  # noqa: E402
+from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm  # noqa: E402
+from features.loss import count_targets, forward_loss_sum  # noqa: E402
+from features.model import ModelConfig, load_config, load_model, load_tokenizer  # noqa: E402
+from features.tensor_parallel import apply_tensor_parallel  # noqa: E402
+
+MBS, ACCUM, SEQ = 2, 2, 48
+
+
+def samples(n: int, vocab: int) -> list[Sample]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):  # varied lengths and prompt masks, several documents per packed row
+        ids = [rng.randrange(3, vocab) for _ in range(rng.randrange(6, 30))]
+        prompt = rng.randrange(1, len(ids) - 1)
+        out.append(Sample(ids, [-100] * prompt + ids[prompt:], prompt))
+    return out
+
+
+def new_model(config, impl):
+    torch.manual_seed(0)
+    return load_model(ModelConfig(precision="fp32"), config, torch.device("cpu"), impl)
+
+
+def step(model, micro, d: Dist, impl) -> float:
+    """train.py's step body: loss sum scaled by grad_ranks / global trained tokens."""
+    n = global_count(sum(count_targets(mb["labels"]) for mb in micro), d)
+    total = torch.zeros((), dtype=torch.float64)
+    for i, mb in enumerate(micro):
+        with sync_gradients(model, sync=i == len(micro) - 1):
+            loss_sum = forward_loss_sum(model, mb, impl)
+        (loss_sum * (d.grad_ranks / n)).backward()
+        total += loss_sum.detach().double()
+    if d.dp_size > 1:
+        dist.all_reduce(total, group=d.sub("dp").get_group())
+    return (total / n).item()
+
+
+def full_grads(model) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    return {n.replace("module.", ""): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+            for n, p in model.named_parameters()}
+
+
+def run_layout(layout: str, data, config, impl, rank: int, world: int) -> dict:
+    name, dims, *flags = layout.split(":")
+    shape = tuple(int(x) for x in dims.split(","))
+    d = Dist(rank, 0, world, torch.device("cpu"), build_mesh("cpu", shape))
+    ref_batches = StepBatches(data, MBS, ACCUM * d.dp_size, 0, 0, pack_to=SEQ)
+    ref_d = Dist()
+    ref = new_model(config, impl)
+    want_loss = step(ref, next(iter(ref_batches)), ref_d, impl)
+    want_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item()
+    want = full_grads(ref)
+
+    model = new_model(config, impl)
+    if d.size("tp") > 1:
+        model = apply_tensor_parallel(model, d)
+    model = apply_sharding(model, ShardingConfig(fsdp="fsdp" in flags), d, "fp32")
+    batches = StepBatches(data, MBS, ACCUM, 0, 0, d.dp_rank, d.dp_size, pack_to=SEQ)
+    got_loss = step(model, next(iter(batches)), d, impl)
+    got_norm = clip_grad_norm(model, 0.0).item()
+    got = full_grads(model)
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    err = max((got[k] - want[k]).abs().max().item() for k in want)
+    return {name: {"loss": [got_loss, want_loss], "norm": [got_norm, want_norm], "grad_max_abs_err": err,
+                   "grad_max_abs": max(g.abs().max().item() for g in want.values())}}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out, layouts = sys.argv[1], sys.argv[2:]
+    d0 = init_distributed("cpu")
+    tok = load_tokenizer(ModelConfig(path="tiny-llama"))
+    config = load_config(ModelConfig(path="tiny-llama"), tok)
+    impl = attention.resolve(AttentionConfig(), torch.device("cpu"), config)
+    data = samples(160, config.vocab_size)
+    results = {}
+    for layout in layouts:
+        results.update(run_layout(layout, data, config, impl, d0.rank, d0.world_size))
+    if d0.rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

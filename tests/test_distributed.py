@@ -1,0 +1,109 @@
+"""Distributed on CPU with gloo: DDP, FSDP2, HSDP, TP and FSDP x TP give one process's loss and
+gradients on the same global batch (packed); a DCP checkpoint written by 2 FSDP ranks resumes on
+1 and on 4 ranks with the same next losses; mesh and flag refusals.
+
+Tolerances (fp32): losses to 1e-6 relative, gradients to 1e-6 of the largest gradient entry,
+grad norms to 1e-5 relative (only the order of float sums differs between layouts).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, read_metrics, run_train
+from features import UserError
+from features.distributed import MeshConfig, mesh_shape
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _torchrun(n: int, port: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
+           *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_layouts_match_one_process(tmp_path):
+    """4 gloo ranks; each layout's step (grad accumulation 2, packing) vs one process on the same rows."""
+    out = tmp_path / "layouts.json"
+    layouts = ["ddp:1,4,1,1", "fsdp:1,4,1,1:fsdp", "hsdp:2,2,1,1:fsdp", "tp:1,1,1,4", "fsdp_tp:1,2,1,2:fsdp"]
+    _torchrun(4, 29541, str(ROOT / "tests" / "dist_worker.py"), str(out), *layouts)
+    results = json.loads(out.read_text())
+    assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
+    for name, r in results.items():
+        got, want = r["loss"]
+        assert got == pytest.approx(want, rel=1e-6), name
+        assert r["grad_max_abs_err"] <= 1e-6 * r["grad_max_abs"], (name, r)
+        assert r["norm"][0] == pytest.approx(r["norm"][1], rel=1e-5), name
+        assert r["grad_max_abs"] > 0  # gradients were produced, so the comparison means something
+
+
+COMMON = ["--max-steps", "4", "--log-every", "1", "--packing", "--seq-len", "256", "--eval-exact-match", "0",
+          "--seed", "7", "--device", "cpu", "--warmup-steps", "2", "--lr", "1e-2"]
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
+    """train.py with 2 FSDP ranks x micro-batch 4 saves at step 2; that DCP checkpoint resumes on 1
+    plain process (x 8) and on 4 FSDP ranks (x 2) with the 2-rank run's losses at steps 3 and 4."""
+    data = ["--dataset", str(small_data), *COMMON, "--save-every", "2", "--keep-checkpoints", "0"]
+    _torchrun(2, 29542, "train.py", *data, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
+    two = {m["step"]: m for m in read_metrics(tmp_path / "two")}
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()  # gathered for the export
+
+    saved = tmp_path / "two" / "checkpoints" / "step_00000002"
+    for name in ("res1", "res4"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        shutil.copytree(saved, tmp_path / name / "checkpoints" / saved.name)
+    resume = ["--dataset", str(small_data), *COMMON, "--resume", "auto", "--skip-export"]
+    assert run_train(tmp_path / "res1", *resume, "--micro-batch-size", "8") == 0
+    _torchrun(4, 29543, "train.py", *resume, "--micro-batch-size", "2", "--fsdp", "--output-dir",
+              str(tmp_path / "res4"))
+    for name in ("res1", "res4"):
+        got = {m["step"]: m for m in read_metrics(tmp_path / name)}
+        assert sorted(got) == [3, 4], name
+        for step in (3, 4):
+            assert got[step]["loss"] == pytest.approx(two[step]["loss"], rel=1e-5), (name, step)
+            assert got[step]["tokens"] == two[step]["tokens"], (name, step)
+
+
+def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
+    assert mesh_shape(MeshConfig(), 1) == (1, 1, 1, 1)
+    assert mesh_shape(MeshConfig(dp_replicate=2, tp=2), 8) == (2, 2, 1, 2)
+    assert mesh_shape(MeshConfig(dp_shard=2, cp=2), 4) == (1, 2, 2, 1)
+    with pytest.raises(UserError, match="--tp 3 does not multiply to the world size 8"):
+        mesh_shape(MeshConfig(tp=3), 8)
+    with pytest.raises(UserError, match="world size 1"):
+        mesh_shape(MeshConfig(tp=2), 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fsdp", "--ddp"], "--fsdp and --ddp"),
+    (["--ddp", "--tp", "2"], "--ddp replicates whole modules"),
+    (["--fsdp-cpu-offload"], "need --fsdp"),
+    (["--tp", "0"], "--tp must be >= 1"),
+    (["--dp-shard", "-2"], "--dp-shard must be >= 1 or -1"),
+])
+def test_bad_flags_are_refused(flags, message):
+    import train
+
+    with pytest.raises(UserError, match=message):
+        train.parse_config(flags)
+
+
+def test_tp_refuses_indivisible_heads_and_lora():
+    from features.model import ModelConfig, load_config, load_tokenizer
+    from features.tensor_parallel import validate
+
+    config = load_config(ModelConfig(path="tiny-llama"), load_tokenizer(ModelConfig()))
+    validate(4, config, lora_enabled=False)  # 4 heads, 4 kv heads
+    with pytest.raises(UserError, match="--tp 3 must divide the attention heads"):
+        validate(3, config, lora_enabled=False)
+    with pytest.raises(UserError, match="peft's LoRA layers"):
+        validate(2, config, lora_enabled=True)
