@@ -25,6 +25,8 @@ from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
 from features.offload import OffloadConfig, apply_offload
+from features import tiled_mlp
+from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp
 from features.chunked_loss import LossConfig, apply_chunked_loss, forward_chunked_loss_sum
 from features.compile import CompileConfig, apply_compile
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
@@ -90,6 +92,7 @@ class Config:
     packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
+    tiled_mlp: TiledMLPConfig = dataclasses.field(default_factory=TiledMLPConfig)
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
@@ -132,6 +135,7 @@ def validate(cfg: Config) -> None:
     fsdp.validate(cfg.sharding, cfg.mesh)
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     offload.validate(cfg.offload)
+    tiled_mlp.validate(cfg.tiled_mlp)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -198,6 +202,8 @@ def train(cfg: Config) -> dict:
         model = lora.apply_lora(model, cfg.lora)
     if cfg.lora_kernels.lora_kernels:
         model = lora_kernels.apply_lora_kernels(model)
+    if cfg.tiled_mlp.tiled_mlp:  # (2.) TiledMLP wraps each MLP's forward as the adapters and kernels left it
+        model = apply_tiled_mlp(model, cfg.tiled_mlp)
     ctx = autocast(precision, d.device)
     loss_fn = functools.partial(forward_loss_sum, attn_impl=attn_impl)
     if cfg.loss.loss == "chunked":  # 8. the loss (its head swap goes before sharding wraps the model)

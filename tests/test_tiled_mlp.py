@@ -1,0 +1,96 @@
+"""TiledMLP: the same loss and gradients as the untiled MLP (plain, LoRA, --lora-kernels, with
+checkpointing), and no tokens x intermediate-size activation is kept for backward."""
+
+import pytest
+import torch
+
+from conftest import assert_same_metrics, read_metrics, run_train
+from features import UserError
+from features.batches import collate_padded
+from features.checkpointing import CheckpointingConfig, apply_checkpointing
+from features.data import Sample
+from features.loss import forward_loss_sum
+from features.model import ModelConfig, load_config, load_model
+from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp, auto_shards, validate
+
+
+def _model(tok, preset="tiny-llama", lora=False, kernels=False):
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(preset), load_config(ModelConfig(preset), tok), torch.device("cpu"))
+    model = model.double()  # tiling changes the summation order: fp64 makes that noise negligible
+    if lora:
+        from features.lora import LoraConfig, apply_lora
+
+        model = apply_lora(model, LoraConfig(lora=True, lora_rank=4))
+        for name, p in model.named_parameters():  # peft starts B at zero: make the adapter matter
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    if kernels:
+        from features.lora_kernels import apply_lora_kernels
+
+        model = apply_lora_kernels(model)
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(4, 400, (n,), generator=g).tolist() for n in (40, 23, 57)]
+    return collate_padded([Sample(d, d, 0) for d in docs], 0)
+
+
+def _run(model, batch, intermediate):
+    model.zero_grad()
+    widths = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: widths.append(t.shape[-1:]) or t, lambda t: t):
+        loss = forward_loss_sum(model, batch)
+    loss.backward()
+    big = sum(w == (intermediate,) for w in widths)  # saved tensors of the MLP's intermediate width
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, big
+
+
+@pytest.mark.parametrize("preset, lora, kernels, ac, shards", [
+    ("tiny-llama", False, False, "none", 3),
+    ("tiny-llama", False, False, "none", 100),  # more tiles than tokens: one token each
+    ("tiny-qwen2", True, False, "none", 4),
+    ("tiny-llama", True, True, "none", 5),
+    ("tiny-llama", True, False, "full", 2),
+    ("tiny-gemma", True, True, "full", 7),
+])
+def test_tiled_mlp_keeps_loss_and_gradients(tok, preset, lora, kernels, ac, shards):
+    batch = _batch()
+    inter = _model(tok, preset).config.intermediate_size
+    loss_ref, grads_ref, big_ref = _run(_model(tok, preset, lora, kernels), batch, inter)
+    model = apply_tiled_mlp(_model(tok, preset, lora, kernels), TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=shards))
+    if ac != "none":
+        model = apply_checkpointing(model, CheckpointingConfig(ac=ac))
+    loss, grads, big = _run(model, batch, inter)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert big_ref > 0 and big == 0  # the point: nothing of intermediate width is kept
+
+
+def test_eval_and_auto_shards(tok):
+    assert auto_shards(4096, 4096) == 1 and auto_shards(4097, 4096) == 2 and auto_shards(10, 128) == 1
+    batch = _batch()
+    ref = _model(tok)
+    model = apply_tiled_mlp(_model(tok), TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=3))
+    with torch.no_grad():
+        torch.testing.assert_close(forward_loss_sum(model, batch), forward_loss_sum(ref, batch))
+
+
+def test_bad_flags(tok):
+    with pytest.raises(UserError, match="--tiled-mlp-shards must be >= 0"):
+        validate(TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=-1))
+    with pytest.raises(UserError, match="add --tiled-mlp"):
+        validate(TiledMLPConfig(tiled_mlp_shards=4))
+
+
+def test_train_py_tiled_mlp_matches_plain(tmp_path, small_data):
+    common = ["--dataset", str(small_data), "--max-steps", "2", "--log-every", "1", "--micro-batch-size", "8",
+              "--lora", "--lora-rank", "4", "--lora-kernels"]
+    assert run_train(tmp_path / "plain", *common) == 0
+    assert run_train(tmp_path / "tiled", *common, "--tiled-mlp", "--tiled-mlp-shards", "3") == 0
+    for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "tiled"), strict=True):
+        assert_same_metrics(a, b, ("loss", "val_loss", "grad_norm"), rel=1e-5)
