@@ -28,6 +28,8 @@ from features.offload import OffloadConfig, apply_offload
 from features import tiled_mlp
 from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp
 from features.chunked_loss import LossConfig, apply_chunked_loss, forward_chunked_loss_sum
+from features import fused_loss
+from features.fused_loss import forward_fused_loss_sum
 from features.compile import CompileConfig, apply_compile
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
@@ -136,6 +138,7 @@ def validate(cfg: Config) -> None:
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     offload.validate(cfg.offload)
     tiled_mlp.validate(cfg.tiled_mlp)
+    fused_loss.validate(cfg.loss, cfg.train.device)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -206,9 +209,11 @@ def train(cfg: Config) -> dict:
         model = apply_tiled_mlp(model, cfg.tiled_mlp)
     ctx = autocast(precision, d.device)
     loss_fn = functools.partial(forward_loss_sum, attn_impl=attn_impl)
-    if cfg.loss.loss == "chunked":  # 8. the loss (its head swap goes before sharding wraps the model)
+    if cfg.loss.loss != "ce":  # 8. the loss on hidden states (its head swap goes before sharding wraps the model)
         model = apply_chunked_loss(model, cfg.loss)
         loss_fn = functools.partial(forward_chunked_loss_sum, attn_impl=attn_impl, chunk=cfg.loss.loss_chunk)
+    if cfg.loss.loss in ("cce", "liger"):  # the same hidden states through a fused GPU kernel
+        loss_fn = functools.partial(forward_fused_loss_sum, attn_impl=attn_impl, kernel=cfg.loss.loss)
     total_params, trainable = count_params(model)
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{precision} on {d.device}, world size {d.world_size}")

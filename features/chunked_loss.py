@@ -9,7 +9,8 @@ states and the head weight are computed chunk by chunk inside the forward pass a
 approach of Liger's fused linear cross entropy), so the peak holds one chunk's fp32 logits
 instead of tokens x vocabulary of them, plus their softmax and gradient. Exact: the same loss and
 gradients as plain cross entropy (tests/test_chunked_loss.py). Generation switches the head back.
-Does not work with final-logit soft-capping (Gemma 2): refused.
+Does not work with final-logit soft-capping (Gemma 2): refused. --loss cce and --loss liger
+(features/fused_loss.py) use the same head swap with GPU kernels.
 """
 
 import contextlib
@@ -26,8 +27,8 @@ from features.loss import IGNORE, shifted_targets
 
 @dataclasses.dataclass
 class LossConfig:
-    loss: Literal["ce", "chunked"] = "ce"
-    """Loss: ce (full logits) or chunked (never materializes tokens x vocabulary logits)."""
+    loss: Literal["ce", "chunked", "cce", "liger"] = "ce"
+    """Loss: ce (full logits); chunked (pure PyTorch), cce (Cut Cross Entropy) or liger (Liger's fused linear CE) never materialize tokens x vocabulary logits; cce and liger need CUDA."""
     loss_chunk: int = 4096
     """Tokens per chunk for --loss chunked."""
 
@@ -96,7 +97,7 @@ def apply_chunked_loss(model, cfg: LossConfig):
         raise UserError(f"--loss-chunk must be at least 1 (got {cfg.loss_chunk})")
     base = _base(model)
     if getattr(base.config, "final_logit_softcapping", None):
-        raise UserError("--loss chunked: this model soft-caps its logits (Gemma 2); use --loss ce")
+        raise UserError(f"--loss {cfg.loss}: this model soft-caps its logits (Gemma 2); use --loss ce")
     base.set_output_embeddings(HiddenHead(base.get_output_embeddings().weight))
     return model
 
