@@ -27,6 +27,8 @@ from features.checkpointing import CheckpointingConfig, apply_checkpointing
 from features.offload import OffloadConfig, apply_offload
 from features import tiled_mlp
 from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp
+from features import liger
+from features.liger import LigerConfig, apply_liger
 from features.chunked_loss import LossConfig, apply_chunked_loss, forward_chunked_loss_sum
 from features import fused_loss
 from features.fused_loss import forward_fused_loss_sum
@@ -94,6 +96,7 @@ class Config:
     packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
+    liger: LigerConfig = dataclasses.field(default_factory=LigerConfig)
     tiled_mlp: TiledMLPConfig = dataclasses.field(default_factory=TiledMLPConfig)
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
@@ -138,6 +141,7 @@ def validate(cfg: Config) -> None:
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     offload.validate(cfg.offload)
     tiled_mlp.validate(cfg.tiled_mlp)
+    liger.validate(cfg.liger, cfg.train.device)
     fused_loss.validate(cfg.loss, cfg.train.device)
 
 
@@ -199,6 +203,8 @@ def train(cfg: Config) -> dict:
     say(f"attention: {attention.describe(attn_impl)}")
     model = load_model(cfg.model, config, d.device, attn_impl, fsdp.quantization_storage(lora.quantization_config(cfg.lora, d.device), cfg.sharding))
     # 2. module swaps (Liger, TiledMLP, FP8, QAT) land here
+    if cfg.liger.liger:  # Liger's norm / RoPE / GLU kernels (MLPs left to --lora-kernels when it is on)
+        model = apply_liger(model, cfg.liger, fuse_mlp=not cfg.lora_kernels.lora_kernels)
     if cfg.qat.qat:  # fake-quantized decoder linears (switched on at --qat-start-step)
         model = qat.apply_qat(model, cfg.qat)
     if lora.enabled(cfg.lora):  # 3. adapters, then the fused LoRA kernels
