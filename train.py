@@ -53,6 +53,8 @@ from features.packing import PackingConfig
 from features import qat
 from features.qat import QatConfig
 from features.runlog import MetricsLog, StepMeter, write_run_info
+from features import tracking
+from features.tracking import TrackingConfig
 
 
 @dataclasses.dataclass
@@ -107,6 +109,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
 def validate(cfg: Config) -> None:
@@ -136,6 +139,7 @@ def validate(cfg: Config) -> None:
     overrides.validate(cfg.overrides)
     lora.validate(cfg.lora)
     lora_kernels.validate(cfg.lora_kernels, cfg.lora)
+    tracking.validate(cfg.tracking)
     distributed.validate(cfg.mesh)
     fsdp.validate(cfg.sharding, cfg.mesh)
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
@@ -249,6 +253,8 @@ def train(cfg: Config) -> dict:
                        "dropped_per_epoch": batches.dropped(0)}, "total_steps": total_steps,
                        "resumed_from": str(resume_from) if resume_from else None})
     log = MetricsLog(out, total_steps, start, d.is_main)
+    if cfg.tracking.wandb:  # W&B mirrors every metrics record (rank 0)
+        tracking.apply_tracking(log, cfg, out)
     if resume_from:
         log.print(f"resumed from {resume_from} at step {start}")
     summary = {"step": start}

@@ -153,7 +153,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled, self.total = enabled, total_steps
         self.path = run_dir / "metrics.jsonl"
-        self.bar = None
+        self.bar, self.sinks = None, []
         if not enabled:
             return
         if self.path.exists():  # keep the history up to the step we resume from
@@ -170,7 +170,13 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
         self.print(format_line(record, self.total) if "loss" in record else json.dumps(record))
+
+    def add_sink(self, sink) -> None:
+        """Also send every record to `sink(record)` (and `sink.close()` at the end): W&B, see features/tracking.py."""
+        self.sinks.append(sink)
 
     def advance(self, tokens_per_s: float) -> None:
         if self.bar is not None:
@@ -188,3 +194,5 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        for sink in self.sinks:
+            sink.close()
