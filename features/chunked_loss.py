@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from features import UserError
 from features.attention import model_inputs
-from features.loss import IGNORE, shifted_targets
+from features.loss import IGNORE, next_token_targets, shifted_targets
 
 
 @dataclasses.dataclass
@@ -81,9 +81,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                              chunk: int) -> torch.Tensor:
+                              chunk: int, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token cross entropy of hidden states (B, S, H) through an output weight (V, H)."""
-    targets = shifted_targets(labels).flatten()
+    targets = (shifted_targets(labels) if targets is None else targets).flatten()
     return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, targets, chunk)
 
 
@@ -106,7 +106,7 @@ def forward_chunked_loss_sum(model, batch: dict, attn_impl: str = "sdpa", chunk:
     """The chunked counterpart of features.loss.forward_loss_sum."""
     hidden = model(**model_inputs(batch, attn_impl)).logits
     head = _base(getattr(model, "module", model)).get_output_embeddings()
-    return chunked_cross_entropy_sum(hidden, head.weight, batch["labels"], chunk)
+    return chunked_cross_entropy_sum(hidden, head.weight, None, chunk, next_token_targets(batch))
 
 
 @contextlib.contextmanager

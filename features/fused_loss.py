@@ -25,7 +25,7 @@ import torch
 from features import UserError
 from features.attention import model_inputs
 from features.chunked_loss import LossConfig, _base
-from features.loss import IGNORE, shifted_targets
+from features.loss import IGNORE, next_token_targets, shifted_targets
 
 _PACKAGES = {"cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger": ("liger_kernel", "liger-kernel")}
 
@@ -59,11 +59,11 @@ _KERNELS = {"cce": _cce, "liger": _liger}
 
 
 def fused_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            kernel: str) -> torch.Tensor:
+                            kernel: str, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token cross entropy of hidden states (B, S, H) through an output weight (V, H)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    targets = shifted_targets(labels).flatten()
+    targets = (shifted_targets(labels) if targets is None else targets).flatten()
     with torch.autocast(device, enabled=False):  # the kernels take one dtype for both operands
         loss = _KERNELS[kernel](hidden.flatten(0, 1).to(dtype), weight.to(dtype), targets)
     return loss.float()
@@ -73,5 +73,5 @@ def forward_fused_loss_sum(model, batch: dict, attn_impl: str = "sdpa", kernel: 
     """The fused-kernel counterpart of features.loss.forward_loss_sum."""
     hidden = model(**model_inputs(batch, attn_impl)).logits
     head = _base(getattr(model, "module", model)).get_output_embeddings()
-    return fused_cross_entropy_sum(hidden, head.weight, batch["labels"], kernel)
+    return fused_cross_entropy_sum(hidden, head.weight, None, kernel, next_token_targets(batch))
 
