@@ -42,6 +42,8 @@ from features.distributed import MeshConfig
 from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm, gather_full
 from features.tensor_parallel import apply_tensor_parallel
 from features.evaluate import exact_match, validation_loss
+from features import faults
+from features.faults import FaultsConfig, StepGuard
 from features.lora import LoraConfig
 from features.lora_kernels import LoraKernelsConfig
 from features.loss import count_targets, forward_loss_sum
@@ -106,6 +108,7 @@ class Config:
     compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    faults: FaultsConfig = dataclasses.field(default_factory=FaultsConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -145,6 +148,7 @@ def validate(cfg: Config) -> None:
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     offload.validate(cfg.offload)
     tiled_mlp.validate(cfg.tiled_mlp)
+    faults.validate(cfg.faults)
     liger.validate(cfg.liger, cfg.train.device)
     fused_loss.validate(cfg.loss, cfg.train.device)
 
@@ -265,29 +269,33 @@ def train(cfg: Config) -> dict:
     # ---- the loop
     meter = StepMeter(d.device, d.world_size, train_flops(unwrap(model)), total_steps, start, seen_tokens)
     step_batches = iter(batches)
+    guard = StepGuard(cfg.faults, d)  # polled once per step: non-finite steps, stop signals (preemption)
     for step in range(start + 1, total_steps + 1):
         micro = next(step_batches)
         targets = [count_targets(mb["labels"]) for mb in micro]  # on the host, before the copy
         n_targets = global_count(sum(targets), d)
+        step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
         for i, mb in enumerate(micro):
-            meter.count(targets[i], count_tokens(mb), mb["sum_sq_len"])
             mb = to_device(mb, d.device)
             with sync_gradients(model, sync=i == len(micro) - 1), ctx:
                 loss_sum = loss_fn(model, mb)
             # DDP / FSDP average gradients over the dp x cp ranks: scale by them to get sum / global targets
             (loss_sum * (d.grad_ranks / n_targets)).backward()
-            meter.add_loss(loss_sum)
+            step_loss += loss_sum.detach()
         grad_norm = clip_grad_norm(model, cfg.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        if guard.update_ok(step_loss, grad_norm, step):  # a non-finite step is skipped, counted, not logged
+            optimizer.step()
+            scheduler.step()
+            meter.count(sum(targets), sum(map(count_tokens, micro)), sum(mb["sum_sq_len"] for mb in micro))
+            meter.add_loss(step_loss)
         optimizer.zero_grad(set_to_none=True)
         log.advance(meter.step_done())
 
         is_last = step == total_steps
-        is_save = cfg.train.save_every > 0 and (step % cfg.train.save_every == 0 or is_last)
+        is_save = guard.stop or cfg.train.save_every > 0 and (step % cfg.train.save_every == 0 or is_last)
         if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save:
-            record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d))
+            record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d)) | guard.metrics()
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
                 record.update(evaluate(model, val, cfg, tok, d, ctx, loss_fn, with_generation=is_last))
                 meter.restart_clock()
@@ -298,7 +306,13 @@ def train(cfg: Config) -> dict:
                                    cfg.train.keep_checkpoints, tokens=meter.tokens)
             log.print(f"saved {path}")
             meter.restart_clock()  # evaluation and checkpoint time are not training throughput
+        if guard.stop:  # SIGTERM / SIGUSR1 (preemption): this step is saved; --resume auto continues it
+            log.print(guard.stop_message(path))
+            break
     log.close()
+    guard.close()
+    if guard.stop:
+        return summary | {"stopped": guard.signal or "signal"}
 
     # ---- save
     if not cfg.train.skip_export:  # sharded weights (FSDP / TP) made whole on every rank for the export
@@ -328,12 +342,17 @@ def report(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg = None
     try:
-        train(parse_config(argv))
+        cfg = parse_config(argv)
+        train(cfg)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as e:  # one message with the sizes and the flags that save memory
+        print(f"error: {faults.oom_report(e, cfg)}", file=sys.stderr)
+        return 3
     finally:
         teardown()
 

@@ -6,22 +6,29 @@
 
 Layout of `<output-dir>/checkpoints/step_<N>/`: the trainable weights and the optimizer state
 through torch.distributed.checkpoint (sharded-ready, so later parallel layouts can reshard),
-`trainer_state.json` (step, scheduler, data position) and `rng_rank<R>.pt`. A checkpoint is
-written under a `.tmp-` name and renamed when complete, so a run killed mid-save leaves the
-previous checkpoint intact; `--resume auto` never picks an incomplete one.
+`trainer_state.json` (step, scheduler, data position), `rng_rank<R>.pt`, and last
+`manifest.json`: every file's size and SHA-256. A checkpoint is written under a `.tmp-` name and
+renamed when complete, so a run killed mid-save (even with SIGKILL) leaves the previous checkpoint
+intact. `--resume auto` takes the newest checkpoint whose files match its manifest and skips, with
+a warning, any that is truncated or corrupt (a disk error, a copy cut short). A save that fails
+(disk full) removes its partial directory, keeps every earlier checkpoint and stops the run with
+one line saying so. Hashing reads each saved file once more (about 1 GB/s on rank 0).
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
@@ -29,6 +36,7 @@ from features import UserError
 from features.distributed import Dist, barrier, unwrap
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
 # Frozen weights are not saved (an adapter run stores only the adapter); strict=False lets them load.
 _OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
@@ -45,22 +53,60 @@ def _trainable(model) -> dict:
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in an output dir, oldest first."""
+    """Complete checkpoints in an output dir (renamed from .tmp-, with their state), oldest first."""
     root = Path(output_dir) / "checkpoints"
     found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name))]
     return sorted(p for p in found if (p[1] / "trainer_state.json").is_file())
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Size and SHA-256 of every file in a checkpoint; written last, so its presence means complete."""
+    files = {str(f.relative_to(ckpt)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (ckpt / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{MANIFEST} is damaged"
+    for name, want in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} is truncated or altered ({f.stat().st_size} of {want['bytes']} bytes)"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} fails its SHA-256 checksum (corrupt)"
+    return None
+
+
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to continue from: --resume PATH (verified), or the newest valid one for 'auto'."""
     if resume is None:
         return None
     if resume == "auto":
-        found = checkpoints(output_dir)
-        return found[-1][1] if found else None  # nothing yet: a fresh start (safe to requeue)
+        for step, path in reversed(checkpoints(output_dir)):
+            problem = verify(path)
+            if problem is None:
+                return path
+            print(f"warning: skipping checkpoint {path}: {problem}; trying an older one", file=sys.stderr)
+        return None  # nothing (valid) yet: a fresh start (safe to requeue)
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json); "
                         f"pass a checkpoints/step_<N> directory or 'auto'")
+    if (problem := verify(path)) is not None:
+        raise UserError(f"--resume {resume}: {problem}; pass an older checkpoint or 'auto' (takes the newest valid one)")
     return path
 
 
@@ -78,9 +124,33 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed save (DCP wraps its writers' errors in CheckpointException)."""
+    if isinstance(e, OSError):
+        return e
+    for exc, _ in getattr(e, "failures", {}).values():
+        if isinstance(exc, OSError):
+            return exc
+    return _os_error(e.__cause__) if e.__cause__ is not None else None
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, batches, d: Dist,
                     keep: int, tokens: int = 0) -> Path:
     root = Path(output_dir) / "checkpoints"
+    tmp = root / f".tmp-step_{step:08d}"
+    try:
+        return _save(root, step, model, optimizer, scheduler, batches, d, keep, tokens)
+    except (OSError, CheckpointException) as e:
+        if (err := _os_error(e)) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial save; earlier checkpoints stay untouched
+        good = checkpoints(output_dir)
+        raise UserError(f"saving checkpoint {tmp.name[5:]} in {root} failed: {err.strerror or err}; "
+                        f"{'the last good checkpoint ' + str(good[-1][1]) + ' is kept' if good else 'no earlier checkpoint exists'}. "
+                        f"Free disk space (or lower --keep-checkpoints), then rerun with --resume auto") from e
+
+
+def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, keep: int, tokens: int) -> Path:
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,9 +166,10 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, ba
         state = {"step": step, "tokens": tokens, "world_size": d.world_size, "data": batches.state_dict(),
                  "scheduler": scheduler.state_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
-        for _, old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        for _, old in checkpoints(root.parent)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
     return final

@@ -1,0 +1,154 @@
+"""Faults: stop cleanly on preemption, skip non-finite steps, explain out-of-memory.
+
+    python train.py --output-dir runs/a --save-every 200   # SIGTERM / SIGUSR1: finish the step, save, exit 0
+    python train.py --output-dir runs/a --resume auto       # ... then continue exactly where it stopped
+    python train.py --max-bad-steps 5                       # allow 4 non-finite steps in a row, stop at the 5th
+
+Preemption: SLURM (`--signal=USR1@120`, or SIGTERM before a kill) and Kubernetes send a signal some
+time before they kill a job. The handler only sets a flag; train.py polls `StepGuard.update_ok`
+once per step, so the current step finishes, a checkpoint is written and the run exits with status
+0 and a "resume with --resume auto" line. With several ranks the flags are summed over ranks, so
+every rank stops after the same step even when only one of them got the signal.
+
+Numerics: a step whose loss or gradient norm is inf/NaN is skipped (no optimizer or schedule step,
+the gradients are dropped), counted in metrics.jsonl as `skipped_steps`, and left out of the logged
+loss; --max-bad-steps such steps in a row stop the run with a message. Checking costs one host
+sync per step (one small all-reduce with several ranks), which also carries the stop flag.
+
+Out of memory: `oom_report` turns torch.OutOfMemoryError into one message with the sizes involved
+and the flags that reduce memory that this run does not use yet.
+
+References: SLURM sbatch --signal; torchtitan's non-finite-loss checks; PyTorch GradScaler's
+skip-on-inf step. Works with every other flag (the hook is independent of the model).
+"""
+
+import dataclasses
+import re
+import signal
+import threading
+
+import torch
+
+from features import UserError
+from features.distributed import Dist, all_reduce_sum
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclasses.dataclass
+class FaultsConfig:
+    max_bad_steps: int = 3
+    """Stop the run after this many steps in a row with a non-finite loss or gradient norm (each one is skipped, not applied)."""
+
+
+def validate(cfg: FaultsConfig) -> None:
+    if cfg.max_bad_steps < 1:
+        raise UserError(f"--max-bad-steps must be at least 1 (got {cfg.max_bad_steps})")
+
+
+class StepGuard:
+    """Polled once per step: may this step's update be applied, and should the run stop after it?"""
+
+    def __init__(self, cfg: FaultsConfig, d: Dist):
+        self.max_bad, self.d = cfg.max_bad_steps, d
+        self.skipped = self.bad_in_row = self.applied = 0  # applied: updates since the last log line
+        self.signal: str | None = None  # the signal that arrived on this rank
+        self.stop = False  # agreed over ranks: save and exit after this step
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name  # only a flag: the step in flight finishes first
+
+    def update_ok(self, step_loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
+        """False for a non-finite step (skip its update); sets `stop` when a signal arrived on any rank."""
+        bad = ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+        flags = torch.stack([bad.float(), torch.tensor(float(self.signal is not None), device=bad.device)])
+        n_bad, n_stop = all_reduce_sum(flags, self.d).tolist()  # the step's one host sync
+        self.stop = self.stop or n_stop > 0
+        if n_bad == 0:
+            self.bad_in_row, self.applied = 0, self.applied + 1
+            return True
+        self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
+        if self.bad_in_row >= self.max_bad:
+            raise UserError(f"steps {step - self.bad_in_row + 1}-{step}: {self.bad_in_row} steps in a row had a "
+                            f"non-finite loss or gradient norm (--max-bad-steps {self.max_bad}); their updates "
+                            f"were skipped. Lower --lr, raise --warmup-steps, set --max-grad-norm, check the data, "
+                            f"or use --precision bf16-mixed / fp32")
+        return False
+
+    def metrics(self) -> dict:
+        """For the log record: skipped steps so far; loss NaN when every step since the last line was skipped."""
+        record = {"skipped_steps": self.skipped} | ({} if self.applied else {"loss": float("nan")})
+        self.applied = 0
+        return record
+
+    def stop_message(self, checkpoint) -> str:
+        who = f"{self.signal} received" if self.signal else "another rank received a stop signal"
+        return (f"{who}: stopped after a complete step and saved {checkpoint}; "
+                f"resume with the same flags plus --resume auto")
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+# ---- out of memory
+
+# (config field path, "already on" test, advice): the flags that lower peak memory, cheapest first.
+# Paths missing from the Config (a feature not in this checkout) are skipped.
+_MEMORY_FLAGS = [
+    ("train.micro_batch_size", lambda v: v <= 1, "lower --micro-batch-size and raise --grad-accum (same global batch)"),
+    ("checkpointing.ac", lambda v: v != "none", "--ac full (recompute activations in backward)"),
+    ("loss.loss", lambda v: v != "ce", "--loss chunked (never materializes the full logits)"),
+    ("lora_kernels.lora_kernels", bool, "--lora-kernels (fused LoRA, recomputes instead of saving)"),
+    ("lora.qlora", bool, "--qlora (4-bit base weights)"),
+    ("offload.offload", lambda v: v not in ("none", None, False), "--offload cpu (activations to host memory)"),
+    ("tiled_mlp.tiled_mlp", bool, "--tiled-mlp (MLP in sequence tiles)"),
+    ("fsdp.fsdp", bool, "--fsdp with several GPUs (shards weights, grads and optimizer state)"),
+]
+
+
+def _get(cfg, path: str):
+    for name in path.split("."):
+        if not hasattr(cfg, name):
+            return None, False
+        cfg = getattr(cfg, name)
+    return cfg, True
+
+
+def memory_advice(cfg) -> list[str]:
+    """The memory-saving flags this run does not use yet."""
+    advice = []
+    for path, is_on, text in _MEMORY_FLAGS:
+        value, present = _get(cfg, path)
+        if present and not is_on(value):
+            advice.append(text)
+    return advice
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def oom_report(err: BaseException, cfg) -> str:
+    """One message for torch.OutOfMemoryError: what was asked, what was in use, and what to change."""
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", str(err))
+    sizes = [f"tried to allocate {asked.group(1)}"] if asked else []
+    if torch.cuda.is_available():
+        dev = torch.cuda.current_device()
+        sizes += [f"{_gib(torch.cuda.memory_allocated(dev))} allocated",
+                  f"{_gib(torch.cuda.memory_reserved(dev))} reserved",
+                  f"peak {_gib(torch.cuda.max_memory_allocated(dev))}",
+                  f"{_gib(torch.cuda.get_device_properties(dev).total_memory)} total on {torch.cuda.get_device_name(dev)}"]
+    run = []
+    for flag, path in (("--model", "model.path"), ("--precision", "model.precision"), ("--seq-len", "data.seq_len"),
+                       ("--micro-batch-size", "train.micro_batch_size")):
+        value, present = _get(cfg, path)
+        if present:
+            run.append(f"{flag} {value}")
+    advice = memory_advice(cfg) if cfg is not None else []
+    return (f"out of memory ({'; '.join(sizes) or str(err).splitlines()[0]}) with {', '.join(run)}. "
+            f"To use less memory: {'; '.join(advice) or 'a smaller --seq-len or model'}")

@@ -1,0 +1,63 @@
+"""Test-only wrapper around train.main for the fault tests that kill a real process.
+
+    python tests/fault_hooks.py --slow-save-at 4 --marker M -- <train.py flags>
+
+--slow-save-at N makes the checkpoint save of step N stall (after its weights are written, before
+its manifest and rename) and touch MARKER, so a test can SIGKILL the process mid-save.
+--step-sleep S sleeps S seconds after each training forward, so a signal sent from outside lands
+mid-run on a fast machine too. Nothing in train.py or features/ reads these: the patches live here.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _slow_manifest(step: int, marker: Path):
+    import features.checkpoint as ckpt
+
+    original = ckpt.write_manifest
+
+    def slow(path: Path) -> None:
+        if path.name.endswith(f"step_{step:08d}"):
+            marker.write_text(str(path))
+            time.sleep(600)  # the test kills us here
+        original(path)
+
+    ckpt.write_manifest = slow
+
+
+def _slow_steps(seconds: float):
+    import torch
+
+    import train
+
+    original = train.forward_loss_sum
+
+    def slow(*args, **kwargs):
+        if torch.is_grad_enabled():
+            time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    train.forward_loss_sum = slow
+
+
+def main(argv: list[str]) -> int:
+    split = argv.index("--")
+    own, train_args = argv[:split], argv[split + 1:]
+    if "--slow-save-at" in own:
+        _slow_manifest(int(own[own.index("--slow-save-at") + 1]), Path(own[own.index("--marker") + 1]))
+    if "--step-sleep" in own:
+        _slow_steps(float(own[own.index("--step-sleep") + 1]))
+    import torch
+
+    torch.set_num_threads(2)  # as in conftest: the same float reduction order as the in-process runs
+    import train
+
+    return train.main(train_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
