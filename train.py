@@ -29,6 +29,8 @@ from features import tiled_mlp
 from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp
 from features import liger
 from features.liger import LigerConfig, apply_liger
+from features import alst
+from features.alst import AlstConfig
 from features.chunked_loss import LossConfig, apply_chunked_loss, forward_chunked_loss_sum
 from features import fused_loss
 from features.fused_loss import forward_fused_loss_sum
@@ -100,6 +102,7 @@ class Config:
     packing: PackingConfig = dataclasses.field(default_factory=PackingConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     lora_kernels: LoraKernelsConfig = dataclasses.field(default_factory=LoraKernelsConfig)
+    alst: AlstConfig = dataclasses.field(default_factory=AlstConfig)
     liger: LigerConfig = dataclasses.field(default_factory=LigerConfig)
     tiled_mlp: TiledMLPConfig = dataclasses.field(default_factory=TiledMLPConfig)
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)
@@ -156,6 +159,7 @@ def validate(cfg: Config) -> None:
 def parse_config(argv: list[str] | None = None) -> Config:
     cfg = tyro.cli(Config, args=argv, config=(tyro.conf.OmitArgPrefixes,),
                    description=__doc__.split("\n\n")[0])
+    alst.expand(cfg)  # a recipe: its flags are set before they are validated
     validate(cfg)
     return cfg
 
@@ -209,6 +213,8 @@ def train(cfg: Config) -> dict:
     check_vocab(config, tok, cfg.model.path)
     attn_impl = attention.resolve(cfg.attention, d.device, config)
     say(f"attention: {attention.describe(attn_impl)}")
+    if cfg.alst.alst:
+        say(alst.describe(cfg))
     model = load_model(cfg.model, config, d.device, attn_impl, fsdp.quantization_storage(lora.quantization_config(cfg.lora, d.device), cfg.sharding))
     # 2. module swaps (Liger, TiledMLP, FP8, QAT) land here
     if cfg.liger.liger:  # Liger's norm / RoPE / GLU kernels (MLPs left to --lora-kernels when it is on)

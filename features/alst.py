@@ -1,0 +1,65 @@
+"""--alst: the Arctic Long Sequence Training recipe as one flag, for the longest sequences.
+
+    python train.py --alst --lora --seq-len 131072 --packing --attn flash
+    torchrun --nproc_per_node 8 train.py --alst --cp 8 ...   # + Ulysses sequence parallel over --cp
+
+Turns on, before the flags are validated, each part of the recipe the command line left at its
+default: --tiled-mlp (auto tiles), --loss chunked (a hidden-state loss; --loss cce / liger are
+kept when chosen), --offload cpu (checkpointed block inputs to pinned host memory; --offload disk
+is kept), --ac full (--ac selective is kept), and with --cp > 1 Ulysses sequence parallel
+(--sp-mode ulysses; ring is kept). train.py logs the resulting recipe. Nothing is turned off.
+Reference: Bekman et al., "Arctic Long Sequence Training: Scalable and Efficient Training for
+Multi-Million Token Sequences" (2025, arXiv:2506.13996).
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class AlstConfig:
+    alst: bool = False
+    """Long-sequence recipe: --tiled-mlp, --loss chunked, --offload cpu, --ac full (+ --sp-mode ulysses with --cp > 1)."""
+
+
+def _sequence_parallel(cfg):
+    """The sequence-parallel config (the field holding `sp_mode`), once train.py has one."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if hasattr(value, "sp_mode"):
+            return value
+    return None
+
+
+def expand(cfg) -> list[str]:
+    """Set the recipe's flags on a train.py Config in place; returns the flags it turned on."""
+    if not cfg.alst.alst:
+        return []
+    turned_on = []
+    if not cfg.tiled_mlp.tiled_mlp:
+        cfg.tiled_mlp.tiled_mlp = True
+        turned_on.append("--tiled-mlp")
+    if cfg.loss.loss == "ce":
+        cfg.loss.loss = "chunked"
+        turned_on.append("--loss chunked")
+    if cfg.offload.offload == "none":
+        cfg.offload.offload = "cpu"
+        turned_on.append("--offload cpu")
+    if cfg.checkpointing.ac == "none":
+        cfg.checkpointing.ac = "full"
+        turned_on.append("--ac full")
+    sp = _sequence_parallel(cfg)
+    if sp is not None and cfg.mesh.cp > 1 and sp.sp_mode == "none":
+        sp.sp_mode = "ulysses"
+        turned_on.append("--sp-mode ulysses")
+    cfg.alst.turned_on = turned_on  # for describe(); not a field, so not a flag
+    return turned_on
+
+
+def describe(cfg) -> str:
+    sp = _sequence_parallel(cfg)
+    parts = [f"--tiled-mlp (shards {cfg.tiled_mlp.tiled_mlp_shards or 'auto'})", f"--loss {cfg.loss.loss}",
+             f"--offload {cfg.offload.offload}", f"--ac {cfg.checkpointing.ac}"]
+    if sp is not None and sp.sp_mode != "none":
+        parts.append(f"--sp-mode {sp.sp_mode} over --cp {cfg.mesh.cp}")
+    added = getattr(cfg.alst, "turned_on", [])
+    return f"alst: {', '.join(parts)} (turned on by --alst: {', '.join(added) or 'none, all set already'})"
