@@ -43,6 +43,8 @@ from features import distributed, fsdp, tensor_parallel
 from features.distributed import MeshConfig
 from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm, gather_full
 from features.tensor_parallel import apply_tensor_parallel
+from features import sequence_parallel
+from features.sequence_parallel import SequenceParallelConfig
 from features.evaluate import exact_match, validation_loss
 from features import faults
 from features.faults import FaultsConfig, StepGuard
@@ -114,6 +116,7 @@ class Config:
     faults: FaultsConfig = dataclasses.field(default_factory=FaultsConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+    sequence_parallel: SequenceParallelConfig = dataclasses.field(default_factory=SequenceParallelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
@@ -148,6 +151,7 @@ def validate(cfg: Config) -> None:
     tracking.validate(cfg.tracking)
     distributed.validate(cfg.mesh)
     fsdp.validate(cfg.sharding, cfg.mesh)
+    sequence_parallel.validate(cfg.sequence_parallel, cfg.mesh.cp, cfg.mesh.tp)
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     offload.validate(cfg.offload)
     tiled_mlp.validate(cfg.tiled_mlp)
@@ -240,7 +244,10 @@ def train(cfg: Config) -> dict:
     tensor_parallel.validate(d.size("tp"), config, lora.enabled(cfg.lora))
     if d.size("tp") > 1:  # 4. tensor parallel (DTensor), then sequence parallel
         model = apply_tensor_parallel(model, d)
-    # 4. sequence parallel: a later issue
+    if cfg.sequence_parallel.sp_mode != "none":  # sequence parallel attention over the "cp" ranks
+        cp_group = d.sub("cp").get_group()
+        model = sequence_parallel.apply_sequence_parallel(model, cfg.sequence_parallel, cp_group, attn_impl)
+        loss_fn = sequence_parallel.make_loss_fn(loss_fn, cfg.sequence_parallel, cp_group)
     if cfg.checkpointing.ac != "none":  # 5. activation checkpointing, then activation offload
         model = apply_checkpointing(model, cfg.checkpointing)
     if cfg.offload.offload != "none":
