@@ -1,6 +1,7 @@
 """Attention backends, each one document-aware on packed batches, through transformers' own hooks.
 
-    python train.py --attn sdpa                       # default; CPU and GPU
+    python train.py                                   # --attn auto: flash on a CUDA GPU, else sdpa
+    python train.py --attn sdpa                       # CPU and GPU
     python train.py --packing --attn flash            # FlashAttention varlen on CUDA
     python train.py --packing --attn flex             # compiled flex_attention, document-causal BlockMask
 
@@ -35,8 +36,8 @@ FLASH_KWARGS = ("flash_attention_2", "flash_attention_4") + CUSTOM  # take cu_se
 
 @dataclasses.dataclass
 class AttentionConfig:
-    attn: Literal["eager", "sdpa", "flex", "flash", "xformers"] = "sdpa"
-    """Attention kernel: eager (reference), sdpa, flex (compiled flex_attention), flash (FA4/FA2/torch varlen), xformers."""
+    attn: Literal["auto", "eager", "sdpa", "flex", "flash", "xformers"] = "auto"
+    """Attention kernel: auto (flash on a CUDA GPU when installed, else sdpa), eager (reference), sdpa, flex (compiled flex_attention), flash (FA4/FA2/torch varlen), xformers."""
 
 
 def _importable(module: str) -> bool:
@@ -50,6 +51,8 @@ def _importable(module: str) -> bool:
 def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> str:
     """The transformers attn_implementation to use; refuses what cannot run here, with the fix."""
     softcap = getattr(model_config, "attn_logit_softcapping", None) if model_config is not None else None
+    if cfg.attn == "auto":
+        return _fastest(device, model_config, softcap)
     if cfg.attn in NATIVE:
         if cfg.attn == "flex" and device.type != "cuda":  # torch 2.13: "does not support backward on CPU"
             raise UserError("--attn flex: FlexAttention has no backward pass on CPU; use --attn sdpa here "
@@ -80,6 +83,20 @@ def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> st
                         f"varlen kernel lacks; pip install flash-attn-4 (Hopper) or use --attn flex")
     _register()
     return "nanotune_varlen"
+
+
+def _fastest(device: torch.device, model_config, softcap) -> str:
+    """--attn auto: the fastest backend that is installed and exact here. On packed rows the varlen
+    kernels skip the masked-out blocks that sdpa must compute through a dense mask (on the H100: FA4
+    507 TFLOP/s, torch varlen 305, sdpa with a document mask 12; benchmarks/results/2026-11-24-attention.md)."""
+    if device.type != "cuda":
+        return "eager" if softcap else "sdpa"
+    if softcap:
+        return "flex_attention"
+    try:
+        return resolve(AttentionConfig("flash"), device, model_config)
+    except UserError:  # no FlashAttention kernel here, or none with this model's sliding window
+        return "sdpa"
 
 
 def describe(impl: str) -> str:

@@ -126,3 +126,14 @@ def test_gpu_packed_equals_unpacked_bf16(tok, attn):
     for name in grads_u:  # bf16 kernels differ in summation order: compare relative to the norm
         diff = (grads_p[name].float() - grads_u[name].float()).norm() / grads_u[name].float().norm()
         assert diff < 2e-2, (name, diff.item())
+
+
+def test_auto_picks_sdpa_on_cpu_and_eager_for_soft_capped_logits():
+    import types
+
+    from features.attention import AttentionConfig, resolve
+
+    cpu = torch.device("cpu")
+    assert AttentionConfig().attn == "auto"
+    assert resolve(AttentionConfig(), cpu, types.SimpleNamespace()) == "sdpa"
+    assert resolve(AttentionConfig(), cpu, types.SimpleNamespace(attn_logit_softcapping=50.0)) == "eager"
