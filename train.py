@@ -43,6 +43,8 @@ from features import distributed, fsdp, tensor_parallel
 from features.distributed import MeshConfig
 from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm, gather_full
 from features.tensor_parallel import apply_tensor_parallel
+from features import deepspeed_zero
+from features.deepspeed_zero import DeepSpeedConfig
 from features import sequence_parallel
 from features.sequence_parallel import SequenceParallelConfig
 from features.evaluate import exact_match, validation_loss
@@ -116,6 +118,7 @@ class Config:
     faults: FaultsConfig = dataclasses.field(default_factory=FaultsConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     sequence_parallel: SequenceParallelConfig = dataclasses.field(default_factory=SequenceParallelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
@@ -151,6 +154,9 @@ def validate(cfg: Config) -> None:
     tracking.validate(cfg.tracking)
     distributed.validate(cfg.mesh)
     fsdp.validate(cfg.sharding, cfg.mesh)
+    deepspeed_zero.validate(cfg.deepspeed, {"--fsdp": cfg.sharding.fsdp, "--ddp": cfg.sharding.ddp, "--tp": cfg.mesh.tp > 1,
+                            "--cp": cfg.mesh.cp > 1, "--qlora": cfg.lora.qlora, "--compile": cfg.compile.compile,
+                            "--qat": cfg.qat.qat})
     sequence_parallel.validate(cfg.sequence_parallel, cfg.mesh.cp, cfg.mesh.tp)
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     offload.validate(cfg.offload)
@@ -190,7 +196,7 @@ def evaluate(model, val, cfg: Config, tok, d: Dist, ctx, loss_fn, with_generatio
 
 def train(cfg: Config) -> dict:
     # ---- processes, seeds, run directory
-    d = init_distributed(cfg.train.device, cfg.mesh, need_group=cfg.sharding.fsdp)
+    d = init_distributed(cfg.train.device, cfg.mesh, need_group=cfg.sharding.fsdp or deepspeed_zero.enabled(cfg.deepspeed))
     torch.manual_seed(cfg.train.seed)
     out = prepare_output_dir(cfg, d)
     say = print if d.is_main else (lambda *a, **k: None)
@@ -254,11 +260,15 @@ def train(cfg: Config) -> dict:
         model = apply_offload(model, cfg.offload, d.device)
     if cfg.compile.compile:  # 6. torch.compile, per decoder block
         model = apply_compile(model, cfg.compile)
-    model = apply_sharding(model, cfg.sharding, d, precision)  # 7. sharding: FSDP2 / HSDP, or DDP with >1 rank
+    if not deepspeed_zero.enabled(cfg.deepspeed):  # 7. sharding: FSDP2 / HSDP, or DDP with >1 rank
+        model = apply_sharding(model, cfg.sharding, d, precision)
 
     # ---- optimizer, schedule, resume
     optimizer = build_optimizer(model, cfg.optim, d.device)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    if deepspeed_zero.enabled(cfg.deepspeed):  # 7'. DeepSpeed ZeRO: its engine wraps the model and the optimizer
+        model, optimizer = deepspeed_zero.apply_deepspeed(model, optimizer, deepspeed_zero.build_config(
+            cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm, precision, d.dp_size))
     resume_from = resolve_resume(cfg.train.resume, out)
     state = load_checkpoint(resume_from, model, optimizer, scheduler, batches, d) if resume_from else {}
     start, seen_tokens = state.get("step", 0), state.get("tokens", 0)
@@ -295,7 +305,10 @@ def train(cfg: Config) -> dict:
             # DDP / FSDP average gradients over the dp x cp ranks: scale by them to get sum / global targets
             (loss_sum * (d.grad_ranks / n_targets)).backward()
             step_loss += loss_sum.detach()
-        grad_norm = clip_grad_norm(model, cfg.optim.max_grad_norm)
+        if deepspeed_zero.is_engine(model):  # DeepSpeed's engine reduces, clips and updates (the one allowed branch)
+            grad_norm = deepspeed_zero.step(model)
+        else:
+            grad_norm = clip_grad_norm(model, cfg.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         if guard.update_ok(step_loss, grad_norm, step):  # a non-finite step is skipped, counted, not logged
             optimizer.step()

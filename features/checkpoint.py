@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from features import UserError
+from features import UserError, deepspeed_zero
 from features.distributed import Dist, barrier, unwrap
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -156,10 +156,13 @@ def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(d)
-    optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_OPTIONS)
-    with warnings.catch_warnings():  # one process: DCP warns that it runs without a process group
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": _trainable(model), "optim": optim_sd}, checkpoint_id=tmp)
+    if deepspeed_zero.is_engine(model):  # --deepspeed: the engine's own format (ZeRO partitions)
+        deepspeed_zero.save(model, tmp)
+    else:
+        optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_OPTIONS)
+        with warnings.catch_warnings():  # one process: DCP warns that it runs without a process group
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": _trainable(model), "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     barrier(d)
     if d.is_main:
@@ -178,11 +181,14 @@ def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, 
 def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -> dict:
     """Restore everything saved by save_checkpoint; returns its trainer state (step, tokens, ...)."""
     state = json.loads((path / "trainer_state.json").read_text())
-    sd = {"model": _trainable(model), "optim": get_optimizer_state_dict(unwrap(model), optimizer, options=_OPTIONS)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(sd, checkpoint_id=path)  # weights load in place; the optimizer state is set below
-    set_optimizer_state_dict(unwrap(model), optimizer, sd["optim"], options=_OPTIONS)
+    if deepspeed_zero.is_engine(model):  # --deepspeed: the engine's own format (same world size)
+        deepspeed_zero.load(model, path)
+    else:
+        sd = {"model": _trainable(model), "optim": get_optimizer_state_dict(unwrap(model), optimizer, options=_OPTIONS)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(sd, checkpoint_id=path)  # weights load in place; the optimizer state is set below
+        set_optimizer_state_dict(unwrap(model), optimizer, sd["optim"], options=_OPTIONS)
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["data"])
     rng_file = path / f"rng_rank{d.rank}.pt"

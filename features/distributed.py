@@ -167,10 +167,11 @@ def global_count(n: int, d: Dist) -> int:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """FSDP2 / tensor-parallel parameters (DTensors): every forward is a collective over ranks."""
+    """FSDP2 / tensor-parallel parameters (DTensors) or DeepSpeed ZeRO-3 partitions (`ds_id`):
+    every forward is a collective over ranks."""
     from torch.distributed.tensor import DTensor
 
-    return dist.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
+    return dist.is_initialized() and any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -179,7 +180,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def sync_gradients(model: torch.nn.Module, sync: bool):
     """Skip the gradient reduction on all but the last micro-batch of a step (DDP's no_sync,
-    FSDP2's set_requires_gradient_sync)."""
+    FSDP2's set_requires_gradient_sync; DeepSpeed's engine reduces in its step() anyway)."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        return contextlib.nullcontext()
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()

@@ -145,6 +145,10 @@ def gather_full(model, d: Dist):
     DTensor parameter (FSDP2, TP) is replaced by its full tensor (the run is over, nothing reshards)."""
     from torch.distributed.tensor import DTensor
 
+    if type(model).__name__ == "DeepSpeedEngine":
+        from features.deepspeed_zero import gather_full as gather_deepspeed
+
+        return gather_deepspeed(model)
     if d.mesh is None:
         return model
     for module in model.modules():

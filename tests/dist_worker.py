@@ -4,7 +4,7 @@ process on the same global batch (computed on every rank, on an unsharded copy).
 
     torchrun --nproc_per_node 4 tests/dist_worker.py OUT.json LAYOUT [LAYOUT ...]
 
-A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp]. Rank 0 writes {layout: {"loss": [got, want],
+A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp], or name:zero1|zero2|zero3 (DeepSpeed). Rank 0 writes {layout: {"loss": [got, want],
 "grad_max_abs_err": e, "grad_max_abs": m, "norm": [got, want]}} to OUT.json.
 """
 
@@ -91,6 +91,38 @@ def run_layout(layout: str, data, config, impl, rank: int, world: int) -> dict:
                    "grad_max_abs": max(g.abs().max().item() for g in want.values())}}
 
 
+def run_deepspeed(layout: str, data, config, impl, rank: int, world: int) -> dict:
+    """ZeRO stage N: compared through one SGD step (lr 1), whose update is minus the gradient."""
+    from features.deepspeed_zero import DeepSpeedConfig, apply_deepspeed, build_config, step as ds_step
+
+    name, stage = layout.split(":")
+    d = Dist(rank, 0, world, torch.device("cpu"), build_mesh("cpu", (1, world, 1, 1)))
+    ref = new_model(config, impl)
+    want_loss = step(ref, next(iter(StepBatches(data, MBS, ACCUM * d.dp_size, 0, 0, pack_to=SEQ))), Dist(), impl)
+    want_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item()
+    want = full_grads(ref)
+
+    model = new_model(config, impl)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ds_config = build_config(DeepSpeedConfig(deepspeed=stage), MBS, ACCUM, 0.0, "fp32", d.dp_size)
+    ds_config["zero_allow_untested_optimizer"] = True  # SGD: train.py uses AdamW, which DeepSpeed tests
+    engine, _ = apply_deepspeed(model, torch.optim.SGD(model.parameters(), lr=1.0), ds_config)
+    batches = StepBatches(data, MBS, ACCUM, 0, 0, d.dp_rank, d.dp_size, pack_to=SEQ)
+    got_loss = step(engine, next(iter(batches)), d, impl)
+    got_norm = ds_step(engine).item()
+    params = dict(engine.module.named_parameters())
+    if stage == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            got = {n: before[n] - p.detach().clone() for n, p in params.items()}
+    else:
+        got = {n: before[n] - p.detach() for n, p in params.items()}
+    err = max((got[k] - want[k]).abs().max().item() for k in want)
+    return {name: {"loss": [got_loss, want_loss], "norm": [got_norm, want_norm], "grad_max_abs_err": err,
+                   "grad_max_abs": max(g.abs().max().item() for g in want.values())}}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     out, layouts = sys.argv[1], sys.argv[2:]
@@ -101,7 +133,8 @@ def main() -> None:
     data = samples(160, config.vocab_size)
     results = {}
     for layout in layouts:
-        results.update(run_layout(layout, data, config, impl, d0.rank, d0.world_size))
+        run = run_deepspeed if layout.split(":")[1].startswith("zero") else run_layout
+        results.update(run(layout, data, config, impl, d0.rank, d0.world_size))
     if d0.rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()

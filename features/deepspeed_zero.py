@@ -1,0 +1,142 @@
+"""DeepSpeed ZeRO stages 1-3 (+ CPU offload) through DeepSpeed's engine.
+
+    torchrun --nproc_per_node 8 train.py --deepspeed zero2               # optimizer state + grads partitioned
+    torchrun --nproc_per_node 8 train.py --deepspeed zero3 --ds-offload  # + params; offloaded to the CPU
+    torchrun --nproc_per_node 8 train.py --deepspeed my_ds_config.json   # your own DeepSpeed config
+
+The ZeRO config is built from the flags (stage, offload, --max-grad-norm, --precision) or read
+from a json file, whose batch and clipping keys are then set from nanotune's flags (they must
+agree with the data plan). nanotune keeps its own AdamW, schedule and accounting: the loop calls
+plain `loss.backward()` per micro-batch (DeepSpeed >= 0.18 supports torch-style backward with
+ZeRO optimizers) and the engine's `step()` once per optimizer step, with DeepSpeed's
+`managed_gradient_accumulation: false`, so the gradient is reduced once per step and averaged
+over the dp ranks like DDP. Checkpoints use DeepSpeed's own format (engine.save_checkpoint),
+resumable on the same number of ranks. Reference: Rajbhandari et al. 2020, ZeRO; deepspeed.ai.
+
+Works with: LoRA, activation checkpointing, packing, bf16 / bf16-mixed. Refused with: --fsdp,
+--ddp, --tp, --cp (DeepSpeed owns data parallelism), --qlora (use --fsdp), --compile.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from features import UserError
+
+STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+TAG = "deepspeed"  # the tag (sub-directory) of DeepSpeed's files inside a step_<N> checkpoint
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    deepspeed: str | None = None
+    """DeepSpeed ZeRO: zero1 (optimizer state), zero2 (+ gradients), zero3 (+ parameters) partitioned over ranks, or a DeepSpeed json config path."""
+    ds_offload: bool = False
+    """With --deepspeed: optimizer state (and zero3's parameters) on the CPU (ZeRO-Offload)."""
+
+
+def enabled(cfg: DeepSpeedConfig) -> bool:
+    return cfg.deepspeed is not None
+
+
+def validate(cfg: DeepSpeedConfig, others: dict[str, bool]) -> None:
+    """others: flag name -> whether that flag is on (the ones DeepSpeed cannot run with)."""
+    if not enabled(cfg):
+        if cfg.ds_offload:
+            raise UserError("--ds-offload needs --deepspeed zero1|zero2|zero3")
+        return
+    if cfg.deepspeed not in STAGES and not (cfg.deepspeed.endswith(".json") and Path(cfg.deepspeed).is_file()):
+        raise UserError(f"--deepspeed {cfg.deepspeed!r}: pass zero1, zero2, zero3 or an existing .json config")
+    clash = [flag for flag, on in others.items() if on]
+    if clash:  # compat: --deepspeed x --fsdp/--ddp/--tp/--cp/--qlora/--compile
+        raise UserError(f"--deepspeed cannot run with {', '.join(clash)}: DeepSpeed's engine owns data "
+                        f"parallelism and wraps the model; drop one of them (FSDP2 covers the others)")
+
+
+def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
+                 precision: str, dp_size: int) -> dict:
+    """The DeepSpeed config: from the flags, or the user's json with nanotune's batch keys set."""
+    if cfg.deepspeed in STAGES:
+        zero = {"stage": STAGES[cfg.deepspeed], "overlap_comm": False}
+        if cfg.ds_offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            if zero["stage"] == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds = {"zero_optimization": zero, "bf16": {"enabled": precision == "bf16"}}
+    else:
+        ds = json.loads(Path(cfg.deepspeed).read_text())
+    # nanotune accumulates micro-batches itself (one engine step per optimizer step): to DeepSpeed a
+    # step is one "micro-batch" of all of this rank's rows
+    ds.update(train_micro_batch_size_per_gpu=micro_batch_size * grad_accum, gradient_accumulation_steps=1,
+              train_batch_size=micro_batch_size * grad_accum * dp_size, gradient_clipping=max_grad_norm,
+              managed_gradient_accumulation=False, steps_per_print=2**62)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def apply_deepspeed(model, optimizer, ds_config: dict):
+    """The DeepSpeed engine around model + nanotune's optimizer; returns (engine, a stand-in optimizer
+    whose step/zero_grad do nothing: the engine steps, see step())."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise UserError("--deepspeed needs DeepSpeed: pip install deepspeed") from e
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, _EngineSteps(optimizer)
+
+
+class _EngineSteps:
+    """What train.py's loop and scheduler see as the optimizer under DeepSpeed: the engine owns the
+    update (step()), the schedule still writes the learning rate into the wrapped AdamW's groups."""
+
+    def __init__(self, optimizer):
+        self.inner, self.param_groups = optimizer, optimizer.param_groups
+
+    def step(self):  # the engine already stepped in deepspeed_zero.step
+        pass
+
+    def zero_grad(self, set_to_none: bool = True):  # the engine zeroes its gradient partitions itself
+        pass
+
+
+def is_engine(model) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def step(engine) -> torch.Tensor:
+    """Reduce the accumulated gradients, clip to --max-grad-norm, update: one optimizer step.
+    Returns the gradient norm before clipping."""
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+
+def save(engine, ckpt_dir: Path) -> None:
+    """All ranks: module + optimizer partitions into <ckpt_dir>/deepspeed (frozen weights left out)."""
+    engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+
+
+def load(engine, ckpt_dir: Path) -> None:
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_lr_scheduler_states=False,
+                                     load_module_strict=False)  # frozen weights come from --model
+    if path is None:
+        raise UserError(f"--resume {ckpt_dir}: no DeepSpeed checkpoint in it (it was not saved with --deepspeed)")
+
+
+def gather_full(engine):
+    """The wrapped model with full parameters, for the final export (ZeRO-3 partitions gathered on
+    every rank into plain parameters; the run is over, nothing re-partitions them)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        for sub in module.modules():
+            params = list(sub.named_parameters(recurse=False))
+            if params:
+                with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                    for name, p in params:
+                        sub.register_parameter(name, torch.nn.Parameter(p.data.clone(), p.requires_grad))
+    return module
