@@ -48,7 +48,7 @@ from features.deepspeed_zero import DeepSpeedConfig
 from features import sequence_parallel
 from features.sequence_parallel import SequenceParallelConfig
 from features.evaluate import exact_match, validation_loss
-from features import faults
+from features import compat, faults
 from features.faults import FaultsConfig, StepGuard
 from features.lora import LoraConfig
 from features.lora_kernels import LoraKernelsConfig
@@ -148,6 +148,8 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    # the compatibility matrix (features/compat.py): hardware, needed and refused flag pairs, one line each
+    compat.check(cfg, cuda=t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()))
     overrides.validate(cfg.overrides)
     lora.validate(cfg.lora)
     lora_kernels.validate(cfg.lora_kernels, cfg.lora)
