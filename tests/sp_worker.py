@@ -140,3 +140,15 @@ def run(rank: int, world: int, port: int, out_path: str, cases: list[str]) -> No
             Path(out_path).write_text(json.dumps(results, indent=1))
     finally:
         dist.destroy_process_group()
+
+
+def train_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """train.py's main() as one rank of a torchrun-like launch (the env torchrun would set)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import train
+
+    status = train.main(argv)
+    if status != 0:
+        raise SystemExit(f"rank {rank}: train.py exited with {status}")

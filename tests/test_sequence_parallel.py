@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import sp_worker
+from conftest import read_metrics, run_train
 from features import UserError
 from features import sequence_parallel as sp
 from features.loss import IGNORE, shifted_targets
@@ -20,7 +21,7 @@ from features.ring_attention import shard_index
 TOL = {"sdpa": 1e-9, "eager": 1e-5}
 
 
-PRELOAD = ["sp_worker", "features.sequence_parallel", "features.model", "features.packing", "features.attention",
+PRELOAD = ["sp_worker", "train", "features.sequence_parallel", "features.model", "features.packing", "features.attention",
            "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
            "transformers.models.mistral.modeling_mistral"]
 
@@ -65,13 +66,17 @@ def test_flags_and_head_counts_are_checked_at_start():
     sp._check_heads(config, sp.SequenceParallelConfig("ring"), 4)
 
 
-def _spawn(world, cases, tmp_path) -> dict:
-    """Run the cases in `world` processes, forked from one server that imported transformers and
-    the models once (startup, not the math, dominates: 4 fresh imports cost ~30 s on 2 cores)."""
-    out = tmp_path / "sp.json"
+def _start(fn, world, *args) -> None:
+    """Run fn(rank, world, port, *args) in `world` processes, forked from one server that imported
+    transformers and train.py once (startup, not the math, dominates: 4 fresh imports cost ~30 s
+    on 2 cores)."""
     mp.set_forkserver_preload(PRELOAD)
-    mp.start_processes(sp_worker.run, args=(world, _free_port(), str(out), cases), nprocs=world,
-                       start_method="forkserver")
+    mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, start_method="forkserver")
+
+
+def _spawn(world, cases, tmp_path) -> dict:
+    out = tmp_path / "sp.json"
+    _start(sp_worker.run, world, str(out), cases)
     return json.loads(out.read_text())
 
 
@@ -94,3 +99,23 @@ def test_ulysses_and_ring_match_one_process(world, cases, tmp_path):
         assert abs(got - want) <= tol * abs(want), (name, r)
         assert r["grad_err"] <= tol * r["grad_max"], (name, r)
         assert r["eval_rel_err"] <= 1e-12, (name, r)  # evaluation runs unsharded
+
+
+def test_train_py_with_cp_2_matches_one_process(tmp_path, small_data):
+    """train.py end to end: 2 ranks x --cp 2 (one data-parallel rank) == one process, packed rows,
+    ring, and Ulysses with --ac full and --loss chunked; evaluation (unsharded) and the trained-token
+    counts agree too. fp32: tolerance 1e-5."""
+    common = ["--dataset", str(small_data), "--max-steps", "2", "--log-every", "1", "--seed", "5", "--device", "cpu",
+              "--packing", "--seq-len", "256", "--micro-batch-size", "2", "--skip-export", "--eval-exact-match", "0"]
+    assert run_train(tmp_path / "one", *common) == 0
+    one = read_metrics(tmp_path / "one")
+    for name, extra in (("ring", ["--sp-mode", "ring"]),
+                        ("ulysses", ["--sp-mode", "ulysses", "--ac", "full", "--loss", "chunked"])):
+        _start(sp_worker.train_rank, 2, [*common, "--cp", "2", *extra, "--output-dir", str(tmp_path / name)])
+        cp2 = read_metrics(tmp_path / name)
+        assert [m["step"] for m in cp2] == [m["step"] for m in one] == [0, 1, 2]
+        for a, b in zip(cp2, one):
+            for key in ("loss", "grad_norm", "val_loss"):
+                if key in b:
+                    assert a[key] == pytest.approx(b[key], rel=1e-5), (name, key, a, b)
+            assert a.get("tokens") == b.get("tokens")
