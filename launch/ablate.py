@@ -1,0 +1,214 @@
+"""Ablations: a grid of flag variants x seeds -> one train.py run each, then a comparison table and plots.
+
+    # 2 learning rates x 2 seeds of the embedded demo, one after another, then the table + plots
+    python launch/ablate.py lr --vary "--lr 1e-3 | --lr 3e-3" --seeds 0 1 -- --max-steps 300
+
+    # packing on/off x attention backends (4 configs), 3 seeds, 4 runs at a time on 4 GPUs
+    python launch/ablate.py pack --vary " | --packing" --vary "--attn sdpa | --attn flash" \
+        --seeds 0 1 2 --gpus 0,1,2,3 -- --model llama3.2-1b --dataset my.jsonl
+
+    # the same grid as a SLURM job array (rendered from launch/slurm.sbatch), one node per run
+    python launch/ablate.py pack --vary " | --packing" --seeds 0 1 --slurm --submit -- --model ...
+
+Each `--vary` is one axis: its alternatives are separated by `|` (an empty one is the baseline);
+the configs are every combination of one alternative per axis. Flags after `--` go to every run.
+Each run gets its own directory `<out>/<name>/<config>/seed<N>/`, tagged with `ablation.json`
+(ablation name, config, seed, command, exit code), a `--run-name` of `<name>/<config>/seed<N>`,
+and, with `--wandb`, the W&B group `<name>`. Runs that already finished are skipped when the same
+command is run again (`--force` reruns them); an unfinished one continues from its checkpoint
+(`--resume auto`). At the end `launch/compare.py` writes `results.md`, `loss.png` and
+`throughput.png` into `<out>/<name>/` (for a SLURM array, run it yourself once the array is done).
+"""
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "launch"))
+
+import compare  # noqa: E402  (launch/compare.py, next to this file)
+
+
+def parse_args(argv=None):
+    argv = full = sys.argv[1:] if argv is None else list(argv)
+    common = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("name", help="ablation name: the run directory's parent and the W&B group")
+    p.add_argument("--vary", action="append", default=[], metavar="'FLAGS | FLAGS'",
+                   help="one axis of the grid: alternatives separated by '|' (repeat for more axes)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (each config runs once per seed)")
+    p.add_argument("--out", default="runs/ablations", help="parent of the ablation directory")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run at a time on each")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time without --gpus (CPU)")
+    p.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--slurm", action="store_true", help="render <out>/<name>/array.sbatch instead of running")
+    p.add_argument("--submit", action="store_true", help="with --slurm: sbatch the array")
+    p.add_argument("--nodes", type=int, default=1, help="with --slurm: nodes per run")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="with --slurm: GPUs per node")
+    p.add_argument("--parallel", type=int, default=0, help="with --slurm: most array tasks at once (0: no cap)")
+    args = p.parse_args(argv)
+    args.common, args.argv = common, full
+    if not re.fullmatch(r"[\w.-]+", args.name):
+        p.error(f"name {args.name!r}: use letters, digits, '.', '-', '_' (it names a directory)")
+    if not args.vary:
+        p.error("give at least one --vary axis, e.g. --vary '--lr 1e-3 | --lr 3e-3'")
+    return args
+
+
+def label(flags: list[str]) -> str:
+    """A directory-safe name for a flag list: ['--lr', '1e-3', '--packing'] -> 'lr=1e-3,packing'."""
+    parts, i = [], 0
+    while i < len(flags):
+        name = flags[i].lstrip("-")
+        if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            name, i = f"{name}={flags[i + 1]}", i + 1
+        parts.append(name)
+        i += 1
+    return re.sub(r"[^\w.=,+-]", "_", ",".join(parts)) or "base"
+
+
+def grid(axes: list[str]) -> list[tuple[str, list[str]]]:
+    """Every combination of one alternative per axis -> [(label, flags)]."""
+    choices = [[shlex.split(alt) for alt in axis.split("|")] for axis in axes]
+    configs = []
+    for combo in itertools.product(*choices):
+        flags = [f for alt in combo for f in alt]
+        configs.append((label(flags), flags))
+    labels = [c[0] for c in configs]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"error: the --vary axes give duplicate configs: {labels}")
+    return configs
+
+
+def plan(args) -> list[dict]:
+    root = Path(args.out) / args.name
+    uses_wandb = "--wandb" in args.common or any("--wandb" in axis.split() for axis in args.vary)
+    runs = []
+    for config, flags in grid(args.vary):
+        for seed in args.seeds:
+            run_dir = root / config / f"seed{seed}"
+            train_args = [*args.common, *flags, "--seed", str(seed), "--output-dir", str(run_dir),
+                          "--run-name", f"{args.name}/{config}/seed{seed}"]
+            if uses_wandb:
+                train_args += ["--wandb-group", args.name, "--wandb-tags", args.name, config]
+            runs.append({"ablation": args.name, "config": config, "seed": seed, "flags": flags,
+                         "run_dir": str(run_dir), "train_args": train_args})
+    return runs
+
+
+def write_manifest(args, runs: list[dict]) -> Path:
+    root = Path(args.out) / args.name
+    root.mkdir(parents=True, exist_ok=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    manifest = {"name": args.name, "command": shlex.join(["python", "launch/ablate.py", *args.argv]),
+                "vary": args.vary, "seeds": args.seeds, "common": args.common, "git_sha": sha or None,
+                "runs": [{k: r[k] for k in ("config", "seed", "run_dir")} for r in runs]}
+    (root / "ablation.json").write_text(json.dumps(manifest, indent=1))
+    for r in runs:
+        tag_run(r)
+    return root
+
+
+def tag_run(run: dict, **extra) -> None:
+    """<run dir>/ablation.json: which ablation, config and seed this run is (compare.py groups by it)."""
+    path = Path(run["run_dir"]) / "ablation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    keep = {k: run[k] for k in ("ablation", "config", "seed", "flags")}
+    path.write_text(json.dumps({**old, **keep, "command": shlex.join(["python", "train.py", *run["train_args"]]),
+                                **extra}, indent=1))
+
+
+def finished(run: dict) -> bool:
+    path = Path(run["run_dir"]) / "ablation.json"
+    return path.is_file() and json.loads(path.read_text()).get("exit_code") == 0
+
+
+def run_local(runs: list[dict], slots: list[str]) -> int:
+    """Run train.py for each run, len(slots) at a time; a slot 'gpu:<id>' pins it with CUDA_VISIBLE_DEVICES."""
+    train_py = os.path.relpath(REPO / "train.py")  # from the caller's directory: relative paths keep their meaning
+    pending, active, failed = list(enumerate(runs, 1)), {}, 0
+    while pending or active:
+        for slot in [s for s in slots if s not in active]:
+            if not pending:
+                break
+            i, run = pending.pop(0)
+            env = dict(os.environ)
+            if slot.startswith("gpu:"):
+                env["CUDA_VISIBLE_DEVICES"] = slot[4:]
+            log = open(Path(run["run_dir"]) / "train.log", "w")
+            cmd = [sys.executable, train_py, "--resume", "auto", *run["train_args"]]
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            active[slot] = (i, run, proc, log, time.time())
+        time.sleep(0.2)
+        for slot, (i, run, proc, log, t0) in list(active.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del active[slot]
+            tag_run(run, exit_code=proc.returncode, seconds=round(time.time() - t0, 1))
+            failed += proc.returncode != 0
+            where = f" on GPU {slot[4:]}" if slot.startswith("gpu:") else ""
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log.name})"
+            print(f"[{i}/{len(runs)}] {run['config']} seed {run['seed']}{where}: {status} "
+                  f"in {time.time() - t0:.0f} s", flush=True)
+    return failed
+
+
+def render_array(args, runs: list[dict]) -> str:
+    """launch/slurm.sbatch as a job array: one task per run, its flags picked by SLURM_ARRAY_TASK_ID."""
+    text = (REPO / "launch" / "slurm.sbatch").read_text()
+    array = f"0-{len(runs) - 1}" + (f"%{args.parallel}" if args.parallel else "")
+    header = {"job-name": f"ablate-{args.name}", "nodes": str(args.nodes),
+              "gpus-per-node": str(args.gpus_per_node), "output": "slurm-%x-%A_%a.out"}
+    for key, value in header.items():
+        text, n = re.subn(rf"^#SBATCH --{key}=.*$", f"#SBATCH --{key}={value}", text, count=1, flags=re.M)
+        assert n == 1, f"launch/slurm.sbatch lost its #SBATCH --{key} line"
+    text = text.replace(f"#SBATCH --job-name=ablate-{args.name}\n",
+                        f"#SBATCH --job-name=ablate-{args.name}\n#SBATCH --array={array}\n", 1)
+    cases = [f"    {k}) RUN_DIR={shlex.quote(r['run_dir'])}\n"
+             f"       TRAIN_ARGS=({shlex.join(r['train_args'])}) ;;" for k, r in enumerate(runs)]
+    block = (f"# >>> run (ablation {args.name}: {len(runs)} runs, rendered by launch/ablate.py)\n"
+             'case "${SLURM_ARRAY_TASK_ID:?submit with sbatch (a job array)}" in\n' + "\n".join(cases) +
+             '\n    *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;\nesac\n# <<< run')
+    text, n = re.subn(r"^# >>> run$.*?^# <<< run$", lambda _: block, text, count=1, flags=re.M | re.S)
+    assert n == 1, "launch/slurm.sbatch lost its '# >>> run' ... '# <<< run' block"
+    return text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    runs = plan(args)
+    if args.dry_run:
+        print("\n".join(shlex.join(["python", "train.py", *r["train_args"]]) for r in runs))
+        return 0
+    root = write_manifest(args, runs)
+    if args.slurm:
+        script = root / "array.sbatch"
+        script.write_text(render_array(args, runs))
+        print(f"wrote {script} ({len(runs)} array tasks); after they finish: python launch/compare.py {root}")
+        if args.submit:
+            return subprocess.run(["sbatch", str(script)]).returncode
+        return 0
+    todo = [r for r in runs if args.force or not finished(r)]
+    if len(todo) < len(runs):
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished (--force reruns them)")
+    slots = [f"gpu:{g}" for g in args.gpus.split(",")] if args.gpus else [f"cpu:{k}" for k in range(args.jobs)]
+    failed = run_local(todo, slots)
+    table = compare.main([str(root), "--out", str(root)])
+    return 1 if failed or table else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

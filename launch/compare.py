@@ -1,0 +1,204 @@
+"""Compare runs: run directories (or a W&B group) -> a Markdown table and PNG plots of loss and throughput.
+
+    python launch/compare.py runs/ablations/lr                    # every run dir below it
+    python launch/compare.py runs/a runs/b --out reports/ab       # results.md, loss.png, throughput.png
+    python launch/compare.py --wandb-group my-entity/nanotune/lr   # runs logged with --wandb-group lr
+
+Runs are grouped into configs: by the `config` in their `ablation.json` (launch/ablate.py writes it),
+else by the flags whose values differ between runs (the seed, run dir and W&B names aside). Per
+config the table gives the mean ± sample standard deviation over seeds of: the final training loss,
+the final and best validation loss, exact match, tokens/s (the mean over logging windows after
+step 1, which holds compilation and warm-up) and peak memory (GiB; peak RSS on a CPU). Above the
+table: the command, git SHA, device and versions, read from the runs' own `run.json`.
+The plots show each config's mean curve over seeds with its min-max band.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+IGNORED = ("train.seed", "train.output_dir", "train.resume", "tracking.")  # do not define a config
+COLUMNS = [("final_loss", "train loss (final)", "{:.4f}"), ("val_loss", "val loss (final)", "{:.4f}"),
+           ("best_val_loss", "val loss (best)", "{:.4f}"), ("exact_match", "exact match", "{:.1%}"),
+           ("tokens_per_s", "tokens/s", "{:,.0f}"), ("peak_mem_gib", "peak mem (GiB)", "{:.2f}")]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_run(run_dir: Path) -> dict:
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"dir": str(run_dir), "metrics": metrics, "config": _read_json(run_dir / "config.json"),
+            "info": _read_json(run_dir / "run.json"), "ablation": _read_json(run_dir / "ablation.json")}
+
+
+def find_runs(paths: list[str]) -> list[dict]:
+    dirs = []
+    for p in map(Path, paths):
+        dirs += [p] if (p / "metrics.jsonl").is_file() else sorted(m.parent for m in p.rglob("metrics.jsonl"))
+    return [load_run(d) for d in dirs]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def label_runs(runs: list[dict]) -> None:
+    """Set run['label']: the ablation config, else the differing flags, as 'lr=0.003,packing=True'."""
+    flats = [{k: v for k, v in _flat(r["config"]).items() if not k.startswith(IGNORED)} for r in runs]
+    keys = sorted({k for f in flats for k in f})
+    differ = [k for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1]
+    for run, flat in zip(runs, flats):
+        auto = ",".join(f"{k.split('.')[-1]}={flat.get(k)}" for k in differ) or "all runs"
+        run["label"] = run["ablation"].get("config") or auto
+        run["seed"] = run["ablation"].get("seed", run["config"].get("train", {}).get("seed"))
+
+
+def summarize(metrics: list[dict]) -> dict:
+    train = [m for m in metrics if m.get("loss") is not None]
+    val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+    windows = [m["tokens_per_s"] for m in train if m["step"] > 1] or [m["tokens_per_s"] for m in train]
+    mem = [m["peak_mem_gib"] for m in train if m.get("peak_mem_gib") is not None]
+    em = [m["exact_match"] for m in metrics if m.get("exact_match") is not None]
+    return {"final_loss": train[-1]["loss"] if train else None, "val_loss": val[-1] if val else None,
+            "best_val_loss": min(val) if val else None, "exact_match": em[-1] if em else None,
+            "tokens_per_s": statistics.fmean(windows) if windows else None, "peak_mem_gib": max(mem, default=None)}
+
+
+def group(runs: list[dict]) -> dict[str, list[dict]]:
+    groups = {}
+    for run in runs:
+        groups.setdefault(run["label"], []).append(run)
+    return groups
+
+
+def _cell(values: list, fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def table(runs: list[dict]) -> str:
+    head = "| config | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for name, members in group(runs).items():
+        stats = [summarize(r["metrics"]) for r in members]
+        seeds = ", ".join(str(r["seed"]) for r in members)
+        rows.append(f"| {name} | {seeds} | " + " | ".join(_cell([s[key] for s in stats], fmt)
+                                                          for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(rows)
+
+
+def provenance(runs: list[dict], manifest: dict) -> str:
+    info = runs[0]["info"]
+    shas = sorted({(r["info"].get("git_sha") or "?")[:10] + ("+dirty" if r["info"].get("git_dirty") else "")
+                   for r in runs})
+    versions = info.get("versions", {})
+    lines = [f"- command: `{manifest['command']}`" if manifest.get("command") else None,
+             f"- git: {', '.join(shas)}", f"- device: {info.get('device', '?')}, world size {info.get('world_size', '?')}",
+             "- versions: " + ", ".join(f"{k} {versions[k]}" for k in ("python", "torch", "transformers", "peft")
+                                        if k in versions),
+             f"- {len(runs)} runs; mean ± sample standard deviation over seeds; tokens/s: mean over logging "
+             f"windows after step 1; peak mem: GPU peak allocated, or peak RSS on a CPU"]
+    return "\n".join(line for line in lines if line)
+
+
+def _curves(members: list[dict], key: str) -> tuple[list, list, list, list]:
+    """Steps logged by every member, and the mean/min/max of `key` there."""
+    per_run = [{m["step"]: m[key] for m in r["metrics"] if m.get(key) is not None} for r in members]
+    steps = sorted(set.intersection(*(set(p) for p in per_run)))
+    values = [[p[s] for p in per_run] for s in steps]
+    return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def plot(runs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    paths = []
+    panels = [("loss.png", [("loss", "train", "-"), ("val_loss", "val", "--")], "loss"),
+              ("throughput.png", [("tokens_per_s", "", "-")], "tokens/s")]
+    for name, series, ylabel in panels:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        for k, (config, members) in enumerate(group(runs).items()):
+            for key, kind, style in series:
+                steps, mean, lo, hi = _curves(members, key)
+                if name == "throughput.png":  # step 1 holds warm-up (and compilation)
+                    steps, mean, lo, hi = (x[1:] for x in (steps, mean, lo, hi))
+                if not steps:
+                    continue
+                line = ax.plot(steps, mean, style, color=f"C{k}", marker="o" if kind == "val" else None,
+                               markersize=3, label=f"{config} {kind}".strip())
+                ax.fill_between(steps, lo, hi, color=line[0].get_color(), alpha=0.2, linewidth=0)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+def wandb_runs(path: str) -> list[dict]:
+    """The runs of a W&B group 'entity/project/group' in the shape load_run() gives."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: --wandb-group needs the wandb package: pip install wandb") from None
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from features.tracking import _KEYS
+
+    entity_project, _, group_name = path.rpartition("/")
+    if not entity_project or not group_name:
+        raise SystemExit(f"error: --wandb-group {path}: expected entity/project/group")
+    back = {v: k for k, v in _KEYS.items()}
+    runs = []
+    for run in wandb.Api().runs(entity_project, filters={"group": group_name}):
+        metrics = [{"step": row["_step"], **{back.get(k, k.split("/")[-1]): v for k, v in row.items()
+                                             if "/" in k and v is not None}} for row in run.scan_history()]
+        config = {k: v for k, v in dict(run.config).items() if k != "run"}
+        runs.append({"dir": run.url, "metrics": metrics, "config": config,
+                     "info": dict(run.config).get("run", {}), "ablation": {}})
+    return runs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="*", help="run directories, or directories holding them")
+    p.add_argument("--wandb-group", help="entity/project/group: compare the runs of a W&B group instead")
+    p.add_argument("--out", default=None, help="where results.md and the plots go (default: the first path)")
+    args = p.parse_args(argv)
+    if not args.paths and not args.wandb_group:
+        p.error("give run directories or --wandb-group")
+    runs = wandb_runs(args.wandb_group) if args.wandb_group else find_runs(args.paths)
+    if not runs:
+        print(f"error: no runs (no metrics.jsonl) under {' '.join(args.paths)}", file=sys.stderr)
+        return 1
+    label_runs(runs)
+    out = Path(args.out or (args.paths[0] if args.paths else "."))
+    out.mkdir(parents=True, exist_ok=True)
+    first = args.paths[0] if args.paths else ""
+    manifest = _read_json(Path(first) / "ablation.json") if first else {}
+    title = f"# Ablation: {manifest['name']}" if manifest.get("name") else "# Comparison"
+    text = f"{title}\n\n{provenance(runs, manifest)}\n\n{table(runs)}\n\n![loss](loss.png)\n![throughput](throughput.png)\n"
+    (out / "results.md").write_text(text)
+    plot(runs, out)
+    print(text + f"\nwrote {out / 'results.md'}, {out / 'loss.png'}, {out / 'throughput.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

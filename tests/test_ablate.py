@@ -1,0 +1,199 @@
+"""launch/ablate.py + launch/compare.py: a 2-config x 2-seed ablation runs end to end and yields a table
+and plots whose numbers come from the runs; the SLURM array renders from slurm.sbatch and runs the right
+flags per task; compare groups runs without ablate's tags and reads a W&B group."""
+
+import json
+import os
+import re
+import shlex
+import statistics
+import struct
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import ROOT, read_metrics
+
+sys.path.insert(0, str(ROOT / "launch"))
+import ablate  # noqa: E402
+import compare  # noqa: E402
+
+NUMBER = r"[\d,.]+%?"
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def table_rows(results_md: str) -> dict[str, list[str]]:
+    lines = [line for line in results_md.splitlines() if line.startswith("| ") and "---" not in line]
+    head, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert head[:2] == ["config", "seeds"]
+    return {row[0]: dict(zip(head, row)) for row in rows}
+
+
+def parse_cell(cell: str) -> tuple[float, float | None]:
+    """'4.5780 ± 0.0377' -> (4.578, 0.0377); '12.5%' -> (0.125, None)."""
+    match = re.fullmatch(rf"({NUMBER})(?: ± ({NUMBER}))?", cell)
+    assert match, cell
+    num = [None if v is None else float(v.replace(",", "").rstrip("%")) / (100 if v.endswith("%") else 1)
+           for v in match.groups()]
+    return num[0], num[1]
+
+
+def test_two_configs_two_seeds_end_to_end(tmp_path, small_data, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two runs at a time (--jobs 2), one core each
+    common = ["--dataset", str(small_data), "--max-steps", "4", "--micro-batch-size", "8", "--log-every", "2",
+              "--eval-exact-match", "4", "--skip-export"]
+    argv = ["lr", "--vary", "--lr 1e-3 | --lr 3e-3", "--seeds", "0", "1", "--out", str(tmp_path), "--jobs", "2",
+            "--", *common]
+    assert ablate.main(argv) == 0
+    root = tmp_path / "lr"
+    runs = {(c, s): root / c / f"seed{s}" for c in ("lr=1e-3", "lr=3e-3") for s in (0, 1)}
+    for (config, seed), run_dir in runs.items():
+        tag = json.loads((run_dir / "ablation.json").read_text())
+        assert (tag["ablation"], tag["config"], tag["seed"], tag["exit_code"]) == ("lr", config, seed, 0)
+        cfg = json.loads((run_dir / "config.json").read_text())
+        assert cfg["optim"]["lr"] == float(config.split("=")[1]) and cfg["train"]["seed"] == seed
+        assert cfg["tracking"]["run_name"] == f"lr/{config}/seed{seed}"
+    # seeds differ, configs differ: the runs really were distinct
+    finals = {k: read_metrics(d)[-1] for k, d in runs.items()}
+    assert finals[("lr=1e-3", 0)]["loss"] != finals[("lr=1e-3", 1)]["loss"]
+    assert finals[("lr=3e-3", 0)]["loss"] < finals[("lr=1e-3", 0)]["loss"]
+
+    text = (root / "results.md").read_text()
+    assert text.startswith("# Ablation: lr") and "launch/ablate.py lr --vary" in text and "- git: " in text
+    rows = table_rows(text)
+    assert set(rows) == {"lr=1e-3", "lr=3e-3"}
+    for config, row in rows.items():
+        assert row["seeds"] == "0, 1"
+        losses = [finals[(config, s)]["loss"] for s in (0, 1)]
+        mean, spread = parse_cell(row["train loss (final)"])
+        assert mean == pytest.approx(statistics.fmean(losses), abs=1e-4)
+        assert spread == pytest.approx(statistics.stdev(losses), abs=1e-4)
+        vals = [finals[(config, s)]["val_loss"] for s in (0, 1)]
+        assert parse_cell(row["val loss (final)"])[0] == pytest.approx(statistics.fmean(vals), abs=1e-4)
+        for column in ("val loss (best)", "exact match", "tokens/s", "peak mem (GiB)"):
+            assert parse_cell(row[column])[0] >= 0
+        assert parse_cell(row["tokens/s"])[0] > 0
+    for name in ("loss.png", "throughput.png"):
+        path = root / name
+        assert png_size(path) == (700, 400) and path.stat().st_size > 10_000  # curves drawn, not a blank canvas
+
+    # the same command again: nothing reruns, the table is rebuilt from the same runs
+    before = {k: (d / "metrics.jsonl").stat().st_mtime_ns for k, d in runs.items()}
+    assert ablate.main(argv) == 0
+    assert before == {k: (d / "metrics.jsonl").stat().st_mtime_ns for k, d in runs.items()}
+
+
+def test_grid_labels_and_planned_commands(tmp_path):
+    assert ablate.label(["--lr", "1e-3", "--packing"]) == "lr=1e-3,packing"
+    assert ablate.label([]) == "base"
+    configs = ablate.grid([" | --packing", "--attn sdpa | --attn eager"])
+    assert [c[0] for c in configs] == ["attn=sdpa", "attn=eager", "packing,attn=sdpa", "packing,attn=eager"]
+    args = ablate.parse_args(["pk", "--vary", " | --packing", "--seeds", "3", "--out", str(tmp_path),
+                              "--", "--max-steps", "5", "--wandb"])
+    [base, packed] = ablate.plan(args)
+    assert packed["train_args"] == ["--max-steps", "5", "--wandb", "--packing", "--seed", "3", "--output-dir",
+                                    str(tmp_path / "pk/packing/seed3"), "--run-name", "pk/packing/seed3",
+                                    "--wandb-group", "pk", "--wandb-tags", "pk", "packing"]
+    assert base["config"] == "base" and "--packing" not in base["train_args"]
+    with pytest.raises(SystemExit):
+        ablate.grid(["--lr 1e-3 | --lr 1e-3"])  # two configs with one name
+
+
+def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
+    from test_launch import FAKES, calls
+
+    monkeypatch.chdir(ROOT)
+    argv = ["pk", "--vary", "--lr 1e-3 | --lr 3e-3", "--seeds", "0", "1", "--out", str(tmp_path), "--slurm",
+            "--gpus-per-node", "2", "--parallel", "2", "--", "--max-steps", "50"]
+    assert ablate.main(argv) == 0
+    script = (tmp_path / "pk/array.sbatch").read_text()
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert {"#SBATCH --array=0-3%2", "#SBATCH --job-name=ablate-pk", "#SBATCH --nodes=1",
+            "#SBATCH --gpus-per-node=2", "#SBATCH --requeue"} <= set(header)
+    assert len({line.split("=")[0] for line in header}) == len(header)  # no option twice
+    runs = ablate.plan(ablate.parse_args(argv))
+    assert all(json.loads((tmp_path / f"pk/{r['config']}/seed{r['seed']}/ablation.json").read_text())["config"]
+               == r["config"] for r in runs)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKES.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    for task in (1, 4):
+        log = tmp_path / f"calls{task}.log"
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "PYTHON": "true",
+               "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": str(task),
+               "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
+               "SLURM_SUBMIT_DIR": str(ROOT)}
+        proc = subprocess.run(["bash", str(tmp_path / "pk/array.sbatch")], env=env, capture_output=True,
+                              text=True, timeout=60)
+        if task == 4:  # past the end of the array
+            assert proc.returncode == 1 and "no run for array task 4" in proc.stderr
+            continue
+        assert proc.returncode == 0, proc.stderr
+        [torchrun] = calls(log, "torchrun")
+        assert torchrun[:10] == ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv_id", "77", "--rdzv_backend",
+                                 "c10d", "--rdzv_endpoint", "gpu-node-07:29500"]  # the fake scontrol's head node
+        assert torchrun[10:] == ["train.py", "--resume", "auto", *runs[task]["train_args"]]
+        assert shlex.join(runs[task]["train_args"]).endswith(
+            f"--lr 1e-3 --seed 1 --output-dir {tmp_path}/pk/lr=1e-3/seed1 --run-name pk/lr=1e-3/seed1")
+
+
+def _fake_run(run_dir, lr, seed, losses, tok_s, mem):
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"optim": {"lr": lr}, "train": {"seed": seed,
+                                                     "output_dir": str(run_dir)}}))
+    (run_dir / "run.json").write_text(json.dumps({"git_sha": "abc123", "device": "cpu", "world_size": 1,
+                                                  "versions": {"torch": "2.x"}}))
+    rows = [{"step": 0, "val_loss": 9.0}] + [
+        {"step": s + 1, "loss": loss, "tokens_per_s": tok, "peak_mem_gib": mem}
+        for s, (loss, tok) in enumerate(zip(losses, tok_s))]
+    rows[-1]["val_loss"] = losses[-1] + 0.5
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_compare_groups_untagged_runs_by_differing_flags(tmp_path):
+    _fake_run(tmp_path / "a", 0.001, 0, [3.0, 2.0, 1.0], [999, 100, 300], 1.0)
+    _fake_run(tmp_path / "b", 0.001, 1, [3.0, 2.0, 1.2], [999, 200, 400], 1.5)
+    _fake_run(tmp_path / "c", 0.003, 0, [3.0, 1.0, 0.5], [999, 100, 100], 2.0)
+    assert compare.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    rows = table_rows((tmp_path / "report/results.md").read_text())
+    assert set(rows) == {"lr=0.001", "lr=0.003"}
+    a = rows["lr=0.001"]
+    assert a["seeds"] == "0, 1"
+    assert parse_cell(a["train loss (final)"]) == pytest.approx((1.1, statistics.stdev([1.0, 1.2])), abs=1e-4)
+    assert parse_cell(a["val loss (best)"]) == pytest.approx((1.6, statistics.stdev([1.5, 1.7])), abs=1e-4)
+    assert parse_cell(a["tokens/s"])[0] == pytest.approx(250)  # windows after step 1: (200 + 300) / 2 per run
+    assert parse_cell(a["peak mem (GiB)"]) == pytest.approx((1.25, statistics.stdev([1.0, 1.5])), abs=1e-2)
+    assert rows["lr=0.003"]["train loss (final)"] == "0.5000"  # one seed: no spread
+    assert png_size(tmp_path / "report/loss.png") == (700, 400)
+
+
+def test_compare_reads_a_wandb_group(tmp_path, monkeypatch):
+    history = [{"_step": 0, "eval/val_loss": 5.0}, {"_step": 1, "train/loss": 4.0, "perf/tokens_per_s": 10.0},
+               {"_step": 2, "train/loss": 3.0, "perf/tokens_per_s": 30.0, "mem/peak_gib": 2.0, "eval/val_loss": 2.5}]
+    fake_run = types.SimpleNamespace(url="https://wandb.ai/e/p/runs/x", scan_history=lambda: history,
+                                     config={"optim": {"lr": 0.001}, "train": {"seed": 0}, "run": {"device": "H100"}})
+    seen = {}
+
+    class Api:
+        def runs(self, path, filters):
+            seen.update(path=path, filters=filters)
+            return [fake_run]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=Api))
+    assert compare.main(["--wandb-group", "e/p/lr", "--out", str(tmp_path)]) == 0
+    assert seen == {"path": "e/p", "filters": {"group": "lr"}}
+    text = (tmp_path / "results.md").read_text()
+    row = table_rows(text)["all runs"]
+    assert (row["train loss (final)"], row["val loss (best)"], row["tokens/s"]) == ("3.0000", "2.5000", "30")
+    assert "device: H100" in text

@@ -1,0 +1,135 @@
+"""launch/: slurm.sbatch and torchrun.sh rendered with fake SLURM variables and fake srun / torchrun /
+scontrol on PATH that record their arguments; the preemption path (SIGUSR1 -> ranks -> requeue);
+sweep.yaml's command parses with train.py's CLI."""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+FAKES = {
+    # srun: record, drop its own options, run the command; pass SIGUSR1 on to it (as srun does)
+    "srun": """echo "srun $*" >> "$FAKE_LOG"
+while [[ "$1" == --* ]]; do shift; done
+trap 'echo "srun: USR1" >> "$FAKE_LOG"; kill -USR1 $child; wait $child; exit $?' USR1
+"$@" & child=$!
+wait $child""",
+    # torchrun: record; with FAKE_HOLD, wait for SIGUSR1 like a training run that saves and exits 0
+    "torchrun": """echo "torchrun $*" >> "$FAKE_LOG"
+if [[ -n "${FAKE_HOLD:-}" ]]; then
+    trap 'echo "torchrun: USR1" >> "$FAKE_LOG"; exit 0' USR1
+    echo "torchrun: started" >> "$FAKE_LOG"
+    for i in $(seq 300); do sleep 0.1; done
+    exit 1
+fi""",
+    "scontrol": """echo "scontrol $*" >> "$FAKE_LOG"
+[[ "$1 $2" == "show hostnames" ]] && printf 'gpu-node-07\\ngpu-node-08\\n'
+exit 0""",
+}
+
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKES.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "PYTHON": sys.executable,
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "sft", "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32", "SLURM_SUBMIT_DIR": str(ROOT)}
+    for key in ("RUN_DIR", "MASTER_PORT", "GPUS_PER_NODE", "OMP_NUM_THREADS", "NPROC", "TORCHRUN"):
+        env.pop(key, None)
+    return env, log
+
+
+def calls(log, program: str) -> list[list[str]]:
+    return [shlex.split(line)[1:] for line in log.read_text().splitlines() if line.startswith(program + " ")]
+
+
+def test_slurm_sbatch_runs_torchrun_per_node_with_c10d_rendezvous(fake_cluster):
+    env, log = fake_cluster
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", "--model", "tiny-llama", "--max-steps", "2"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [srun] = calls(log, "srun")
+    assert "--ntasks-per-node=1" in srun and "--kill-on-bad-exit=1" in srun
+    [torchrun] = calls(log, "torchrun")
+    assert torchrun == ["--nnodes", "2", "--nproc_per_node", "4", "--rdzv_id", "4242", "--rdzv_backend", "c10d",
+                        "--rdzv_endpoint", "gpu-node-07:29500", "train.py", "--resume", "auto",
+                        "--output-dir", "runs/sft-4242", "--model", "tiny-llama", "--max-steps", "2"]
+    out = proc.stdout
+    assert "job 4242 (restart 0): 2 node(s) x 4 GPUs [gpu-node-[07-08]], rendezvous gpu-node-07:29500" in out
+    assert "OMP_NUM_THREADS=8" in out and "NCCL_DEBUG=WARN" in out and "SLURM_JOB_NODELIST=gpu-node-[07-08]" in out
+    assert "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in out
+    assert "== python 3." in out and "torch 2." in out  # versions logged
+    header = (ROOT / "launch/slurm.sbatch").read_text()
+    assert "#SBATCH --requeue" in header and "#SBATCH --signal=B:USR1@" in header
+
+
+def test_slurm_sbatch_time_limit_signal_checkpoints_and_requeues(fake_cluster):
+    env, log = fake_cluster
+    env = {**env, "FAKE_HOLD": "1", "RUN_DIR": "runs/my-run", "PYTHON": "true"}
+    proc = subprocess.Popen(["bash", "launch/slurm.sbatch", "--lora"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while "torchrun: started" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None, "the fake torchrun never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` does before the time limit
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    lines = log.read_text().splitlines()
+    assert lines.index("srun: USR1") < lines.index("torchrun: USR1") < lines.index("scontrol requeue 4242")
+    assert calls(log, "torchrun")[0][-5:] == ["--resume", "auto", "--output-dir", "runs/my-run", "--lora"]
+    assert "SIGUSR1 (time limit near)" in out and "srun exited with status 0" in out
+
+
+def test_torchrun_sh_passes_arguments_through(fake_cluster):
+    env, log = fake_cluster
+    env = {**env, "NPROC": "3"}
+    proc = subprocess.run(["bash", "launch/torchrun.sh", "--model", "tiny-qwen2", "--lr", "1e-4"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(log, "torchrun") == [["--standalone", "--nproc_per_node", "3", "train.py",
+                                       "--model", "tiny-qwen2", "--lr", "1e-4"]]
+
+
+def _args_no_boolean_flags(params: dict) -> list[str]:
+    """What W&B's ${args_no_boolean_flags} passes: --key=value, and a bare --key for a true boolean."""
+    out = []
+    for key, value in params.items():
+        if value is True:
+            out.append(f"--{key}")
+        elif value is not False:
+            out.append(f"--{key}={value}")
+    return out
+
+
+@pytest.mark.parametrize("pick", [0, -1])
+def test_sweep_yaml_commands_parse(pick):
+    import train
+
+    sweep = yaml.safe_load((ROOT / "launch/sweep.yaml").read_text())
+    assert sweep["command"][-1] == "${args_no_boolean_flags}" and sweep["program"] == "train.py"
+    params = {}
+    for key, spec in sweep["parameters"].items():
+        if "value" in spec:
+            params[key] = spec["value"]
+        elif "values" in spec:
+            params[key] = spec["values"][pick]
+        else:
+            params[key] = spec["min"] if pick == 0 else spec["max"]
+    cfg = train.parse_config(_args_no_boolean_flags(params))
+    assert cfg.tracking.wandb and cfg.optim.lr == params["lr"]
+    assert cfg.packing.packing is params["packing"] and cfg.train.max_steps == params["max-steps"]
+    assert cfg.train.micro_batch_size == params["micro-batch-size"]
+    assert sweep["metric"]["name"] == "eval/val_loss"  # a key features/tracking.py logs
