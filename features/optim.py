@@ -3,7 +3,10 @@
     python train.py --lr 2e-4 --warmup-steps 20 --lr-schedule cosine --min-lr-ratio 0.1
 
 Weight decay applies to matrices only (not to norms or biases). AdamW is the fused CUDA kernel
-on GPU and the foreach implementation elsewhere. Only parameters that require grad are given to
+on GPU and the foreach implementation elsewhere; `--optimizer adamw-8bit` is bitsandbytes' 8-bit
+AdamW (block-wise quantized moments: 2 bytes of state per parameter instead of 8, for full
+fine-tuning where the optimizer state is the largest piece of memory; Dettmers et al., "8-bit
+Optimizers via Block-wise Quantization", 2022). Only parameters that require grad are given to
 the optimizer, so a frozen base costs no optimizer memory or time.
 """
 
@@ -13,9 +16,13 @@ from typing import Literal
 
 import torch
 
+from features import UserError
+
 
 @dataclasses.dataclass
 class OptimConfig:
+    optimizer: Literal["adamw", "adamw-8bit"] = "adamw"
+    """adamw (torch; fused on CUDA) or adamw-8bit (bitsandbytes: 8-bit moments, a quarter of the state memory)."""
     lr: float = 2e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -40,9 +47,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.lr, eps=cfg.adam_eps, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    if cfg.optimizer == "adamw-8bit":
+        try:
+            import bitsandbytes
+        except ImportError as e:
+            raise UserError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes") from e
+        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
     fused = device.type == "cuda"
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, eps=cfg.adam_eps,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused, foreach=not fused)
+    return torch.optim.AdamW(groups, **kwargs, fused=fused, foreach=not fused)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
