@@ -185,6 +185,8 @@ def _row_mask(info: RowInfo, inner: str, dtype: torch.dtype, window: int | None)
                 return ok & (q - k < window) if window else ok
             seq = doc.shape[1]
             info.masks[key] = create_block_mask(document_causal, doc.shape[0], None, seq, seq, device=doc.device)
+        elif inner == "sdpa" and not window and bool((info.doc == 0).all()):
+            info.masks[key] = None  # one document per row: plain causal, SDPA's flash kernel (no S x S mask)
         else:
             visible = _visible(info.doc, window)
             info.masks[key] = visible if inner == "sdpa" else torch.zeros(

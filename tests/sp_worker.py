@@ -36,6 +36,16 @@ def packed_batch(swap: bool = False) -> dict:
     return collate_packed(rows[::-1] if swap else rows, 0)
 
 
+def single_document_batch() -> dict:
+    """Two rows of one 48-token document each (no packing, no padding): plain causal attention."""
+    from features.batches import collate_padded
+    from features.data import Sample
+
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(3, 300, (48,), generator=g).tolist() for _ in range(2)]
+    return collate_padded([Sample(ids, [-100] * 8 + ids[8:], 8) for ids in docs], 0)
+
+
 def new_model(preset: str):
     import transformers
 
@@ -116,7 +126,8 @@ def ring_leak(group) -> dict:
 
 
 def run(rank: int, world: int, port: int, out_path: str, cases: list[str]) -> None:
-    """cases: "preset/mode/backend" strings, e.g. "tiny-llama/ulysses/sdpa"."""
+    """cases: "preset/mode/backend[/single]" strings, e.g. "tiny-llama/ulysses/sdpa"; /single: rows
+    of one document each instead of packed rows."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -124,17 +135,17 @@ def run(rank: int, world: int, port: int, out_path: str, cases: list[str]) -> No
         from features.loss import forward_loss_sum
 
         group = dist.new_group(list(range(world)))
-        batch = packed_batch()
         results = {"ring_leak": ring_leak(group)}
-        for preset in dict.fromkeys(case.split("/")[0] for case in cases):
+        for preset, rows in dict.fromkeys((case.split("/")[0], case.count("/single")) for case in cases):
+            batch = single_document_batch() if rows else packed_batch()
             model = new_model(preset)
             reference = copy.deepcopy(model)
             loss = forward_loss_sum(reference, batch)
             loss.backward()
             ref = (loss.item(), grads(reference))
             for case in cases:
-                name, mode, inner = case.split("/")
-                if name == preset:
+                name, mode, inner = case.split("/")[:3]
+                if (name, case.count("/single")) == (preset, rows):
                     results[case] = compare(ref, model, mode, inner, group, batch)
         if rank == 0:
             Path(out_path).write_text(json.dumps(results, indent=1))

@@ -83,7 +83,8 @@ def _spawn(world, cases, tmp_path) -> dict:
 @pytest.mark.parametrize("world,cases", [
     (2, ["tiny-llama/ulysses/sdpa", "tiny-llama/ulysses/eager", "tiny-llama/ring/sdpa",
          "tiny-qwen2/ulysses/sdpa", "tiny-qwen2/ring/sdpa",         # grouped-query attention
-         "tiny-mistral/ulysses/sdpa", "tiny-mistral/ring/sdpa"]),   # sliding window (16 < a document)
+         "tiny-mistral/ulysses/sdpa", "tiny-mistral/ring/sdpa",     # sliding window (16 < a document)
+         "tiny-llama/ulysses/sdpa/single", "tiny-llama/ring/sdpa/single"]),  # one document per row: no mask
     (4, ["tiny-llama/ulysses/sdpa", "tiny-llama/ring/sdpa", "tiny-qwen2/ring/sdpa"]),  # ring: 2 kv heads < 4 ranks
 ])
 def test_ulysses_and_ring_match_one_process(world, cases, tmp_path):
