@@ -1,13 +1,16 @@
 """nanotune vs the peer (HF Trainer + peft), LoRA, one command, one table (GPU).
 
     python benchmarks/lora.py --model llama3-8b --seq-len 4096 --steps 20 --out benchmarks/results/lora.md
+    python benchmarks/lora.py --qlora ...            # NF4 base on both sides
+    python benchmarks/lora.py --full --model llama3.2-1b --peer-rows "--liger --micro-batch-size 4" \
+        --rows "--attn flash --compile --micro-batch-size 4"   # full fine-tuning (6N FLOPs per token)
 
 Both sides: the same preset shape with random weights, bf16 base, LoRA r=16 on every linear layer
 of the decoder, micro-batch 1, full-length rows (the peer: random token ids; nanotune: random
 text in --dataset-format pretrain blocks, so no padding either). Each row is a separate process.
 Throughput: the peer's median CUDA-synchronised step time after 5 warm-up steps; nanotune's
 tokens/s over its last logging window (steps 11-20). MFU: model FLOPs (features/model.py
-train_flops: 4N per token for a frozen base + attention 12 * layers * heads * head_dim * seq)
+train_flops: 4N per token for a frozen base, 6N when every weight trains, + attention 12 * layers * heads * head_dim * seq)
 against the 989 TFLOP/s datasheet peak and the 783 TFLOP/s measured bf16 matmul ceiling.
 """
 
@@ -40,10 +43,10 @@ def run_peer(args, extra: list[str], tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def run_nanotune(args, extra: list[str], data: Path, tmp: Path) -> dict:
+def run_nanotune(args, extra: list[str], data: Path, tmp: Path, fmt: str = "pretrain") -> dict:
     out = tmp / f"nt{len(list(tmp.glob('nt*')))}"
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--seq-len", str(args.seq_len),
-           "--dataset", str(data), "--dataset-format", "pretrain", "--val-dataset", "none",
+           "--dataset", str(data), "--dataset-format", fmt, "--val-dataset", "none",
            "--micro-batch-size", "1", "--max-steps", str(args.steps), "--log-every", "10", "--warmup-steps", "0",
            "--lr", "1e-4", "--eval-exact-match", "0", "--skip-export", "--output-dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -79,6 +82,7 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--qlora", action="store_true", help="QLoRA on both sides instead of LoRA")
+    p.add_argument("--full", action="store_true", help="full fine-tuning on both sides instead of LoRA")
     p.add_argument("--rows", nargs="+", default=["--attn flash", "--attn flash --lora-kernels"],
                    help="nanotune rows: extra train.py flags for each (a later --micro-batch-size wins)")
     p.add_argument("--peer-rows", nargs="+", default=["--gradient-checkpointing --liger", "--gradient-checkpointing"],
@@ -88,9 +92,11 @@ def main():
     data = random_text(tmp / "random.jsonl", docs=args.steps * 5, letters=args.seq_len + 64)
     lora = ["--qlora" if args.qlora else "--lora", "--lora-rank", "16", "--precision", "bf16"]
     q = ["--qlora"] if args.qlora else []
+    if args.full:  # every weight trains: no adapter on either side
+        lora, q = ["--precision", "bf16"], ["--full"]
     rows = []
     for settings in ([] if args.skip_peer else args.peer_rows):
-        rows.append(("peer", "SDPA " + settings + " --qlora (NF4)" * args.qlora, run_peer(args, [*settings.split(), *q], tmp)))
+        rows.append(("peer", "SDPA " + settings + " ".join([""] + q), run_peer(args, [*settings.split(), *q], tmp)))
         print(rows[-1], flush=True)
     for settings in (r.split() for r in args.rows):
         rows.append(("nanotune", " ".join(lora + settings), run_nanotune(args, lora + settings, data, tmp)))

@@ -6,7 +6,11 @@
 Same shapes as nanotune's presets (features/model.py), base weights in bf16, `bf16=True`, SDPA,
 LoRA on every linear layer of the decoder, random token ids of full length (no padding). With
 --qlora: the decoder linears in NF4 (double quantization, bf16 compute) and peft's
-prepare_model_for_kbit_training, the standard QLoRA recipe. Step
+prepare_model_for_kbit_training, the standard QLoRA recipe. With --full: no adapter, every
+weight trains (bf16 weights, the Trainer's AdamW). With --data FILE (jsonl of {"text"}): those
+documents, tokenized by the presets' tokenizer, batched the Trainer's way (padded to the longest
+of each micro-batch, optionally --group-by-length, or --padding-free: transformers'
+DataCollatorWithFlattening, its packing option); tokens/s then counts real tokens only. Step
 time is measured with CUDA synchronisation around each optimizer step, over the steps after
 `--warmup` ones; the Trainer's own logged loss and grad norm are kept, so a run that does not
 train cannot pass for fast. Prints one JSON object (and writes it to --out).
@@ -47,17 +51,52 @@ def build(args):
                                 bnb_4bit_compute_dtype=torch.bfloat16)
         model = peft.prepare_model_for_kbit_training(quantize_base(model, qc),
                                                      use_gradient_checkpointing=args.gradient_checkpointing)
+    if args.full:
+        return model, train_flops(model)
     lora = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
                            lora_dropout=0.0, task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
     return model, train_flops(model)
 
 
-class Timer(TrainerCallback):
-    """Wall time of each optimizer step (CUDA-synchronised), and the Trainer's logs."""
+def dataset(args, vocab: int):
+    """(train dataset, collator): random full-length rows, or --data's documents."""
+    import datasets
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, default_data_collator
 
-    def __init__(self):
+    if not args.data:
+        rows = torch.randint(0, vocab, (args.steps * args.micro_batch_size, args.seq_len)).tolist()
+        return datasets.Dataset.from_dict({"input_ids": rows, "labels": rows}), default_data_collator
+    from features.model import ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(path=args.model))
+    texts = [json.loads(line)["text"] for line in Path(args.data).read_text().splitlines()]
+    ids = [t[:args.seq_len] for t in tok(texts, add_special_tokens=True)["input_ids"]]
+    data = datasets.Dataset.from_dict({"input_ids": ids})
+    if args.padding_free:
+        return data, DataCollatorWithFlattening()
+    return data, DataCollatorForLanguageModeling(tok, mlm=False)
+
+
+class Counted:
+    """A collator wrapper that queues each batch's real tokens and sum of squared document lengths
+    (the data loader may run a batch ahead of the step: the queue keeps them in step order)."""
+
+    def __init__(self, collator):
+        self.collator, self.queue = collator, []
+
+    def __call__(self, features):
+        lengths = [len(f["input_ids"]) for f in features]
+        self.queue.append((sum(lengths), sum(n * n for n in lengths)))
+        return self.collator(features)
+
+
+class Timer(TrainerCallback):
+    """Wall time of each optimizer step (CUDA-synchronised), real tokens per step, and the Trainer's logs."""
+
+    def __init__(self, collator: Counted):
         self.times, self.logs, self.t = [], [], None
+        self.tokens, self.sum_sq, self.collator = [], [], collator
 
     def on_step_begin(self, args, state, control, **kw):
         torch.cuda.synchronize()
@@ -66,6 +105,9 @@ class Timer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self.t)
+        tokens, sum_sq = self.collator.queue.pop(0)
+        self.tokens.append(tokens)
+        self.sum_sq.append(sum_sq)
 
     def on_log(self, args, state, control, logs=None, **kw):
         self.logs.append(dict(logs or {}))
@@ -82,29 +124,33 @@ def main():
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--liger", action="store_true")
     p.add_argument("--qlora", action="store_true")
+    p.add_argument("--full", action="store_true", help="full fine-tune: no adapter")
+    p.add_argument("--data", default=None, help="jsonl of {'text'}: real documents instead of random full rows")
+    p.add_argument("--group-by-length", action="store_true", help="with --data: the Trainer's length-grouped sampler")
+    p.add_argument("--padding-free", action="store_true", help="with --data: DataCollatorWithFlattening (packing)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    import datasets
     from transformers import Trainer, TrainingArguments
 
     model, (per_token, per_sq) = build(args)
-    vocab = model.config.vocab_size
-    rows = torch.randint(0, vocab, (args.steps * args.micro_batch_size, args.seq_len)).tolist()
-    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
-    timer = Timer()
+    data, collator = dataset(args, model.config.vocab_size)
+    collator = Counted(collator)
+    timer = Timer(collator)
     targs = TrainingArguments(output_dir="/tmp/peer", per_device_train_batch_size=args.micro_batch_size,
                               max_steps=args.steps, bf16=True, learning_rate=1e-4, logging_steps=1,
                               gradient_checkpointing=args.gradient_checkpointing, use_liger_kernel=args.liger,
-                              report_to=[], save_strategy="no", dataloader_num_workers=0, lr_scheduler_type="constant")
+                              report_to=[], save_strategy="no", dataloader_num_workers=0, lr_scheduler_type="constant",
+                              group_by_length=args.group_by_length, remove_unused_columns=False)
     torch.cuda.reset_peak_memory_stats()
-    Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer]).train()
-    step = statistics.median(timer.times[args.warmup:])
-    tokens = args.micro_batch_size * args.seq_len
-    flops = per_token * tokens + per_sq * args.micro_batch_size * args.seq_len ** 2
+    Trainer(model=model, args=targs, train_dataset=data, data_collator=collator, callbacks=[timer]).train()
+    timed = slice(args.warmup, None)
+    step = sum(timer.times[timed]) / len(timer.times[timed]) if args.data else statistics.median(timer.times[timed])
+    tokens = sum(timer.tokens[timed]) / len(timer.tokens[timed])  # real tokens per step
+    flops = per_token * tokens + per_sq * sum(timer.sum_sq[timed]) / len(timer.sum_sq[timed])
     losses = [round(l["loss"], 3) for l in timer.logs if "loss" in l]
     norms = [round(l["grad_norm"], 3) for l in timer.logs if "grad_norm" in l]
-    result = {"side": "peer (HF Trainer + peft)", "model": args.model, "seq_len": args.seq_len,
+    result = {"side": "peer (HF Trainer" + (")" if args.full else " + peft)"), "model": args.model, "seq_len": args.seq_len,
               "micro_batch_size": args.micro_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
               "liger": args.liger, "qlora": args.qlora, "step_s": step, "tokens_per_s": tokens / step,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tflops": flops / step / 1e12,
