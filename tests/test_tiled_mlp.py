@@ -94,3 +94,19 @@ def test_train_py_tiled_mlp_matches_plain(tmp_path, small_data):
     assert run_train(tmp_path / "tiled", *common, "--tiled-mlp", "--tiled-mlp-shards", "3") == 0
     for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "tiled"), strict=True):
         assert_same_metrics(a, b, ("loss", "val_loss", "grad_norm"), rel=1e-5)
+
+
+def test_backward_recomputes_under_the_forward_autocast(tok):
+    """bf16 autocast on CPU: the tiles are recomputed in bf16 as in forward (a dtype mismatch otherwise)."""
+    batch = _batch()
+    grads = []
+    for tiled in (False, True):
+        model = _model(tok).float()
+        if tiled:
+            model = apply_tiled_mlp(model, TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=4))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = forward_loss_sum(model, batch)
+        loss.backward()
+        grads.append(model.model.layers[1].mlp.up_proj.weight.grad)
+    assert grads[1].dtype == grads[0].dtype == torch.float32
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-2  # bf16 rounding only
