@@ -183,8 +183,9 @@ def sync_gradients(model: torch.nn.Module, sync: bool):
     FSDP2's set_requires_gradient_sync; DeepSpeed's engine reduces in its step() anyway)."""
     if type(model).__name__ == "DeepSpeedEngine":
         return contextlib.nullcontext()
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model  # FSDP's root under peft
+    if hasattr(root, "set_requires_gradient_sync"):
+        root.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()

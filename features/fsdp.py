@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 8 train.py --fsdp                       # FSDP2 over 8 ranks (ZeRO-3 style)
     torchrun --nproc_per_node 8 train.py --fsdp --dp-replicate 2      # HSDP: 2 replicas x 4 shards
-    torchrun --nproc_per_node 8 train.py --qlora --fsdp               # QLoRA + FSDP2 (4-bit base in bf16 storage)
+    torchrun --nproc_per_node 8 train.py --qlora --fsdp               # QLoRA + FSDP2 (4-bit base sharded too)
     torchrun --nproc_per_node 4 train.py --fsdp --fsdp-cpu-offload    # params, grads, optimizer on the CPU
     torchrun --nproc_per_node 4 train.py --ddp                        # plain DDP (the default with >1 rank)
 
@@ -13,7 +13,7 @@ scale (`Dist.grad_ranks`) accounts for. Mixed precision: with --precision bf16-m
 all-gathered params are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy).
 Reference: PyTorch FSDP2 (torch.distributed.fsdp.fully_shard), torchtitan's apply_fsdp.
 
-Works with: LoRA/QLoRA (4-bit base stored as --fsdp-quant-storage so it can be sharded), --tp
+Works with: LoRA/QLoRA (the packed 4-bit base is sharded like any weight), --tp
 (2-D FSDP x TP), activation checkpointing, sequence parallel, DCP checkpoints (resume on another
 world size). Refused with: --ddp together with --fsdp; --deepspeed; --tp or --cp > 1 with --ddp.
 """
@@ -39,8 +39,6 @@ class ShardingConfig:
     """Keep sharded params, grads and the optimizer step on the CPU (FSDP2 CPUOffloadPolicy)."""
     fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the gradient reduce-scatter with --precision bf16-mixed."""
-    fsdp_quant_storage: Literal["bf16", "fp32"] = "bf16"
-    """Storage dtype of a 4-bit (--qlora) base under --fsdp (bnb_4bit_quant_storage): FSDP shards it like any weight."""
 
 
 def validate(cfg: ShardingConfig, mesh: MeshConfig) -> None:
@@ -54,9 +52,12 @@ def validate(cfg: ShardingConfig, mesh: MeshConfig) -> None:
 
 
 def quantization_storage(qconfig, cfg: ShardingConfig):
-    """Store a 4-bit base in a float dtype FSDP can shard (bitsandbytes packs 2 values per element of it)."""
+    """--qlora --fsdp: a hub model's 4-bit base is loaded with bf16 storage (bnb_4bit_quant_storage:
+    the packed bytes viewed as bf16), the dtype of the weights around it, as FSDP-QLoRA recipes do.
+    FSDP2 shards any dtype and never casts non-float params, so a preset's uint8 storage shards too
+    (torch 2.13; checked in tests/test_distributed.py)."""
     if cfg.fsdp and qconfig is not None and getattr(qconfig, "load_in_4bit", False):
-        qconfig.bnb_4bit_quant_storage = torch.bfloat16 if cfg.fsdp_quant_storage == "bf16" else torch.float32
+        qconfig.bnb_4bit_quant_storage = torch.bfloat16
     return qconfig
 
 
@@ -84,7 +85,10 @@ def apply_fsdp(model, cfg: ShardingConfig, d: Dist, precision: str):
     blocks = _blocks(model)
     for i, block in enumerate(blocks):  # the last block is resharded by the root anyway: skip that work
         fully_shard(block, reshard_after_forward=not cfg.fsdp_keep_gathered and i < len(blocks) - 1, **kwargs)
-    fully_shard(model, reshard_after_forward=False, **kwargs)  # the root's weights are needed right back
+    # the root unit is the HF model itself, also under peft: PeftModel.generate calls the base model's
+    # generate, which would skip a root on the PeftModel wrapper (it holds no parameters of its own)
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fully_shard(root, reshard_after_forward=False, **kwargs)  # the root's weights are needed right back
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
     def reshard_after_no_grad_forward(module, args, output):
@@ -95,7 +99,7 @@ def apply_fsdp(model, cfg: ShardingConfig, d: Dist, precision: str):
                 unit.reshard()
         return output
 
-    model.register_forward_hook(reshard_after_no_grad_forward)
+    root.register_forward_hook(reshard_after_no_grad_forward)
     return model
 
 
@@ -154,5 +158,15 @@ def gather_full(model, d: Dist):
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if isinstance(p, DTensor):
-                module.register_parameter(name, torch.nn.Parameter(p.full_tensor(), p.requires_grad))
+                module.register_parameter(name, _full_parameter(module, name, p.full_tensor(), p.requires_grad))
     return model
+
+
+def _full_parameter(module, name: str, full: torch.Tensor, requires_grad: bool) -> torch.nn.Parameter:
+    quant_state = getattr(module, "quant_state", None)  # bitsandbytes Linear4bit keeps it for FSDP
+    if name != "weight" or quant_state is None:
+        return torch.nn.Parameter(full, requires_grad)
+    import bitsandbytes as bnb  # --qlora: the packed 4-bit bytes (FSDP stored them as --fsdp-quant-storage)
+
+    return bnb.nn.Params4bit(full.view(torch.uint8), requires_grad=False, quant_state=quant_state,
+                             quant_type=quant_state.quant_type, module=module, bnb_quantized=True)

@@ -84,6 +84,21 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
             assert got[step]["tokens"] == two[step]["tokens"], (name, step)
 
 
+@pytest.mark.slow
+def test_qlora_fsdp_two_ranks_match_one_process(tmp_path, small_data):
+    """QLoRA + FSDP2: the 4-bit base (bitsandbytes on CPU) and the adapters sharded over 2 ranks train
+    like one process; the export gathers the packed 4-bit weights back for the adapter + base files."""
+    common = ["--dataset", str(small_data), "--max-steps", "2", "--log-every", "1", "--packing", "--seq-len", "256",
+              "--eval-exact-match", "0", "--seed", "7", "--device", "cpu", "--qlora", "--lora-rank", "4"]
+    assert run_train(tmp_path / "one", *common, "--micro-batch-size", "8", "--skip-export") == 0
+    _torchrun(2, 29544, "train.py", *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
+    one, two = read_metrics(tmp_path / "one")[1:], read_metrics(tmp_path / "two")[1:]
+    for a, b in zip(two, one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert (tmp_path / "two" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "two" / "final" / "base" / "model.safetensors").is_file()
+
+
 def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
     assert mesh_shape(MeshConfig(), 1) == (1, 1, 1, 1)
     assert mesh_shape(MeshConfig(dp_replicate=2, tp=2), 8) == (2, 2, 1, 2)
