@@ -93,7 +93,7 @@ def _reserve(fd: int, nbytes: int) -> None:
 
 class _Packed:
     """One offloaded activation: its host copy, the event that says the copy out is done, and
-    (after a prefetch) the device copy on its way back."""
+    (after a prefetch) the device copy on its way back with the event that says it arrived."""
 
     __slots__ = ("host", "device", "event", "back", "prev", "__weakref__")
 
@@ -159,8 +159,14 @@ class Offloader:
     def unpack(self, packed):
         if not isinstance(packed, _Packed):
             return packed
-        out = packed.back if packed.back is not None else self._copy_back(packed)
-        packed.back = None
+        if packed.back is not None:  # prefetched on the side stream: wait for that copy only
+            out, done = packed.back
+            packed.back = None
+            current = torch.cuda.current_stream(packed.device)
+            current.wait_event(done)
+            out.record_stream(current)  # allocated on the side stream, used on this one
+        else:
+            out = self._copy_back(packed)
         self._prefetch_before(packed)
         return out
 
@@ -170,10 +176,17 @@ class Offloader:
         return packed.host.to(packed.device, non_blocking=self.cuda and self.store.kind == "cpu")
 
     def _prefetch_before(self, packed: _Packed) -> None:
-        """Backward runs in reverse: start copying back the activation packed just before this one."""
+        """Backward runs in reverse: copy back the activation packed just before this one on the
+        side stream, while this part of backward computes (with --ac full: the previous block's input)."""
         prev = packed.prev() if packed.prev is not None else None
-        if self.cuda and self.store.kind == "cpu" and prev is not None and prev.back is None:
-            prev.back = self._copy_back(prev)
+        if not self.cuda or self.store.kind != "cpu" or prev is None or prev.back is not None:
+            return
+        self.stream.wait_event(prev.event)
+        with torch.cuda.stream(self.stream):
+            out = prev.host.to(prev.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        prev.back = (out, done)
 
     def start(self, params) -> None:
         self.seen.clear()
