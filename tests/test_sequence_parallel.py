@@ -120,3 +120,36 @@ def test_train_py_with_cp_2_matches_one_process(tmp_path, small_data):
                 if key in b:
                     assert a[key] == pytest.approx(b[key], rel=1e-5), (name, key, a, b)
             assert a.get("tokens") == b.get("tokens")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("mode,attn,precision,rel", [
+    ("ulysses", "sdpa", "fp32", 1e-4), ("ring", "sdpa", "fp32", 1e-4),
+    ("ulysses", "flash", "bf16", 2e-2), ("ulysses", "flex", "bf16", 2e-2),  # bf16: reduction order differs
+])
+def test_gpu_two_gpus_match_one(mode, attn, precision, rel, tmp_path, small_data):
+    """train.py on 2 GPUs with --cp 2 == 1 GPU, packed rows, the same --attn and precision."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    common = [str(ROOT / "train.py"), "--dataset", str(small_data), "--max-steps", "3", "--log-every", "1",
+              "--seed", "5", "--packing", "--seq-len", "512", "--micro-batch-size", "2", "--skip-export",
+              "--eval-exact-match", "0", "--attn", attn, "--precision", precision, "--model", "llama3.2-1b"]
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    one = subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), *common, "--cp", "2", "--sp-mode", mode, "--output-dir",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    print(f"{mode} {attn} {precision}: 2 GPUs: losses {[m.get('loss') for m in a]} vs 1 GPU {[m.get('loss') for m in b]}")
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "val_loss"):
+            if key in y:
+                assert x[key] == pytest.approx(y[key], rel=rel), (key, x, y)
