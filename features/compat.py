@@ -67,7 +67,8 @@ FEATURES = [
     Feature("--packing", "packing.packing"),
     Feature("--alst", "alst.alst"),
     Feature("--skip-bad-samples", "data.skip_bad_samples"),
-    # 1. model loading: attention backends (sdpa is the default)
+    # 1. model loading: attention backends (auto: flash on a CUDA GPU when installed, else sdpa)
+    Feature("--attn sdpa", "attention.attn", "sdpa"),
     Feature("--attn eager", "attention.attn", "eager"),
     Feature("--attn flex", "attention.attn", "flex",
             cuda="FlexAttention has no backward pass on CPU (torch 2.13); use --attn sdpa (the same masks)"),
@@ -129,7 +130,8 @@ FEATURES = [
     Feature("--loss liger", "loss.loss", "liger", cuda=_NO_GPU_TRITON),
     # quantized bases
     Feature("--gptq", "gptq.gptq", lambda v: bool(v), cuda="GPTQ kernels run on CUDA GPUs"),
-    # run
+    # optimizer, run
+    Feature("--optimizer adamw-8bit", "optim.optimizer", "adamw-8bit"),
     Feature("--wandb", "tracking.wandb"),
 ]
 

@@ -12,7 +12,10 @@ Sources: local .jsonl / .json / .parquet / .csv files, or a Hugging Face hub id.
   pretrain    {"text"}                                  documents joined with eos, cut into --seq-len blocks
 Prompt tokens are masked from the loss (label -100) unless --train-on-inputs. Samples longer
 than --seq-len are dropped (or cut with --truncation truncate) and counted; a malformed record
-stops the run with its file and line.
+(bad JSON or UTF-8, wrong types, missing fields, empty responses, unknown chat roles, strings with
+lone surrogates) stops the run with one line naming its file and line, or with --skip-bad-samples
+is skipped and counted (`skipped_bad` in the data stats, with the first reason as `first_bad`).
+tests/test_fuzz_data.py fuzzes this with hypothesis.
 """
 
 import dataclasses
@@ -51,6 +54,12 @@ class DataConfig:
     """Also train on prompt tokens (by default only responses are in the loss)."""
     truncation: Literal["drop", "truncate"] = "drop"
     """What to do with samples longer than --seq-len: drop them or cut them (both are counted)."""
+    skip_bad_samples: bool = False
+    """Skip malformed records (bad JSON, wrong types, missing fields, unknown roles, ...) and count them, instead of stopping at the first."""
+
+
+class BadRecord(UserError):
+    """One malformed record, named by file and line: stops the run, or is skipped with --skip-bad-samples."""
 
 
 @dataclasses.dataclass
@@ -72,29 +81,36 @@ Record = tuple[dict, str]  # (the record, where it came from: "file:line")
 # ---------------------------------------------------------------------------- loading records
 
 
+def _parse_line(raw: bytes, where: str):
+    """One jsonl line: its value, None for a blank line, or a BadRecord saying what is wrong."""
+    try:
+        line = raw.decode("utf-8").strip().lstrip("\ufeff")  # a byte-order mark is not an error
+    except UnicodeDecodeError as e:
+        return BadRecord(f"{where}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8")
+    if not line:
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadRecord(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line")
+    except RecursionError:
+        return BadRecord(f"{where}: JSON nested too deeply to read; fix or remove the line")
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
     for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
         where = f"{path}:{n}"
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise UserError(f"{where}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8")
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line")
-        records.append((record, where))
+        if (record := _parse_line(raw, where)) is not None:
+            records.append((record, where))
     return records
 
 
 def _read_json(path: Path) -> list[Record]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid UTF-8 JSON ({e}); a .json dataset is one array of objects")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {e}); a .json dataset is one array of objects")
     if not isinstance(data, list):
         raise UserError(f"{path}: a .json dataset must be an array of objects (use .jsonl for one per line)")
     return [(r, f"{path}: item {i}") for i, r in enumerate(data)]
@@ -156,27 +172,37 @@ def _sibling_val_file(train: Path) -> Path | None:
 
 def detect_format(record: dict, where: str) -> str:
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         return "chat"
     if "instruction" in record and "output" in record:
         return "alpaca"
     if "text" in record or ("prompt" in record and "completion" in record):
         return "completion"
-    raise UserError(f"{where}: cannot tell the format from keys {sorted(record)}; expected messages, "
+    raise BadRecord(f"{where}: cannot tell the format from keys {sorted(record)}; expected messages, "
                     f"instruction+output, prompt+completion or text (or pass --dataset-format)")
 
 
 def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) -> str:
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
     value = record.get(key)
     if value is None and not required:
         return ""
     if not isinstance(value, str):
         got = "missing" if key not in record else f"a {type(value).__name__}"
-        raise UserError(f"{where}: {fmt} records need a string {key!r} ({got})")
-    return value
+        raise BadRecord(f"{where}: {fmt} records need a string {key!r} ({got})")
+    return _encodable(value, where, repr(key))
+
+
+def _encodable(text: str, where: str, what: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer encodes; name them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRecord(f"{where}: {what} holds invalid Unicode (a lone surrogate at character {e.start}); "
+                        f"fix the string") from None
+    return text
 
 
 def _prompt_response(record: dict, fmt: str, where: str) -> tuple[str, str]:
@@ -198,7 +224,7 @@ def _encode(tok, text: str, first: bool) -> list[int]:
 def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
     prompt, response = _prompt_response(record, fmt, where)
     if not response.strip():
-        raise UserError(f"{where}: empty response; every {fmt} record needs text to train on")
+        raise BadRecord(f"{where}: empty response; every {fmt} record needs text to train on")
     prompt_ids = _encode(tok, prompt, first=True) if prompt else []
     response_ids = _encode(tok, response, first=not prompt) + [tok.eos_token_id]
     ids = prompt_ids + response_ids
@@ -208,14 +234,15 @@ def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
 def _check_messages(record, where) -> list[dict]:
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: chat records need a non-empty list 'messages'")
+        raise BadRecord(f"{where}: chat records need a non-empty list 'messages'")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: messages[{i}] needs a string 'content'")
+            raise BadRecord(f"{where}: messages[{i}] needs a string 'content'")
+        _encodable(m["content"], where, f"messages[{i}]['content']")
         if m.get("role") not in CHAT_ROLES:
-            raise UserError(f"{where}: messages[{i}] has role {m.get('role')!r}; use one of {CHAT_ROLES}")
+            raise BadRecord(f"{where}: messages[{i}] has role {m.get('role')!r}; use one of {CHAT_ROLES}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"{where}: no assistant message, so nothing to train on")
+        raise BadRecord(f"{where}: no assistant message, so nothing to train on")
     return messages
 
 
@@ -224,7 +251,10 @@ def _tokenize_chat(record, where, tok) -> Sample:
     messages = _check_messages(record, where)
 
     def render(msgs, gen_prompt=False):
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        try:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        except Exception as e:  # templates raise their own errors (jinja2's raise_exception: "roles must alternate")
+            raise BadRecord(f"{where}: the tokenizer's chat template refuses this conversation ({e})") from None
         return _encode(tok, text, first=False)  # the template writes its own special tokens
 
     ids = render(messages)
@@ -273,20 +303,42 @@ def _fit(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], dict]:
     return kept, stats
 
 
-def _pretrain_blocks(records: list[Record], tok, seq_len: int) -> tuple[list[Sample], dict]:
-    stream = []
+def _each(records: list[Record], make, skip: bool) -> tuple[list, list[str]]:
+    """make(record, where) for every record; a malformed one stops the run, or with skip is dropped
+    and its reason kept (the reader stores unreadable lines as BadRecord values)."""
+    made, bad = [], []
     for record, where in records:
-        stream += _encode(tok, _field(record, "text", where, "pretrain"), first=True) + [tok.eos_token_id]
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            made.append(make(record, where))
+        except BadRecord as e:
+            if not skip:
+                raise
+            bad.append(str(e))
+    return made, bad
+
+
+def _pretrain_blocks(records: list[Record], tok, seq_len: int, skip: bool) -> tuple[list[Sample], dict, list[str]]:
+    def document(record, where):
+        return _encode(tok, _field(record, "text", where, "pretrain"), first=True) + [tok.eos_token_id]
+
+    docs, bad = _each(records, document, skip)
+    stream = [t for doc in docs for t in doc]
     n = len(stream) // seq_len
     blocks = [stream[i * seq_len:(i + 1) * seq_len] for i in range(n)]
-    return [Sample(b, list(b), 0) for b in blocks], dict(dropped_tail_tokens=len(stream) - n * seq_len)
+    return [Sample(b, list(b), 0) for b in blocks], dict(dropped_tail_tokens=len(stream) - n * seq_len), bad
 
 
 def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: str) -> Split:
     if fmt == "pretrain":
-        samples, stats = _pretrain_blocks(records, tok, cfg.seq_len)
+        samples, stats, bad = _pretrain_blocks(records, tok, cfg.seq_len, cfg.skip_bad_samples)
     else:
-        samples, stats = _fit([tokenize(r, fmt, w, tok, cfg.train_on_inputs) for r, w in records], cfg)
+        tokenized, bad = _each(records, lambda r, w: tokenize(r, fmt, w, tok, cfg.train_on_inputs),
+                               cfg.skip_bad_samples)
+        samples, stats = _fit(tokenized, cfg)
+    if bad:
+        stats.update(skipped_bad=len(bad), first_bad=bad[0])
     if not samples:
         hint = "raise --seq-len or pass --truncation truncate" if fmt != "pretrain" else "lower --seq-len"
         raise UserError(f"{source}: no usable samples out of {len(records)} records ({stats}); {hint}")
@@ -312,10 +364,24 @@ def _val_source(cfg: DataConfig) -> str | None:
     return str(sibling) if sibling else None
 
 
+def _detect(records: list[Record], skip: bool, source: str) -> str:
+    """The format of the first record (with --skip-bad-samples, of the first record that has one)."""
+    for record, where in records if skip else records[:1]:
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            return detect_format(record, where)
+        except BadRecord:
+            if not skip:
+                raise
+    raise UserError(f"--dataset {source}: no record in a known format (all {len(records)} are malformed); "
+                    f"expected messages, instruction+output, prompt+completion or text")
+
+
 def load_splits(cfg: DataConfig, tok, seed: int) -> tuple[Split, Split | None]:
     """Tokenized (train, validation) splits; validation is None with --val-dataset none."""
     records = read_records(cfg.dataset, "--dataset", cfg.dataset_subset, cfg.dataset_split)
-    fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(*records[0])
+    fmt = cfg.dataset_format if cfg.dataset_format != "auto" else _detect(records, cfg.skip_bad_samples, cfg.dataset)
     val_source = _val_source(cfg)
     if val_source is not None:
         val_records = read_records(val_source, "--val-dataset", cfg.dataset_subset, "validation")
