@@ -33,9 +33,11 @@ Refused: --sp-mode without --cp > 1 (and --cp > 1 without --sp-mode); ulysses wi
 divisible by --cp; ring with logit soft-capping (Gemma 2).
 """
 
+import copy
 import dataclasses
 import functools
 import sys
+import weakref
 from typing import Literal
 
 import torch
@@ -223,6 +225,29 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return got.permute(1, 2, 0, 3, 4).reshape(b, s // world, world * h, d)
 
 
+class _InnerView:
+    """The attention module as the inner backend sees it: itself, except that its config names the
+    inner implementation (transformers' flash integration picks FA2 / FA4 by reading
+    module.config._attn_implementation, which is ours; transformers 5.24)."""
+
+    def __init__(self, module, inner: str):
+        self._module, self.config = module, copy.copy(module.config)
+        # the field, not the property: its setter would also rename the sub-configs this shallow copy shares
+        self.config._attn_implementation_internal = inner
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _inner_view(module, inner: str) -> _InnerView:
+    if module not in _VIEWS or _VIEWS[module].config._attn_implementation != inner:
+        _VIEWS[module] = _InnerView(module, inner)
+    return _VIEWS[module]
+
+
 def _inner_function(module, inner: str):
     from transformers import AttentionInterface
 
@@ -240,7 +265,8 @@ def _ulysses(module, query, key, value, attention_mask, *, inner: str, group, sp
     if inner in FLASH_LIKE:
         kwargs.update(mask)
         mask = None
-    out, _ = _inner_function(module, inner)(module, q, k, v, mask, sliding_window=sliding_window, **kwargs)
+    out, _ = _inner_function(module, inner)(_inner_view(module, inner), q, k, v, mask, sliding_window=sliding_window,
+                                            **kwargs)
     return _heads_to_seq(out, group), None
 
 
