@@ -25,6 +25,7 @@ from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
 from features.offload import OffloadConfig, apply_offload
+from features.embedding_offload import EmbeddingOffloadConfig, apply_embedding_offload
 from features import tiled_mlp
 from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp
 from features import liger
@@ -112,6 +113,7 @@ class Config:
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
+    embedding_offload: EmbeddingOffloadConfig = dataclasses.field(default_factory=EmbeddingOffloadConfig)
     compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -260,6 +262,8 @@ def train(cfg: Config) -> dict:
         model = apply_checkpointing(model, cfg.checkpointing)
     if cfg.offload.offload != "none":
         model = apply_offload(model, cfg.offload, d.device)
+    if cfg.embedding_offload.offload_embeddings:  # the frozen input-embedding table to CPU memory
+        model = apply_embedding_offload(model, d.world_size)
     if cfg.compile.compile:  # 6. torch.compile, per decoder block
         model = apply_compile(model, cfg.compile)
     if not deepspeed_zero.enabled(cfg.deepspeed):  # 7. sharding: FSDP2 / HSDP, or DDP with >1 rank

@@ -78,6 +78,20 @@ def dataset(args, vocab: int):
     return data, DataCollatorForLanguageModeling(tok, mlm=False)
 
 
+def sampler(args) -> dict:
+    """The length-grouped sampler's argument: `group_by_length` before transformers 5, then
+    `train_sampling_strategy="group_by_length"`."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    if not args.group_by_length:
+        return {}
+    if "train_sampling_strategy" in inspect.signature(TrainingArguments).parameters:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 class Counted:
     """A collator wrapper that queues each batch's real tokens and sum of squared document lengths
     (the data loader may run a batch ahead of the step: the queue keeps them in step order)."""
@@ -141,7 +155,7 @@ def main():
                               max_steps=args.steps, bf16=True, learning_rate=1e-4, logging_steps=1,
                               gradient_checkpointing=args.gradient_checkpointing, use_liger_kernel=args.liger,
                               report_to=[], save_strategy="no", dataloader_num_workers=0, lr_scheduler_type="constant",
-                              group_by_length=args.group_by_length, remove_unused_columns=False)
+                              remove_unused_columns=False, **sampler(args))
     torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=targs, train_dataset=data, data_collator=collator, callbacks=[timer]).train()
     timed = slice(args.warmup, None)
