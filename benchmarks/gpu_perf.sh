@@ -5,13 +5,14 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-lean="--attn flash --lora-kernels --ac full --offload cpu --loss chunked"
+lean="--attn flash --lora-kernels --ac full --offload cpu --offload-embeddings --loss chunked"
 if [ "${1:-1}" = 1 ]; then
   python benchmarks/lora.py --full --model llama3.2-1b --seq-len 4096 --steps 20 --out "$OUT/full-1b.md" \
     --peer-rows "--liger --micro-batch-size 4" \
-    --rows "--attn flash --compile --micro-batch-size 4" "--attn flash --compile --micro-batch-size 8" 2>&1 | grep "^|"
+    --rows "--attn flash --compile --micro-batch-size 4 --loss cce" "--attn flash --compile --micro-batch-size 8 --loss cce" \
+           "--attn flash --compile --micro-batch-size 4 --loss liger" 2>&1 | grep "^|"
   python benchmarks/lora.py --skip-peer --model llama3-8b --seq-len 4096 --steps 20 --out "$OUT/lean-lora.md" \
-    --rows "$lean --loss-chunk 1024" 2>&1 | grep "^| nanotune"
+    --rows "$lean --loss-chunk 256" 2>&1 | grep "^| nanotune"
   python benchmarks/lora.py --skip-peer --qlora --model llama3-8b --seq-len 4096 --steps 20 --out "$OUT/lean-qlora.md" \
     --rows "$lean --loss-chunk 256" 2>&1 | grep "^| nanotune"
 else
