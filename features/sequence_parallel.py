@@ -6,7 +6,8 @@
 ulysses  (DeepSpeed-Ulysses) every attention call swaps the sharding with an all-to-all: from
          (all heads, n = S/cp tokens) to (heads/cp, all S tokens), runs the --attn backend on the
          whole row for its heads (document masks / cu_seqlens of the full row), and swaps back.
-         Needs attention and key/value heads divisible by --cp. Every backend works.
+         Needs attention heads divisible by --cp (key-value heads are repeated until they split).
+         Every backend works.
 ring     features/ring_attention.py: K/V blocks travel around the cp ranks, online-softmax merge,
          zig-zag shards (rank r: chunks r and 2cp-1-r) so causal work is balanced. Its own
          pure-PyTorch math (--attn is not used); any head count.
@@ -29,13 +30,14 @@ micro-batch with `shard_batch` and accounts the loss:
 Evaluation and generation run unsharded on plain sdpa (features/attention.eval_attention).
 Reference: Jacobs et al., "DeepSpeed Ulysses" (2023); Liu et al., "Ring Attention" (2023).
 Works with: --packing, every --attn (ulysses), LoRA/QLoRA, --ac, --fsdp/--ddp over dp x cp.
-Refused: --sp-mode without --cp > 1 (and --cp > 1 without --sp-mode); ulysses with heads not
-divisible by --cp; ring with logit soft-capping (Gemma 2).
+Refused: --sp-mode without --cp > 1 (and --cp > 1 without --sp-mode); --sp-mode with --tp; ulysses
+with attention heads not divisible by --cp; ring with logit soft-capping (Gemma 2).
 """
 
 import copy
 import dataclasses
 import functools
+import math
 import sys
 import weakref
 from typing import Literal
@@ -260,13 +262,17 @@ def _ulysses(module, query, key, value, attention_mask, *, inner: str, group, sp
              sliding_window=None, **kwargs):
     for name in _ROW_KWARGS:  # these describe the local shard; the inner call gets the full row's
         kwargs.pop(name, None)
+    copies = dist.get_world_size(group) // math.gcd(key.shape[1], dist.get_world_size(group))
+    if copies > 1:  # fewer key-value heads than ranks (or not a multiple): repeat them until they split, as ALST does
+        key, value = key.repeat_interleave(copies, 1), value.repeat_interleave(copies, 1)
     q, k, v = (_seq_to_heads(t, group) for t in (query, key, value))
     mask = _row_mask(sp_rows, inner, q.dtype, sliding_window)
     if inner in FLASH_LIKE:
         kwargs.update(mask)
         mask = None
-    out, _ = _inner_function(module, inner)(_inner_view(module, inner), q, k, v, mask, sliding_window=sliding_window,
-                                            **kwargs)
+    view = _inner_view(module, inner)
+    view.num_key_value_groups = q.shape[1] // k.shape[1]  # eager / sdpa repeat K/V by it
+    out, _ = _inner_function(module, inner)(view, q, k, v, mask, sliding_window=sliding_window, **kwargs)
     return _heads_to_seq(out, group), None
 
 
@@ -279,10 +285,10 @@ def _ring(module, query, key, value, attention_mask, *, group, sp_rows: RowInfo 
 
 def _check_heads(config, cfg: SequenceParallelConfig, world: int) -> None:
     if cfg.sp_mode == "ulysses":
-        heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        if heads % world or kv % world:
+        heads = config.num_attention_heads
+        if heads % world:  # (key-value heads are repeated until they split)
             raise UserError(f"--sp-mode ulysses splits attention heads over --cp {world}, but this model has "
-                            f"{heads} attention / {kv} key-value heads; use a --cp that divides both, or --sp-mode ring")
+                            f"{heads}; use a --cp that divides {heads}, or --sp-mode ring")
     elif getattr(config, "attn_logit_softcapping", None):
         raise UserError("--sp-mode ring: this model soft-caps attention logits, which ring attention does not; "
                         "use --sp-mode ulysses with --attn flex or eager")

@@ -59,11 +59,13 @@ def test_flags_and_head_counts_are_checked_at_start():
     with pytest.raises(UserError, match="--sp-mode"):
         sp.validate(sp.SequenceParallelConfig("none"), cp=2)
     sp.validate(sp.SequenceParallelConfig("ring"), cp=4)
+    with pytest.raises(UserError, match="--tp"):
+        sp.validate(sp.SequenceParallelConfig("ring"), cp=2, tp=2)
     config = sp_worker.new_model("tiny-qwen2").config  # 4 attention heads, 2 key-value heads
-    with pytest.raises(UserError, match="--sp-mode ulysses .* 4 attention / 2 key-value heads"):
-        sp._check_heads(config, sp.SequenceParallelConfig("ulysses"), 4)
-    sp._check_heads(config, sp.SequenceParallelConfig("ulysses"), 2)
-    sp._check_heads(config, sp.SequenceParallelConfig("ring"), 4)
+    with pytest.raises(UserError, match="--sp-mode ulysses .* this model has 4; use a --cp that divides 4"):
+        sp._check_heads(config, sp.SequenceParallelConfig("ulysses"), 3)
+    sp._check_heads(config, sp.SequenceParallelConfig("ulysses"), 4)  # key-value heads repeated
+    sp._check_heads(config, sp.SequenceParallelConfig("ring"), 3)
 
 
 def _start(fn, world, *args) -> None:
@@ -85,7 +87,8 @@ def _spawn(world, cases, tmp_path) -> dict:
          "tiny-qwen2/ulysses/sdpa", "tiny-qwen2/ring/sdpa",         # grouped-query attention
          "tiny-mistral/ulysses/sdpa", "tiny-mistral/ring/sdpa",     # sliding window (16 < a document)
          "tiny-llama/ulysses/sdpa/single", "tiny-llama/ring/sdpa/single"]),  # one document per row: no mask
-    (4, ["tiny-llama/ulysses/sdpa", "tiny-llama/ring/sdpa", "tiny-qwen2/ring/sdpa"]),  # ring: 2 kv heads < 4 ranks
+    (4, ["tiny-llama/ulysses/sdpa", "tiny-llama/ring/sdpa",
+         "tiny-qwen2/ulysses/sdpa", "tiny-qwen2/ulysses/eager", "tiny-qwen2/ring/sdpa"]),  # 2 kv heads < 4 ranks
 ])
 def test_ulysses_and_ring_match_one_process(world, cases, tmp_path):
     results = _spawn(world, cases, tmp_path)
