@@ -58,25 +58,27 @@ class _RingPass(torch.autograd.Function):
         return _shift(grad, ctx.group, -1), None
 
 
-def _block(q, k, v, visible, scale):
-    """Attention of q over one K/V block: (output, log-sum-exp), fp32; rows with nothing visible
-    get a uniform output and an LSE near MASKED, which the merge gives zero weight."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # grouped-query attention: each K/V head serves `groups` query heads
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, like the softmax of sdpa
-    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible, MASKED)
-    lse = torch.logsumexp(scores, -1)
-    return torch.softmax(scores, -1) @ v.to(acc), lse
-
-
 def _visible(q_idx, q_doc, k_idx, k_doc, window) -> torch.Tensor:
     """(B, 1, n, m) mask: same document, key not after the query, within the sliding window."""
     ok = (q_doc[:, :, None] == k_doc[:, None, :]) & (k_idx[None, None, :] <= q_idx[None, :, None])
     if window:
         ok &= q_idx[None, :, None] - k_idx[None, None, :] < window
     return ok[:, None]
+
+
+def _block(q, k, v, q_idx, q_doc, k_idx, k_doc, window, scale):
+    """Attention of q over one K/V block: (output, log-sum-exp) in fp32 (fp64 for fp64 inputs).
+    Rows with nothing visible get an LSE near MASKED, which the merge weights to zero. The mask is
+    rebuilt here rather than passed in, so recomputation in backward saves no n x m tensor."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query attention: each K/V head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    # matmuls in the input dtype (tensor cores for bf16), softmax and LSE in fp32, as eager attention
+    scores = (q @ k.transpose(-1, -2)).to(acc) * scale
+    scores = scores.masked_fill(~_visible(q_idx, q_doc, k_idx, k_doc, window), MASKED)
+    lse = torch.logsumexp(scores, -1)
+    return (torch.softmax(scores, -1).to(v.dtype) @ v).to(acc), lse
 
 
 def ring_attention(q, k, v, group, index: list[torch.Tensor], doc: torch.Tensor, scale: float,
@@ -94,9 +96,10 @@ def ring_attention(q, k, v, group, index: list[torch.Tensor], doc: torch.Tensor,
     kv = torch.stack([k, v])
     for step in range(world):
         src = (rank - step) % world  # whose block this rank holds now
-        visible = _visible(q_idx, q_doc, index[src], doc[:, index[src]], window)
-        if visible.any():  # zig-zag and documents leave many blocks fully masked: skip them
-            b_out, b_lse = checkpoint(_block, q, kv[0], kv[1], visible, scale, use_reentrant=False)
+        k_idx, k_doc = index[src], doc[:, index[src]]
+        if _visible(q_idx, q_doc, k_idx, k_doc, window).any():  # zig-zag and documents mask many blocks fully
+            b_out, b_lse = checkpoint(_block, q, kv[0], kv[1], q_idx, q_doc, k_idx, k_doc, window, scale,
+                                      use_reentrant=False)
             new = torch.logaddexp(lse, b_lse)
             out = out * torch.exp(lse - new)[..., None] + b_out * torch.exp(b_lse - new)[..., None]
             lse = new
