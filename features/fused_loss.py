@@ -52,7 +52,9 @@ def _cce(hidden, weight, targets):
 def _liger(hidden, weight, targets):
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(weight, hidden, targets)
+    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(weight, hidden, targets)
+    # the loss alone, or with extras (z-loss, accuracy) as a tuple or an output object, by version
+    return out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
 
 
 _KERNELS = {"cce": _cce, "liger": _liger}
