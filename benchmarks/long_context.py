@@ -6,7 +6,8 @@ Llama-3.1-8B shape (random weights, bf16 base), LoRA r=16 on every decoder linea
 one full-length row. A try is one training step (forward + backward + optimizer) at one sequence
 length, in its own process, so an out-of-memory error ends only that try. Per row: lengths double
 from a start (the previous row's best: the rows add features, so the longest length only grows),
-then one bisection step between the last fit and the first failure. Long tries cost minutes
+(halving instead when the start fails), then one bisection step between the last fit and the
+first failure. Long tries cost minutes
 (attention is quadratic), so the whole matrix runs under --budget-s: a try is started only when
 its predicted time (the previous try's step time scaled by (L'/L)^1.6, plus the measured process
 start-up) fits the row's share, and a row stopped by time says so ("time" in the table: the
@@ -123,6 +124,12 @@ class Row:
                 fail = seq_len
                 break
             seq_len *= 2
+        while not self.best()[0] and fail and fail // 2 >= K:  # even the start failed: halve down
+            if self._try(fail // 2, deadline, overhead):
+                break
+            if self.stopped_by_time or self.tries[-1][1]["status"] == "error":
+                return
+            fail //= 2
         lo = self.best()[0]
         if fail is None or lo == 0:
             return
