@@ -61,6 +61,8 @@ from features.overrides import OverridesConfig, apply_overrides
 from features.packing import PackingConfig
 from features import qat
 from features.qat import QatConfig
+from features import fp8
+from features.fp8 import Fp8Config
 from features.runlog import MetricsLog, StepMeter, write_run_info
 from features import tracking
 from features.tracking import TrackingConfig
@@ -111,6 +113,7 @@ class Config:
     liger: LigerConfig = dataclasses.field(default_factory=LigerConfig)
     tiled_mlp: TiledMLPConfig = dataclasses.field(default_factory=TiledMLPConfig)
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)
+    fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
     embedding_offload: EmbeddingOffloadConfig = dataclasses.field(default_factory=EmbeddingOffloadConfig)
@@ -163,6 +166,7 @@ def validate(cfg: Config) -> None:
                             "--qat": cfg.qat.qat})
     sequence_parallel.validate(cfg.sequence_parallel, cfg.mesh.cp, cfg.mesh.tp)
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
+    fp8.validate(cfg.fp8, cfg.train.device, adapters=lora.enabled(cfg.lora), qat=cfg.qat.qat)
     offload.validate(cfg.offload)
     tiled_mlp.validate(cfg.tiled_mlp)
     faults.validate(cfg.faults)
@@ -235,6 +239,8 @@ def train(cfg: Config) -> dict:
         model = apply_liger(model, cfg.liger, fuse_mlp=not cfg.lora_kernels.lora_kernels)
     if cfg.qat.qat:  # fake-quantized decoder linears (switched on at --qat-start-step)
         model = qat.apply_qat(model, cfg.qat)
+    if cfg.fp8.fp8 != "none":  # Float8Linear swaps, before FSDP wraps them (FP8 all-gather)
+        model = fp8.apply_fp8(model, cfg.fp8, fsdp=cfg.sharding.fsdp, compiled=cfg.compile.compile, say=say)
     if lora.enabled(cfg.lora):  # 3. adapters, then the fused LoRA kernels
         model = lora.apply_lora(model, cfg.lora)
     if cfg.lora_kernels.lora_kernels:
@@ -280,6 +286,8 @@ def train(cfg: Config) -> dict:
     start, seen_tokens = state.get("step", 0), state.get("tokens", 0)
     if cfg.qat.qat:  # an optimizer post-step hook turns fake quantization on at --qat-start-step
         qat.schedule(model, optimizer, cfg.qat, steps_done=start)
+    if cfg.fp8.fp8 != "none":  # FP8 all-gather: the next step's weight scales, in an optimizer post-step hook
+        fp8.register_hooks(model, optimizer, cfg.fp8, fsdp=cfg.sharding.fsdp)
     if d.is_main:
         write_run_info(out, cfg, d.device, d.world_size, {"data": {"train": train_split.stats,
                        "val": val.stats if val else None, "token_slot_efficiency": batches.efficiency(0),
