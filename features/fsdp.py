@@ -117,6 +117,8 @@ def apply_sharding(model, cfg: ShardingConfig, d: Dist, precision: str):
     if d.grad_ranks > 1 and d.size("tp") > 1:  # compat: --tp x data parallel without --fsdp
         raise UserError(f"--tp {d.size('tp')} with {d.grad_ranks} data-parallel ranks needs --fsdp "
                         f"(DDP cannot hold tensor-parallel shards); add --fsdp")
+    if d.size("tp") > 1:  # FSDP over the one dp rank shards nothing but makes every parameter a
+        return apply_fsdp(model, cfg, d, precision)  # DTensor: AdamW's foreach refuses mixed groups (torch 2.13)
     return apply_ddp(model, d) if d.grad_ranks > 1 else model
 
 

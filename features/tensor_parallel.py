@@ -10,8 +10,11 @@ tp rank. The tp ranks of a dp rank read the same batch (see features/distributed
 Reference: Shoeybi et al. 2019, Megatron-LM; torch.distributed.tensor.parallel; gpt-fast's tp.py.
 
 Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), packing, every attention
-backend (heads are local), activation checkpointing. Refused with: heads or kv heads not divisible
-by --tp; LoRA/QLoRA (peft's layers are not nn.Linear); --ddp; data parallel without --fsdp.
+backend (heads are local), activation checkpointing, DCP checkpoints (a 1-D FSDP checkpoint
+resumes as FSDP x TP). Without --fsdp and one dp rank, FSDP over that rank still wraps the model
+(nothing sharded) so every parameter is a DTensor, as AdamW's foreach kernels need. Refused with:
+heads or kv heads not divisible by --tp; LoRA/QLoRA (peft's layers are not nn.Linear); --ddp;
+several dp ranks without --fsdp.
 """
 
 import torch

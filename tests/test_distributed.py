@@ -1,6 +1,7 @@
 """Distributed on CPU with gloo: DDP, FSDP2, HSDP, TP, FSDP x TP and DeepSpeed ZeRO 1/2/3 give one
-process's loss and gradients on the same global batch (packed); a DCP checkpoint written by 2 FSDP ranks resumes on
-1 and on 4 ranks with the same next losses; mesh and flag refusals.
+process's loss and gradients on the same global batch (packed); QLoRA + FSDP2 matches one process;
+a DCP checkpoint written by 2 FSDP ranks resumes on 1 rank and on 4 (FSDP x TP) with the same next
+losses; mesh, flag and DeepSpeed config checks.
 
 Tolerances (fp32): losses to 1e-6 relative, gradients to 1e-6 of the largest gradient entry,
 grad norms to 1e-5 relative (only the order of float sums differs between layouts).
@@ -62,7 +63,8 @@ COMMON = ["--max-steps", "4", "--log-every", "1", "--packing", "--seq-len", "256
 @pytest.mark.slow
 def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
     """train.py with 2 FSDP ranks x micro-batch 4 saves at step 2; that DCP checkpoint resumes on 1
-    plain process (x 8) and on 4 FSDP ranks (x 2) with the 2-rank run's losses at steps 3 and 4."""
+    plain process (x 8) and on 4 ranks as FSDP x TP (2 x 2, x 4) with the 2-rank run's losses at
+    steps 3 and 4 (and the same final validation loss)."""
     data = ["--dataset", str(small_data), *COMMON, "--save-every", "2", "--keep-checkpoints", "0"]
     _torchrun(2, 29542, "train.py", *data, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
     two = {m["step"]: m for m in read_metrics(tmp_path / "two")}
@@ -74,7 +76,8 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
         shutil.copytree(saved, tmp_path / name / "checkpoints" / saved.name)
     resume = ["--dataset", str(small_data), *COMMON, "--resume", "auto", "--skip-export"]
     assert run_train(tmp_path / "res1", *resume, "--micro-batch-size", "8") == 0
-    _torchrun(4, 29543, "train.py", *resume, "--micro-batch-size", "2", "--fsdp", "--output-dir",
+    # 4 ranks as 2 dp x 2 tp: the 1-D FSDP shards reshard into a 2-D FSDP x TP layout (2 x 4 rows a step)
+    _torchrun(4, 29543, "train.py", *resume, "--micro-batch-size", "4", "--fsdp", "--tp", "2", "--output-dir",
               str(tmp_path / "res4"))
     for name in ("res1", "res4"):
         got = {m["step"]: m for m in read_metrics(tmp_path / name)}
@@ -82,6 +85,7 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
         for step in (3, 4):
             assert got[step]["loss"] == pytest.approx(two[step]["loss"], rel=1e-5), (name, step)
             assert got[step]["tokens"] == two[step]["tokens"], (name, step)
+        assert got[4]["val_loss"] == pytest.approx(two[4]["val_loss"], rel=1e-5), name
 
 
 @pytest.mark.slow
