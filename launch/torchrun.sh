@@ -4,8 +4,9 @@
 #   bash launch/torchrun.sh --model meta-llama/Llama-3.1-8B --dataset my.jsonl --packing
 #   NPROC=4 bash launch/torchrun.sh --lora --output-dir runs/x --resume auto
 #
-# SIGTERM / SIGUSR1 reach every rank (train.py saves a checkpoint and exits 0; rerun with
-# --resume auto). Multi-node: launch/slurm.sbatch.
+# SIGTERM / SIGUSR1 sent to this script reach every rank: train.py saves a checkpoint and exits 0
+# (torchrun itself then exits 1, as after any signal); rerun with --resume auto.
+# Multi-node: launch/slurm.sbatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${NPROC:-}" ]]; then

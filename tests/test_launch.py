@@ -103,6 +103,29 @@ def test_torchrun_sh_passes_arguments_through(fake_cluster):
                                        "--model", "tiny-qwen2", "--lr", "1e-4"]]
 
 
+def test_torchrun_forwards_sigusr1_and_train_py_checkpoints(tmp_path, small_data):
+    """The real torchrun (one CPU worker): SIGUSR1 to torchrun reaches train.py through
+    PET_SIGNALS_TO_HANDLE, which saves a checkpoint after the step in flight and exits."""
+    out = tmp_path / "run"
+    env = {**os.environ, "NPROC": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHRUN", None)
+    proc = subprocess.Popen(["bash", "launch/torchrun.sh", "--dataset", str(small_data), "--max-steps", "100000",
+                             "--micro-batch-size", "8", "--log-every", "1", "--eval-exact-match", "0",
+                             "--skip-export", "--output-dir", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # torchrun.sh execs torchrun: proc.pid is torchrun's
+        lines.append(line)
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + rest
+    assert "SIGUSR1 received: stopped after a complete step and saved" in text, text[-3000:]
+    [checkpoint] = (out / "checkpoints").iterdir()
+    assert (checkpoint / "trainer_state.json").is_file()
+
+
 def _args_no_boolean_flags(params: dict) -> list[str]:
     """What W&B's ${args_no_boolean_flags} passes: --key=value, and a bare --key for a true boolean."""
     out = []
