@@ -28,9 +28,10 @@ import signal
 import threading
 
 import torch
+import torch.distributed as dist
 
 from features import UserError
-from features.distributed import Dist, all_reduce_sum
+from features.distributed import Dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -65,7 +66,9 @@ class StepGuard:
         """False for a non-finite step (skip its update); sets `stop` when a signal arrived on any rank."""
         bad = ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
         flags = torch.stack([bad.float(), torch.tensor(float(self.signal is not None), device=bad.device)])
-        n_bad, n_stop = all_reduce_sum(flags, self.d).tolist()  # the step's one host sync
+        if self.d.world_size > 1:  # every rank (dp, tp, cp alike) must take the same branch
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        n_bad, n_stop = flags.tolist()  # the step's one host sync
         self.stop = self.stop or n_stop > 0
         if n_bad == 0:
             self.bad_in_row, self.applied = 0, self.applied + 1

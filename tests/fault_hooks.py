@@ -44,6 +44,31 @@ def _slow_steps(seconds: float):
     train.forward_loss_sum = slow
 
 
+def guard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Two gloo ranks poll StepGuard: rank 1 alone gets SIGUSR1, rank 0 alone sees a NaN loss."""
+    import json
+    import os
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    from features.distributed import Dist
+    from features.faults import FaultsConfig, StepGuard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    guard = StepGuard(FaultsConfig(), Dist(rank=rank, world_size=world))
+    one = torch.tensor(1.0)
+    steps = [guard.update_ok(torch.tensor(float("nan")) if rank == 0 else one, one, 1)]  # NaN on rank 0 only
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    steps.append(guard.update_ok(one, one, 2))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"ok": steps, "stop": guard.stop, "signal": guard.signal,
+                                                             "skipped": guard.skipped}))
+    guard.close()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str]) -> int:
     split = argv.index("--")
     own, train_args = argv[:split], argv[split + 1:]

@@ -91,6 +91,19 @@ def test_sigusr1_sets_the_stop_flag_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
+def test_stop_and_skip_are_agreed_over_ranks(tmp_path):
+    """Only rank 1 gets the signal and only rank 0 sees a NaN loss: both ranks skip step 1 and stop after step 2."""
+    import torch.multiprocessing as mp
+
+    import fault_hooks
+
+    mp.spawn(fault_hooks.guard_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["ok"] == [False, True] and got["skipped"] == 1 and got["stop"], (rank, got)
+        assert got["signal"] == ("SIGUSR1" if rank == 1 else None)  # rank 0 stops on rank 1's signal
+
+
 # ---- checkpoints: SIGKILL mid-save, corruption, disk full
 
 
