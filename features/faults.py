@@ -19,7 +19,9 @@ Out of memory: `oom_report` turns torch.OutOfMemoryError into one message with t
 and the flags that reduce memory that this run does not use yet.
 
 References: SLURM sbatch --signal; torchtitan's non-finite-loss checks; PyTorch GradScaler's
-skip-on-inf step. Works with every other flag (the hook is independent of the model).
+skip-on-inf step. Works with every other flag (the hook is independent of the model); with
+--deepspeed the engine has already applied the step when the guard looks, so a non-finite step
+is counted and stops the run after --max-bad-steps, but is not undone.
 """
 
 import dataclasses
