@@ -25,7 +25,7 @@ from features import UserError
 
 _REPO = Path(__file__).resolve().parent.parent
 # metrics.jsonl key -> W&B key; a key not listed here goes under train/ with its own name
-_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+WANDB_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
          "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "tokens": "perf/tokens", "eta_s": "perf/eta_s",
          "peak_mem_gib": "mem/peak_gib", "val_loss": "eval/val_loss", "exact_match": "eval/exact_match"}
 
@@ -58,7 +58,7 @@ def validate(cfg: TrackingConfig) -> None:
 
 
 def wandb_key(key: str) -> str:
-    return _KEYS.get(key, key if "/" in key else f"train/{key}")
+    return WANDB_KEYS.get(key, key if "/" in key else f"train/{key}")
 
 
 def _source_file(path: str) -> bool:

@@ -15,9 +15,10 @@ the configs are every combination of one alternative per axis. Flags after `--` 
 Each run gets its own directory `<out>/<name>/<config>/seed<N>/`, tagged with `ablation.json`
 (ablation name, config, seed, command, exit code), a `--run-name` of `<name>/<config>/seed<N>`,
 and, with `--wandb`, the W&B group `<name>`. Runs that already finished are skipped when the same
-command is run again (`--force` reruns them); an unfinished one continues from its checkpoint
-(`--resume auto`). At the end `launch/compare.py` writes `results.md`, `loss.png` and
-`throughput.png` into `<out>/<name>/` (for a SLURM array, run it yourself once the array is done).
+command is run again (`--force` deletes the run directories and starts over); an unfinished one
+continues from its checkpoint (`--resume auto`). At the end `launch/compare.py` writes `results.md`,
+`loss.png` and `throughput.png` into `<out>/<name>/` (for a SLURM array, run it yourself once the
+array is done).
 """
 
 import argparse
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/ablations", help="parent of the ablation directory")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run at a time on each")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time without --gpus (CPU)")
-    p.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    p.add_argument("--force", action="store_true", help="delete the ablation's run directories and run them again")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--slurm", action="store_true", help="render <out>/<name>/array.sbatch instead of running")
     p.add_argument("--submit", action="store_true", help="with --slurm: sbatch the array")
@@ -194,6 +196,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         print("\n".join(shlex.join(["python", "train.py", *r["train_args"]]) for r in runs))
         return 0
+    if args.force:  # a fresh start: --resume auto would otherwise continue from a run's last checkpoint
+        for r in runs:
+            shutil.rmtree(r["run_dir"], ignore_errors=True)
     root = write_manifest(args, runs)
     if args.slurm:
         script = root / "array.sbatch"
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
         if args.submit:
             return subprocess.run(["sbatch", str(script)]).returncode
         return 0
-    todo = [r for r in runs if args.force or not finished(r)]
+    todo = [r for r in runs if not finished(r)]
     if len(todo) < len(runs):
         print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished (--force reruns them)")
     slots = [f"gpu:{g}" for g in args.gpus.split(",")] if args.gpus else [f"cpu:{k}" for k in range(args.jobs)]

@@ -159,12 +159,12 @@ def wandb_runs(path: str) -> list[dict]:
     except ImportError:
         raise SystemExit("error: --wandb-group needs the wandb package: pip install wandb") from None
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from features.tracking import _KEYS
+    from features.tracking import WANDB_KEYS
 
     entity_project, _, group_name = path.rpartition("/")
     if not entity_project or not group_name:
         raise SystemExit(f"error: --wandb-group {path}: expected entity/project/group")
-    back = {v: k for k, v in _KEYS.items()}
+    back = {v: k for k, v in WANDB_KEYS.items()}
     runs = []
     for run in wandb.Api().runs(entity_project, filters={"group": group_name}):
         metrics = [{"step": row["_step"], **{back.get(k, k.split("/")[-1]): v for k, v in row.items()

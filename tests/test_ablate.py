@@ -123,6 +123,12 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
     assert all(json.loads((tmp_path / f"pk/{r['config']}/seed{r['seed']}/ablation.json").read_text())["config"]
                == r["config"] for r in runs)
 
+    stale = tmp_path / "pk/lr=1e-3/seed1/metrics.jsonl"
+    stale.write_text("{}\n")
+    assert ablate.main(argv) == 0 and stale.exists()  # kept: a run dir is only ever resumed...
+    assert ablate.main([*argv[:argv.index("--")], "--force", *argv[argv.index("--"):]]) == 0
+    assert not stale.exists() and (stale.parent / "ablation.json").is_file()  # ...unless --force
+
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, body in FAKES.items():
