@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 
 from features import UserError, deepspeed_zero
-from features.distributed import Dist, barrier, unwrap
+from features.distributed import Dist, barrier, broadcast_object, unwrap
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -90,24 +90,33 @@ def verify(ckpt: Path) -> str | None:
     return None
 
 
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint to continue from: --resume PATH (verified), or the newest valid one for 'auto'."""
+def resolve_resume(resume: str | None, output_dir: Path, d: Dist = Dist()) -> Path | None:
+    """The checkpoint to continue from: --resume PATH (verified), or the newest valid one for 'auto'.
+    Rank 0 verifies (each checkpoint file is read once, not once per rank); every rank gets its verdict."""
     if resume is None:
         return None
+    path, error = broadcast_object(_resolve(resume, Path(output_dir)) if d.is_main else None, d)
+    if error is not None:
+        raise UserError(error)
+    return path
+
+
+def _resolve(resume: str, output_dir: Path) -> tuple[Path | None, str | None]:
+    """(checkpoint or None, error or None)."""
     if resume == "auto":
-        for step, path in reversed(checkpoints(output_dir)):
+        for _, path in reversed(checkpoints(output_dir)):
             problem = verify(path)
             if problem is None:
-                return path
+                return path, None
             print(f"warning: skipping checkpoint {path}: {problem}; trying an older one", file=sys.stderr)
-        return None  # nothing (valid) yet: a fresh start (safe to requeue)
+        return None, None  # nothing (valid) yet: a fresh start (safe to requeue)
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
-        raise UserError(f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json); "
-                        f"pass a checkpoints/step_<N> directory or 'auto'")
+        return None, (f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json); "
+                      f"pass a checkpoints/step_<N> directory or 'auto'")
     if (problem := verify(path)) is not None:
-        raise UserError(f"--resume {resume}: {problem}; pass an older checkpoint or 'auto' (takes the newest valid one)")
-    return path
+        return None, f"--resume {resume}: {problem}; pass an older checkpoint or 'auto' (takes the newest valid one)"
+    return path, None
 
 
 def _rng_state() -> dict:
