@@ -59,6 +59,8 @@ _TP_LORA = "--tp shards nn.Linear layers and peft's LoRA layers are not; drop --
 _NO_GPU_TRITON = "it runs Triton kernels; on CPU use --loss chunked (exact, pure PyTorch)"
 _FP8_ADAPTER = "FP8 training here is for full fine-tuning (a frozen base gains little); drop one of them"
 _SP_TP = "sequence parallel over tensor-parallel heads is not supported yet; use --cp alone (or --tp alone)"
+_GPTQ_QUANTIZED = "the GPTQ checkpoint is already quantized; use --gptq --lora"
+_ONE_PROCESS = "--offload-embeddings runs in one process (the wrappers expect every parameter on the GPU); drop one"
 _DS = "DeepSpeed's engine owns data parallelism and wraps the model; drop one of them (FSDP2 covers the others)"
 _gt1: Callable = lambda v: v > 1  # noqa: E731  (mesh dims: on when larger than one)
 
@@ -101,6 +103,8 @@ FEATURES = [
     Feature("--ac selective", "checkpointing.ac", "selective"),
     Feature("--offload cpu", "offload.offload", "cpu"),
     Feature("--offload disk", "offload.offload", "disk"),
+    Feature("--offload-embeddings", "embedding_offload.offload_embeddings", needs=_ADAPTERS, refuses=tuple(
+        (other, _ONE_PROCESS) for other in ("--ddp", "--fsdp", "--dp-replicate N", "--tp N", "--cp N", "--deepspeed"))),
     # 6. compile
     Feature("--compile", "compile.compile"),
     # 7. parallelism and sharding
@@ -128,8 +132,12 @@ FEATURES = [
     Feature("--loss chunked", "loss.loss", "chunked"),
     Feature("--loss cce", "loss.loss", "cce", cuda=_NO_GPU_TRITON),
     Feature("--loss liger", "loss.loss", "liger", cuda=_NO_GPU_TRITON),
-    # quantized bases
-    Feature("--gptq", "gptq.gptq", lambda v: bool(v), cuda="GPTQ kernels run on CUDA GPUs"),
+    # quantized bases: a GPTQ checkpoint (GPTQLinear in plain PyTorch on CPU; gptqmodel's kernels on CUDA)
+    Feature("--gptq", "gptq.gptq", needs=("--lora",), refuses=(
+        ("--qlora", _GPTQ_QUANTIZED), ("--lora-8bit", _GPTQ_QUANTIZED),
+        ("--dora", "peft's GPTQ LoRA layer has no DoRA; drop --dora"),
+        ("--lora-kernels", "not for a GPTQ base (its int4 layers are not nn.Linear); drop --lora-kernels"),
+        ("--qat", "not for a GPTQ base (its int4 layers are not nn.Linear); drop --qat"))),
     # optimizer, run
     Feature("--optimizer adamw-8bit", "optim.optimizer", "adamw-8bit"),
     Feature("--wandb", "tracking.wandb"),
@@ -150,6 +158,8 @@ NOTES = [
     "--dp-replicate x --dp-shard x --cp x --tp must equal the number of processes.",
     "--attn flash / sdpa / --loss chunked refuse models that soft-cap logits (Gemma 2); --attn flash refuses "
     "sliding-window models where torch's varlen kernel has no window.",
+    "--offload-embeddings refuses models that tie the input embeddings to the output head (Llama-3.2-1B/3B, "
+    "Gemma), an embedding in --lora-targets, and several processes.",
     "--ac, --compile, --tiled-mlp and --lora-kernels need the usual decoder layout (a ModuleList of blocks, "
     "gated MLPs); a model without it is refused when it loads.",
 ]
