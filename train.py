@@ -63,6 +63,8 @@ from features import qat
 from features.qat import QatConfig
 from features import fp8
 from features.fp8 import Fp8Config
+from features import gptq
+from features.gptq import GptqConfig
 from features.runlog import MetricsLog, StepMeter, write_run_info
 from features import tracking
 from features.tracking import TrackingConfig
@@ -114,6 +116,7 @@ class Config:
     tiled_mlp: TiledMLPConfig = dataclasses.field(default_factory=TiledMLPConfig)
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)
     fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)
+    gptq: GptqConfig = dataclasses.field(default_factory=GptqConfig)
     checkpointing: CheckpointingConfig = dataclasses.field(default_factory=CheckpointingConfig)
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
     embedding_offload: EmbeddingOffloadConfig = dataclasses.field(default_factory=EmbeddingOffloadConfig)
@@ -167,6 +170,7 @@ def validate(cfg: Config) -> None:
     sequence_parallel.validate(cfg.sequence_parallel, cfg.mesh.cp, cfg.mesh.tp)
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     fp8.validate(cfg.fp8, cfg.train.device, adapters=lora.enabled(cfg.lora), qat=cfg.qat.qat)
+    gptq.validate(cfg.gptq, cfg.lora, kernels=cfg.lora_kernels.lora_kernels, qat=cfg.qat.qat)
     offload.validate(cfg.offload)
     tiled_mlp.validate(cfg.tiled_mlp)
     faults.validate(cfg.faults)
@@ -233,7 +237,10 @@ def train(cfg: Config) -> dict:
     say(f"attention: {attention.describe(attn_impl)}")
     if cfg.alst.alst:
         say(alst.describe(cfg))
-    model = load_model(cfg.model, config, d.device, attn_impl, fsdp.quantization_storage(lora.quantization_config(cfg.lora, d.device), cfg.sharding))
+    if cfg.gptq.gptq:  # a GPTQ checkpoint: 4-bit linears (transformers + gptqmodel, else features/gptq.py)
+        model = gptq.load_model(cfg.model, config, d.device, attn_impl)
+    else:
+        model = load_model(cfg.model, config, d.device, attn_impl, fsdp.quantization_storage(lora.quantization_config(cfg.lora, d.device), cfg.sharding))
     # 2. module swaps (Liger, TiledMLP, FP8, QAT) land here
     if cfg.liger.liger:  # Liger's norm / RoPE / GLU kernels (MLPs left to --lora-kernels when it is on)
         model = apply_liger(model, cfg.liger, fuse_mlp=not cfg.lora_kernels.lora_kernels)
@@ -242,7 +249,7 @@ def train(cfg: Config) -> dict:
     if cfg.fp8.fp8 != "none":  # Float8Linear swaps, before FSDP wraps them (FP8 all-gather)
         model = fp8.apply_fp8(model, cfg.fp8, fsdp=cfg.sharding.fsdp, compiled=cfg.compile.compile, say=say)
     if lora.enabled(cfg.lora):  # 3. adapters, then the fused LoRA kernels
-        model = lora.apply_lora(model, cfg.lora)
+        model = gptq.apply_lora(model, cfg.lora) if cfg.gptq.gptq else lora.apply_lora(model, cfg.lora)
     if cfg.lora_kernels.lora_kernels:
         model = lora_kernels.apply_lora_kernels(model)
     if cfg.tiled_mlp.tiled_mlp:  # (2.) TiledMLP wraps each MLP's forward as the adapters and kernels left it
