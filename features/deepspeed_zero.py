@@ -64,7 +64,10 @@ def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, m
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
             if zero["stage"] == 3:
                 zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        ds = {"zero_optimization": zero, "bf16": {"enabled": precision == "bf16"}}
+        ds = {"zero_optimization": zero, "bf16": {"enabled": precision == "bf16"},
+              # offload runs nanotune's torch AdamW on the CPU partitions (DeepSpeedCPUAdam would need a
+              # compiled op); DeepSpeed 0.19.8 refuses a client optimizer there unless told
+              "zero_force_ds_cpu_optimizer": not cfg.ds_offload}
     else:
         ds = json.loads(Path(cfg.deepspeed).read_text())
     # nanotune accumulates micro-batches itself (one engine step per optimizer step): to DeepSpeed a

@@ -103,6 +103,41 @@ def test_qlora_fsdp_two_ranks_match_one_process(tmp_path, small_data):
     assert (tmp_path / "two" / "final" / "base" / "model.safetensors").is_file()
 
 
+def _deepspeed_cpu_refused() -> str | None:
+    """features/compat.py's reason when its matrix marks --deepspeed CUDA-only (DeepSpeed 0.19.8 runs
+    on CPU over gloo: the layouts test shows it), else None."""
+    from features import compat
+
+    row = next((f for f in compat.FEATURES if f.flag == "--deepspeed"), None) if hasattr(compat, "FEATURES") else None
+    return getattr(row, "cuda", "") or None
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_train_and_resume_through_its_checkpoints(tmp_path, small_data):
+    """train.py --deepspeed zero3 on 2 ranks: one process's losses; its step-2 checkpoint (DeepSpeed's
+    format) resumes on 2 ranks with the same losses at steps 3 and 4; ZeRO-3 weights gathered for export."""
+    if not _has_deepspeed():
+        pytest.skip("pip install deepspeed")
+    if reason := _deepspeed_cpu_refused():
+        pytest.skip(f"features/compat.py refuses --deepspeed on CPU ({reason})")
+    data = ["--dataset", str(small_data), *COMMON, "--save-every", "2", "--keep-checkpoints", "0"]
+    assert run_train(tmp_path / "one", *data, "--micro-batch-size", "8", "--skip-export") == 0
+    _torchrun(2, 29545, "train.py", *data, "--micro-batch-size", "4", "--deepspeed", "zero3",
+              "--output-dir", str(tmp_path / "ds"))
+    one, ds = ({m["step"]: m for m in read_metrics(tmp_path / n)} for n in ("one", "ds"))
+    for step in (1, 2, 3, 4):
+        assert ds[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
+        assert ds[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4), step
+    assert (tmp_path / "ds" / "checkpoints" / "step_00000002" / "deepspeed").is_dir()
+    assert (tmp_path / "ds" / "final" / "model.safetensors").is_file()
+    (tmp_path / "res" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "ds" / "checkpoints" / "step_00000002", tmp_path / "res" / "checkpoints" / "step_00000002")
+    _torchrun(2, 29546, "train.py", "--dataset", str(small_data), *COMMON, "--resume", "auto", "--skip-export",
+              "--micro-batch-size", "4", "--deepspeed", "zero3", "--output-dir", str(tmp_path / "res"))
+    res = {m["step"]: m for m in read_metrics(tmp_path / "res")}
+    assert sorted(res) == [3, 4] and all(res[s]["loss"] == pytest.approx(ds[s]["loss"], rel=1e-5) for s in (3, 4))
+
+
 def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
     assert mesh_shape(MeshConfig(), 1) == (1, 1, 1, 1)
     assert mesh_shape(MeshConfig(dp_replicate=2, tp=2), 8) == (2, 2, 1, 2)
