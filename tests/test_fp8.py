@@ -112,7 +112,7 @@ PARITY_REL = 0.03
 
 
 def _losses(tmp_path, name, *flags) -> list[float]:
-    out = tmp_path / name
+    out = tmp_path / name.replace(" ", "_")
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", "llama3.2-1b", "--precision", "bf16", "--packing",
            "--seq-len", "1024", "--micro-batch-size", "4", "--max-steps", "40", "--log-every", "5", "--lr", "3e-4",
            "--warmup-steps", "5", "--val-dataset", "none", "--skip-export", "--output-dir", str(out), *flags]
@@ -120,12 +120,17 @@ def _losses(tmp_path, name, *flags) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.fixture(scope="module")
+def bf16_losses(tmp_path_factory):
+    return _losses(tmp_path_factory.mktemp("fp8"), "bf16", "--compile")
+
+
 @pytest.mark.gpu
 @FP8_GPU
 @pytest.mark.parametrize("flags", [("--fp8", "tensorwise"), ("--fp8", "rowwise"),
                                    ("--fp8", "tensorwise", "--fsdp")])  # one-rank FSDP2: FP8 all-gather + hook
-def test_gpu_fp8_loss_tracks_bf16(tmp_path, flags):
-    ref = _losses(tmp_path, "bf16", "--compile")
+def test_gpu_fp8_loss_tracks_bf16(tmp_path, bf16_losses, flags):
+    ref = bf16_losses
     got = _losses(tmp_path, "fp8", "--compile", *flags)
     print("bf16:", [round(x, 3) for x in ref], f"\nfp8 {' '.join(flags)}:", [round(x, 3) for x in got])
     assert len(got) == len(ref) and got[-1] < got[0] - 1.0

@@ -134,3 +134,22 @@ def test_train_py_gptq_lora(checkpoint, small_data, tmp_path):
     assert losses[-1] < losses[0]
     adapter = json.loads((out / "final" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(checkpoint[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_lora_on_gptq_bf16(checkpoint):
+    """The same checkpoint on CUDA in bf16 (GPTQLinear, or gptqmodel's kernels when installed): LoRA learns."""
+    mcfg = ModelConfig(str(checkpoint[0]), precision="bf16")
+    base = gptq.load_model(mcfg, load_config(mcfg, load_tokenizer(mcfg)), torch.device("cuda"))
+    model = gptq.apply_lora(base, LoraConfig(lora=True, lora_rank=8))
+    x = torch.randint(3, 400, (4, 32), generator=torch.Generator().manual_seed(2)).cuda()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2, losses

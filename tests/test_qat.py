@@ -126,3 +126,18 @@ def test_train_py_qat_run_exports_both_models(tok, small_data, tmp_path):
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert run_train(tmp_path / "bad", "--qat", "--qlora") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpu_bf16_prepare_convert(tok, scheme):
+    torch.manual_seed(0)
+    mcfg = ModelConfig("tiny-llama", precision="bf16")
+    model, x = load_model(mcfg, load_config(mcfg, tok), torch.device("cuda")), ids().cuda()
+    cfg = qat.QatConfig(qat=True, qat_scheme=scheme)
+    qat.apply_qat(model, cfg)
+    model(input_ids=x, labels=x).loss.backward()  # fake quantization trains on CUDA
+    fake = logits(model, x)
+    real = logits(qat.convert(model, cfg), x)
+    assert (fake - real).abs().max() < 0.05 * fake.abs().max()
