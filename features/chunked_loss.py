@@ -91,6 +91,14 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def head_weight(model) -> torch.Tensor:
+    """The output head's weight, whole. Under FSDP2 it is the gathered weight after a training
+    forward (the root stays unsharded), but a sharded DTensor after an evaluation forward (resharded
+    at once): gather it then (differentiable, so a DTensor head under TP works too)."""
+    weight = _base(getattr(model, "module", model)).get_output_embeddings().weight
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
 def apply_chunked_loss(model, cfg: LossConfig):
     """Swap the output head for a HiddenHead; returns the model (call before DDP wrapping)."""
     if cfg.loss_chunk < 1:
@@ -105,8 +113,7 @@ def apply_chunked_loss(model, cfg: LossConfig):
 def forward_chunked_loss_sum(model, batch: dict, attn_impl: str = "sdpa", chunk: int = 4096) -> torch.Tensor:
     """The chunked counterpart of features.loss.forward_loss_sum."""
     hidden = model(**model_inputs(batch, attn_impl)).logits
-    head = _base(getattr(model, "module", model)).get_output_embeddings()
-    return chunked_cross_entropy_sum(hidden, head.weight, None, chunk, next_token_targets(batch))
+    return chunked_cross_entropy_sum(hidden, head_weight(model), None, chunk, next_token_targets(batch))
 
 
 @contextlib.contextmanager

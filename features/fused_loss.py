@@ -24,7 +24,7 @@ import torch
 
 from features import UserError
 from features.attention import model_inputs
-from features.chunked_loss import LossConfig, _base
+from features.chunked_loss import LossConfig, head_weight
 from features.loss import IGNORE, next_token_targets, shifted_targets
 
 _PACKAGES = {"cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger": ("liger_kernel", "liger-kernel")}
@@ -74,6 +74,5 @@ def fused_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: 
 def forward_fused_loss_sum(model, batch: dict, attn_impl: str = "sdpa", kernel: str = "cce") -> torch.Tensor:
     """The fused-kernel counterpart of features.loss.forward_loss_sum."""
     hidden = model(**model_inputs(batch, attn_impl)).logits
-    head = _base(getattr(model, "module", model)).get_output_embeddings()
-    return fused_cross_entropy_sum(hidden, head.weight, None, kernel, next_token_targets(batch))
+    return fused_cross_entropy_sum(hidden, head_weight(model), None, kernel, next_token_targets(batch))
 

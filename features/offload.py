@@ -192,7 +192,8 @@ class Offloader:
         self.seen.clear()
         self.last = None
         params = list(params)
-        self.params = {p.untyped_storage().data_ptr() for p in params}
+        # FSDP2 / TP parameters are DTensors (no storage of their own): their local shard's storage
+        self.params = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr() for p in params}
         self.weight_shapes = {s for p in params if p.dim() == 2 for s in (tuple(p.shape), tuple(p.shape[::-1]))}
 
 
