@@ -142,20 +142,35 @@ BAD_LINES = {  # one of each kind of bad record, with the reason the strict run 
 }
 
 
-@pytest.mark.parametrize("kind", list(BAD_LINES))
-def test_train_stops_at_a_bad_record_or_skips_and_counts_it(tmp_path, small_data, capsys, kind):
-    line, reason = BAD_LINES[kind]
+def _mixed(tmp_path, small_data, bad: list[bytes]) -> Path:
+    """96 good lines with the bad ones from line 41 on."""
     good = small_data.read_bytes().splitlines()
     data = tmp_path / "mixed.jsonl"
-    data.write_bytes(b"\n".join(good[:40] + [line] + good[40:96]) + b"\n")
+    data.write_bytes(b"\n".join(good[:40] + bad + good[40:96]) + b"\n")
+    return data
+
+
+@pytest.mark.parametrize("kind", list(BAD_LINES))
+def test_each_bad_record_is_named_or_skipped_and_counted(tmp_path, small_data, tok, kind):
+    line, reason = BAD_LINES[kind]
+    data = _mixed(tmp_path, small_data, [line])
+    with pytest.raises(BadRecord) as e:
+        _load(data, "auto", False, tok)
+    assert str(e.value).startswith(f"{data}:41: ") and reason in str(e.value) and "\n" not in str(e.value)
+    stats = _load(data, "auto", True, tok)[0].stats
+    assert stats["skipped_bad"] == 1 and stats["records"] == 97 and reason in stats["first_bad"]
+
+
+def test_train_stops_at_the_first_bad_record_or_skips_and_counts_all(tmp_path, small_data, capsys):
+    data = _mixed(tmp_path, small_data, [line for line, _ in BAD_LINES.values()])
     args = ["--dataset", str(data), "--max-steps", "1", "--micro-batch-size", "4", "--val-dataset", "none",
             "--skip-export"]
     assert run_train(tmp_path / "strict", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [err[0]] and err[0].startswith(f"error: {data}:41: ") and reason in err[0], err
+    assert len(err) == 1 and err[0].startswith(f"error: {data}:41: invalid JSON"), err
     assert run_train(tmp_path / "skip", *args, "--skip-bad-samples") == 0
     stats = json.loads((tmp_path / "skip" / "run.json").read_text())["data"]["train"]
-    assert stats["skipped_bad"] == 1 and stats["records"] == 97 and reason in stats["first_bad"]
+    assert stats["skipped_bad"] == len(BAD_LINES) and stats["records"] == 96 + len(BAD_LINES)
 
 
 def test_unknown_chat_role_is_named(tmp_path, tok):
