@@ -207,7 +207,11 @@ def problem(on: list[Feature], cuda: bool, present: list[Feature], needs: bool =
 
 def check(cfg, cuda: bool) -> None:
     """Refuse a combination the matrix refuses, with one line naming the flags, the reason and the fix."""
-    if (reason := problem(active(cfg), cuda, rows(cfg))) is not None:
+    on = active(cfg)
+    if (reason := problem(on, cuda, rows(cfg))) is not None:
+        for f in on:  # "--tp N" as the user typed it: "--tp 4"
+            if f.flag.endswith(" N"):
+                reason = reason.replace(f.flag, f"{f.flag[:-1]}{_get(cfg, f.field)[0]}")
         raise UserError(reason)
 
 

@@ -60,8 +60,11 @@ def _config(flags: list[str]) -> train.Config:
 
 
 def _pair(fa: str, fb: str, cuda: bool) -> tuple[list[str], str | None]:
-    """The flags to try for a pair (with what they need) and the matrix's verdict."""
+    """The flags to try for a pair (with what they need) and the matrix's verdict, "--tp N" shown as typed."""
     on, reason = compat.complete([BY_FLAG[fa], BY_FLAG[fb]], cuda, ROWS)
+    for f in ROWS:
+        if reason and f.flag.endswith(" N"):
+            reason = reason.replace(f.flag, f.example)
     return [f.flag for f in on], reason
 
 
@@ -129,7 +132,8 @@ def test_refused_pairs_name_both_flags_and_the_fix():
         cfg = _config([a.flag, b.flag])
         with pytest.raises(UserError) as e:  # (already refused as a pair, before any need is looked at)
             compat.check(cfg, cuda=True)
-        assert str(e.value) == f"{a.flag} with {b.flag}: {reason}"
+        shown = [f.example if f.flag.endswith(" N") else f.flag for f in (a, b)]  # "--tp N" -> "--tp 2"
+        assert str(e.value) == f"{shown[0]} with {shown[1]}: {reason}"
         assert re.search(r"\b(use|pass|drop|add|train with)\b", reason), f"{a.flag} + {b.flag}: no fix in {reason!r}"
 
 
@@ -142,7 +146,8 @@ def test_needs_are_refused_alone_with_their_reason():
         for path, value in SETTINGS[f.flag].items():
             *parents, name = path.split(".")
             setattr(_resolve(cfg, parents), name, value)
-        with pytest.raises(UserError, match=re.escape(f"{f.flag} needs {' or '.join(needs)}")):
+        shown = f.example if f.flag.endswith(" N") else f.flag
+        with pytest.raises(UserError, match=re.escape(f"{shown} needs {' or '.join(needs)}")):
             compat.check(cfg, cuda=True)
 
 
