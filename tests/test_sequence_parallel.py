@@ -110,16 +110,18 @@ def test_train_py_with_cp_2_matches_one_process(tmp_path, small_data):
     ring, and Ulysses with --ac full and --loss chunked; evaluation (unsharded) and the trained-token
     counts agree too. fp32: tolerance 1e-5."""
     common = ["--dataset", str(small_data), "--max-steps", "2", "--log-every", "1", "--seed", "5", "--device", "cpu",
-              "--packing", "--seq-len", "256", "--micro-batch-size", "2", "--skip-export", "--eval-exact-match", "0"]
-    assert run_train(tmp_path / "one", *common) == 0
+              "--packing", "--seq-len", "256", "--micro-batch-size", "2", "--skip-export"]
+    assert run_train(tmp_path / "one", *common, "--eval-exact-match", "4") == 0  # generation runs unsharded too
     one = read_metrics(tmp_path / "one")
+    assert "exact_match" in one[0] and "exact_match" in one[-1] and "val_loss" in one[-1]
     for name, extra in (("ring", ["--sp-mode", "ring"]),
                         ("ulysses", ["--sp-mode", "ulysses", "--ac", "full", "--loss", "chunked"])):
-        _start(sp_worker.train_rank, 2, [*common, "--cp", "2", *extra, "--output-dir", str(tmp_path / name)])
+        _start(sp_worker.train_rank, 2, [*common, "--eval-exact-match", "4", "--cp", "2", *extra,
+                                          "--output-dir", str(tmp_path / name)])
         cp2 = read_metrics(tmp_path / name)
         assert [m["step"] for m in cp2] == [m["step"] for m in one] == [0, 1, 2]
         for a, b in zip(cp2, one):
-            for key in ("loss", "grad_norm", "val_loss"):
+            for key in ("loss", "grad_norm", "val_loss", "exact_match"):
                 if key in b:
                     assert a[key] == pytest.approx(b[key], rel=1e-5), (name, key, a, b)
             assert a.get("tokens") == b.get("tokens")
