@@ -4,7 +4,7 @@
 
 Llama-3.1-8B shape (random weights, bf16), LoRA r=16, micro-batch 1, one row holding ONE document
 of the full length (full causal attention, no packing shortcut), `--cp N --sp-mode ulysses --attn
-flash` with the memory features of each row (ROWS; --with-alst adds the --alst recipe). A try is one training step in its own torchrun, so an
+flash` with the memory features of each row (ROWS: the --alst recipe under --fsdp, and a DDP row). A try is one training step in its own torchrun, so an
 out-of-memory error ends only that try. Lengths double from --start until a failure, the time
 budget or --max-len; each row gets an equal share of the budget, and a try is started only when
 its predicted time (the last step time x (L'/L)^2, attention is quadratic, plus start-up) fits.
@@ -23,14 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 1024
-LEAN = ["--ac", "full", "--loss", "chunked"]
-ROWS = [  # (label, flags); on 2026-11-25 --alst itself failed with more than one rank (CPU check): --tiled-mlp
-          # under DDP ("mark a variable ready only once"), --offload under --fsdp ("invalid python storage")
-    ("ulysses, DDP, --ac full --loss chunked --offload cpu", ["--sp-mode", "ulysses", *LEAN, "--offload", "cpu"]),
-    ("ulysses, --fsdp (base sharded over the cp ranks), --ac full --loss chunked --tiled-mlp",
-     ["--sp-mode", "ulysses", "--fsdp", *LEAN, "--tiled-mlp"]),
+ROWS = [  # (label, flags). --alst under DDP failed on 2026-11-25 (CPU check: --tiled-mlp under DDP, "mark a
+          # variable ready only once"), so the recipe runs with --fsdp (base weights sharded over the cp ranks)
+    ("ulysses, --fsdp, --alst (tiled MLP, chunked loss, CPU offload, --ac full)", ["--sp-mode", "ulysses", "--fsdp", "--alst"]),
+    ("ulysses, DDP, --ac full --loss chunked --offload cpu", ["--sp-mode", "ulysses", "--ac", "full", "--loss", "chunked",
+                                                             "--offload", "cpu"]),
 ]
-ALST = ("ulysses, --alst (tiled MLP, chunked loss, CPU offload, --ac full)", ["--sp-mode", "ulysses", "--alst"])
 
 
 def _text(path: Path, tokens: int) -> Path:
@@ -107,7 +105,6 @@ def main():
     p.add_argument("--budget-s", type=float, default=420)
     p.add_argument("--start", type=int, default=128 * K)
     p.add_argument("--max-len", type=int, default=8192 * K)
-    p.add_argument("--with-alst", action="store_true", help="add a row with the --alst recipe")
     p.add_argument("--out", default=None)
     p.add_argument("--logs", default=None)
     args = p.parse_args()
@@ -120,9 +117,9 @@ def main():
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-    rows, plan = [], ROWS + ([ALST] if args.with_alst else [])
-    for i, (label, flags) in enumerate(plan):
-        share = (args.budget_s - (time.perf_counter() - t0)) / (len(plan) - i)
+    rows = []
+    for i, (label, flags) in enumerate(ROWS):
+        share = (args.budget_s - (time.perf_counter() - t0)) / (len(ROWS) - i)
         rows.append((label, search(args, flags, tmp, time.perf_counter() + share, log)))
     note = (f"\n{args.model} (llama3-8b = the Llama-3.1-8B shape), LoRA r=16, bf16, one document per row, one step "
             f"per try, {torch_version()}; budget {args.budget_s:.0f} s (used {time.perf_counter() - t0:.0f} s)")
