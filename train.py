@@ -374,7 +374,7 @@ def train(cfg: Config) -> dict:
     if final:
         say(f"saved the final model to {final}")
     if final and cfg.qat.qat:  # convert consumes the model: last
-        say(f"saved the quantized model to {qat.export(unwrap(model), tok, out / 'final-quantized', cfg.qat)}")
+        qat.export(unwrap(model), tok, out / "final-quantized", cfg.qat, plain_dir=final, say=say)
     if d.is_main:
         report(summary)
     return summary

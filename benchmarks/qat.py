@@ -1,6 +1,6 @@
 """QAT vs post-training quantization (PTQ) of the same fine-tune, on the embedded task (CPU).
 
-    python benchmarks/qat.py --steps 600 --seeds 0 1 --out runs/qat-bench > table.md
+    python benchmarks/qat.py --steps 400 --seeds 0 1 --out runs/qat-bench > table.md
 
 For each seed: one plain fine-tune of tiny-llama, evaluated in fp32 and after PTQ with each scheme
 (torchao's quantize_ with the same config QAT converts with), and one --qat fine-tune per scheme
@@ -10,6 +10,7 @@ versions. QAT should recover most of the gap between PTQ and fp32.
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -28,13 +29,18 @@ from features.evaluate import exact_match, validation_loss  # noqa: E402
 from features.model import ModelConfig, load_tokenizer  # noqa: E402
 
 
-def train(out: Path, seed: int, steps: int, *flags: str) -> Path:
-    """A train.py run (no evaluation in it: every model is scored below on the same data)."""
-    if not (out / "final").is_dir():
-        cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--seed", str(seed),
-               "--max-steps", str(steps), "--val-dataset", "none", "--log-every", "100", *flags]
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    return out
+def launch(out: Path, seed: int, args, *flags: str):
+    """Start a train.py run (no evaluation in it: every model is scored below on the same data);
+    None if its final model exists already (a re-run only scores)."""
+    if (out / "final").is_dir():
+        return None
+    cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--seed", str(seed),
+           "--max-steps", str(args.steps), "--micro-batch-size", str(args.micro_batch_size),
+           "--val-dataset", "none", "--log-every", "100", *flags]
+    out.mkdir(parents=True, exist_ok=True)
+    # one thread per run, all runs at once: on a shared 2-core box that beats 2 threads in turn
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out / "train.log", "w"), stderr=subprocess.STDOUT)
 
 
 def score(model, val, tok, n_em: int) -> tuple[float, float]:
@@ -47,34 +53,37 @@ def score(model, val, tok, n_em: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--schemes", nargs="+", default=["int8-int4", "int4"])
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--micro-batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training run (all run at once)")
     ap.add_argument("--exact-match", type=int, default=256, help="validation samples answered greedily")
     ap.add_argument("--out", default="runs/qat-bench")
     args = ap.parse_args()
     import transformers
 
     tok = load_tokenizer(ModelConfig())
+    _, val = load_splits(DataConfig(), tok, seed=0)  # data/val.jsonl: the same held-out set for every run
     rows: dict[tuple, list] = {}
     started = time.time()
-    _, val = load_splits(DataConfig(), tok, seed=0)  # data/val.jsonl: the same held-out set for every run
+    runs = {(seed, scheme): Path(args.out) / (f"qat-{scheme}-s{seed}" if scheme else f"plain-s{seed}")
+            for seed in args.seeds for scheme in [None, *args.schemes]}
+    procs = [launch(out, seed, args, *(("--qat", "--qat-scheme", scheme, "--qat-group-size", str(args.group_size))
+                                       if scheme else ())) for (seed, scheme), out in runs.items()]
+    if any(p is not None and p.wait() != 0 for p in procs):
+        sys.exit(f"a training run failed; see {args.out}/*/train.log")
     for seed in args.seeds:
-        plain = train(Path(args.out) / f"plain-s{seed}", seed, args.steps)
-        model = transformers.AutoModelForCausalLM.from_pretrained(plain / "final")
+        plain = runs[(seed, None)] / "final"
+        model = transformers.AutoModelForCausalLM.from_pretrained(plain)
         rows.setdefault(("fp32 fine-tune", "-"), []).append(score(model, val, tok, args.exact_match))
         for scheme in args.schemes:
             cfg = qat.QatConfig(qat=True, qat_scheme=scheme, qat_group_size=args.group_size)
-            ptq = transformers.AutoModelForCausalLM.from_pretrained(plain / "final")
-            qat._torchao()[0].quantize_(ptq, qat.base_config(cfg),
-                                        filter_fn=lambda m, _, head=ptq.get_output_embeddings():
-                                        isinstance(m, torch.nn.Linear) and m is not head)
+            ptq = qat.quantize_dir(plain, cfg)  # the same config and layers QAT's convert quantizes
             rows.setdefault(("PTQ", scheme), []).append(score(ptq, val, tok, args.exact_match))
-            run = train(Path(args.out) / f"qat-{scheme}-s{seed}", seed, args.steps, "--qat", "--qat-scheme",
-                        scheme, "--qat-group-size", str(args.group_size))
-            rows.setdefault(("QAT", scheme), []).append(
-                score(qat.load_quantized(run / "final-quantized"), val, tok, args.exact_match))
+            quantized = qat.load_quantized(runs[(seed, scheme)] / "final-quantized")
+            rows.setdefault(("QAT", scheme), []).append(score(quantized, val, tok, args.exact_match))
     print(table(rows, args, time.time() - started))
 
 
@@ -87,7 +96,8 @@ def table(rows: dict, args, seconds: float) -> str:
     import transformers
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    lines = [f"QAT vs PTQ, tiny-llama on the embedded task, {args.steps} steps, group size {args.group_size}, "
+    lines = [f"QAT vs PTQ, tiny-llama on the embedded task, {args.steps} steps of {args.micro_batch_size} samples, "
+             f"group size {args.group_size}, "
              f"seeds {args.seeds} (mean ± spread over seeds), {args.exact_match} exact-match samples.",
              f"Command: `python benchmarks/qat.py {' '.join(sys.argv[1:])}`; git {sha.strip()}; torch "
              f"{torch.__version__}, torchao {torchao.__version__}, transformers {transformers.__version__}; "

@@ -143,13 +143,25 @@ def convert(model, cfg: QatConfig):
     return model
 
 
-def export(model, tokenizer, out_dir, cfg: QatConfig) -> Path:
-    """Convert (consumes `model`) and write config, tokenizer, weights (torchao tensors) and the scheme."""
+def export(model, tokenizer, out_dir, cfg: QatConfig, plain_dir=None, say=print) -> Path | None:
+    """Convert (consumes `model`) and write config, tokenizer, weights (torchao tensors) and the scheme.
+
+    A sharded model (FSDP2 / TP: DTensor weights) is not converted in place: the full fine-tune's
+    gathered final model in `plain_dir` is loaded on this rank and quantized with the same config
+    (what convert does after swapping the fake-quantized layers back); a sharded adapter is skipped.
+    """
     import torchao
 
     from features.checkpoint import atomic_dir
 
-    model = convert(model, cfg)
+    if _sharded(model):
+        if plain_dir is None or hasattr(model, "peft_config"):
+            say("qat: final-quantized/ skipped: convert a sharded LoRA run from its merged final model "
+                "(python export.py, then features.qat.quantize_dir)")
+            return None
+        model = quantize_dir(plain_dir, cfg)
+    else:
+        model = convert(model, cfg)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         tmp.mkdir(parents=True)
@@ -161,7 +173,25 @@ def export(model, tokenizer, out_dir, cfg: QatConfig) -> Path:
         (tmp / "quantization.json").write_text(json.dumps(
             {"qat_scheme": cfg.qat_scheme, "qat_group_size": cfg.qat_group_size,
              "torchao": torchao.__version__}, indent=2))
+    say(f"saved the quantized model to {out}")
     return out
+
+
+def _sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def quantize_dir(path, cfg: QatConfig):
+    """A plain HF model directory quantized with the scheme's config (CPU): QAT's convert, or PTQ."""
+    import transformers
+
+    tq, _ = _torchao()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    chosen = set(_decoder_linears(model).values())
+    tq.quantize_(model, base_config(cfg), filter_fn=lambda m, _: m in chosen)
+    return model
 
 
 def load_quantized(path, device="cpu"):

@@ -141,3 +141,16 @@ def test_gpu_bf16_prepare_convert(tok, scheme):
     fake = logits(model, x)
     real = logits(qat.convert(model, cfg), x)
     assert (fake - real).abs().max() < 0.05 * fake.abs().max()
+
+
+def test_quantize_dir_equals_convert(tok, tmp_path):
+    """The sharded-run fallback (quantize the gathered final/ with the scheme's config) = convert."""
+    model, x = tiny(tok), ids()
+    cfg = qat.QatConfig(qat=True, qat_scheme="int8-int4")
+    qat.apply_qat(model, cfg)
+    with torch.no_grad():  # a training step's worth of change, so the weights are not the init
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "final")
+    from_dir = logits(qat.quantize_dir(tmp_path / "final", cfg), x)
+    torch.testing.assert_close(from_dir, logits(qat.convert(model, cfg), x), atol=1e-5, rtol=1e-5)
