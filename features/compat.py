@@ -36,13 +36,17 @@ class Feature:
     example: str = ""
     """Flags that turn it on, for tests and docs (default: `flag`)."""
     cuda: str = ""
-    """Why it needs a CUDA GPU ("" = it runs on CPU too)."""
+    """Why it needs a CUDA GPU ("" = it runs on CPU too); the refusal reads "<flag> needs a CUDA GPU: <this>",
+    or this alone when it starts with the flag (a module's own wording, which its tests expect)."""
     needs: tuple[str, ...] = ()
     """Flags of which at least one must be on too."""
     refuses: tuple[tuple[str, str], ...] = ()
     """(other flag, reason with the fix) for each feature it cannot be combined with."""
     ranks: str = ""
     """What it needs of the process layout, for the table (e.g. "N ranks (torchrun)")."""
+
+    def cuda_refusal(self) -> str:
+        return self.cuda if self.cuda.startswith(self.flag) else f"{self.flag} needs a CUDA GPU: {self.cuda}"
 
     def argv(self) -> list[str]:
         return (self.example or self.flag).split()
@@ -73,7 +77,8 @@ FEATURES = [
     Feature("--attn sdpa", "attention.attn", "sdpa"),
     Feature("--attn eager", "attention.attn", "eager"),
     Feature("--attn flex", "attention.attn", "flex",
-            cuda="FlexAttention has no backward pass on CPU (torch 2.13); use --attn sdpa (the same masks)"),
+            cuda="--attn flex: FlexAttention has no backward pass on CPU (torch 2.13); use --attn sdpa here (the "
+                 "same masks), flex on a CUDA GPU"),
     Feature("--attn flash", "attention.attn", "flash",
             cuda="FlashAttention kernels run on CUDA GPUs; use --attn sdpa on CPU"),
     Feature("--attn xformers", "attention.attn", "xformers",
@@ -192,7 +197,7 @@ def problem(on: list[Feature], cuda: bool, present: list[Feature], needs: bool =
     """Why these features cannot run together (hardware, then refused pairs, then unmet needs), or None."""
     for f in on:
         if f.cuda and not cuda:
-            return f"{f.flag} needs a CUDA GPU: {f.cuda}"
+            return f.cuda_refusal()
     for i, a in enumerate(on):
         for b in on[i + 1:]:
             if (reason := refusal(a, b)) is not None:
@@ -260,7 +265,7 @@ def markdown(cfg) -> str:
     lines = ["| feature | runs on | needs |", "|---|---|---|"]
     for f in present:
         via = complete([f], cuda=False, present=present)[0]
-        cuda_only = f.cuda or next((f"as `{g.flag}`" for g in via if g.cuda), "")
+        cuda_only = f.cuda.removeprefix(f.flag + ": ") or next((f"as `{g.flag}`" for g in via if g.cuda), "")
         hardware = f"CUDA only: {cuda_only}" if cuda_only else "CPU and CUDA"
         lines.append(f"| `{f.flag}` | {hardware}{'; ' + f.ranks if f.ranks else ''} | "
                      f"{_cell([n for n in f.needs if n in names])} |")
