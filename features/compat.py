@@ -170,7 +170,7 @@ NOTES = [
 ]
 
 
-def _get(cfg, path: str):
+def field_value(cfg, path: str):
     """(value, present): a feature whose module is not in this checkout is absent, not an error."""
     for name in path.split("."):
         if not hasattr(cfg, name):
@@ -181,11 +181,11 @@ def _get(cfg, path: str):
 
 def rows(cfg) -> list[Feature]:
     """The rows whose config field exists in this Config (cfg: a train.Config or its class' instance)."""
-    return [f for f in FEATURES if _get(cfg, f.field)[1]]
+    return [f for f in FEATURES if field_value(cfg, f.field)[1]]
 
 
 def active(cfg) -> list[Feature]:
-    return [f for f in rows(cfg) if f.is_on(_get(cfg, f.field)[0])]
+    return [f for f in rows(cfg) if f.is_on(field_value(cfg, f.field)[0])]
 
 
 def refusal(a: Feature, b: Feature) -> str | None:
@@ -216,7 +216,7 @@ def check(cfg, cuda: bool) -> None:
     if (reason := problem(on, cuda, rows(cfg))) is not None:
         for f in on:  # "--tp N" as the user typed it: "--tp 4"
             if f.flag.endswith(" N"):
-                reason = reason.replace(f.flag, f"{f.flag[:-1]}{_get(cfg, f.field)[0]}")
+                reason = reason.replace(f.flag, f"{f.flag[:-1]}{field_value(cfg, f.field)[0]}")
         raise UserError(reason)
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from features import UserError
+from features.compat import field_value
 from features.distributed import Dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -112,23 +113,16 @@ _MEMORY_FLAGS = [
     ("lora.qlora", bool, "--qlora (4-bit base weights)"),
     ("offload.offload", lambda v: v not in ("none", None, False), "--offload cpu (activations to host memory)"),
     ("tiled_mlp.tiled_mlp", bool, "--tiled-mlp (MLP in sequence tiles)"),
-    ("fsdp.fsdp", bool, "--fsdp with several GPUs (shards weights, grads and optimizer state)"),
+    ("embedding_offload.offload_embeddings", bool, "--offload-embeddings (a frozen input-embedding table in CPU memory)"),
+    ("sharding.fsdp", bool, "--fsdp with several GPUs (shards weights, grads and optimizer state)"),
 ]
-
-
-def _get(cfg, path: str):
-    for name in path.split("."):
-        if not hasattr(cfg, name):
-            return None, False
-        cfg = getattr(cfg, name)
-    return cfg, True
 
 
 def memory_advice(cfg) -> list[str]:
     """The memory-saving flags this run does not use yet."""
     advice = []
     for path, is_on, text in _MEMORY_FLAGS:
-        value, present = _get(cfg, path)
+        value, present = field_value(cfg, path)
         if present and not is_on(value):
             advice.append(text)
     return advice
@@ -151,7 +145,7 @@ def oom_report(err: BaseException, cfg) -> str:
     run = []
     for flag, path in (("--model", "model.path"), ("--precision", "model.precision"), ("--seq-len", "data.seq_len"),
                        ("--micro-batch-size", "train.micro_batch_size")):
-        value, present = _get(cfg, path)
+        value, present = field_value(cfg, path)
         if present:
             run.append(f"{flag} {value}")
     advice = memory_advice(cfg) if cfg is not None else []
