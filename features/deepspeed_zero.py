@@ -65,6 +65,10 @@ def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, m
             if zero["stage"] == 3:
                 zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         ds = {"zero_optimization": zero, "bf16": {"enabled": precision == "bf16"},
+              # bf16-mixed: the engine's forward turns an outer torch.autocast off unless its own
+              # torch_autocast section is on (deepspeed 0.19.8 runtime/torch_autocast.py); without it
+              # fp32 activations reached FlashAttention on the H100 (results/2026-11-25-distributed-1gpu.md)
+              "torch_autocast": {"enabled": precision == "bf16-mixed", "dtype": "bfloat16"},
               # offload runs nanotune's torch AdamW on the CPU partitions (DeepSpeedCPUAdam would need a
               # compiled op); DeepSpeed 0.19.8 refuses a client optimizer there unless told
               "zero_force_ds_cpu_optimizer": not cfg.ds_offload}

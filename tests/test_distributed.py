@@ -205,3 +205,11 @@ def test_tp_refuses_indivisible_heads_and_lora():
         validate(3, config, lora_enabled=False)
     with pytest.raises(UserError, match="peft's LoRA layers"):
         validate(2, config, lora_enabled=True)
+
+
+def test_deepspeed_bf16_mixed_keeps_autocast():
+    from features.deepspeed_zero import DeepSpeedConfig, build_config
+
+    on = build_config(DeepSpeedConfig("zero2"), 1, 1, 1.0, "bf16-mixed", dp_size=1)["torch_autocast"]
+    assert on == {"enabled": True, "dtype": "bfloat16"}
+    assert not build_config(DeepSpeedConfig("zero2"), 1, 1, 1.0, "fp32", dp_size=1)["torch_autocast"]["enabled"]
