@@ -49,3 +49,34 @@ def run_train(out: Path, *args: str) -> int:
     import train
 
     return train.main(["--output-dir", str(out), "--eval-exact-match", "0", *args])
+
+
+def three_doc_batch() -> dict:
+    """Three documents of 40, 23 and 57 tokens, right-padded: the equivalence tests' shared batch."""
+    from features.batches import collate_padded
+    from features.data import Sample
+
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(4, 400, (n,), generator=g).tolist() for n in (40, 23, 57)]
+    return collate_padded([Sample(d, d, 0) for d in docs], 0)
+
+
+def with_live_lora(model):
+    """A rank-4 LoRA adapter whose B is not zero (peft starts it at zero), so the adapter matters."""
+    from features.lora import LoraConfig, apply_lora
+
+    model = apply_lora(model, LoraConfig(lora=True, lora_rank=4))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def loss_and_grads(model, batch) -> tuple:
+    """(summed loss, {name: grad}) of one forward/backward through features.loss."""
+    from features.loss import forward_loss_sum
+
+    model.zero_grad()
+    loss = forward_loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

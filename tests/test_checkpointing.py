@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from features.batches import collate_padded
+from conftest import three_doc_batch, with_live_lora
+
 from features.checkpointing import CheckpointingConfig, apply_checkpointing, decoder_blocks
-from features.data import Sample
 from features.loss import forward_loss_sum
 from features.model import ModelConfig, load_config, load_model
 
@@ -14,19 +14,8 @@ def _model(tok, preset="tiny-llama", lora=False):
     torch.manual_seed(0)
     model = load_model(ModelConfig(preset), load_config(ModelConfig(preset), tok), torch.device("cpu"))
     if lora:
-        from features.lora import LoraConfig, apply_lora
-
-        model = apply_lora(model, LoraConfig(lora=True, lora_rank=4))
-        for name, p in model.named_parameters():  # peft starts B at zero: make the adapter matter
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
+        model = with_live_lora(model)
     return model
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    docs = [torch.randint(4, 400, (n,), generator=g).tolist() for n in (40, 23, 57)]
-    return collate_padded([Sample(d, d, 0) for d in docs], 0)
 
 
 def _run(model, batch):
@@ -44,7 +33,7 @@ def _run(model, batch):
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("mode, every", [("full", 1), ("full", 2), ("selective", 1)])
 def test_checkpointing_keeps_loss_and_gradients(tok, preset, lora, mode, every):
-    batch = _batch()
+    batch = three_doc_batch()
     loss_ref, grads_ref, saved_ref = _run(_model(tok, preset, lora), batch)
     model = apply_checkpointing(_model(tok, preset, lora), CheckpointingConfig(ac=mode, ac_every=every))
     loss, grads, saved = _run(model, batch)

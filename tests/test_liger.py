@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import loss_and_grads, three_doc_batch, with_live_lora
+
 from features import UserError
-from features.batches import collate_padded
-from features.data import Sample
 from features.liger import LigerConfig, apply_liger, validate
-from features.loss import forward_loss_sum
 from features.model import ModelConfig, load_config, load_model
 
 
@@ -69,37 +68,19 @@ def _model(tok, preset, lora=False, liger=False):
     if liger:
         model = apply_liger(model, LigerConfig(liger=True))
     if lora:
-        from features.lora import LoraConfig, apply_lora
-
-        model = apply_lora(model, LoraConfig(lora=True, lora_rank=4))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
+        model = with_live_lora(model)
     return model
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    docs = [torch.randint(4, 400, (n,), generator=g).tolist() for n in (40, 23, 57)]
-    return collate_padded([Sample(d, d, 0) for d in docs], 0)
-
-
-def _run(model, batch):
-    model.zero_grad()
-    loss = forward_loss_sum(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("preset, lora", [("tiny-llama", False), ("tiny-qwen2", True), ("tiny-gemma", True)])
 def test_swaps_keep_names_loss_and_gradients(tok, reference_liger, preset, lora):
-    batch = _batch()
-    loss_ref, grads_ref = _run(_model(tok, preset, lora), batch)
+    batch = three_doc_batch()
+    loss_ref, grads_ref = loss_and_grads(_model(tok, preset, lora), batch)
     model = _model(tok, preset, lora, liger=True)
     modeling = importlib.import_module(type(model.get_base_model() if lora else model).__module__)
     assert modeling.apply_rotary_pos_emb is not None and "lambda" in modeling.apply_rotary_pos_emb.__qualname__
     assert any(isinstance(m, _ReferenceRMSNorm) for m in model.modules())
-    loss, grads = _run(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     assert grads.keys() == grads_ref.keys() and grads  # the same parameter names
     for name in grads_ref:
@@ -123,12 +104,12 @@ def test_real_kernels_match_on_gpu(tok):
     pytest.importorskip("liger_kernel")
     from transformers.models.llama import modeling_llama
 
-    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _batch().items()}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in three_doc_batch().items()}
     original = modeling_llama.apply_rotary_pos_emb
-    loss_ref, grads_ref = _run(_model(tok, "tiny-llama", lora=True).cuda(), batch)
+    loss_ref, grads_ref = loss_and_grads(_model(tok, "tiny-llama", lora=True).cuda(), batch)
     try:
         model = _model(tok, "tiny-llama", lora=True, liger=True).cuda()
-        loss, grads = _run(model, batch)
+        loss, grads = loss_and_grads(model, batch)
     finally:
         modeling_llama.apply_rotary_pos_emb = original
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-4)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_same_metrics, read_metrics, run_train
+from conftest import assert_same_metrics, loss_and_grads, read_metrics, run_train, three_doc_batch, with_live_lora
 from features import UserError
 from features.batches import collate_padded
 from features.checkpointing import CheckpointingConfig, apply_checkpointing, decoder_blocks
@@ -23,26 +23,8 @@ def _model(tok, lora=False):
     torch.manual_seed(0)
     model = load_model(ModelConfig("tiny-llama"), load_config(ModelConfig("tiny-llama"), tok), CPU)
     if lora:
-        from features.lora import LoraConfig, apply_lora
-
-        model = apply_lora(model, LoraConfig(lora=True, lora_rank=4))
-        for name, p in model.named_parameters():  # peft starts B at zero: make the adapter matter
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
+        model = with_live_lora(model)
     return model
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    docs = [torch.randint(4, 400, (n,), generator=g).tolist() for n in (40, 23, 57)]
-    return collate_padded([Sample(d, d, 0) for d in docs], 0)
-
-
-def _run(model, batch):
-    model.zero_grad()
-    loss = forward_loss_sum(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _offloaded(tok, kind, ac, lora, tmp_path):
@@ -56,10 +38,10 @@ def _offloaded(tok, kind, ac, lora, tmp_path):
 @pytest.mark.parametrize("kind", ["cpu", "disk"])
 @pytest.mark.parametrize("ac, lora", [("none", False), ("full", False), ("full", True), ("selective", True)])
 def test_offload_keeps_loss_and_gradients(tok, tmp_path, kind, ac, lora):
-    batch = _batch()
-    loss_ref, grads_ref = _run(_model(tok, lora), batch)
+    batch = three_doc_batch()
+    loss_ref, grads_ref = loss_and_grads(_model(tok, lora), batch)
     model = _offloaded(tok, kind, ac, lora, tmp_path)
-    loss, grads = _run(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     assert grads.keys() == grads_ref.keys() and grads
     for name in grads_ref:
@@ -70,11 +52,11 @@ def test_offload_keeps_loss_and_gradients(tok, tmp_path, kind, ac, lora):
 
 
 def test_with_full_checkpointing_the_block_inputs_leave(tok, tmp_path):
-    batch = _batch()
+    batch = three_doc_batch()
     plain = _offloaded(tok, "cpu", "none", False, tmp_path)
-    _run(plain, batch)
+    loss_and_grads(plain, batch)
     ac = _offloaded(tok, "cpu", "full", False, tmp_path)
-    _run(ac, batch)
+    loss_and_grads(ac, batch)
     tokens = batch["input_ids"].numel()
     hidden = tokens * ac.config.hidden_size * 4  # one fp32 (B, S, H) activation
     blocks = len(decoder_blocks(ac))
@@ -86,7 +68,7 @@ def test_with_full_checkpointing_the_block_inputs_leave(tok, tmp_path):
 
 def test_parameters_and_small_tensors_stay(tok, tmp_path):
     model = apply_offload(_model(tok), OffloadConfig(offload="cpu"), CPU)  # default: >= 1 MiB only
-    _run(model, _batch())
+    loss_and_grads(model, three_doc_batch())
     assert model._offloader.copied_bytes == 0  # tiny model: every activation is under 1 MiB
     off = model._offloader
     weight = model.model.layers[0].mlp.up_proj.weight
@@ -106,16 +88,16 @@ def test_full_disk_is_a_clear_error(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(offload, "_reserve", full)
     model = _offloaded(tok, "disk", "full", False, tmp_path)
     with pytest.raises(UserError, match="--offload disk: no space left in .*--offload-dir"):
-        _run(model, _batch())
+        loss_and_grads(model, three_doc_batch())
     assert os.listdir(model._offloader.store.tmp.name) == []  # the half-made file is gone too
     before = model._offloader.copied_bytes
-    _run(_model(tok), _batch())  # the hooks were left on the error: another model's forward is plain
+    loss_and_grads(_model(tok), three_doc_batch())  # the hooks were left on the error: another model's forward is plain
     assert model._offloader.copied_bytes == before
 
 
 def test_temp_dir_is_removed_with_the_model(tok, tmp_path):
     model = _offloaded(tok, "disk", "none", False, tmp_path)
-    _run(model, _batch())
+    loss_and_grads(model, three_doc_batch())
     directory = model._offloader.store.tmp.name
     assert os.path.isdir(directory)
     model._offloader.store.tmp.cleanup()
