@@ -14,7 +14,10 @@ saves outside the checkpointed blocks are the blocks' inputs (torch's non-reentr
 saves them through the outer hooks), so the GPU keeps one block's activations at a time: the
 biggest win for long context. --offload disk writes each activation to a file under a temporary
 directory (reserved with posix_fallocate, so a full disk is a clear error, not a SIGBUS), maps it,
-and unlinks it at once: nothing is left behind, even after a crash. On CPU the copies are plain
+and unlinks it at once: nothing is left behind, even after a crash. --offload-keep-gib N keeps the first N GiB
+saved in each forward on the device (the first blocks' inputs) and offloads only the rest: for
+machines whose host RAM is smaller than one step's activations (a 512K-token row of an 8B model
+saves 4 GiB per block), or a GPU with room to spare. On CPU the copies are plain
 copies (no saving; the path is exercised by the tests). Same loss and gradients as without
 (tests/test_offload.py).
 Reference: torchtune's OffloadActivations (torchtune/training/_activation_offloading.py); PyTorch
@@ -43,11 +46,17 @@ class OffloadConfig:
     """Saved tensors smaller than this (KiB) stay on the device: copying them costs more than it saves."""
     offload_dir: str | None = None
     """Directory for --offload disk files (default: the system temp dir); needs room for one step's activations."""
+    offload_keep_gib: float = 0.0
+    """GiB of saved activations kept on the device, the first saved in each forward; only the rest leave (host RAM limits)."""
 
 
 def validate(cfg: OffloadConfig) -> None:
     if cfg.offload_min_kib < 0:
         raise UserError(f"--offload-min-kib must be >= 0 (got {cfg.offload_min_kib})")
+    if cfg.offload_keep_gib < 0:
+        raise UserError(f"--offload-keep-gib must be >= 0 (got {cfg.offload_keep_gib})")
+    if cfg.offload_keep_gib and cfg.offload == "none":
+        raise UserError("--offload-keep-gib is set but --offload is none; add --offload cpu or drop it")
     if cfg.offload != "disk" and cfg.offload_dir is not None:
         raise UserError("--offload-dir is for --offload disk; add --offload disk or drop --offload-dir")
     if cfg.offload_dir is not None and not os.path.isdir(cfg.offload_dir):
@@ -106,6 +115,7 @@ class Offloader:
 
     def __init__(self, cfg: OffloadConfig, device: torch.device):
         self.min_bytes, self.device = cfg.offload_min_kib * 1024, device
+        self.keep_budget, self.kept_bytes = int(cfg.offload_keep_gib * 2**30), 0
         self.store = _Store(cfg.offload, cfg.offload_dir)
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
@@ -133,11 +143,22 @@ class Offloader:
         hit = self.seen.get(id(t))
         if hit is not None and hit[0]() is t:
             return hit[1]
+        if self._within_budget(t):
+            return t
         packed = self._copy_out(t)
         self.seen[id(t)] = (weakref.ref(t), packed)
         packed.prev, self.last = self.last, weakref.ref(packed)
         self.copied_bytes += t.numel() * t.element_size()
         return packed
+
+    def _within_budget(self, t: torch.Tensor) -> bool:
+        """--offload-keep-gib: the first activations of a forward stay while they fit the budget. Backward
+        needs them last, so the copies back of the later ones still overlap the compute before them."""
+        nbytes = t.numel() * t.element_size()
+        if self.kept_bytes + nbytes > self.keep_budget:
+            return False
+        self.kept_bytes += nbytes
+        return True
 
     def _copy_out(self, t: torch.Tensor) -> _Packed:
         src = t.contiguous()  # a strided view comes back as a contiguous tensor of the same values
@@ -190,7 +211,7 @@ class Offloader:
 
     def start(self, params) -> None:
         self.seen.clear()
-        self.last = None
+        self.last, self.kept_bytes = None, 0
         params = list(params)
         # FSDP2 / TP parameters are DTensors (no storage of their own): their local shard's storage
         self.params = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr() for p in params}
