@@ -19,9 +19,12 @@ from features.offload import OffloadConfig, apply_offload, validate
 CPU = torch.device("cpu")
 
 
-def _model(tok, lora=False):
+def _model(tok, lora=False, layers=None):
     torch.manual_seed(0)
-    model = load_model(ModelConfig("tiny-llama"), load_config(ModelConfig("tiny-llama"), tok), CPU)
+    config = load_config(ModelConfig("tiny-llama"), tok)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    model = load_model(ModelConfig("tiny-llama"), config, CPU)
     if lora:
         model = with_live_lora(model)
     return model
@@ -136,23 +139,34 @@ def test_cuda_offload_is_exact_and_frees_device_memory(tok, tmp_path, kind):
 
     def run(model):
         model.zero_grad()
+        before = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = forward_loss_sum(model, batch)
-        torch.cuda.synchronize()
-        torch.empty(1, device=cuda)  # let the allocator retire blocks freed behind the copy stream
-        held = torch.cuda.memory_allocated()
+        held = torch.cuda.memory_allocated() - before  # what the graph keeps on the device for backward
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, held
 
-    ref = apply_checkpointing(_model(tok, lora=True).to(cuda), CheckpointingConfig(ac="full"))
+    # Measured as a difference around the forward, after a warm-up step. An absolute
+    # memory_allocated() after the reference step charged the offloaded run with the autograd
+    # thread's own cuBLAS workspace (32 MiB on an H100), which that first backward created and the
+    # allocator never frees: 79.6 vs 56.3 MB on an H100 with 4 blocks = weights 4.6 + main-thread
+    # workspace 33.5 + saved 17.8 (10.0 offloaded: block inputs and the final norm's; 7.8 that
+    # offload never sees: the loss's log-softmax, saved after the model's forward, and RoPE cos/sin,
+    # kwargs the checkpoint keeps by reference) vs the same + 33.5 (backward workspace) - 10.0.
+    # 16 blocks so that the block inputs dominate what stays.
+    def fresh():
+        return apply_checkpointing(_model(tok, lora=True, layers=16).to(cuda), CheckpointingConfig(ac="full"))
+
+    ref = fresh()
+    run(ref)
     loss_ref, grads_ref, held_ref = run(ref)
     del ref
-    model = apply_checkpointing(_model(tok, lora=True).to(cuda), CheckpointingConfig(ac="full"))
     cfg = OffloadConfig(offload=kind, offload_min_kib=0, offload_dir=str(tmp_path) if kind == "disk" else None)
-    model = apply_offload(model, cfg, cuda)
+    model = apply_offload(fresh(), cfg, cuda)
     loss, grads, held = run(model)
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)
+    # fp32 residual stream (fp32 weights under autocast): all 16 block inputs (32 MiB) leave
     block_inputs = len(decoder_blocks(model)) * 2 * 2048 * model.config.hidden_size * 4
-    assert held <= held_ref - block_inputs // 2, (held, held_ref)
+    assert held <= held_ref - block_inputs // 2, (held, held_ref, block_inputs)
