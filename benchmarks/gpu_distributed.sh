@@ -17,7 +17,7 @@ common="--model llama3.2-1b --packing --seq-len 1024 --micro-batch-size 4 --grad
         --log-every 1 --eval-exact-match 0 --val-size 64 --warmup-steps 5 --lr 3e-4 --seed 1 --skip-export"
 port=29700
 
-run() {  # name, launcher (plain | torchrun), extra flags...
+_run() {  # name, launcher (plain | torchrun), extra flags...
   local name=$1 launcher=$2; shift 2
   port=$((port + 1))
   echo "== $name"
@@ -31,6 +31,8 @@ run() {  # name, launcher (plain | torchrun), extra flags...
 }
 
 rm -rf "${OUT:?}"/*/
+RUNS=${RUNS:-all}  # e.g. RUNS="plain zero2 zero3" runs only those (the baselines plain and qlora included)
+run() { case " $RUNS " in *" $1 "*|" all ") _run "$@" ;; esac; }
 run plain          plain
 run fsdp           torchrun --fsdp
 run fsdp-noenv     plain    --fsdp

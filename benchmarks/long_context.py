@@ -16,6 +16,13 @@ on both sides; peak GiB is torch's max allocated memory in that step.
 Peer: benchmarks/peer.py (HF Trainer + peft, --gradient-checkpointing --liger: Liger's kernels and
 fused linear cross entropy). nanotune rows: train.py --attn sdpa (one unpadded row: PyTorch's
 flash SDPA kernel, as the peer) with the flags of each row added to the previous row's.
+
+    python benchmarks/long_context.py --record 524288 --flags "--alst --liger --attn flash"
+
+--record L skips the search: two short probes with --flags measure the device peak as weights +
+bytes-per-token x length, then one step at L (shortened in 64K steps until the plan fits) with
+--offload-keep-gib set so that the block inputs that do not fit the GPU's --gpu-gib go to host
+memory, at most --host-gib of it: at 512K an 8B model's 32 block inputs alone are 128 GiB.
 """
 
 import argparse
@@ -156,6 +163,55 @@ def _length(n: int) -> str:
     return f"{n // K}K" if n % K == 0 else str(n)
 
 
+def plan_record(probes: list[tuple[int, dict]], target: int, layers: int, hidden: int, gpu_gib: float,
+                host_gib: float) -> tuple[int, float, dict]:
+    """The longest length <= target (64K steps) whose device peak, extrapolated linearly from two
+    probes with everything offloaded, fits gpu_gib once the block inputs that host_gib cannot take
+    are kept on the device; returns (length, --offload-keep-gib, the figures behind it)."""
+    (n1, r1), (n2, r2) = probes
+    per_token = (r2["peak_gib"] - r1["peak_gib"]) / (n2 - n1)
+    fixed = r2["peak_gib"] - per_token * n2
+    for length in range(target, n2, -64 * K):
+        inputs = layers * length * hidden * 2 / 2**30  # bf16 block inputs saved by --ac full
+        keep = max(0.0, inputs - host_gib)
+        peak = fixed + per_token * length + keep
+        if peak <= gpu_gib:
+            keep = max(keep, min(inputs, gpu_gib - peak) * 0.5)  # spare room: fewer copies, less host RAM
+            return length, round(keep, 1), {"fixed_gib": fixed, "gib_per_16k": per_token * 16 * K,
+                                            "inputs_gib": inputs, "predicted_peak_gib": fixed + per_token * length + keep}
+    return 0, 0.0, {"fixed_gib": fixed, "gib_per_16k": per_token * 16 * K}
+
+
+def record(args, tmp: Path, log) -> list[tuple[str, int, dict]]:
+    """Probes, then the one long step (see --record)."""
+    flags = args.flags.split()
+    tries = []
+    for n in (args.probe // 2, args.probe):
+        result = try_nanotune(args.model, n, flags, tmp, 900)
+        log("nanotune", args.flags, n, result)
+        tries.append((args.flags, n, result))
+        if result["status"] != "ok":
+            return tries
+    length, keep, plan = plan_record([(n, r) for _, n, r in tries], args.record, args.layers, args.hidden,
+                                     args.gpu_gib, args.host_gib)
+    print(json.dumps({"plan": {"length": length, "offload_keep_gib": keep, **plan}}), flush=True)
+    if length:
+        settings = f"{args.flags} --offload-keep-gib {keep}"
+        result = try_nanotune(args.model, length, flags + ["--offload-keep-gib", str(keep)], tmp, 3600)
+        log("nanotune", settings, length, result)
+        tries.append((settings, length, result))
+    return tries
+
+
+def record_table(tries) -> str:
+    lines = ["| flags | seq len | status | tokens/s | step s | peak GiB |", "|---|---|---|---|---|---|"]
+    for flags, n, r in tries:
+        ok = r["status"] == "ok"
+        lines.append(f"| `{flags}` | {_length(n)} ({n:,}) | {r['status']} | {r['tokens_per_s'] if ok else 0:,.0f} | "
+                     f"{n / r['tokens_per_s'] if ok else 0:,.0f} | {r.get('peak_gib', 0):.1f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[Row]) -> str:
     lines = ["| side | settings | longest seq that trained | tokens/s at it | peak GiB | stopped by | tries |",
              "|---|---|---|---|---|---|---|"]
@@ -181,6 +237,13 @@ def main():
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--out", default=None, help="the Markdown table")
     p.add_argument("--logs", default=None, help="a JSONL of every try")
+    p.add_argument("--record", type=int, default=0, help="skip the search: probe, then one step at this length")
+    p.add_argument("--flags", default="--alst --attn flash", help="--record: train.py flags of the probes and the step")
+    p.add_argument("--probe", type=int, default=64 * K, help="--record: the longer probe (the other is half)")
+    p.add_argument("--gpu-gib", type=float, default=128.0, help="--record: device memory the plan may use")
+    p.add_argument("--host-gib", type=float, default=80.0, help="--record: pinned host memory the plan may use")
+    p.add_argument("--layers", type=int, default=32, help="--record: decoder blocks of --model")
+    p.add_argument("--hidden", type=int, default=4096, help="--record: hidden size of --model")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     log_file = open(args.logs, "a") if args.logs else None
@@ -192,6 +255,12 @@ def main():
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
+    if args.record:
+        text = record_table(record(args, tmp, log))
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        print(text)
+        return
     t0, overhead = time.perf_counter(), [30.0]
     plan = ([] if args.skip_peer else [("peer", "HF Trainer + peft + checkpointing + Liger (FLCE)", None)])
     flags: list[str] = []

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The longest-sequence record on one GPU (issue 5): Llama-3.1-8B shape + LoRA r=16, one training step
+# at LENGTH tokens (default 512K) with the --alst recipe + Liger + FlashAttention, sized by two probes
+# (benchmarks/long_context.py --record). A step at 512K takes over 10 minutes (attention is quadratic),
+# longer than one GPU call, so this is started detached and polled:
+#
+#   setsid bash benchmarks/gpu_long_record.sh /tmp/lc > /dev/null 2>&1 < /dev/null &   # call 1
+#   bash benchmarks/gpu_long_record.sh --wait /tmp/lc                                  # later calls
+#
+# Logs and the table land in the given folder (record.log, record.jsonl, record.md, DONE when over).
+set -uo pipefail
+if [ "${1:-}" = --wait ]; then  # poll until DONE or ~9.5 minutes, then show what there is
+  dir=$2; for _ in $(seq 570); do [ -f "$dir/DONE" ] && break; sleep 1; done
+  tail -n 5 "$dir/record.log"; cat "$dir/record.md" 2>/dev/null; nvidia-smi --query-gpu=memory.used --format=csv
+  exit 0
+fi
+dir=${1:-/tmp/lc}; mkdir -p "$dir"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$dir/gpu.txt" 2>&1
+free -g > "$dir/host.txt" 2>&1
+for flags in "--alst --liger --attn flash" "--alst --attn flash"; do  # without Liger if its probes fail
+  python benchmarks/long_context.py --record "${LENGTH:-524288}" --flags="$flags" --gpu-gib "${GPU_GIB:-128}" \
+    --host-gib "${HOST_GIB:-80}" --logs "$dir/record.jsonl" --out "$dir/record.md" >> "$dir/record.log" 2>&1
+  grep -q '"plan"' "$dir/record.log" && break
+done
+touch "$dir/DONE"
