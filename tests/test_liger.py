@@ -123,3 +123,32 @@ def test_train_py_refuses_liger_on_cpu(tmp_path, small_data, capsys):
     assert run_train(tmp_path / "r", "--dataset", str(small_data), "--device", "cpu", "--liger") == 2
     err = capsys.readouterr().err  # one line naming the flag (features/compat.py words it for train.py)
     assert err.startswith("error: --liger") and "CUDA GPU" in err and len(err.splitlines()) == 1
+
+
+def test_composes_with_alst_and_lora(tok, reference_liger, tmp_path):
+    """--liger --alst --lora: train.py's order (Liger swaps, adapters, tiled MLP, checkpointing,
+    offload) on the reference kernels gives the plain LoRA model's loss and gradients; the
+    compatibility matrix accepts the flags on CUDA."""
+    import tyro
+
+    import train
+    from features import compat
+    from features.alst import expand
+    from features.checkpointing import CheckpointingConfig, apply_checkpointing
+    from features.offload import OffloadConfig, apply_offload
+    from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp
+
+    cfg = tyro.cli(train.Config, args=["--liger", "--alst", "--lora"], config=(tyro.conf.OmitArgPrefixes,))
+    assert expand(cfg) and cfg.liger.liger and cfg.tiled_mlp.tiled_mlp and cfg.offload.offload == "cpu"
+    compat.check(cfg, cuda=True)  # not refused
+    batch = three_doc_batch()
+    loss_ref, grads_ref = loss_and_grads(_model(tok, "tiny-llama", lora=True), batch)
+    model = apply_tiled_mlp(_model(tok, "tiny-llama", lora=True, liger=True), TiledMLPConfig(True, 3))
+    model = apply_checkpointing(model, CheckpointingConfig(ac="full"))
+    model = apply_offload(model, OffloadConfig(offload="cpu", offload_min_kib=0), torch.device("cpu"))
+    loss, grads = loss_and_grads(model, batch)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert model._offloader.copied_bytes > 0
