@@ -8,15 +8,19 @@ product): for Llama-3.1-8B, 14336 values a token, 3.5x the hidden size, the larg
 at long context. Here each MLP's forward becomes one autograd Function that runs the MLP tile by
 tile under no_grad and saves only its input; backward recomputes each tile's MLP with grad and
 backpropagates it at once, so at most one tile's intermediate activations exist at any time.
-Parameter gradients are accumulated straight into `.grad` by that inner backward (as DeepSpeed's
-TiledMLP does); the Function takes the trainable parameters as inputs only so that autograd
-calls its backward. The MLP's forward is wrapped as it is when the flag is applied (after the
+The Function takes the MLP's trainable parameters as inputs and returns their gradients, summed
+over the tiles (one extra parameter-sized buffer per MLP, only while its backward runs), so
+autograd accumulates each `.grad` once. Writing `.grad` from the inner backward instead (as
+DeepSpeed's TiledMLP does) runs each parameter's accumulate-grad hooks once per tile: DDP's
+reducer raises "marked a variable ready twice" (torch 2.13), or would all-reduce after the first
+tile. The MLP's forward is wrapped as it is when the flag is applied (after the
 adapters), so the tiles run peft's LoRA forward or the fused --lora-kernels one; parameter
 names, adapters and checkpoints are untouched. Same loss and gradients as untiled
 (tests/test_tiled_mlp.py). Auto tiling uses ceil(seq_len / hidden_size) tiles, as ALST does.
 Reference: Arctic Long Sequence Training (Bekman et al., 2025, arXiv:2506.13996); DeepSpeed's
 TiledMLP (deepspeed/runtime/sequence_parallel/ulysses_sp.py).
-Works with: LoRA / QLoRA / --lora-kernels, --ac full|selective, --offload, packing, DDP.
+Works with: LoRA / QLoRA / --lora-kernels, --ac full|selective, --offload, packing, --ddp, --fsdp
+(tests/test_tiled_mlp.py: 2 gloo ranks match one process).
 Not with: MoE MLPs (no `gate_proj`/`up_proj`/`down_proj` MLP module found: refused).
 """
 
@@ -55,6 +59,7 @@ class TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, shards, x, *params):
         ctx.fn, ctx.shards, ctx.amp = fn, shards, _autocast_state(x)
+        ctx.params = params  # the leaves to differentiate in backward (parameters: not saved tensors)
         ctx.save_for_backward(x)
         return torch.cat([fn(tile) for tile in x.chunk(shards, dim=-2)], dim=-2)  # Function.forward: no grad
 
@@ -62,18 +67,28 @@ class TiledMLP(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         device, enabled, dtype = ctx.amp
-        dx = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
+        want_dx, want_params = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        params = [p for p, need in zip(ctx.params, want_params) if need]
+        dx = torch.zeros_like(x) if want_dx else None
+        dparams = [None] * len(params)
         start = 0
         for tile, dtile in zip(x.chunk(ctx.shards, dim=-2), dy.chunk(ctx.shards, dim=-2)):
-            tile = tile.detach().requires_grad_(dx is not None)
+            tile = tile.detach().requires_grad_(want_dx)
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 out = ctx.fn(tile)
-            # parameter grads accumulate into .grad here (their Function inputs get None below)
-            torch.autograd.backward(out, dtile)
-            if dx is not None:
-                dx[..., start:start + tile.shape[-2], :] = tile.grad
+            # autograd.grad, not backward: parameter hooks (DDP's) fire once, as autograd accumulates the sum
+            grads = list(torch.autograd.grad(out, [tile, *params] if want_dx else params, dtile, allow_unused=True))
+            if want_dx:
+                dx[..., start:start + tile.shape[-2], :] = grads.pop(0)
+            dparams = [_add(acc, g) for acc, g in zip(dparams, grads)]
             start += tile.shape[-2]
-        return None, None, dx, *(None,) * (len(ctx.needs_input_grad) - 3)
+        summed = iter(dparams)
+        return None, None, dx, *(next(summed) if need else None for need in want_params)
+
+
+def _add(acc, g):
+    """acc + g in place (acc is this backward's own buffer from the first tile); None is zero."""
+    return g if acc is None else acc if g is None else acc.add_(g)
 
 
 def auto_shards(seq_len: int, hidden_size: int) -> int:

@@ -4,8 +4,9 @@ process on the same global batch (computed on every rank, on an unsharded copy).
 
     torchrun --nproc_per_node 4 tests/dist_worker.py OUT.json LAYOUT [LAYOUT ...]
 
-A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp], or name:zero1|zero2|zero3 (DeepSpeed). Rank 0 writes {layout: {"loss": [got, want],
-"grad_max_abs_err": e, "grad_max_abs": m, "norm": [got, want]}} to OUT.json.
+A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp][:tiled] (tiled: --tiled-mlp with 3 tiles on the
+sharded model only; the reference stays untiled), or name:zero1|zero2|zero3 (DeepSpeed). Rank 0 writes
+{layout: {"loss": [got, want], "grad_max_abs_err": e, "grad_max_abs": m, "norm": [got, want]}} to OUT.json.
 """
 
 import json
@@ -26,6 +27,7 @@ from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm  # noqa
 from features.loss import count_targets, forward_loss_sum  # noqa: E402
 from features.model import ModelConfig, load_config, load_model, load_tokenizer  # noqa: E402
 from features.tensor_parallel import apply_tensor_parallel  # noqa: E402
+from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp  # noqa: E402
 
 MBS, ACCUM, SEQ = 2, 2, 48
 
@@ -78,6 +80,8 @@ def run_layout(layout: str, data, config, impl, rank: int, world: int) -> dict:
     want = full_grads(ref)
 
     model = new_model(config, impl)
+    if "tiled" in flags:  # before sharding, as in train.py's order
+        model = apply_tiled_mlp(model, TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=3))
     if d.size("tp") > 1:
         model = apply_tensor_parallel(model, d)
     model = apply_sharding(model, ShardingConfig(fsdp="fsdp" in flags), d, "fp32")
