@@ -19,9 +19,12 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PYTORCH_CUDA_ALLOC_CONF=expandable
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$dir/gpu.txt" 2>&1
 free -g > "$dir/host.txt" 2>&1
-for flags in "--alst --liger --attn flash" "--alst --attn flash"; do  # without Liger if its probes fail
+# --lora-kernels: the adapters' low-rank path in bf16 inside fused Functions, so no fp32 copy of each
+# projection's input is saved (8 of the ~16 hidden-size vectors a token that peft's LoRA saves per block)
+for flags in "--alst --liger --lora-kernels --attn flash" "--alst --lora-kernels --attn flash"; do
   python benchmarks/long_context.py --record "${LENGTH:-524288}" --flags="$flags" --gpu-gib "${GPU_GIB:-128}" \
-    --host-gib "${HOST_GIB:-80}" --logs "$dir/record.jsonl" --out "$dir/record.md" >> "$dir/record.log" 2>&1
+    --host-gib "${HOST_GIB:-80}" ${KEEP_GIB:+--keep-gib "$KEEP_GIB"} --logs "$dir/record.jsonl" \
+    --out "$dir/record.md" >> "$dir/record.log" 2>&1
   grep -q '"plan"' "$dir/record.log" && break
 done
 touch "$dir/DONE"

@@ -186,14 +186,18 @@ def record(args, tmp: Path, log) -> list[tuple[str, int, dict]]:
     """Probes, then the one long step (see --record)."""
     flags = args.flags.split()
     tries = []
-    for n in (args.probe // 2, args.probe):
+    probes = (args.probe // 2, args.probe) if args.keep_gib is None else (args.probe,) if args.probe else ()
+    for n in probes:
         result = try_nanotune(args.model, n, flags, tmp, 900)
         log("nanotune", args.flags, n, result)
         tries.append((args.flags, n, result))
         if result["status"] != "ok":
             return tries
-    length, keep, plan = plan_record([(n, r) for _, n, r in tries], args.record, args.layers, args.hidden,
-                                     args.gpu_gib, args.host_gib)
+    if args.keep_gib is None:
+        length, keep, plan = plan_record([(n, r) for _, n, r in tries], args.record, args.layers, args.hidden,
+                                         args.gpu_gib, args.host_gib)
+    else:  # the plan given: the probes' linear fit can miss what only a long row needs
+        length, keep, plan = args.record, args.keep_gib, {"given": True}
     print(json.dumps({"plan": {"length": length, "offload_keep_gib": keep, **plan}}), flush=True)
     if length:
         settings = f"{args.flags} --offload-keep-gib {keep}"
@@ -242,6 +246,8 @@ def main():
     p.add_argument("--probe", type=int, default=64 * K, help="--record: the longer probe (the other is half)")
     p.add_argument("--gpu-gib", type=float, default=128.0, help="--record: device memory the plan may use")
     p.add_argument("--host-gib", type=float, default=80.0, help="--record: pinned host memory the plan may use")
+    p.add_argument("--keep-gib", type=float, default=None,
+                   help="--record: this --offload-keep-gib and length instead of the plan (one probe at --probe, 0 = none)")
     p.add_argument("--layers", type=int, default=32, help="--record: decoder blocks of --model")
     p.add_argument("--hidden", type=int, default=4096, help="--record: hidden size of --model")
     args = p.parse_args()
