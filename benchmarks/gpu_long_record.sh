@@ -25,6 +25,6 @@ for flags in "--alst --liger --lora-kernels --attn flash" "--alst --lora-kernels
   python benchmarks/long_context.py --record "${LENGTH:-524288}" --flags="$flags" --gpu-gib "${GPU_GIB:-128}" \
     --host-gib "${HOST_GIB:-80}" ${KEEP_GIB:+--keep-gib "$KEEP_GIB"} --logs "$dir/record.jsonl" \
     --out "$dir/record.md" >> "$dir/record.log" 2>&1
-  grep -q '"plan"' "$dir/record.log" && break
+  tail -n 1 "$dir/record.jsonl" 2>/dev/null | grep -q '"status": "\(ok\|oom\)"' && break  # else: retry the next flags
 done
 touch "$dir/DONE"
