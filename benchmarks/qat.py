@@ -1,12 +1,16 @@
 """QAT vs post-training quantization (PTQ) of the same fine-tune, on the embedded task (CPU).
 
-    python benchmarks/qat.py --steps 400 --seeds 0 1 --out runs/qat-bench > table.md
+    python benchmarks/qat.py --steps 1000 --seeds 0 1 2 --schemes int2 --group-size 128 --qat-start-step 500 \
+        --exact-match 128 --out runs/qat-bench-int2 > table.md
 
 For each seed: one plain fine-tune of tiny-llama, evaluated in fp32 and after PTQ with each scheme
 (torchao's quantize_ with the same config QAT converts with), and one --qat fine-tune per scheme
 (same seed, data order and steps), evaluated after convert. Held-out loss and greedy exact match
-on the validation split; the table is printed last (Markdown), with the command, git SHA and
-versions. QAT should recover most of the gap between PTQ and fp32.
+on the validation split; the tables are printed last (Markdown), with the command, git SHA and
+versions: the mean over seeds, and the held-out loss of each seed. QAT should recover most of the
+gap between PTQ and fp32: "gap recovered" = (PTQ - QAT) / (PTQ - fp32), 100% = QAT lost nothing
+to quantization, 0% = no better than PTQ. On this tiny model int4 PTQ loses almost nothing
+(benchmarks/results/2026-11-25-qat-cpu.md); 2-bit weights are where PTQ has a clear gap.
 """
 
 import argparse
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--schemes", nargs="+", default=["int8-int4", "int4"])
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--qat-start-step", type=int, default=1,
+                    help="QAT runs train plain until this step, then fake-quantized (train.py's --qat-start-step)")
     ap.add_argument("--micro-batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training run (all run at once)")
     ap.add_argument("--exact-match", type=int, default=256, help="validation samples answered greedily")
@@ -68,10 +74,12 @@ def main() -> None:
     _, val = load_splits(DataConfig(), tok, seed=0)  # data/val.jsonl: the same held-out set for every run
     rows: dict[tuple, list] = {}
     started = time.time()
-    runs = {(seed, scheme): Path(args.out) / (f"qat-{scheme}-s{seed}" if scheme else f"plain-s{seed}")
+    start = f"-from{args.qat_start_step}" if args.qat_start_step > 1 else ""
+    runs = {(seed, scheme): Path(args.out) / (f"qat-{scheme}{start}-s{seed}" if scheme else f"plain-s{seed}")
             for seed in args.seeds for scheme in [None, *args.schemes]}
-    procs = [launch(out, seed, args, *(("--qat", "--qat-scheme", scheme, "--qat-group-size", str(args.group_size))
-                                       if scheme else ())) for (seed, scheme), out in runs.items()]
+    qat_flags = ("--qat-start-step", str(args.qat_start_step)) if start else ()
+    procs = [launch(out, seed, args, *(("--qat", "--qat-scheme", scheme, "--qat-group-size", str(args.group_size),
+                                        *qat_flags) if scheme else ())) for (seed, scheme), out in runs.items()]
     if any(p is not None and p.wait() != 0 for p in procs):
         sys.exit(f"a training run failed; see {args.out}/*/train.log")
     for seed in args.seeds:
@@ -85,6 +93,8 @@ def main() -> None:
             quantized = qat.load_quantized(runs[(seed, scheme)] / "final-quantized")
             rows.setdefault(("QAT", scheme), []).append(score(quantized, val, tok, args.exact_match))
     print(table(rows, args, time.time() - started))
+    print()
+    print(per_seed(rows, args))
 
 
 def _mean_spread(xs: list[float]) -> str:
@@ -97,18 +107,37 @@ def table(rows: dict, args, seconds: float) -> str:
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     lines = [f"QAT vs PTQ, tiny-llama on the embedded task, {args.steps} steps of {args.micro_batch_size} samples, "
-             f"group size {args.group_size}, "
+             f"group size {args.group_size}, QAT from step {args.qat_start_step}, "
              f"seeds {args.seeds} (mean ± spread over seeds), {args.exact_match} exact-match samples.",
              f"Command: `python benchmarks/qat.py {' '.join(sys.argv[1:])}`; git {sha.strip()}; torch "
              f"{torch.__version__}, torchao {torchao.__version__}, transformers {transformers.__version__}; "
              f"{torch.get_num_threads()} CPU threads; {seconds / 60:.1f} min.", "",
-             "| model | scheme | held-out loss | exact match | loss gap to fp32 |", "|---|---|---|---|---|"]
-    base = statistics.mean(loss for loss, _ in rows[("fp32 fine-tune", "-")])
+             "| model | scheme | held-out loss | exact match | loss gap to fp32 | gap recovered |",
+             "|---|---|---|---|---|---|"]
+    mean = {key: statistics.mean(r[0] for r in results) for key, results in rows.items()}
+    base = mean[("fp32 fine-tune", "-")]
     for (kind, scheme), results in rows.items():
         losses, ems = [r[0] for r in results], [100 * r[1] for r in results]
         ems_text = f"{statistics.mean(ems):.1f}%" + (f" ± {statistics.pstdev(ems):.1f}" if len(ems) > 1 else "")
+        recovered = _recovered(base, mean[("PTQ", scheme)], mean[(kind, scheme)]) if kind == "QAT" else ""
         lines.append(f"| {kind} | {scheme} | {_mean_spread(losses)} | {ems_text} | "
-                     f"{statistics.mean(losses) - base:+.4f} |")
+                     f"{mean[(kind, scheme)] - base:+.4f} | {recovered} |")
+    return "\n".join(lines)
+
+
+def _recovered(fp: float, ptq: float, qat_loss: float) -> str:
+    """(PTQ - QAT) / (PTQ - fp32) as a percentage of the PTQ gap."""
+    return f"{100 * (ptq - qat_loss) / (ptq - fp):.0f}%" if ptq - fp > 0 else "no PTQ gap"
+
+
+def per_seed(rows: dict, args) -> str:
+    """Held-out loss of each seed: PTQ and its fp32 baseline are the same training run, QAT another."""
+    lines = ["| scheme | seed | fp32 | PTQ | QAT | PTQ gap | gap recovered |", "|---|---|---|---|---|---|---|"]
+    for scheme in args.schemes:
+        for i, seed in enumerate(args.seeds):
+            fp, ptq, q = (rows[key][i][0] for key in [("fp32 fine-tune", "-"), ("PTQ", scheme), ("QAT", scheme)])
+            lines.append(f"| {scheme} | {seed} | {fp:.4f} | {ptq:.4f} | {q:.4f} | {ptq - fp:+.4f} | "
+                         f"{_recovered(fp, ptq, q)} |")
     return "\n".join(lines)
 
 

@@ -11,10 +11,12 @@ that survive the rounding. --qat-start-step N leaves the fake quantizers off unt
 is common practice. At the end, convert quantizes the linears for real with the same scheme; the
 run writes the plain model to final/ as usual and the quantized one to final-quantized/
 (`load_quantized` reads it back). Schemes (symmetric int4 weights in groups of --qat-group-size
-input channels):
+input channels; int3 / int2 likewise with 3 / 2 bits):
   int8-int4  int8 per-token asymmetric dynamic activations + int4 weights (torchao's 8da4w, the
              ExecuTorch / mobile recipe; Int8DynamicActivationIntxWeightConfig)
   int4       int4 weight-only (IntxWeightOnlyConfig; the unpacked int8 storage runs on any device)
+  int3, int2 3- / 2-bit weight-only, same config: where post-training quantization loses more and
+             QAT has more to recover (benchmarks/qat.py measures it on the embedded task)
 With LoRA the fake quantizers act on the frozen base weights (torchtune's QAT + LoRA recipe); the
 quantized export merges the adapter into the base first, so it quantizes base + update, which the
 training did not see exactly.
@@ -41,10 +43,10 @@ from features import UserError
 class QatConfig:
     qat: bool = False
     """Quantization-aware training: fake-quantize the decoder linears while training (needs torchao)."""
-    qat_scheme: Literal["int8-int4", "int4"] = "int8-int4"
-    """int8-int4: int8 dynamic activations + int4 weights; int4: int4 weights only."""
+    qat_scheme: Literal["int8-int4", "int4", "int3", "int2"] = "int8-int4"
+    """int8-int4: int8 dynamic activations + int4 weights; int4 / int3 / int2: 4- / 3- / 2-bit weights only."""
     qat_group_size: int = 32
-    """Input channels sharing one int4 weight scale; must divide every decoder linear's input size."""
+    """Input channels sharing one weight scale; must divide every decoder linear's input size."""
     qat_start_step: int = 1
     """Optimizer step from which the fake quantizers are on (earlier steps train in full precision)."""
 
@@ -82,7 +84,8 @@ def base_config(cfg: QatConfig):
     if cfg.qat_scheme == "int8-int4":
         return tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                         weight_granularity=PerGroup(cfg.qat_group_size))
-    return tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.qat_group_size))
+    bits = {"int4": torch.int4, "int3": torch.int3, "int2": torch.int2}[cfg.qat_scheme]
+    return tq.IntxWeightOnlyConfig(weight_dtype=bits, granularity=PerGroup(cfg.qat_group_size))
 
 
 def _decoder_linears(model) -> dict[str, torch.nn.Linear]:

@@ -13,7 +13,7 @@ from conftest import read_metrics, run_train  # noqa: E402
 from features import UserError, lora, qat  # noqa: E402
 from features.model import ModelConfig, load_config, load_model  # noqa: E402
 
-SCHEMES = ["int8-int4", "int4"]
+SCHEMES = ["int8-int4", "int4", "int3", "int2"]
 
 
 def tiny(tok, preset="tiny-llama", precision="fp32", seed=0):
@@ -51,6 +51,18 @@ def test_fake_quant_predicts_the_converted_model(tok, tmp_path, scheme, preset):
     # same integer grid: fake quantization computes the quantized model's function up to fp32 rounding
     torch.testing.assert_close(fake, real, atol=1e-4, rtol=1e-4)
     assert reloaded.generate(x[:, :8], max_new_tokens=4, do_sample=False).shape == (2, 12)  # it runs
+
+
+@pytest.mark.parametrize("scheme,bits", [("int4", 4), ("int3", 3), ("int2", 2)])
+def test_weight_bits_of_the_converted_model(tok, scheme, bits):
+    """int3 / int2 store signed 3- / 2-bit integers (in int8), one scale per group of --qat-group-size."""
+    model = tiny(tok)
+    cfg = qat.QatConfig(qat=True, qat_scheme=scheme, qat_group_size=64)
+    weight = qat.convert(qat.apply_qat(model, cfg), cfg).model.layers[0].mlp.down_proj.weight  # 512 inputs
+    assert weight.target_dtype == getattr(torch, f"int{bits}")
+    assert weight.qdata.min() >= -(2 ** (bits - 1)) and weight.qdata.max() <= 2 ** (bits - 1) - 1
+    assert len(weight.qdata.unique()) == 2 ** bits  # the whole grid is used, nothing wider
+    assert weight.scale.shape == (128, 512 // 64)
 
 
 def test_bf16_fake_quant_is_close_to_converted(tok):
