@@ -53,9 +53,10 @@ def validate(cfg: ShardingConfig, mesh: MeshConfig) -> None:
 
 def quantization_storage(qconfig, cfg: ShardingConfig):
     """--qlora --fsdp: a hub model's 4-bit base is loaded with bf16 storage (bnb_4bit_quant_storage:
-    the packed bytes viewed as bf16), the dtype of the weights around it, as FSDP-QLoRA recipes do.
-    FSDP2 shards any dtype and never casts non-float params, so a preset's uint8 storage shards too
-    (torch 2.13; checked in tests/test_distributed.py)."""
+    the packed bytes viewed as bf16), the dtype of the weights around it, as FSDP-QLoRA recipes do;
+    a preset's base is quantized with the same storage (lora.quantize_base). FSDP2 on torch 2.13 also
+    shards uint8 storage, but torch 2.11's fully_shard refuses it ("only Tensors of floating point
+    dtype can require gradients", seen on the H200 run of 2026-11-29)."""
     if cfg.fsdp and qconfig is not None and getattr(qconfig, "load_in_4bit", False):
         qconfig.bnb_4bit_quant_storage = torch.bfloat16
     return qconfig

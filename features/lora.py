@@ -136,12 +136,14 @@ def quantize_base(model, qconfig):
 
 def _quantized_linear(bnb, linear: torch.nn.Linear, qc):
     w, device, bias = linear.weight.data, linear.weight.device, linear.bias is not None
-    if qc.load_in_4bit:
+    if qc.load_in_4bit:  # quant_storage: bf16 under --fsdp (FSDP2 on torch 2.11 shards only float params)
+        storage = getattr(qc, "bnb_4bit_quant_storage", None) or torch.uint8
         new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias, qc.bnb_4bit_compute_dtype,
                                 compress_statistics=qc.bnb_4bit_use_double_quant,
-                                quant_type=qc.bnb_4bit_quant_type, device="meta")
+                                quant_type=qc.bnb_4bit_quant_type, quant_storage=storage, device="meta")
         new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=qc.bnb_4bit_quant_type,
-                                       compress_statistics=qc.bnb_4bit_use_double_quant, module=new)
+                                       compress_statistics=qc.bnb_4bit_use_double_quant, quant_storage=storage,
+                                       module=new)
     else:  # Int8Params quantizes only on a move away from the CPU, or to it (bitsandbytes 0.50.2)
         new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False,
                                   threshold=qc.llm_int8_threshold, device="meta")

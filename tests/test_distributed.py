@@ -88,6 +88,24 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
         assert got[4]["val_loss"] == pytest.approx(two[4]["val_loss"], rel=1e-5), name
 
 
+def test_qlora_fsdp_preset_base_is_stored_in_a_float_dtype(tok):
+    """--qlora --fsdp on a preset: every parameter of the 4-bit base is a float tensor (bf16 storage of
+    the packed bytes), which torch 2.11's fully_shard needs; without --fsdp the storage stays uint8."""
+    import torch
+
+    from features import fsdp, lora
+    from features.model import ModelConfig, load_config, load_model
+
+    def base_dtypes(sharding):
+        qconfig = fsdp.quantization_storage(lora.quantization_config(lora.LoraConfig(qlora=True)), sharding)
+        cfg = ModelConfig("tiny-llama")
+        model = load_model(cfg, load_config(cfg, tok), torch.device("cpu"), quantization_config=qconfig)
+        return {p.dtype for name, p in model.named_parameters() if "proj" in name}
+
+    assert base_dtypes(fsdp.ShardingConfig(fsdp=True)) == {torch.bfloat16}
+    assert base_dtypes(fsdp.ShardingConfig()) == {torch.uint8}
+
+
 @pytest.mark.slow
 def test_qlora_fsdp_two_ranks_match_one_process(tmp_path, small_data):
     """QLoRA + FSDP2: the 4-bit base (bitsandbytes on CPU) and the adapters sharded over 2 ranks train
