@@ -6,8 +6,12 @@
 Turns on, before the flags are validated, each part of the recipe the command line left at its
 default: --tiled-mlp (auto tiles), --loss chunked (a hidden-state loss; --loss cce / liger are
 kept when chosen), --offload cpu (checkpointed block inputs to pinned host memory; --offload disk
-is kept), --ac full (--ac selective is kept), and with --cp > 1 Ulysses sequence parallel
-(--sp-mode ulysses; ring is kept). train.py logs the resulting recipe. Nothing is turned off.
+is kept), --ac full (--ac selective is kept), with an adapter that the fused kernels compute
+--lora-kernels (peft's LoRA saves an fp32 copy of each projection's input: half of what a
+recomputed block saves, benchmarks/results/2026-11-29-alst-memory-cpu.md), and with --cp > 1
+Ulysses sequence parallel (--sp-mode ulysses; ring is kept). train.py logs the resulting recipe.
+Nothing is turned off. The 512K-token record on one H200 added --liger and --offload-keep-gib
+(benchmarks/results/2026-11-29-long-context-h200.md).
 Reference: Bekman et al., "Arctic Long Sequence Training: Scalable and Efficient Training for
 Multi-Million Token Sequences" (2025, arXiv:2506.13996).
 """
@@ -30,6 +34,11 @@ def _sequence_parallel(cfg):
     return None
 
 
+def _fused_lora_fits(lora) -> bool:
+    """An adapter that --lora-kernels computes (features/compat.py: not DoRA, LLM.int8 or dropout)."""
+    return (lora.lora or lora.qlora) and not (lora.dora or lora.lora_8bit) and lora.lora_dropout == 0
+
+
 def expand(cfg) -> list[str]:
     """Set the recipe's flags on a train.py Config in place; returns the flags it turned on."""
     if not cfg.alst.alst:
@@ -47,6 +56,9 @@ def expand(cfg) -> list[str]:
     if cfg.checkpointing.ac == "none":
         cfg.checkpointing.ac = "full"
         turned_on.append("--ac full")
+    if _fused_lora_fits(cfg.lora) and not cfg.gptq.gptq and not cfg.lora_kernels.lora_kernels:
+        cfg.lora_kernels.lora_kernels = True
+        turned_on.append("--lora-kernels")
     sp = _sequence_parallel(cfg)
     if sp is not None and cfg.mesh.cp > 1 and sp.sp_mode == "none":
         sp.sp_mode = "ulysses"
@@ -59,6 +71,8 @@ def describe(cfg) -> str:
     sp = _sequence_parallel(cfg)
     parts = [f"--tiled-mlp (shards {cfg.tiled_mlp.tiled_mlp_shards or 'auto'})", f"--loss {cfg.loss.loss}",
              f"--offload {cfg.offload.offload}", f"--ac {cfg.checkpointing.ac}"]
+    if cfg.lora_kernels.lora_kernels:
+        parts.append("--lora-kernels")
     if sp is not None and sp.sp_mode != "none":
         parts.append(f"--sp-mode {sp.sp_mode} over --cp {cfg.mesh.cp}")
     added = getattr(cfg.alst, "turned_on", [])

@@ -26,6 +26,16 @@ def test_alst_keeps_explicit_choices():
     assert (cfg.offload.offload, cfg.checkpointing.ac, cfg.loss.loss) == ("disk", "selective", "liger")
 
 
+@pytest.mark.parametrize("argv, fused", [(["--lora"], True), (["--qlora"], True), ([], False),
+                                         (["--lora", "--dora"], False), (["--lora", "--lora-dropout", "0.1"], False),
+                                         (["--lora-8bit"], False)])
+def test_alst_fuses_the_adapters_that_the_kernels_compute(argv, fused):
+    import train
+
+    cfg = train.parse_config(["--alst", *argv])
+    assert cfg.lora_kernels.lora_kernels == fused and ("--lora-kernels" in cfg.alst.turned_on) == fused
+
+
 def test_alst_with_cp_turns_on_ulysses_when_sequence_parallel_exists():
     import train
 
@@ -43,8 +53,8 @@ def test_train_py_alst_matches_plain_and_logs(tmp_path, small_data, capsys):
               "--lora", "--lora-rank", "4"]
     assert run_train(tmp_path / "plain", *common) == 0
     assert run_train(tmp_path / "alst", *common, "--alst", "--tiled-mlp-shards", "2", "--offload-min-kib", "0") == 0
-    assert "alst: --tiled-mlp (shards 2), --loss chunked, --offload cpu, --ac full (turned on by --alst: " \
-        "--tiled-mlp, --loss chunked, --offload cpu, --ac full)" in capsys.readouterr().out
+    assert "alst: --tiled-mlp (shards 2), --loss chunked, --offload cpu, --ac full, --lora-kernels (turned on by " \
+        "--alst: --tiled-mlp, --loss chunked, --offload cpu, --ac full, --lora-kernels)" in capsys.readouterr().out
     for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "alst"), strict=True):
         assert_same_metrics(a, b, ("loss", "val_loss", "grad_norm"), rel=1e-5)
 
