@@ -30,8 +30,9 @@ cannot run at some N (hsdp below 4, tp below 2, fp8 without CUDA, a global batch
 divide) is one table line that says so. Every failure or timeout is one table line with the last
 error line of its log (--logs DIR/<run>.log), never a crash of the harness.
 
-Time: --budget-s is split evenly over the runs not yet started (a fast run leaves its time to the
-later ones); a run over its share is killed and reported as a timeout. The plan (runs, flags, time
+Time: --budget-s is shared over the runs not yet started in proportion to 1 + 1/N (start-up, about
+the 1-GPU compute of the default settings, plus compute / N), so a fast run leaves its time to the
+later ones; a run over its share is killed (its process group) and reported as a timeout. The plan (runs, flags, time
 per run) is printed first, the Markdown table last (and written to --out). --reuse takes a run's
 metrics from --logs when its command is unchanged, so a later call with other --rows reuses the
 1-GPU baselines of an earlier call on the same machine.
@@ -120,6 +121,11 @@ def peer_cmd(args, row: Row, world: int, accum: int, out: Path) -> list[str]:
             str(ROOT / "benchmarks" / "peer_fsdp.py"), *peer]
 
 
+def weight(run: Run) -> float:
+    """A run's share of the time left: start-up (~ the 1-GPU compute of these settings) + compute / N."""
+    return 1 + 1 / run.world
+
+
 def plan(args, rows: list[str], data: Path) -> list[Run]:
     """The baselines first (one per mode the rows need), then each row at each world size."""
     logs, runs = Path(args.logs), []
@@ -183,7 +189,8 @@ def read_metrics(run_dir: Path, warmup: int) -> dict:
         timed_tokens, timed_s = 1.0, 1.0 / steps[-1]["tokens_per_s"]
     return {"loss": {m["step"]: m["loss"] for m in steps}, "tokens_per_s": timed_tokens / timed_s,
             "peak_gib": max(m.get("peak_mem_gib") or 0 for m in steps),
-            "mfu": sum(mfus) / len(mfus) if mfus else None}
+            "mfu": sum(mfus) / len(mfus) if mfus else None,
+            "unsharded": any(m.get("fsdp2") is False for m in steps)}  # the peer's FSDP2 was not applied
 
 
 def execute(run: Run, args, timeout: float) -> dict:
@@ -240,8 +247,9 @@ def table(runs: list[Run], args) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         accum = re.search(r"--grad-accum (\d+)", shlex.join(run.cmd or []))
-        head = f"| {run.row} | {run.world} | {accum.group(1) if accum else ''} |"
         r = run.result or {"error": run.skip or "not run"}
+        note = " (FSDP2 not applied: DDP / one process)" if r.get("unsharded") else ""
+        head = f"| {run.row}{note} | {run.world} | {accum.group(1) if accum else ''} |"
         if "error" in r:
             lines.append(f"{head} {r['error']} | | | | | | | {r.get('wall_s', 0):.0f} |")
             continue
@@ -309,7 +317,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.list:
         for name, row in ROWS.items():
-            print(f"{name:12s} mode {row.mode:5s} flags: {(MODES[row.mode] + ' ' + row.flags).strip()}"
+            print(f"{name:12s} mode {row.mode:5s} flags: {(row.flags if row.peer else MODES[row.mode] + ' ' + row.flags).strip()}"
                   f"{' (peer_fsdp.py)' if row.peer else ''}; N >= {row.min_world}{', CUDA' if row.cuda else ''}")
         return 0
     rows = args.rows.split(",")
@@ -321,15 +329,17 @@ def main(argv=None) -> int:
         random_letters(data, blocks, args.seq_len)
     runs = plan(args, rows, data)
     todo = [r for r in runs if r.cmd]
-    print(f"plan: {len(todo)} runs ({len(runs) - len(todo)} skipped), budget {args.budget_s:.0f} s = "
-          f"{args.budget_s / max(len(todo), 1):.0f} s per run to start with; logs in {logs}", flush=True)
+    total = sum(map(weight, todo)) or 1
+    print(f"plan: {len(todo)} runs ({len(runs) - len(todo)} skipped), budget {args.budget_s:.0f} s, shared as "
+          f"start-up + compute / N (time a run leaves unused goes to the later ones); logs in {logs}", flush=True)
     for run in runs:
-        print(f"  {run.name:22s} " + (run.skip or shlex.join(run.cmd[run.cmd.index('--nproc_per_node'):])), flush=True)
+        share = f"<= {args.budget_s * weight(run) / total:4.0f} s  " if run.cmd else ""
+        print(f"  {run.name:22s} {share}" + (run.skip or shlex.join(run.cmd[run.cmd.index('--nproc_per_node'):])), flush=True)
     if args.dry_run:
         return 0
     deadline = time.time() + args.budget_s
     for i, run in enumerate(todo):
-        timeout = (deadline - time.time()) / (len(todo) - i)
+        timeout = (deadline - time.time()) * weight(run) / sum(map(weight, todo[i:]))
         if timeout < 5:
             run.result = {"error": "skipped: out of --budget-s"}
             continue
