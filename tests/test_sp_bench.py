@@ -113,6 +113,7 @@ def test_cpu_run_of_the_benchmark_with_two_gloo_ranks(tmp_path):
         ("ulysses", 256, "ok"), ("ulysses", 512, "ok"), ("ring", 256, "ok"), ("ring", 512, "ok")], tries
     # the same tokens on both: one document, the same loss up to bf16 attention differences
     assert tries[0]["loss"] == pytest.approx(tries[2]["loss"], rel=1e-3)
+    print(out.read_text())
     lines = out.read_text().splitlines()
     assert lines[0].startswith("| 2 CPU processes: settings")
     assert lines[2].startswith("| Ulysses") and "**512** (512)" in lines[2] and "256 ok, 512 ok" in lines[2]
