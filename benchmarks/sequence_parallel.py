@@ -44,7 +44,7 @@ GIB = 2**30
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 ROWS = [  # (label, mode, flags, GPU-only flags, start per GPU, share of the budget)
     # --alst under DDP failed on 2026-11-25 (--tiled-mlp: "mark a variable ready only once"), so --fsdp
-    ("Ulysses, --alst --liger --attn flash, --fsdp", "ulysses", ["--sp-mode", "ulysses", "--fsdp", "--alst"],
+    ("Ulysses, --alst, --fsdp (+ --liger on GPUs; --attn in the note)", "ulysses", ["--sp-mode", "ulysses", "--fsdp", "--alst"],
      ["--liger"], 256 * K, 0.8),
     # ring materializes one (L/N)^2 block of scores per head: ~20 bytes x 32 heads x (L/N)^2 at once
     ("ring, --alst, --fsdp", "ring", ["--sp-mode", "ring", "--fsdp", "--alst"], [], 4 * K, 0.2),
