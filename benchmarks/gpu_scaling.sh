@@ -13,7 +13,7 @@
 #   ROWS=peer-full,peer-lora bash benchmarks/gpu_scaling.sh               # call 5 (HF Trainer + accelerate FSDP2)
 #   WORLDS=1,8 ROWS=fsdp-full,zero3-full,tp-full,peer-full bash benchmarks/gpu_scaling.sh   # 1 vs 8 only
 #
-# Extra arguments go to scaling.py (e.g. --extra "--attn flash" --steps 6). Folder $OUT: scaling-*.md
+# Extra arguments go to scaling.py (e.g. --extra="--attn flash" --steps 6). Folder $OUT: scaling-*.md
 # (the table), scaling.log (plan, progress, table), logs/ (every run's log, command and metrics).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
