@@ -104,6 +104,33 @@ def _base_grad(dy: torch.Tensor, base, x: torch.Tensor) -> torch.Tensor:
 # ---- one LoRA linear on 2-D (tokens, features) tensors: y = base(x) + s (x A^T) B^T
 
 
+def _linear_plus(x, w, bias, c, d, s: float):
+    """F.linear(x, w, bias) + s c d: the low-rank product c d is added into the base product's output
+    by one GEMM with beta = 1 (addmm_), in place. Under torch.compile the same two calls go through
+    the custom op below: functionalization would turn addmm_ into an out-of-place addmm, which CUDA
+    runs as a full copy of its (tokens, out) input followed by the GEMM, a `Memcpy DtoD` per LoRA
+    linear in forward and backward: 14 per decoder block, 4.6% of the 8B-shape LoRA step
+    (benchmarks/results/2026-11-29-copies-cpu.md, torch 2.13). Eager calls skip the op's dispatch."""
+    if torch.compiler.is_compiling():
+        return torch.ops.nanotune.linear_plus(x, w, bias, c, d, float(s))
+    return _linear_plus_eager(x, w, bias, c, d, s)
+
+
+def _linear_plus_eager(x, w, bias, c, d, s):
+    return F.linear(x, w, bias).addmm_(c, d, alpha=s)
+
+
+@torch.library.custom_op("nanotune::linear_plus", mutates_args=())
+def _linear_plus_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor,
+                    d: torch.Tensor, s: float) -> torch.Tensor:
+    return _linear_plus_eager(x, w, bias, c, d, s)
+
+
+@_linear_plus_op.register_fake
+def _(x, w, bias, c, d, s):
+    return x.new_empty((x.shape[0], w.shape[0]))  # mm/addmm outputs are contiguous
+
+
 def _lora_forward(x, A, B, base, s):
     """(y, x A^T). The low-rank path runs in the base output's dtype, with fp32 accumulation inside
     the matmuls: on a bf16 base the fp32 adapters (the optimizer's master copy) are cast to bf16 per
@@ -111,9 +138,15 @@ def _lora_forward(x, A, B, base, s):
     (addmm_). Computing it in fp32, as peft does on a pure-bf16 base, writes and reads fp32
     (tokens, out) tensors per adapter: 7 adapters x 32 layers of them cost more time than the
     base matmuls on the 8B shape (benchmarks/results/2026-11-25-perf.md)."""
-    y = _base_linear(x, base)
-    xa = x.to(y.dtype) @ A.t().to(y.dtype)
-    return y.addmm_(xa, B.t().to(y.dtype), alpha=s), xa
+    dt = _compute_dtype(base, x)
+    if dt != x.dtype:  # a 4-bit base computing in another dtype than x's: y comes back in x's
+        y = _base_linear(x, base)
+        xa = x.to(y.dtype) @ A.t().to(y.dtype)
+        return y.addmm_(xa, B.t().to(y.dtype), alpha=s), xa
+    xa = x @ A.t().to(dt)  # in base(x)'s dtype: dt, or the autocast dtype (matmul and linear cast alike)
+    ot, bias = xa.dtype, base.bias
+    y = _linear_plus(x.to(ot), _weight(base).to(ot), None if bias is None else bias.to(ot), xa, B.t().to(ot), s)
+    return y, xa
 
 
 def _lora_backward(dy, x, xa, A, B, base, s, dx=None, need_dx=True):
@@ -127,7 +160,10 @@ def _lora_backward(dy, x, xa, A, B, base, s, dx=None, need_dx=True):
     dA = (dxa.t() @ x.to(dt)).to(A.dtype)
     if not need_dx:
         return None, dA, dB
-    g = _base_grad(dy, base, x).to(dt).addmm_(dxa, A.to(dt)).to(x.dtype)
+    if not _is_4bit(base) or _compute_dtype(base, x) == dt:  # dy W + dxa A in dt (_base_grad's dtype)
+        g = _linear_plus(dy.to(dt), _weight(base).to(dt).t(), None, dxa, A.to(dt), 1.0).to(x.dtype)
+    else:
+        g = _base_grad(dy, base, x).to(dt).addmm_(dxa, A.to(dt)).to(x.dtype)
     return (g if dx is None else dx.add_(g)), dA, dB
 
 

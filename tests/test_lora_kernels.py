@@ -251,6 +251,39 @@ def test_compiles_per_block_without_graph_breaks(tok):
     _assert_same(_step(ref, ids), _step(fused, ids), TOL[torch.float32])
 
 
+def test_compiled_blocks_copy_no_lora_outputs(monkeypatch):
+    """Under --compile, no LoRA linear copies its (tokens, out) output (the addmm_ that adds the
+    low-rank product would become an out-of-place addmm: a Memcpy DtoD on CUDA, 14 per block on the
+    8B shape), and the step is bit-identical to the kernels as they were (addmm_ traced).
+    benchmarks/count_copies.py counts them; what stays is transformers' (RoPE's cat, a clone in
+    the backward of q_proj's view)."""
+    import torch._dynamo
+
+    from benchmarks import count_copies as cc
+    from features import lora_kernels
+
+    def run(layers=2):
+        torch._dynamo.reset()
+        model, b = cc.build(layers), cc.batch(1024)
+        big = b["input_ids"].numel() * model.config.hidden_size
+        eager = cc.step(model, b)
+        cc.compile_blocks(model, cc._counting_backend())
+        counts = cc.count(model, b, big)
+        copies = {k: n for k, n in counts.items() if "cast" not in k[0]}  # casts are not copies
+        return eager, cc.step(model, b), copies
+
+    eager, compiled, copies = run()
+    assert not [k for k in copies if k[0] == "addmm input copy" or k[1].startswith("features/")], copies
+    assert sum(copies.values()) <= 2 * 2, copies  # 2 blocks: RoPE's cat of q, the clone of q's gradient
+    monkeypatch.setattr(lora_kernels, "_linear_plus", lora_kernels._linear_plus_eager)  # before the fix
+    eager_before, compiled_before, copies_before = run()
+    assert sum(n for k, n in copies_before.items() if k[0] == "addmm input copy") == 5 + 7 + 5 + 4, copies_before
+    for a, b in ((eager, eager_before), (compiled, compiled_before)):
+        assert torch.equal(a[0], b[0]) and a[1].keys() == b[1].keys()
+        assert all(torch.equal(a[1][n], b[1][n]) for n in a[1])
+    torch._dynamo.reset()
+
+
 def test_refuses_a_plain_model_and_an_ungated_activation(tok):
     import peft
 
