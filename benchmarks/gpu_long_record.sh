@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_long_record.sh --wait /tmp/lc                                  # later calls
 #
 # Logs and the table land in the given folder (record.log, record.jsonl, record.md, DONE when over).
+# KEEP_GIB=48 PROBE=0: the 512K record's settings (a given keep budget, no probes); without KEEP_GIB two
+# probes plan it (their linear fit under-predicted 512K once: 2026-11-29-long-context-h200.md).
 set -uo pipefail
 if [ "${1:-}" = --wait ]; then  # poll until DONE or ~9.5 minutes, then show what there is
   dir=$2; for _ in $(seq 570); do [ -f "$dir/DONE" ] && break; sleep 1; done
@@ -23,7 +25,7 @@ free -g > "$dir/host.txt" 2>&1
 # projection's input is saved (8 of the ~16 hidden-size vectors a token that peft's LoRA saves per block)
 for flags in "--alst --liger --lora-kernels --attn flash" "--alst --lora-kernels --attn flash"; do
   python benchmarks/long_context.py --record "${LENGTH:-524288}" --flags="$flags" --gpu-gib "${GPU_GIB:-128}" \
-    --host-gib "${HOST_GIB:-80}" ${KEEP_GIB:+--keep-gib "$KEEP_GIB"} --logs "$dir/record.jsonl" \
+    --host-gib "${HOST_GIB:-80}" ${KEEP_GIB:+--keep-gib "$KEEP_GIB"} ${PROBE:+--probe "$PROBE"} --logs "$dir/record.jsonl" \
     --out "$dir/record.md" >> "$dir/record.log" 2>&1
   tail -n 1 "$dir/record.jsonl" 2>/dev/null | grep -q '"status": "\(ok\|oom\)"' && break  # else: retry the next flags
 done
