@@ -53,12 +53,13 @@ from features import compat, faults
 from features.faults import FaultsConfig, StepGuard
 from features.lora import LoraConfig
 from features.lora_kernels import LoraKernelsConfig
-from features.loss import count_targets, forward_loss_sum
+from features.loss import forward_loss_sum
 from features.model import (ModelConfig, autocast, check_vocab, count_params, load_config, load_model,
                             load_tokenizer, resolve_precision, train_flops)
 from features.optim import OptimConfig, build_optimizer, build_scheduler
 from features.overrides import OverridesConfig, apply_overrides
 from features.packing import PackingConfig
+from features.prefetch import Prefetched
 from features import qat
 from features.qat import QatConfig
 from features import fp8
@@ -312,11 +313,10 @@ def train(cfg: Config) -> dict:
 
     # ---- the loop
     meter = StepMeter(d.device, d.world_size, train_flops(unwrap(model)), total_steps, start, seen_tokens)
-    step_batches = iter(batches)
+    step_batches = Prefetched(batches, d.device)  # the next steps collated, counted (pinned on CUDA) in a thread
     guard = StepGuard(cfg.faults, d)  # polled once per step: non-finite steps, stop signals (preemption)
     for step in range(start + 1, total_steps + 1):
-        micro = next(step_batches)
-        targets = [count_targets(mb["labels"]) for mb in micro]  # on the host, before the copy
+        micro, targets = next(step_batches)  # targets counted on the host, before the copy
         n_targets = global_count(sum(targets), d)
         step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
         for i, mb in enumerate(micro):
@@ -349,7 +349,7 @@ def train(cfg: Config) -> dict:
             log.log(record)
             summary.update(record)
         if is_save:
-            path = save_checkpoint(out, step, model, optimizer, scheduler, batches, d,
+            path = save_checkpoint(out, step, model, optimizer, scheduler, step_batches, d,  # the consumed position
                                    cfg.train.keep_checkpoints, tokens=meter.tokens)
             log.print(f"saved {path}")
             meter.restart_clock()  # evaluation and checkpoint time are not training throughput
@@ -358,6 +358,7 @@ def train(cfg: Config) -> dict:
             break
     log.close()
     guard.close()
+    step_batches.close()
     if guard.stop:
         return summary | {"stopped": guard.signal or "signal"}
 
