@@ -46,7 +46,7 @@ class Prefetched:
         self._state = batches.state_dict()  # nothing consumed yet: the position it starts from (a resume's)
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
-        pin_device = device if torch.device(device).type == "cuda" else None
+        pin_device = torch.device(device) if torch.device(device).type == "cuda" else None
         # the thread gets no reference to self, so dropping the wrapper finalizes it and stops the thread
         self._thread = threading.Thread(target=_produce, name="nanotune-prefetch", daemon=True,
                                         args=(batches, self._queue, self._stop, pin_device))
@@ -79,8 +79,8 @@ class Prefetched:
 def _produce(batches, q: queue.Queue, stop: threading.Event, pin_device) -> None:
     """The thread: draws, counts and pins batches in order until stopped; an error ends it, queued."""
     try:
-        if pin_device is not None:  # pinned memory is registered on the current device (as DataLoader does)
-            torch.cuda.set_device(pin_device)
+        if pin_device is not None and pin_device.index is not None:  # pinned memory is registered on the
+            torch.cuda.set_device(pin_device)  # thread's current device (as DataLoader does); "cuda" = that one
         for micro in batches:
             position = batches.state_dict()  # read in this thread, right after the generator advanced it
             targets = [count_targets(mb["labels"]) for mb in micro]  # from host memory: no device sync
