@@ -24,6 +24,13 @@ def assert_same_metrics(a: dict, b: dict, keys, rel: float) -> None:
             assert a[key] == pytest.approx(b[key], rel=rel), key
 
 
+def assert_same_grads(grads: dict, grads_ref: dict, rtol: float, atol: float) -> None:
+    """The same (non-empty) set of parameters got gradients, each close to the reference's."""
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=rtol, atol=atol, msg=name)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

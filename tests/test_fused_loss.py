@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_train
+from conftest import assert_same_grads, run_train
 from features import UserError
 from features.batches import collate_padded
 from features.chunked_loss import LossConfig, apply_chunked_loss
@@ -73,9 +73,7 @@ def test_glue_matches_plain_cross_entropy(tok, reference_kernels, kernel):
     loss.backward()
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     grads, grads_ref = _grads(model), _grads(ref)
-    assert grads.keys() == grads_ref.keys()
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_grads(grads, grads_ref, rtol=1e-5, atol=1e-7)
 
 
 def test_refused_on_cpu_and_without_the_package(monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import loss_and_grads, three_doc_batch, with_live_lora
+from conftest import assert_same_grads, loss_and_grads, three_doc_batch, with_live_lora
 
 from features import UserError
 from features.liger import LigerConfig, apply_liger, validate
@@ -82,9 +82,7 @@ def test_swaps_keep_names_loss_and_gradients(tok, reference_liger, preset, lora)
     assert any(isinstance(m, _ReferenceRMSNorm) for m in model.modules())
     loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
-    assert grads.keys() == grads_ref.keys() and grads  # the same parameter names
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_grads(grads, grads_ref, rtol=1e-5, atol=1e-6)  # the same parameter names
 
 
 def test_refused_on_cpu_and_for_other_architectures(tok, reference_liger):
@@ -113,8 +111,7 @@ def test_real_kernels_match_on_gpu(tok):
     finally:
         modeling_llama.apply_rotary_pos_emb = original
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-4)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_grads(grads, grads_ref, rtol=1e-3, atol=1e-5)
 
 
 def test_train_py_refuses_liger_on_cpu(tmp_path, small_data, capsys):
@@ -148,7 +145,5 @@ def test_composes_with_alst_and_lora(tok, reference_liger, tmp_path):
     model = apply_offload(model, OffloadConfig(offload="cpu", offload_min_kib=0), torch.device("cpu"))
     loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
-    assert grads.keys() == grads_ref.keys() and grads
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_grads(grads, grads_ref, rtol=1e-5, atol=1e-6)
     assert model._offloader.copied_bytes > 0

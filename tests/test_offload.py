@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import assert_same_metrics, loss_and_grads, read_metrics, run_train, three_doc_batch, with_live_lora
+from conftest import (assert_same_grads, assert_same_metrics, loss_and_grads, read_metrics, run_train,
+                      three_doc_batch, with_live_lora)
 from features import UserError
 from features.batches import collate_padded
 from features.checkpointing import CheckpointingConfig, apply_checkpointing, decoder_blocks
@@ -46,9 +47,7 @@ def test_offload_keeps_loss_and_gradients(tok, tmp_path, kind, ac, lora):
     model = _offloaded(tok, kind, ac, lora, tmp_path)
     loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
-    assert grads.keys() == grads_ref.keys() and grads
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_grads(grads, grads_ref, rtol=1e-5, atol=1e-7)
     assert model._offloader.copied_bytes > 0
     if kind == "disk":  # every file is unlinked as soon as it is mapped
         assert os.listdir(model._offloader.store.tmp.name) == []
@@ -165,8 +164,7 @@ def test_cuda_offload_is_exact_and_frees_device_memory(tok, tmp_path, kind):
     model = apply_offload(fresh(), cfg, cuda)
     loss, grads, held = run(model)
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)
+    assert_same_grads(grads, grads_ref, rtol=0, atol=0)
     # fp32 residual stream (fp32 weights under autocast): all 16 block inputs (32 MiB) leave
     block_inputs = len(decoder_blocks(model)) * 2 * 2048 * model.config.hidden_size * 4
     assert held <= held_ref - block_inputs // 2, (held, held_ref, block_inputs)

@@ -4,7 +4,7 @@ budget, the rest leave; the math is the same either way."""
 import pytest
 import torch
 
-from conftest import loss_and_grads, three_doc_batch
+from conftest import assert_same_grads, loss_and_grads, three_doc_batch
 from features import UserError
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
 from features.model import ModelConfig, load_config, load_model
@@ -32,8 +32,7 @@ def test_same_loss_and_gradients_whatever_the_budget(tok, keep_gib):
     model = _offloaded(tok, keep_gib)
     loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)
+    assert_same_grads(grads, grads_ref, rtol=0, atol=0)
     assert (model._offloader.copied_bytes == 0) == (keep_gib > 0)  # 1 GiB holds all of a tiny model's
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_metrics, read_metrics, run_train
+from conftest import ROOT, assert_same_grads, assert_same_metrics, read_metrics, run_train
 from features import UserError
 from features.batches import collate_padded
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
@@ -75,9 +75,7 @@ def test_tiled_mlp_keeps_loss_and_gradients(tok, preset, lora, kernels, ac, shar
         model = apply_checkpointing(model, CheckpointingConfig(ac=ac))
     loss, grads, big = _run(model, batch, inter)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
-    assert grads.keys() == grads_ref.keys() and grads
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert_same_grads(grads, grads_ref, rtol=1e-10, atol=1e-12)
     assert big_ref > 0 and big == 0  # the point: nothing of intermediate width is kept
 
 
