@@ -294,6 +294,12 @@ def _check_heads(config, cfg: SequenceParallelConfig, world: int) -> None:
                         "use --sp-mode ulysses with --attn flex or eager")
 
 
+def attention_name(mode: str, attn_impl: str) -> str:
+    """The AttentionInterface name of the wrapper. No "flash" in it: transformers takes any such name
+    for a hub kernel to download ("Could not find ... nanotune_sp_ulysses_flash_attention_4")."""
+    return f"nanotune_sp_{mode}_{attn_impl.replace('flash_attention', 'fa')}"
+
+
 def apply_sequence_parallel(model, cfg: SequenceParallelConfig, group, attn_impl: str):
     """Switch the model's attention to the sequence-parallel wrapper of `attn_impl` over `group`."""
     from transformers import AttentionInterface
@@ -301,7 +307,7 @@ def apply_sequence_parallel(model, cfg: SequenceParallelConfig, group, attn_impl
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     world = dist.get_world_size(group)
     _check_heads(base.config, cfg, world)
-    name = f"nanotune_sp_{cfg.sp_mode}_{attn_impl}"
+    name = attention_name(cfg.sp_mode, attn_impl)
     fn = (functools.partial(_ulysses, inner=attn_impl, group=group) if cfg.sp_mode == "ulysses"
           else functools.partial(_ring, group=group))
     AttentionInterface.register(name, fn)

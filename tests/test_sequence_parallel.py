@@ -55,6 +55,20 @@ def test_shards_cover_each_token_once_with_shifted_targets(world, mode):
     assert sum(int((s["shift_labels"] != IGNORE).sum()) for s in shards) == int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+@pytest.mark.parametrize("attn_impl", ["sdpa", "flash_attention_4", "flex_attention"])
+def test_wrapper_names_are_accepted_by_transformers(attn_impl):
+    """A name with "flash" in it sent transformers looking for a hub kernel: the flash rows of the
+    2-GPU check failed at start on the H200s (results/2026-11-29-sequence-parallel-2xh200.md)."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    name = sp.attention_name("ulysses", attn_impl)
+    AttentionInterface.register(name, AttentionInterface()["sdpa"])
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == name
+
+
 def test_flags_and_head_counts_are_checked_at_start():
     with pytest.raises(UserError, match="--cp"):
         sp.validate(sp.SequenceParallelConfig("ulysses"), cp=1)
@@ -146,7 +160,7 @@ _ONE_GPU: dict = {}  # (attn, precision) -> the one-GPU run's metrics, shared by
     ("ulysses", "flash", "bf16", 2e-2), ("ring", "flash", "bf16", 2e-2),  # bf16: reduction order differs
     ("ulysses", "flex", "bf16", 2e-2),
 ])
-def test_gpu_n_gpus_match_one(mode, attn, precision, rel, tmp_path_factory, small_data):
+def test_gpu_n_gpus_match_one(mode, attn, precision, rel, tmp_path, tmp_path_factory, small_data):
     """train.py on all N GPUs (N = 2, 4 or 8) with --cp N == 1 GPU on the same packed rows (documents
     of the embedded data, several per 512-token row, so every row has document boundaries), the same
     --attn and precision, 3 steps: train loss of each step and the validation loss (run unsharded)
