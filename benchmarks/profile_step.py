@@ -3,13 +3,19 @@
     python benchmarks/profile_step.py --out prof.md -- --model llama3-8b --lora --precision bf16 \
         --attn flash --lora-kernels --seq-len 4096 --micro-batch-size 1 --max-steps 8 ...
 
+    # several GPUs: every rank profiles, rank 0 writes the table
+    torchrun --nproc_per_node 2 benchmarks/profile_step.py --out prof.md -- --model llama3-8b --fsdp ...
+
 Everything after `--` is train.py's own flags. Steps 5 and 6 are profiled (after warm-up and any
 compilation); the table splits their GPU kernel time into matmul (cuBLAS/CUTLASS GEMMs),
 attention, elementwise/reduction (norms, RoPE, activations, casts, adds, loss, optimizer) and
-copies, and reports idle = wall time - kernel time (host overhead, syncs, launch gaps).
+copies, and reports idle = wall time with no kernel running (host overhead, syncs, launch gaps).
+Communication (NCCL) kernels run on their own streams beside the compute: they are reported apart,
+in total and where nothing else runs (exposed: the GPU waits on the network).
 """
 
 import argparse
+import os
 import re
 import sys
 from collections import defaultdict
@@ -20,7 +26,9 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CATEGORIES = [  # first match wins; names as CUDA reports them (cuBLAS, CUTLASS, FA4, inductor, aten)
+COMM = "communication"
+CATEGORIES = [  # first match wins; names as CUDA reports them (cuBLAS, CUTLASS, FA4, inductor, aten, NCCL)
+    (COMM, r"nccl"),
     ("attention", r"flash|fmha|attn|attention"),
     ("matmul", r"gemm|nvjet|sm90_xmma|cutlass|matmul|splitk|cublas"),
     ("copy", r"memcpy|memset|copy_kernel|Memcpy|Memset"),
@@ -33,26 +41,46 @@ def category(name: str) -> str:
     return next(c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE))
 
 
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def summarize(prof, steps: int) -> str:
-    kernels = [e for e in prof.events()  # ProfilerStep#N is the profiler's own step range, not a kernel
-               if e.device_type == DeviceType.CUDA and not e.name.startswith("ProfilerStep")]
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()  # ProfilerStep#N is
+               if e.device_type == DeviceType.CUDA and not e.name.startswith("ProfilerStep")]  # not a kernel
+    return table(kernels, steps)
+
+
+def table(kernels: list[tuple[str, float, float]], steps: int) -> str:
+    """The Markdown breakdown of (name, start us, end us) kernels recorded over `steps` steps."""
     if not kernels:
         return "no CUDA kernels recorded"
-    start = min(e.time_range.start for e in kernels)
-    wall = max(e.time_range.end for e in kernels) - start  # us
+    start = min(a for _, a, _ in kernels)
+    wall = max(b for _, _, b in kernels) - start  # us
     by_cat, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
-    for e in kernels:
-        d = e.time_range.end - e.time_range.start
-        by_cat[category(e.name)] += d
-        by_name[e.name][0] += d
-        by_name[e.name][1] += 1
-    busy = sum(by_cat.values())
-    lines = [f"per step: wall {wall / steps / 1e3:.1f} ms, kernels {busy / steps / 1e3:.1f} ms, "
+    for name, a, b in kernels:
+        by_cat[category(name)] += b - a
+        by_name[name][0] += b - a
+        by_name[name][1] += 1
+    compute = covered([(a, b) for name, a, b in kernels if category(name) != COMM])
+    anything = covered([(a, b) for _, a, b in kernels])
+    per = lambda t: f"{t / steps / 1e3:.1f} | {100 * t / wall:.1f}%"  # noqa: E731
+    lines = [f"per step: wall {wall / steps / 1e3:.1f} ms, kernels {compute / steps / 1e3:.1f} ms, "
              f"{len(kernels) // steps} kernel launches", "",
              "| category | ms/step | share of wall |", "|---|---|---|"]
     for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {cat} | {t / steps / 1e3:.1f} | {100 * t / wall:.1f}% |")
-    lines.append(f"| idle (no kernel running) | {(wall - busy) / steps / 1e3:.1f} | {100 * (wall - busy) / wall:.1f}% |")
+        if cat != COMM:
+            lines.append(f"| {cat} | {per(t)} |")
+    if COMM in by_cat:
+        lines.append(f"| communication (NCCL, beside compute) | {per(by_cat[COMM])} |")
+        lines.append(f"| communication alone (exposed) | {per(anything - compute)} |")
+    lines.append(f"| idle (no kernel running) | {per(wall - anything)} |")
     lines += ["", "| kernel (top 25 by time) | category | ms/step | calls/step |", "|---|---|---|---|"]
     for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
         lines.append(f"| `{name[:90]}` | {category(name)} | {t / steps / 1e3:.2f} | {n // steps} |")
@@ -82,6 +110,8 @@ def main():
     runlog.MetricsLog.advance = advance_and_step
     with prof:
         train.train(train.parse_config(train_args))
+    if int(os.environ.get("RANK", 0)):
+        return  # one table, rank 0's
     text = summarize(prof, args.steps)
     print(text)
     if args.out:
