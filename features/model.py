@@ -170,7 +170,10 @@ def _first_line(e: Exception) -> str:
 
 def _numel(p: torch.Tensor) -> int:
     quant_state = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight packs 2 per byte
-    return math.prod(quant_state.shape) if quant_state is not None else p.numel()
+    if quant_state is not None:
+        return math.prod(quant_state.shape)
+    # a ZeRO-3 parameter is empty (numel 0) outside a gather; DeepSpeed keeps its full size in ds_numel
+    return getattr(p, "ds_numel", None) or p.numel()
 
 
 def count_params(model) -> tuple[int, int]:
@@ -190,7 +193,7 @@ def train_flops(model) -> tuple[float, float]:
     documents, so padding and packed neighbours are not counted as work.
     """
     cfg = model.config
-    emb = model.get_input_embeddings().weight.numel()
+    emb = _numel(model.get_input_embeddings().weight)
     total, trainable = count_params(model)
     n = total - emb + (emb if getattr(cfg, "tie_word_embeddings", False) else 0)
     per_param = 6 if trainable >= 0.5 * total else 4
