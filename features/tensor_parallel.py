@@ -1,29 +1,48 @@
-"""Tensor parallelism of the decoder with DTensor: column-parallel q/k/v/gate/up, row-parallel o/down.
+"""Tensor parallelism of the decoder (Megatron-LM): column-parallel q/k/v/gate/up, row-parallel o/down.
 
     torchrun --nproc_per_node 2 train.py --tp 2                       # 2-way TP, one data-parallel rank
     torchrun --nproc_per_node 8 train.py --tp 2 --fsdp                # 4-way FSDP x 2-way TP (2-D)
 
-Each tp rank holds 1/tp of the attention heads and of the MLP's intermediate features; one
-all-reduce after o_proj and one after down_proj per block (Megatron-LM's f/g pair, done by
-DTensor's ColwiseParallel / RowwiseParallel). Embeddings, norms and the head stay whole on every
-tp rank. The tp ranks of a dp rank read the same batch (see features/distributed.py).
-Reference: Shoeybi et al. 2019, Megatron-LM; torch.distributed.tensor.parallel; gpt-fast's tp.py.
+Each tp rank holds 1/tp of the attention heads and of the MLP's intermediate features as DTensor
+parameters with the placements of torch's ColwiseParallel / RowwiseParallel (q/k/v/gate/up
+Shard(0), o/down Shard(1), an o/down bias Replicate), so FSDP2, AdamW, grad clipping, DCP
+checkpoints and the export see the same DTensors as before. The projections compute on the local
+shards as plain tensors, with Megatron's f and g done by hand once per attention and per MLP:
+f on their input (identity forward; backward sums the input gradient over the tp ranks, once for
+q, k and v together, once for gate and up), g on the o/down output (sum forward, identity
+backward). A block costs 2 all-reduces in forward and 2 in backward, and attention, RoPE and the
+activation run on plain tensors with heads / tp local heads.
+
+Why not torch's ColwiseParallel / RowwiseParallel (this module's plan up to 2026-11-29): each
+column-parallel projection all-reduces its own input gradient (5 all-reduces per block in
+backward instead of 2), and every projection runs as ~13 ops dispatched through DTensor (t, view,
+mm, ...: sharding propagation on the host for each), 2,912 per micro-batch at 32 layers; at
+micro-batch 1 a GPU step cannot hide that host time (CPU counts and timings: benchmarks/tp_comm.py,
+which runs both plans). Projections that are not plain nn.Linear (FP8's Float8Linear, QAT's
+fake-quantized linears) keep the DTensor styles (--qat --tp failed before this change too:
+"'IntxFakeQuantizer' object has no attribute 'weight'", CPU, 2026-11-29). Embeddings, norms and
+the head stay whole on every tp rank. The tp ranks of a dp rank read the same batch (see
+features/distributed.py). Reference: Shoeybi et al. 2019, Megatron-LM (section 3, f and g);
+gpt-fast's tp.py; torch.distributed.tensor.parallel.
 
 Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), packing, every attention
-backend (heads are local), activation checkpointing, DCP checkpoints (a 1-D FSDP checkpoint
-resumes as FSDP x TP). Without --fsdp and one dp rank, FSDP over that rank still wraps the model
-(nothing sharded) so every parameter is a DTensor, as AdamW's foreach kernels need. Refused with:
-heads or kv heads not divisible by --tp; LoRA/QLoRA (peft's layers are not nn.Linear); --ddp;
-several dp ranks without --fsdp.
+backend (heads are local), activation checkpointing, --tiled-mlp, --compile, DCP checkpoints (a
+1-D FSDP checkpoint resumes as FSDP x TP), the export (gathered whole, the sharded linears compute
+as plain ones). Without --fsdp and one dp rank, FSDP over that rank still wraps the model (nothing
+sharded) so every parameter is a DTensor, as AdamW's foreach kernels need. Refused with: heads or
+kv heads not divisible by --tp; LoRA/QLoRA (peft's layers are not nn.Linear); --ddp; several dp
+ranks without --fsdp.
 """
 
 import torch
+import torch.nn.functional as F
 
 from features import UserError
 from features.distributed import Dist
 
-_COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-_ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+# (sub-module, column-parallel projections, row-parallel projections) of a decoder block
+_PARTS = (("self_attn", ("q_proj", "k_proj", "v_proj"), ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj"), ("down_proj",)))
 
 
 def validate(tp: int, model_config, lora_enabled: bool) -> None:
@@ -39,22 +58,112 @@ def validate(tp: int, model_config, lora_enabled: bool) -> None:
                         f"of the model; pick a --tp that divides both")
 
 
-def apply_tensor_parallel(model, d: Dist):
-    """Shard each decoder block's projections over the "tp" mesh dim (in place)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    plan = {name: ColwiseParallel() for name in _COLWISE} | {name: RowwiseParallel() for name in _ROWWISE}
+def apply_tensor_parallel(model, d: Dist, dtensor_styles: bool = False):
+    """Shard each decoder block's projections over the "tp" mesh dim (in place). dtensor_styles:
+    torch's ColwiseParallel / RowwiseParallel on every projection, the plan before 2026-11-29
+    (benchmarks/tp_comm.py measures both; train.py always uses the Megatron plan)."""
+    mesh = d.sub("tp")
     for block in _decoder_blocks(model):
-        parallelize_module(block, d.mesh["tp"], {k: v for k, v in plan.items() if _has(block, k)})
+        for part_name, colwise, rowwise in _PARTS:
+            part = getattr(block, part_name, None)
+            names = [n for n in colwise + rowwise if part is not None and hasattr(part, n)]
+            if not names:  # e.g. an MoE block's mlp: left whole
+                continue
+            if not set(names) & set(colwise) or not set(names) & set(rowwise):
+                raise UserError(f"--tp: {type(part).__name__} has {', '.join(names)} but not both a column-parallel "
+                                f"({', '.join(colwise)}) and a row-parallel ({', '.join(rowwise)}) projection; "
+                                f"this architecture cannot use --tp (use --fsdp)")
+            if dtensor_styles or any(type(getattr(part, n)) is not torch.nn.Linear for n in names):
+                _dtensor_styles(part, mesh, colwise, names)
+                continue
+            for n in names:
+                setattr(part, n, _ShardedLinear(getattr(part, n), mesh, n in rowwise))
+            part.register_forward_pre_hook(_copy_input_hook(mesh.get_group()), with_kwargs=True)
     return model
 
 
-def _has(module, dotted: str) -> bool:
-    try:
-        module.get_submodule(dotted)
-        return True
-    except AttributeError:
-        return False
+def _dtensor_styles(part, mesh, colwise, names) -> None:
+    """Linear subclasses (Float8Linear, QAT's fake-quantized linears) compute through DTensor."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    parallelize_module(part, mesh, {n: ColwiseParallel() if n in colwise else RowwiseParallel() for n in names})
+
+
+class _ShardedLinear(torch.nn.Linear):
+    """A column- (weight Shard(0)) or row-parallel (Shard(1), output all-reduced) nn.Linear whose
+    forward runs on the local shard: one `to_local` per parameter instead of DTensor's dispatch of
+    every op. After gather_full (export) its parameters are whole tensors and it is a plain Linear."""
+
+    def __init__(self, linear: torch.nn.Linear, mesh, rowwise: bool):
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        has_bias = linear.bias is not None
+        super().__init__(linear.in_features, linear.out_features, has_bias, device="meta")
+        self.rowwise, self.group = rowwise, mesh.get_group()
+        self.weight = _distribute(linear.weight, mesh, Shard(1) if rowwise else Shard(0), distribute_tensor)
+        if has_bias:
+            self.bias = _distribute(linear.bias, mesh, Replicate() if rowwise else Shard(0), distribute_tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        weight, bias = self.weight, self.bias
+        if not isinstance(weight, DTensor):  # gathered whole for the export
+            return F.linear(x, weight, bias)
+        if not self.rowwise:
+            return F.linear(x, weight.to_local(), None if bias is None else bias.to_local())
+        out = _SumOverRanks.apply(F.linear(x, weight.to_local()), self.group)  # Megatron's g
+        return out if bias is None else out + bias.to_local()
+
+
+def _distribute(param: torch.nn.Parameter, mesh, placement, distribute_tensor) -> torch.nn.Parameter:
+    # from rank 0's values (src_data_rank=0), as ColwiseParallel / RowwiseParallel do
+    return torch.nn.Parameter(distribute_tensor(param.detach(), mesh, [placement]), param.requires_grad)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    # the functional (out-of-place, traceable by torch.compile) collective DTensor itself uses (torch 2.13)
+    out = torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", group.group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Megatron's g: the row-parallel partial outputs summed over the tp ranks; the gradient is
+    already whole on every rank."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CopyToRanks(torch.autograd.Function):
+    """Megatron's f: the input of the column-parallel projections is whole on every rank; its
+    gradient (each rank's from its heads / features) is summed over the tp ranks, once for all
+    the projections that read it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+def _copy_input_hook(group):
+    def hook(module, args, kwargs):
+        if args:  # mlp(hidden_states)
+            return (_CopyToRanks.apply(args[0], group), *args[1:]), kwargs
+        if "hidden_states" in kwargs:  # self_attn(hidden_states=..., ...) (transformers 5)
+            return args, kwargs | {"hidden_states": _CopyToRanks.apply(kwargs["hidden_states"], group)}
+        raise UserError(f"--tp: {type(module).__name__} was called without hidden states to shard")
+
+    return hook
 
 
 def _decoder_blocks(model) -> list[torch.nn.Module]:
