@@ -121,7 +121,9 @@ FEATURES = [
     Feature("--dp-replicate N", "mesh.dp_replicate", _gt1, example="--dp-replicate 2", ranks="a multiple of N ranks"),
     Feature("--tp N", "mesh.tp", _gt1, example="--tp 2", ranks="a multiple of N ranks", refuses=(
         ("--ddp", "--ddp replicates whole modules and cannot hold --tp/--cp shards; use --fsdp instead"),
-        ("--lora", _TP_LORA), ("--qlora", _TP_LORA), ("--lora-8bit", _TP_LORA))),
+        ("--lora", _TP_LORA), ("--qlora", _TP_LORA), ("--lora-8bit", _TP_LORA),
+        ("--qat", "QAT's fake-quantized linears have no sharded form under --tp (they fail at the first "
+                  "forward); drop --tp (use --fsdp)"))),
     Feature("--cp N", "mesh.cp", _gt1, example="--cp 2", ranks="a multiple of N ranks",
             needs=("--sp-mode ulysses", "--sp-mode ring"), refuses=(
                 ("--ddp", "--ddp replicates whole modules and cannot hold --tp/--cp shards; use --fsdp instead"),
