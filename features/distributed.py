@@ -209,3 +209,12 @@ def barrier(d: Dist) -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def attention_blocks(model, flag: str) -> list[torch.nn.Module]:
+    """The decoder blocks (the items of the first nn.ModuleList whose layers have self_attn) that
+    `flag` (--fsdp, --tp) shards one by one."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and hasattr(module[0], "self_attn"):
+            return list(module)
+    raise UserError(f"{flag}: found no decoder blocks (a ModuleList of layers with self_attn) in the model")

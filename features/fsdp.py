@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from features import UserError
-from features.distributed import Dist, MeshConfig
+from features.distributed import Dist, MeshConfig, attention_blocks
 
 
 @dataclasses.dataclass
@@ -62,14 +62,6 @@ def quantization_storage(qconfig, cfg: ShardingConfig):
     return qconfig
 
 
-def _blocks(model) -> list[torch.nn.Module]:
-    """The decoder blocks (GradientCheckpointingLayer / nn.ModuleList items) of an HF causal LM."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and hasattr(module[0], "self_attn"):
-            return list(module)
-    raise UserError("--fsdp: found no decoder blocks (a ModuleList of layers with self_attn) in the model")
-
-
 def _fsdp_mesh(d: Dist):
     return d.sub("dp_replicate", "dp_shard_cp") if d.size("dp_replicate") > 1 else d.sub("dp_shard_cp")
 
@@ -83,7 +75,7 @@ def apply_fsdp(model, cfg: ShardingConfig, d: Dist, precision: str):
                                   reduce_dtype=torch.float32 if cfg.fsdp_reduce_dtype == "fp32" else torch.bfloat16)
     kwargs = dict(mesh=_fsdp_mesh(d), mp_policy=mp,
                   offload_policy=CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy())
-    blocks = _blocks(model)
+    blocks = attention_blocks(model, "--fsdp")
     for i, block in enumerate(blocks):  # the last block is resharded by the root anyway: skip that work
         fully_shard(block, reshard_after_forward=not cfg.fsdp_keep_gathered and i < len(blocks) - 1, **kwargs)
     # the root unit is the HF model itself, also under peft: PeftModel.generate calls the base model's

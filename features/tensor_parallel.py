@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from features import UserError
-from features.distributed import Dist
+from features.distributed import Dist, attention_blocks
 
 # (sub-module, column-parallel projections, row-parallel projections) of a decoder block
 _PARTS = (("self_attn", ("q_proj", "k_proj", "v_proj"), ("o_proj",)),
@@ -63,7 +63,7 @@ def apply_tensor_parallel(model, d: Dist, dtensor_styles: bool = False):
     torch's ColwiseParallel / RowwiseParallel on every projection, the plan before 2026-11-29
     (benchmarks/tp_comm.py measures both; train.py always uses the Megatron plan)."""
     mesh = d.sub("tp")
-    for block in _decoder_blocks(model):
+    for block in attention_blocks(model, "--tp"):
         for part_name, colwise, rowwise in _PARTS:
             part = getattr(block, part_name, None)
             names = [n for n in colwise + rowwise if part is not None and hasattr(part, n)]
@@ -164,10 +164,3 @@ def _copy_input_hook(group):
         raise UserError(f"--tp: {type(module).__name__} was called without hidden states to shard")
 
     return hook
-
-
-def _decoder_blocks(model) -> list[torch.nn.Module]:
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and hasattr(module[0], "self_attn"):
-            return list(module)
-    raise UserError("--tp: found no decoder blocks (a ModuleList of layers with self_attn) in the model")
