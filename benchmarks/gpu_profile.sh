@@ -11,12 +11,12 @@ MODEL=${MODEL:-llama3-8b}; SEQ=${SEQ:-4096}; MBS=${MBS:-1}; ADAPTER=${ADAPTER---
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # NVLink multicast stays off
 launch=(python); [ "$NPROC" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node "$NPROC")
 rank=(); [ -n "$ADAPTER" ] && rank=(--lora-rank 16)
-data=/tmp/random.jsonl
+tmp=$(mktemp -d)   # private: two of these may run side by side, one per GPU
+data=$tmp/random.jsonl
 python -c "import sys; sys.path.insert(0, 'benchmarks'); from lora import random_text; from pathlib import Path; random_text(Path('$data'), 60 * $GA, $SEQ * $MBS + 64)"
 i=0
 for row in "$@"; do
-  i=$((i+1)); run=/tmp/prof-run$i
-  rm -rf "$run"
+  i=$((i+1)); run=$tmp/run$i
   "${launch[@]}" benchmarks/profile_step.py --out "$OUT/profile$i.md" -- --model $MODEL $ADAPTER "${rank[@]}" --precision bf16 \
     --seq-len $SEQ --micro-batch-size $MBS --grad-accum $GA --dataset $data --dataset-format pretrain --val-dataset none --eval-exact-match 0 \
     --max-steps 14 --log-every 7 --warmup-steps 0 --lr 1e-4 --skip-export --output-dir $run $row > "$OUT/run$i.log" 2>&1

@@ -6,7 +6,7 @@
 Same shapes as nanotune's presets (features/model.py), base weights in bf16, `bf16=True`, SDPA,
 LoRA on every linear layer of the decoder, random token ids of full length (no padding). With
 --qlora: the decoder linears in NF4 (double quantization, bf16 compute) and peft's
-prepare_model_for_kbit_training, the standard QLoRA recipe. With --full: no adapter, every
+prepare_model_for_kbit_training, the standard QLoRA recipe (--no-kbit-prep skips it). With --full: no adapter, every
 weight trains (bf16 weights, the Trainer's AdamW). With --data FILE (jsonl of {"text"}): those
 documents, tokenized by the presets' tokenizer, batched the Trainer's way (padded to the longest
 of each micro-batch, optionally --group-by-length, or --padding-free: transformers'
@@ -49,8 +49,11 @@ def build(args):
 
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = peft.prepare_model_for_kbit_training(quantize_base(model, qc),
-                                                     use_gradient_checkpointing=args.gradient_checkpointing)
+        model = quantize_base(model, qc)
+        if not args.no_kbit_prep:  # casts the norms, embeddings and head to fp32: the recipe, not the fastest
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        elif args.gradient_checkpointing:
+            model.enable_input_require_grads()
     if args.full:
         return model, train_flops(model)
     lora = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
@@ -138,6 +141,7 @@ def main():
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--liger", action="store_true")
     p.add_argument("--qlora", action="store_true")
+    p.add_argument("--no-kbit-prep", action="store_true", help="with --qlora: skip prepare_model_for_kbit_training")
     p.add_argument("--full", action="store_true", help="full fine-tune: no adapter")
     p.add_argument("--data", default=None, help="jsonl of {'text'}: real documents instead of random full rows")
     p.add_argument("--group-by-length", action="store_true", help="with --data: the Trainer's length-grouped sampler")

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issues 7 and 8 on a two-GPU box (nvidia-h200-x2, after staging wheels): two single-GPU lanes side by
+# side, one per GPU, so one call measures two tables. Each part fits one 600 s call (LANE_S each).
+#   PART=A bash benchmarks/gpu_pair.sh   # 8B LoRA vs peer | bf16 vs FP8 tensorwise, 32 blocks
+#   PART=B bash benchmarks/gpu_pair.sh   # profiles of the 8B LoRA and 1B full rows | 1B full vs peer
+#   PART=C bash benchmarks/gpu_pair.sh   # real-length vs peer | QLoRA vs peer, then FP8 rowwise
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; LANE_S=${LANE_S:-520}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+fast="--attn flash --lora-kernels --compile"
+
+lane() {  # lane GPU NAME COMMAND...: one GPU, its own log, stopped at LANE_S
+  local gpu=$1 name=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout -k 15 "$LANE_S" bash -c "$*" > "$OUT/$name.log" 2>&1
+  echo "== $name (GPU $gpu) exit $?" >> "$OUT/$name.log"
+}
+
+case ${PART:-A} in
+A)
+  lane 0 lora-8b "python benchmarks/lora.py --model llama3-8b --steps 20 --out $OUT/lora-8b.md \
+    --peer-rows '--liger --micro-batch-size 2' '--gradient-checkpointing --liger --micro-batch-size 2' \
+    --rows '$fast --micro-batch-size 2' '$fast --micro-batch-size 4'" &
+  lane 1 fp8-32 "python benchmarks/fp8.py --layers 32 --micro-batch-size 2 --steps 40 --warmup 15 \
+    --rows bf16 'fp8 tensorwise' --extra '--attn flash' --out $OUT/fp8 > $OUT/fp8-32.md" &
+  ;;
+B)
+  lane 0 profiles "OUT=$OUT/prof-8b MBS=2 bash benchmarks/gpu_profile.sh '$fast'; \
+    OUT=$OUT/prof-1b MODEL=llama3.2-1b ADAPTER= MBS=8 bash benchmarks/gpu_profile.sh '--attn flash --compile --loss cce'" &
+  lane 1 full-1b "python benchmarks/lora.py --full --model llama3.2-1b --steps 20 --out $OUT/full-1b.md \
+    --peer-rows '--liger --micro-batch-size 4' '--liger --micro-batch-size 8' \
+    --rows '--attn flash --compile --micro-batch-size 8 --loss cce' '--attn flash --compile --micro-batch-size 16 --loss cce'" &
+  ;;
+C)
+  lane 0 real-length "python benchmarks/real_length.py --model llama3-8b --steps 20 --out $OUT/real-length.md \
+    --rows '--packing $fast --micro-batch-size 2' '--packing $fast --micro-batch-size 4'" &
+  lane 1 qlora-8b "python benchmarks/lora.py --qlora --model llama3-8b --steps 20 --out $OUT/qlora-8b.md \
+    --peer-rows '--liger --micro-batch-size 2 --no-kbit-prep' --rows '$fast --micro-batch-size 2'; \
+    python benchmarks/fp8.py --layers 32 --micro-batch-size 2 --steps 40 --warmup 15 \
+    --rows 'fp8 rowwise' --extra '--attn flash' --out $OUT/fp8r > $OUT/fp8-32-rowwise.md" &
+  ;;
+esac
+wait
+for f in "$OUT"/*.md "$OUT"/prof-*/profile*.md; do [ -f "$f" ] && { echo "## $f"; cat "$f"; }; done
+grep -h "^== \|^tokens/s\|Error\|error" "$OUT"/*.log "$OUT"/prof-*/*.log 2>/dev/null | tail -40
+tar -czf "$OUT/logs-${PART:-A}.tgz" -C "$OUT" --exclude='*.tgz' . 2>/dev/null
