@@ -4,6 +4,7 @@
 #   PART=A bash benchmarks/gpu_pair.sh   # 8B LoRA vs peer | bf16 vs FP8 tensorwise, 32 blocks
 #   PART=B bash benchmarks/gpu_pair.sh   # profiles of the 8B LoRA and 1B full rows | 1B full vs peer
 #   PART=C bash benchmarks/gpu_pair.sh   # real-length vs peer | QLoRA vs peer, then FP8 rowwise
+#   PART=D bash benchmarks/gpu_pair.sh   # bf16/FP8 tensorwise/rowwise at micro-batch 4 | 8B LoRA loss rows, QLoRA profile
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; LANE_S=${LANE_S:-520}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -37,6 +38,13 @@ C)
     --peer-rows '--liger --micro-batch-size 2 --no-kbit-prep' --rows '$fast --micro-batch-size 2'; \
     python benchmarks/fp8.py --layers 32 --micro-batch-size 2 --steps 40 --warmup 15 \
     --rows 'fp8 rowwise' --extra '--attn flash' --out $OUT/fp8r > $OUT/fp8-32-rowwise.md" &
+  ;;
+D)
+  lane 0 fp8-32-mbs4 "python benchmarks/fp8.py --layers 32 --micro-batch-size 4 --steps 30 --warmup 12 \
+    --rows bf16 'fp8 tensorwise' 'fp8 rowwise' --extra '--attn flash' --out $OUT/fp8 > $OUT/fp8-32-mbs4.md" &
+  lane 1 lora-8b-loss "python benchmarks/lora.py --skip-peer --model llama3-8b --steps 20 --out $OUT/lora-8b-loss.md \
+    --rows '$fast --micro-batch-size 4 --loss chunked' '$fast --micro-batch-size 4 --loss cce'; \
+    OUT=$OUT/prof-qlora MBS=2 ADAPTER=--qlora bash benchmarks/gpu_profile.sh '$fast'" &
   ;;
 esac
 wait

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import assert_same_metrics, read_metrics, run_train
 from features.chunked_loss import chunked_cross_entropy_sum
-from features.loss import cross_entropy_sum
+from features.loss import cross_entropy_sum, shifted_targets
 
 
 def _inputs(dtype, frozen_weight=False):
@@ -62,3 +62,29 @@ def test_final_model_from_chunked_run_has_its_head(tmp_path, small_data):
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     logits = model(torch.tensor([[5, 6, 7]])).logits
     assert logits.shape[-1] == model.config.vocab_size
+
+
+def test_bf16_gradients_run_in_bf16_and_match_plain_cross_entropy():
+    """In bf16 every matmul of the chunked loss runs in bf16 (an fp32 weight-gradient GEMM is a slow
+    SIMT kernel on GPUs), and the gradients stay within bf16 rounding of plain cross entropy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                self.seen.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, labels = _inputs(torch.bfloat16)
+    with MatmulDtypes() as mode:
+        chunked_cross_entropy_sum(hidden, weight, labels, chunk=8).backward()
+    assert mode.seen == {torch.bfloat16}
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = F.cross_entropy((h32 @ w32.T).flatten(0, 1), shifted_targets(labels).flatten(), reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(weight.grad.float(), w32.grad, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=3e-2, atol=3e-2)
