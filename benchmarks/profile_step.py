@@ -11,7 +11,8 @@ compilation); the table splits their GPU kernel time into matmul (cuBLAS/CUTLASS
 attention, elementwise/reduction (norms, RoPE, activations, casts, adds, loss, optimizer) and
 copies, and reports idle = wall time with no kernel running (host overhead, syncs, launch gaps).
 Communication (NCCL) kernels run on their own streams beside the compute: they are reported apart,
-in total and where nothing else runs (exposed: the GPU waits on the network).
+in total and where nothing else runs (exposed: the GPU waits on the network). A second table lists
+the longest idle gaps with the host ops that overlap them: what the GPU was waiting for.
 """
 
 import argparse
@@ -61,8 +62,38 @@ def kernel_events(events) -> list[tuple[str, float, float]]:
             and not ANNOTATION.match(e.name)]
 
 
+def cpu_events(events) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of the host-side ops and annotations (the profiler's step ranges left out)."""
+    return [(e.name, e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == DeviceType.CPU and not e.name.startswith("ProfilerStep")]
+
+
+def idle_gaps(kernels: list[tuple[str, float, float]], host: list[tuple[str, float, float]],
+              top: int = 8, min_us: float = 200) -> str:
+    """The longest stretches with no kernel running, each with the kernels around it and the host ops
+    that overlap it most: what the host was doing while the GPU waited (a sync, a launch-bound
+    optimizer, data loading). Nested ops all overlap a gap, so an outer op and its inner ones show."""
+    gaps, end, last = [], None, None
+    for name, a, b in sorted(kernels, key=lambda k: k[1]):
+        if end is not None and a - end >= min_us:
+            gaps.append((a - end, end, a, last, name))
+        if end is None or b > end:
+            end, last = b, name
+    if not gaps:
+        return f"no gap of {min_us / 1e3:g} ms or more without a kernel"
+    lines = ["| idle gap (ms) | after kernel | before kernel | host ops overlapping it (ms) |", "|---|---|---|---|"]
+    for length, a, b, before, after in sorted(gaps, reverse=True)[:top]:
+        overlap = sorted(((min(e, b) - max(s, a), n) for n, s, e in host if s < b and e > a), reverse=True)[:4]
+        ops = ", ".join(f"`{n[:50]}` {t / 1e3:.1f}" for t, n in overlap) or "none recorded"
+        lines.append(f"| {length / 1e3:.2f} | `{before[:40]}` | `{after[:40]}` | {ops} |")
+    return "\n".join(lines)
+
+
 def summarize(prof, steps: int) -> str:
-    return table(kernel_events(prof.events()), steps)
+    events = prof.events()
+    kernels = kernel_events(events)
+    return table(kernels, steps) + "\n\nWhere the GPU waited (longest gaps over all profiled steps):\n\n" + \
+        idle_gaps(kernels, cpu_events(events))
 
 
 def table(kernels: list[tuple[str, float, float]], steps: int) -> str:

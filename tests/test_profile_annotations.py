@@ -25,3 +25,18 @@ def test_annotations_and_cpu_events_are_not_kernels():
     assert [name for name, _, _ in kernel_events(events)] == [
         "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT",
         "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float, 4>>"]
+
+
+def test_idle_gaps_name_the_host_work_that_kept_the_gpu_waiting():
+    from profile_step import idle_gaps
+
+    kernels = [("gemm_a", 0, 1000), ("gemm_b", 1100, 2000),  # a 0.1 ms gap: below the threshold
+               ("adam_kernel", 2000, 2500), ("flash_fwd", 7500, 9000)]  # a 5 ms gap after the optimizer
+    host = [("aten::_local_scalar_dense", 2400, 7000), ("Optimizer.step#AdamW.step", 1900, 2600),
+            ("aten::embedding", 7200, 7450)]
+    text = idle_gaps(kernels, host, min_us=200)
+    rows = [line for line in text.splitlines() if line.startswith("| 5.00")]
+    assert len(rows) == 1 and "`adam_kernel`" in rows[0] and "`flash_fwd`" in rows[0]
+    assert rows[0].index("aten::_local_scalar_dense") < rows[0].index("aten::embedding")  # most overlap first
+    assert "`aten::_local_scalar_dense` 4.5" in rows[0] and "Optimizer.step" in rows[0]
+    assert "0.10" not in text  # the short gap is left out
