@@ -5,6 +5,7 @@
 #   PART=B bash benchmarks/gpu_pair.sh   # profiles of the 8B LoRA and 1B full rows | 1B full vs peer
 #   PART=C bash benchmarks/gpu_pair.sh   # real-length vs peer | QLoRA vs peer, then FP8 rowwise
 #   PART=D bash benchmarks/gpu_pair.sh   # bf16/FP8 tensorwise/rowwise at micro-batch 4 | 8B LoRA loss rows, QLoRA profile
+#   PART=E bash benchmarks/gpu_pair.sh   # 1B full: attention and loss variants vs peer | 8B LoRA idle gaps, autotuned GEMMs
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; LANE_S=${LANE_S:-520}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -45,6 +46,14 @@ D)
   lane 1 lora-8b-loss "python benchmarks/lora.py --skip-peer --model llama3-8b --steps 20 --out $OUT/lora-8b-loss.md \
     --rows '$fast --micro-batch-size 4 --loss chunked' '$fast --micro-batch-size 4 --loss cce'; \
     OUT=$OUT/prof-qlora MBS=2 ADAPTER=--qlora bash benchmarks/gpu_profile.sh '$fast'" &
+  ;;
+E)
+  lane 0 full-1b-variants "python benchmarks/lora.py --full --model llama3.2-1b --steps 20 --out $OUT/full-1b-variants.md \
+    --peer-rows '--liger --micro-batch-size 8' --rows '--attn flash --compile --micro-batch-size 16 --loss cce' \
+    '--attn sdpa --compile --micro-batch-size 16 --loss cce' '--attn flash --compile --micro-batch-size 16 --loss chunked'" &
+  lane 1 lora-8b-gaps "OUT=$OUT/prof-8b MBS=4 bash benchmarks/gpu_profile.sh '$fast'; \
+    python benchmarks/lora.py --skip-peer --model llama3-8b --steps 20 --out $OUT/lora-8b-autotune.md \
+    --rows '$fast --micro-batch-size 4 --compile-mode max-autotune-no-cudagraphs'" &
   ;;
 esac
 wait
