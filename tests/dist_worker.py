@@ -1,8 +1,9 @@
-"""Run by tests/test_distributed.py under torchrun (gloo, CPU): for each parallel layout, one
+"""Run by tests/test_distributed.py on several gloo ranks (CPU): for each parallel layout, one
 training step's loss and full gradients, computed with train.py's accounting, against one
 process on the same global batch (computed on every rank, on an unsharded copy).
 
     torchrun --nproc_per_node 4 tests/dist_worker.py OUT.json LAYOUT [LAYOUT ...]
+    ranks.run(dist_worker.run, 4, OUT.json, [LAYOUT, ...])     # the tests: tests/ranks.py
 
 A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp][:tiled] (tiled: --tiled-mlp with 3 tiles on the
 sharded model only; the reference stays untiled), or name:zero1|zero2|zero3 (DeepSpeed). Rank 0 writes
@@ -128,9 +129,9 @@ def run_deepspeed(layout: str, data, config, impl, rank: int, world: int) -> dic
                    "grad_max_abs": max(g.abs().max().item() for g in want.values())}}
 
 
-def main() -> None:
+def run(out: str, layouts: list[str]) -> None:
+    """One rank (torchrun's environment variables set): every layout, rank 0 writes OUT."""
     torch.set_num_threads(1)
-    out, layouts = sys.argv[1], sys.argv[2:]
     d0 = init_distributed("cpu")
     tok = load_tokenizer(ModelConfig(path="tiny-llama"))
     config = load_config(ModelConfig(path="tiny-llama"), tok)
@@ -146,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(sys.argv[1], sys.argv[2:])

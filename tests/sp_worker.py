@@ -1,4 +1,4 @@
-"""Spawned by tests/test_sequence_parallel.py: P gloo processes (CPU), one sequence-parallel group.
+"""Run by tests/test_sequence_parallel.py on P gloo ranks (CPU, tests/ranks.py): one sequence-parallel group.
 
 For each tiny preset and mode, one forward/backward of a packed batch through the sharded loss
 (features/sequence_parallel.make_loss_fn) against one process on the unsharded batch, computed
@@ -9,7 +9,6 @@ the test asserts on them.
 import copy
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -125,12 +124,11 @@ def ring_leak(group) -> dict:
     return out
 
 
-def run(rank: int, world: int, port: int, out_path: str, cases: list[str]) -> None:
-    """cases: "preset/mode/backend[/single]" strings, e.g. "tiny-llama/ulysses/sdpa"; /single: rows
-    of one document each instead of packed rows."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def run(out_path: str, cases: list[str]) -> None:
+    """One rank (torchrun's environment variables set). cases: "preset/mode/backend[/single]" strings,
+    e.g. "tiny-llama/ulysses/sdpa"; /single: rows of one document each instead of packed rows."""
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
     try:
         from features.loss import forward_loss_sum
 
@@ -147,19 +145,8 @@ def run(rank: int, world: int, port: int, out_path: str, cases: list[str]) -> No
                 name, mode, inner = case.split("/")[:3]
                 if (name, case.count("/single")) == (preset, rows):
                     results[case] = compare(ref, model, mode, inner, group, batch)
-        if rank == 0:
+        if dist.get_rank() == 0:
             Path(out_path).write_text(json.dumps(results, indent=1))
     finally:
         dist.destroy_process_group()
 
-
-def train_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
-    """train.py's main() as one rank of a torchrun-like launch (the env torchrun would set)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import train
-
-    status = train.main(argv)
-    if status != 0:
-        raise SystemExit(f"rank {rank}: train.py exited with {status}")

@@ -3,6 +3,7 @@
 
 import pytest
 
+import ranks
 from conftest import assert_same_metrics, read_metrics, run_train
 from features.alst import expand
 
@@ -63,20 +64,10 @@ def test_train_py_alst_matches_plain_and_logs(tmp_path, small_data, capsys):
 def test_alst_under_fsdp_two_ranks_matches_one_process(tmp_path, small_data):
     """The recipe's hooks and Functions under FSDP2 (DTensor parameters, per-block all-gathers): two
     gloo ranks train like one process."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     common = ["--dataset", str(small_data), "--max-steps", "2", "--log-every", "1", "--packing", "--seq-len", "256",
               "--eval-exact-match", "0", "--seed", "7", "--device", "cpu", "--lora", "--lora-rank", "4", "--alst",
               "--tiled-mlp-shards", "3", "--offload-min-kib", "0", "--skip-export"]
     assert run_train(tmp_path / "one", *common, "--micro-batch-size", "8") == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-           "train.py", *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks.train(2, *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
     for a, b in zip(read_metrics(tmp_path / "two")[1:], read_metrics(tmp_path / "one")[1:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

@@ -4,14 +4,12 @@ mode kept fp32 master weights and states: a mixed-precision update, 0.48 off the
 on 2 H200s); zero2 / zero3 on 2 gloo ranks track the plain bf16 run as closely as --fsdp does; MFU's
 FLOPs count ZeRO-3's partitioned parameters by their full size (ds_numel), not their empty storage.
 
-This file is also the worker of the dtype test: `python tests/test_deepspeed_precision.py OUT.json`
-(one process, a one-rank gloo group).
+_worker is the dtype test's one rank (a one-rank gloo group, forked by tests/ranks.py); by hand:
+`RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 python tests/test_deepspeed_precision.py OUT.json`.
 """
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -20,10 +18,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ranks  # noqa: E402
 from conftest import ROOT, read_metrics, run_train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 # stage, precision, --ds-offload
 CASES = [("zero1", "bf16", False), ("zero2", "bf16", False), ("zero3", "bf16", False),
          ("zero2", "bf16-mixed", False), ("zero3", "bf16-mixed", False), ("zero2", "bf16", True)]
@@ -53,10 +51,7 @@ def test_bf16_section_from_the_flags(tmp_path):
 def engines(tmp_path_factory) -> dict:
     """This file's worker, once: {case: the dtypes and FLOPs it read off the engine} (see _worker)."""
     out = tmp_path_factory.mktemp("engines") / "engines.json"
-    env = dict(ENV, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what torchrun sets; DeepSpeed asserts LOCAL_RANK
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks.run(_worker, 1, str(out))  # its own process: DeepSpeed's engines keep global state
     return json.loads(out.read_text())
 
 
@@ -102,13 +97,9 @@ def test_zero_tracks_the_plain_bf16_run_like_fsdp(tmp_path, small_data):
     assert run_train(tmp_path / "one", *common, "--micro-batch-size", "2", "--grad-accum", "2") == 0
     plain = [m["loss"] for m in read_metrics(tmp_path / "one") if "loss" in m]
     dev = {}
-    for port, name, flags in ((29591, "fsdp", ["--fsdp"]), (29592, "zero2", ["--deepspeed", "zero2"]),
-                              (29593, "zero3", ["--deepspeed", "zero3"])):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "train.py", *common, "--micro-batch-size", "1", "--grad-accum", "2", *flags,
-               "--output-dir", str(tmp_path / name)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for name, flags in (("fsdp", ["--fsdp"]), ("zero2", ["--deepspeed", "zero2"]), ("zero3", ["--deepspeed", "zero3"])):
+        ranks.train(2, *common, "--micro-batch-size", "1", "--grad-accum", "2", *flags,
+                    "--output-dir", str(tmp_path / name))
         losses = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]
         assert len(losses) == len(plain) == 4, name
         dev[name] = max(abs(a - b) for a, b in zip(losses, plain))

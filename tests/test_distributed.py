@@ -8,26 +8,15 @@ grad norms to 1e-5 relative (only the order of float sums differs between layout
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, read_metrics, run_train
+import dist_worker
+import ranks
+from conftest import read_metrics, run_train
 from features import UserError
 from features.distributed import MeshConfig, mesh_shape
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def _torchrun(n: int, port: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
-           *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 def _has_deepspeed() -> bool:
@@ -43,7 +32,7 @@ def test_layouts_match_one_process(tmp_path):
     layouts = ["ddp:1,4,1,1", "fsdp:1,4,1,1:fsdp", "hsdp:2,2,1,1:fsdp", "tp:1,1,1,4", "fsdp_tp:1,2,1,2:fsdp"]
     if _has_deepspeed():
         layouts += ["zero1:zero1", "zero2:zero2", "zero3:zero3"]
-    _torchrun(4, 29541, str(ROOT / "tests" / "dist_worker.py"), str(out), *layouts)
+    ranks.run(dist_worker.run, 4, str(out), layouts)
     results = json.loads(out.read_text())
     assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
     for name, r in results.items():
@@ -66,7 +55,7 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
     plain process (x 8) and on 4 ranks as FSDP x TP (2 x 2, x 4) with the 2-rank run's losses at
     steps 3 and 4 (and the same final validation loss)."""
     data = ["--dataset", str(small_data), *COMMON, "--save-every", "2", "--keep-checkpoints", "0"]
-    _torchrun(2, 29542, "train.py", *data, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
+    ranks.train(2, *data, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
     two = {m["step"]: m for m in read_metrics(tmp_path / "two")}
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file()  # gathered for the export
 
@@ -77,8 +66,7 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
     resume = ["--dataset", str(small_data), *COMMON, "--resume", "auto", "--skip-export"]
     assert run_train(tmp_path / "res1", *resume, "--micro-batch-size", "8") == 0
     # 4 ranks as 2 dp x 2 tp: the 1-D FSDP shards reshard into a 2-D FSDP x TP layout (2 x 4 rows a step)
-    _torchrun(4, 29543, "train.py", *resume, "--micro-batch-size", "4", "--fsdp", "--tp", "2", "--output-dir",
-              str(tmp_path / "res4"))
+    ranks.train(4, *resume, "--micro-batch-size", "4", "--fsdp", "--tp", "2", "--output-dir", str(tmp_path / "res4"))
     for name in ("res1", "res4"):
         got = {m["step"]: m for m in read_metrics(tmp_path / name)}
         assert sorted(got) == [3, 4], name
@@ -113,7 +101,7 @@ def test_qlora_fsdp_two_ranks_match_one_process(tmp_path, small_data):
     common = ["--dataset", str(small_data), "--max-steps", "2", "--log-every", "1", "--packing", "--seq-len", "256",
               "--eval-exact-match", "0", "--seed", "7", "--device", "cpu", "--qlora", "--lora-rank", "4"]
     assert run_train(tmp_path / "one", *common, "--micro-batch-size", "8", "--skip-export") == 0
-    _torchrun(2, 29544, "train.py", *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
+    ranks.train(2, *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
     one, two = read_metrics(tmp_path / "one")[1:], read_metrics(tmp_path / "two")[1:]
     for a, b in zip(two, one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -140,8 +128,7 @@ def test_deepspeed_zero3_train_and_resume_through_its_checkpoints(tmp_path, smal
         pytest.skip(f"features/compat.py refuses --deepspeed on CPU ({reason})")
     data = ["--dataset", str(small_data), *COMMON, "--save-every", "2", "--keep-checkpoints", "0"]
     assert run_train(tmp_path / "one", *data, "--micro-batch-size", "8", "--skip-export") == 0
-    _torchrun(2, 29545, "train.py", *data, "--micro-batch-size", "4", "--deepspeed", "zero3",
-              "--output-dir", str(tmp_path / "ds"))
+    ranks.train(2, *data, "--micro-batch-size", "4", "--deepspeed", "zero3", "--output-dir", str(tmp_path / "ds"))
     one, ds = ({m["step"]: m for m in read_metrics(tmp_path / n)} for n in ("one", "ds"))
     for step in (1, 2, 3, 4):
         assert ds[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
@@ -150,8 +137,8 @@ def test_deepspeed_zero3_train_and_resume_through_its_checkpoints(tmp_path, smal
     assert (tmp_path / "ds" / "final" / "model.safetensors").is_file()
     (tmp_path / "res" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "ds" / "checkpoints" / "step_00000002", tmp_path / "res" / "checkpoints" / "step_00000002")
-    _torchrun(2, 29546, "train.py", "--dataset", str(small_data), *COMMON, "--resume", "auto", "--skip-export",
-              "--micro-batch-size", "4", "--deepspeed", "zero3", "--output-dir", str(tmp_path / "res"))
+    ranks.train(2, "--dataset", str(small_data), *COMMON, "--resume", "auto", "--skip-export",
+                "--micro-batch-size", "4", "--deepspeed", "zero3", "--output-dir", str(tmp_path / "res"))
     res = {m["step"]: m for m in read_metrics(tmp_path / "res")}
     assert sorted(res) == [3, 4] and all(res[s]["loss"] == pytest.approx(ds[s]["loss"], rel=1e-5) for s in (3, 4))
 

@@ -1,12 +1,9 @@
 """The step loss is sum(token losses) / global trained tokens, however the batch is split."""
 
-import os
-import subprocess
-import sys
-
 import torch
 
-from conftest import ROOT, read_metrics, run_train
+import ranks
+from conftest import read_metrics, run_train
 from features.batches import collate_padded
 from features.data import Sample
 from features.loss import count_targets, cross_entropy_sum
@@ -57,15 +54,11 @@ def test_train_loop_grad_accum_matches_big_batch(tmp_path, small_data):
 
 
 def test_two_process_data_parallel_matches_one_process(tmp_path, small_data):
-    """torchrun with 2 gloo ranks x micro-batch 4 == one process x micro-batch 8."""
+    """2 gloo ranks x micro-batch 4 == one process x micro-batch 8."""
     common = ["--dataset", str(small_data), "--max-steps", "3", "--log-every", "1", "--eval-exact-match", "0",
               "--seed", "5", "--device", "cpu"]
     assert run_train(tmp_path / "one", *common, "--micro-batch-size", "8") == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "train.py"), *common, "--micro-batch-size", "4", "--output-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks.train(2, *common, "--micro-batch-size", "4", "--output-dir", str(tmp_path / "two"))
     one, two = read_metrics(tmp_path / "one")[1:], read_metrics(tmp_path / "two")[1:]
     for a, b in zip(two, one, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * b["grad_norm"]

@@ -5,12 +5,11 @@ GPU (marked): train.py on all N GPUs with --cp N, Ulysses and ring, matches one 
 packed documents (fp32 1e-4, bf16 2e-2 relative); benchmarks/gpu_sp.sh runs it."""
 
 import json
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+import ranks
 import sp_worker
 from conftest import read_metrics, run_train
 from features import UserError
@@ -21,17 +20,6 @@ from features.ring_attention import shard_index
 # fp64 everywhere: sdpa and ring agree with one process to ~1e-12; eager's softmax is fp32 inside
 # transformers, so its tolerance is that of fp32
 TOL = {"sdpa": 1e-9, "eager": 1e-5}
-
-
-PRELOAD = ["sp_worker", "train", "features.sequence_parallel", "features.model", "features.packing", "features.attention",
-           "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
-           "transformers.models.mistral.modeling_mistral"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -84,17 +72,9 @@ def test_flags_and_head_counts_are_checked_at_start():
     sp._check_heads(config, sp.SequenceParallelConfig("ring"), 3)
 
 
-def _start(fn, world, *args) -> None:
-    """Run fn(rank, world, port, *args) in `world` processes, forked from one server that imported
-    transformers and train.py once (startup, not the math, dominates: 4 fresh imports cost ~30 s
-    on 2 cores)."""
-    mp.set_forkserver_preload(PRELOAD)
-    mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, start_method="forkserver")
-
-
 def _spawn(world, cases, tmp_path) -> dict:
     out = tmp_path / "sp.json"
-    _start(sp_worker.run, world, str(out), cases)
+    ranks.run(sp_worker.run, world, str(out), cases)  # forked from a warm server (tests/ranks.py)
     return json.loads(out.read_text())
 
 
@@ -132,8 +112,7 @@ def test_train_py_with_cp_2_matches_one_process(tmp_path, small_data):
     assert "exact_match" in one[0] and "exact_match" in one[-1] and "val_loss" in one[-1]
     for name, extra in (("ring", ["--sp-mode", "ring"]),
                         ("ulysses", ["--sp-mode", "ulysses", "--ac", "full", "--loss", "chunked"])):
-        _start(sp_worker.train_rank, 2, [*common, "--eval-exact-match", "4", "--cp", "2", *extra,
-                                          "--output-dir", str(tmp_path / name)])
+        ranks.train(2, *common, "--eval-exact-match", "4", "--cp", "2", *extra, "--output-dir", str(tmp_path / name))
         cp2 = read_metrics(tmp_path / name)
         assert [m["step"] for m in cp2] == [m["step"] for m in one] == [0, 1, 2]
         for a, b in zip(cp2, one):

@@ -7,14 +7,13 @@ Distributed tolerances (fp32, as tests/test_distributed.py): losses to 1e-6 rela
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_grads, assert_same_metrics, read_metrics, run_train
+import dist_worker
+import ranks
+from conftest import assert_same_grads, assert_same_metrics, read_metrics, run_train
 from features import UserError
 from features.batches import collate_padded
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
@@ -120,18 +119,11 @@ def test_backward_recomputes_under_the_forward_autocast(tok):
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-2  # bf16 rounding only
 
 
-def _torchrun(port: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
 def test_tiled_mlp_under_ddp_and_fsdp_two_ranks_match_one_untiled_process(tmp_path):
     """Full fine-tuning, every gradient compared (tests/dist_worker.py). DDP failed here while the tiles
     wrote .grad themselves: its per-parameter hooks fired once per tile ("marked ready twice")."""
     out = tmp_path / "tiled.json"
-    _torchrun(29575, str(ROOT / "tests" / "dist_worker.py"), str(out), "ddp:1,2,1,1:tiled", "fsdp:1,2,1,1:fsdp:tiled")
+    ranks.run(dist_worker.run, 2, str(out), ["ddp:1,2,1,1:tiled", "fsdp:1,2,1,1:fsdp:tiled"])
     results = json.loads(out.read_text())
     assert sorted(results) == ["ddp", "fsdp"]
     for name, r in results.items():
@@ -148,9 +140,9 @@ def test_train_py_tiled_mlp_and_alst_under_ddp_match_one_process(tmp_path, small
               "--eval-exact-match", "0", "--seed", "7", "--device", "cpu", "--lora", "--lora-rank", "4",
               "--tiled-mlp", "--tiled-mlp-shards", "3", "--skip-export"]
     assert run_train(tmp_path / "one", *common, "--micro-batch-size", "8") == 0
-    two = ["train.py", *common, "--micro-batch-size", "2", "--grad-accum", "2", "--ddp"]
-    _torchrun(29576, *two, "--output-dir", str(tmp_path / "tiled"))
-    _torchrun(29577, *two, "--alst", "--offload-min-kib", "0", "--output-dir", str(tmp_path / "alst"))
+    two = [*common, "--micro-batch-size", "2", "--grad-accum", "2", "--ddp"]
+    ranks.train(2, *two, "--output-dir", str(tmp_path / "tiled"))
+    ranks.train(2, *two, "--alst", "--offload-min-kib", "0", "--output-dir", str(tmp_path / "alst"))
     for run in ("tiled", "alst"):
         for a, b in zip(read_metrics(tmp_path / run), read_metrics(tmp_path / "one"), strict=True):
             assert_same_metrics(a, b, ("loss", "val_loss"), rel=1e-6)
