@@ -14,16 +14,20 @@ import sys
 import pytest
 import torch
 
+import ranks
 from conftest import ROOT, read_metrics, run_train
-from test_distributed import _torchrun
 
 TINY_LAYERS, TINY_HEADS = 4, 4  # tiny-llama (features/model.py)
 
 
-def _tp_comm(tmp_path, layouts: str) -> dict:
-    out = tmp_path / "tp_comm.json"
+@pytest.fixture(scope="module")
+def tp_comm(tmp_path_factory) -> dict:
+    """benchmarks/tp_comm.py once for both tests: each layout is its own torchrun launch, so the tp2
+    row is the one a `--layouts tp2` run gives."""
+    out = tmp_path_factory.mktemp("tp_comm") / "tp_comm.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "tp_comm.py"), "--model", "tiny-llama", "--device", "cpu",
-           "--seq-len", "64", "--global-batch", "2", "--timed", "1", "--layouts", layouts, "--json", str(out)]
+           "--seq-len", "64", "--global-batch", "2", "--timed", "1", "--layouts", "fsdp,tp2,tp2-dtensor",
+           "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| tp2 | allreduce | backward |" in proc.stdout  # the table is printed
@@ -34,8 +38,8 @@ def _counts(result: dict, phase: str) -> dict:
     return {c["kind"]: c["count"] for c in result["collectives"] if c["phase"] == phase}
 
 
-def test_tp2_runs_the_megatron_plan(tmp_path):
-    r = _tp_comm(tmp_path, "tp2")["tp2"]
+def test_tp2_runs_the_megatron_plan(tp_comm):
+    r = tp_comm["tp2"]
     per_step = TINY_LAYERS * r["micro_batches"]  # blocks x micro-batches of one optimizer step
     assert r["micro_batches"] == 2  # both tp ranks read the whole global batch
     assert _counts(r, "forward") == {"allreduce": 2 * per_step}  # after o_proj and after down_proj
@@ -50,10 +54,10 @@ def test_tp2_runs_the_megatron_plan(tmp_path):
 
 
 @pytest.mark.slow
-def test_tp2_plans_and_fsdp_agree(tmp_path):
+def test_tp2_plans_and_fsdp_agree(tp_comm):
     """The Megatron plan, torch's DTensor styles and plain FSDP over 2 ranks: the same first-step loss
     and gradient norm; the DTensor plan's extra backward all-reduces are what the new plan saves."""
-    results = _tp_comm(tmp_path, "fsdp,tp2,tp2-dtensor")
+    results = tp_comm
     for name in ("tp2", "tp2-dtensor"):
         assert results[name]["loss"] == pytest.approx(results["fsdp"]["loss"], rel=1e-6), name
         assert results[name]["grad_norm"] == pytest.approx(results["fsdp"]["grad_norm"], rel=1e-5), name
@@ -72,7 +76,7 @@ def test_tp2_train_matches_one_process(tmp_path, small_data):
               "--eval-exact-match", "0", "--seed", "3", "--device", "cpu", "--warmup-steps", "1", "--lr", "1e-2",
               "--micro-batch-size", "4", "--grad-accum", "2"]
     assert run_train(tmp_path / "one", *common) == 0
-    _torchrun(2, 29651, "train.py", *common, "--fsdp", "--tp", "2", "--output-dir", str(tmp_path / "tp"))
+    ranks.train(2, *common, "--fsdp", "--tp", "2", "--output-dir", str(tmp_path / "tp"))
     one, tp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp")
     assert [m["step"] for m in tp] == [m["step"] for m in one]
     for a, b in zip(tp, one, strict=True):
