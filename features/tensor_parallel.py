@@ -95,14 +95,14 @@ class _ShardedLinear(torch.nn.Linear):
     every op. After gather_full (export) its parameters are whole tensors and it is a plain Linear."""
 
     def __init__(self, linear: torch.nn.Linear, mesh, rowwise: bool):
-        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard
 
         has_bias = linear.bias is not None
         super().__init__(linear.in_features, linear.out_features, has_bias, device="meta")
         self.rowwise, self.group = rowwise, mesh.get_group()
-        self.weight = _distribute(linear.weight, mesh, Shard(1) if rowwise else Shard(0), distribute_tensor)
+        self.weight = _distribute(linear.weight, mesh, Shard(1) if rowwise else Shard(0))
         if has_bias:
-            self.bias = _distribute(linear.bias, mesh, Replicate() if rowwise else Shard(0), distribute_tensor)
+            self.bias = _distribute(linear.bias, mesh, Replicate() if rowwise else Shard(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
@@ -116,7 +116,9 @@ class _ShardedLinear(torch.nn.Linear):
         return out if bias is None else out + bias.to_local()
 
 
-def _distribute(param: torch.nn.Parameter, mesh, placement, distribute_tensor) -> torch.nn.Parameter:
+def _distribute(param: torch.nn.Parameter, mesh, placement) -> torch.nn.Parameter:
+    from torch.distributed.tensor import distribute_tensor
+
     # from rank 0's values (src_data_rank=0), as ColwiseParallel / RowwiseParallel do
     return torch.nn.Parameter(distribute_tensor(param.detach(), mesh, [placement]), param.requires_grad)
 
