@@ -35,7 +35,7 @@ from features.alst import AlstConfig
 from features.chunked_loss import LossConfig, apply_chunked_loss, forward_chunked_loss_sum
 from features import fused_loss
 from features.fused_loss import forward_fused_loss_sum
-from features.compile import CompileConfig, apply_compile
+from features.compile import CompileConfig, apply_compile, compile_loss
 from features.checkpoint import checkpoints, export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from features.data import DataConfig, load_splits
 from features.distributed import (Dist, all_reduce_sum, barrier, broadcast_object, global_count,
@@ -53,7 +53,7 @@ from features import compat, faults
 from features.faults import FaultsConfig, StepGuard
 from features.lora import LoraConfig
 from features.lora_kernels import LoraKernelsConfig
-from features.loss import forward_loss_sum
+from features.loss import cross_entropy_sum, forward_loss_sum
 from features.model import (ModelConfig, autocast, check_vocab, count_params, load_config, load_model,
                             load_tokenizer, resolve_precision, train_flops)
 from features.optim import OptimConfig, build_optimizer, build_scheduler
@@ -256,7 +256,8 @@ def train(cfg: Config) -> dict:
     if cfg.tiled_mlp.tiled_mlp:  # (2.) TiledMLP wraps each MLP's forward as the adapters and kernels left it
         model = apply_tiled_mlp(model, cfg.tiled_mlp)
     ctx = autocast(precision, d.device)
-    loss_fn = functools.partial(forward_loss_sum, attn_impl=attn_impl)
+    ce = compile_loss(cfg.compile) if cfg.compile.compile else cross_entropy_sum  # (6.) fused under --compile
+    loss_fn = functools.partial(forward_loss_sum, attn_impl=attn_impl, ce=ce)
     if cfg.loss.loss != "ce":  # 8. the loss on hidden states (its head swap goes before sharding wraps the model)
         model = apply_chunked_loss(model, cfg.loss)
         loss_fn = functools.partial(forward_chunked_loss_sum, attn_impl=attn_impl, chunk=cfg.loss.loss_chunk)

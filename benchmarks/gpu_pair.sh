@@ -6,6 +6,7 @@
 #   PART=C bash benchmarks/gpu_pair.sh   # real-length vs peer | QLoRA vs peer, then FP8 rowwise
 #   PART=D bash benchmarks/gpu_pair.sh   # bf16/FP8 tensorwise/rowwise at micro-batch 4 | 8B LoRA loss rows, QLoRA profile
 #   PART=E bash benchmarks/gpu_pair.sh   # 1B full: attention and loss variants vs peer | 8B LoRA idle gaps, autotuned GEMMs
+#   PART=F LANE_S=200 bash benchmarks/gpu_pair.sh   # the compiled loss (--compile): 8B LoRA | 8B QLoRA, micro-batch 4
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; LANE_S=${LANE_S:-520}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -54,6 +55,12 @@ E)
   lane 1 lora-8b-gaps "OUT=$OUT/prof-8b MBS=4 bash benchmarks/gpu_profile.sh '$fast'; \
     python benchmarks/lora.py --skip-peer --model llama3-8b --steps 20 --out $OUT/lora-8b-autotune.md \
     --rows '$fast --micro-batch-size 4 --compile-mode max-autotune-no-cudagraphs'" &
+  ;;
+F)
+  lane 0 lora-8b-ce "python benchmarks/lora.py --skip-peer --model llama3-8b --steps 20 --out $OUT/lora-8b-ce.md \
+    --rows '$fast --micro-batch-size 4'" &
+  lane 1 qlora-8b-ce "python benchmarks/lora.py --skip-peer --qlora --model llama3-8b --steps 20 --out $OUT/qlora-8b-ce.md \
+    --rows '$fast --micro-batch-size 4'" &
   ;;
 esac
 wait

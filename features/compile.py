@@ -21,6 +21,12 @@ cu_seqlens length dynamic after the first recompile. Reference: PyTorch's region
 recipe (torch.compiler, "Reducing torch.compile cold start compilation time with regional
 compilation"); torchtitan's apply_compile.
 
+The plain loss (--loss ce) is compiled too (compile_loss). Eager cross entropy upcasts the bf16
+logits to an fp32 copy and saves fp32 log-probabilities for backward: two tokens x vocabulary fp32
+tensors (16.8 GB at 16K tokens x 128K vocabulary) and 16 ms of memory-bound kernels a step on the
+8B shape (benchmarks/results/2026-11-29-perf-h200.md). Compiled, one pass reads the bf16 logits
+(fp32 in registers) and backward keeps only them plus two floats per token.
+
 Works with: every --attn backend, --lora / --qlora / --lora-kernels, --ac, --loss. On CPU it
 runs too (inductor's C++ backend, slow to compile: for tests use --compile-backend aot_eager).
 """
@@ -32,6 +38,7 @@ import torch
 
 from features import UserError
 from features.checkpointing import decoder_blocks
+from features.loss import cross_entropy_sum
 
 
 @dataclasses.dataclass
@@ -53,10 +60,19 @@ def apply_compile(model, cfg: CompileConfig):
     # varying document counts before dynamo settles on dynamic shapes (torch 2.11).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     _opaque_attention(model.config._attn_implementation)
-    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     for block in blocks:
-        block.compile(backend=cfg.compile_backend, mode=mode if cfg.compile_backend == "inductor" else None)
+        block.compile(backend=cfg.compile_backend, mode=_mode(cfg))
     return model
+
+
+def _mode(cfg: CompileConfig) -> str | None:
+    return None if cfg.compile_mode == "default" or cfg.compile_backend != "inductor" else cfg.compile_mode
+
+
+def compile_loss(cfg: CompileConfig):
+    """cross_entropy_sum as one fused graph (shapes marked dynamic after the first new one: padded
+    batches vary in length, evaluation runs its own no-grad graph)."""
+    return torch.compile(cross_entropy_sum, backend=cfg.compile_backend, mode=_mode(cfg))
 
 
 _OPAQUE = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "nanotune_xformers")

@@ -39,6 +39,7 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, targets: torch
     return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def forward_loss_sum(model, batch: dict, attn_impl: str = "sdpa") -> torch.Tensor:
-    """Run the model on a batch (inputs shaped for the attention backend) and sum the token losses."""
-    return cross_entropy_sum(model(**model_inputs(batch, attn_impl)).logits, None, next_token_targets(batch))
+def forward_loss_sum(model, batch: dict, attn_impl: str = "sdpa", ce=cross_entropy_sum) -> torch.Tensor:
+    """Run the model on a batch (inputs shaped for the attention backend) and sum the token losses
+    (`ce`: cross_entropy_sum, or its compiled form under --compile, features/compile.compile_loss)."""
+    return ce(model(**model_inputs(batch, attn_impl)).logits, None, next_token_targets(batch))

@@ -9,11 +9,13 @@ import copy
 
 import pytest
 import torch
+from conftest import run_train
 
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
-from features.compile import CompileConfig, apply_compile
+from features.compile import CompileConfig, apply_compile, compile_loss
 from features.lora import LoraConfig, apply_lora
 from features.lora_kernels import apply_lora_kernels
+from features.loss import IGNORE, cross_entropy_sum
 from features.model import ModelConfig, load_config, load_model
 
 
@@ -100,3 +102,54 @@ def test_flash_attention_is_opaque_to_dynamo():
     assert ALL_ATTENTION_FUNCTIONS["flash_attention_2"] is wrapped
     _opaque_attention("sdpa")  # traceable backends stay as they are
     assert not getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "nanotune_opaque", False)
+
+
+def _loss_grad_saved(ce, logits, targets):
+    """The summed loss, the logits' gradient, and every tensor autograd keeps for backward."""
+    saved = []
+    logits = logits.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = ce(logits, None, targets)
+    loss.backward()
+    return loss.detach(), logits.grad, saved
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_loss_is_exact_and_keeps_only_the_logits(dtype):
+    """--compile's loss (inductor, as on the GPU): eager's loss and logit gradients, while backward
+    keeps the logits as they came plus a few floats per token, where eager keeps fp32 copies of
+    tokens x vocabulary size (the upcast logits' log-probabilities)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 64, 1000, generator=g).to(dtype)
+    targets = torch.randint(0, 1000, (2, 64), generator=g)
+    targets[0, :5] = IGNORE
+    loss, grad, saved = _loss_grad_saved(compile_loss(CompileConfig(compile=True)), logits, targets)
+    ref_loss, ref_grad, ref_saved = _loss_grad_saved(cross_entropy_sum, logits, targets)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, ref_grad)  # bf16 gradients to bf16's tolerance, fp32 to fp32's
+
+    def big_bytes(tensors):  # tensors of tokens x vocabulary elements or more
+        return sum(t.numel() * t.element_size() for t in tensors if t.numel() >= logits.numel())
+
+    assert big_bytes(saved) == logits.numel() * logits.element_size()  # the logits themselves, once
+    assert sum(t.numel() for t in saved if t.numel() < logits.numel()) <= 4 * 128  # per-token values
+    assert big_bytes(ref_saved) >= 2 * logits.numel() * 4  # eager: two fp32 tokens x vocabulary tensors
+
+
+def test_train_uses_the_compiled_loss_under_compile(tmp_path, small_data, monkeypatch):
+    import train
+
+    calls = []
+
+    def counting(cfg):
+        compiled = compile_loss(cfg)
+
+        def ce(*args):
+            calls.append(args[0].shape)
+            return compiled(*args)
+        return ce
+
+    monkeypatch.setattr(train, "compile_loss", counting)
+    assert run_train(tmp_path / "run", "--dataset", str(small_data), "--max-steps", "2", "--compile",
+                     "--compile-backend", "aot_eager", "--val-dataset", "none", "--skip-export") == 0
+    assert len(calls) == 2  # one micro-batch per step, both through the compiled loss
