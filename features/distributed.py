@@ -180,12 +180,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def sync_gradients(model: torch.nn.Module, sync: bool):
     """Skip the gradient reduction on all but the last micro-batch of a step (DDP's no_sync,
-    FSDP2's set_requires_gradient_sync; DeepSpeed's engine reduces in its step() anyway)."""
+    FSDP2's set_requires_gradient_sync; DeepSpeed's engine reduces in its step() anyway). With
+    --fsdp-keep-gathered, FSDP2 also keeps the weights gathered until that last backward."""
     if type(model).__name__ == "DeepSpeedEngine":
         return contextlib.nullcontext()
     root = model.get_base_model() if hasattr(model, "get_base_model") else model  # FSDP's root under peft
     if hasattr(root, "set_requires_gradient_sync"):
         root.set_requires_gradient_sync(sync)
+        if getattr(root, "keep_gathered", False):  # --fsdp-keep-gathered: reshard only after the step's last backward
+            root.set_reshard_after_backward(sync)
         return contextlib.nullcontext()
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()

@@ -5,9 +5,10 @@ process on the same global batch (computed on every rank, on an unsharded copy).
     torchrun --nproc_per_node 4 tests/dist_worker.py OUT.json LAYOUT [LAYOUT ...]
     ranks.run(dist_worker.run, 4, OUT.json, [LAYOUT, ...])     # the tests: tests/ranks.py
 
-A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp][:tiled] (tiled: --tiled-mlp with 3 tiles on the
-sharded model only; the reference stays untiled), or name:zero1|zero2|zero3 (DeepSpeed). Rank 0 writes
-{layout: {"loss": [got, want], "grad_max_abs_err": e, "grad_max_abs": m, "norm": [got, want]}} to OUT.json.
+A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp][:gathered][:tiled] (gathered: --fsdp-keep-gathered;
+tiled: --tiled-mlp with 3 tiles on the sharded model only; the reference stays untiled), or name:zero1|zero2|zero3 (DeepSpeed). Rank 0 writes
+{layout: {"loss": [got, want], "grad_max_abs_err": e, "grad_max_abs": m, "norm": [got, want],
+"all_gathers": FSDP all-gathers in the step, "units": FSDP units}} to OUT.json.
 """
 
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from features import attention  # noqa: E402
@@ -85,16 +87,19 @@ def run_layout(layout: str, data, config, impl, rank: int, world: int) -> dict:
         model = apply_tiled_mlp(model, TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=3))
     if d.size("tp") > 1:
         model = apply_tensor_parallel(model, d)
-    model = apply_sharding(model, ShardingConfig(fsdp="fsdp" in flags), d, "fp32")
+    model = apply_sharding(model, ShardingConfig(fsdp="fsdp" in flags, fsdp_keep_gathered="gathered" in flags), d, "fp32")
     batches = StepBatches(data, MBS, ACCUM, 0, 0, d.dp_rank, d.dp_size, pack_to=SEQ)
-    got_loss = step(model, next(iter(batches)), d, impl)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got_loss = step(model, next(iter(batches)), d, impl)
+    gathers = sum(e.name == "FSDP::all_gather" or e.name.startswith("FSDP::all_gather (") for e in prof.events())
     got_norm = clip_grad_norm(model, 0.0).item()
     got = full_grads(model)
     torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True).step()  # the optimizer takes these params
     assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
     err = max((got[k] - want[k]).abs().max().item() for k in want)
     return {name: {"loss": [got_loss, want_loss], "norm": [got_norm, want_norm], "grad_max_abs_err": err,
-                   "grad_max_abs": max(g.abs().max().item() for g in want.values())}}
+                   "grad_max_abs": max(g.abs().max().item() for g in want.values()), "all_gathers": gathers,
+                   "units": sum(isinstance(m, FSDPModule) for m in model.modules())}}
 
 
 def run_deepspeed(layout: str, data, config, impl, rank: int, world: int) -> dict:

@@ -1,5 +1,6 @@
-"""Distributed on CPU with gloo: DDP, FSDP2, HSDP, TP, FSDP x TP and DeepSpeed ZeRO 1/2/3 give one
-process's loss and gradients on the same global batch (packed); QLoRA + FSDP2 matches one process;
+"""Distributed on CPU with gloo: DDP, FSDP2 (also with --fsdp-keep-gathered, which gathers each block
+once a step), HSDP, TP, FSDP x TP and DeepSpeed ZeRO 1/2/3 give one process's loss and gradients on
+the same global batch (packed); QLoRA + FSDP2 matches one process;
 a DCP checkpoint written by 2 FSDP ranks resumes on 1 rank and on 4 (FSDP x TP) with the same next
 losses; mesh, flag and DeepSpeed config checks.
 
@@ -29,7 +30,8 @@ def test_layouts_match_one_process(tmp_path):
     """4 gloo ranks; each layout's step (grad accumulation 2, packing) vs one process on the same rows.
     DeepSpeed ZeRO 1/2/3 run on CPU too (DeepSpeed 0.19.8's CPU accelerator over gloo)."""
     out = tmp_path / "layouts.json"
-    layouts = ["ddp:1,4,1,1", "fsdp:1,4,1,1:fsdp", "hsdp:2,2,1,1:fsdp", "tp:1,1,1,4", "fsdp_tp:1,2,1,2:fsdp"]
+    layouts = ["ddp:1,4,1,1", "fsdp:1,4,1,1:fsdp", "fsdp_gathered:1,4,1,1:fsdp:gathered", "hsdp:2,2,1,1:fsdp",
+               "tp:1,1,1,4", "fsdp_tp:1,2,1,2:fsdp"]
     if _has_deepspeed():
         layouts += ["zero1:zero1", "zero2:zero2", "zero3:zero3"]
     ranks.run(dist_worker.run, 4, str(out), layouts)
@@ -43,6 +45,11 @@ def test_layouts_match_one_process(tmp_path):
         assert r["grad_max_abs_err"] <= 1e-6 * r["grad_max_abs"] + slack, (name, r)
         assert r["norm"][0] == pytest.approx(r["norm"][1], rel=1e-5), name
         assert r["grad_max_abs"] > 0  # gradients were produced, so the comparison means something
+    # 2 micro-batches: plain FSDP gathers each block for both forwards and both backwards (the root
+    # and the last block stay gathered after forward); --fsdp-keep-gathered gathers every unit once
+    units = results["fsdp"]["units"]
+    assert results["fsdp"]["all_gathers"] == 2 * (units + units - 2)
+    assert results["fsdp_gathered"]["all_gathers"] == units
 
 
 COMMON = ["--max-steps", "4", "--log-every", "1", "--packing", "--seq-len", "256", "--eval-exact-match", "0",
@@ -107,6 +114,22 @@ def test_qlora_fsdp_two_ranks_match_one_process(tmp_path, small_data):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert (tmp_path / "two" / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "two" / "final" / "base" / "model.safetensors").is_file()
+
+
+def test_fsdp_keep_gathered_trains_like_fsdp(tmp_path, small_data):
+    """train.py on 2 ranks, 2 micro-batches a step, validation and a checkpoint in between: keeping the
+    weights gathered across micro-batches changes when FSDP communicates, not what it computes."""
+    common = ["--dataset", str(small_data), *COMMON, "--micro-batch-size", "2", "--grad-accum", "2", "--fsdp",
+              "--eval-every", "2", "--save-every", "2", "--skip-export"]
+    ranks.train(2, *common, "--output-dir", str(tmp_path / "plain"))
+    ranks.train(2, *common, "--fsdp-keep-gathered", "--output-dir", str(tmp_path / "gathered"))
+    plain, gathered = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "gathered")
+    assert [m["step"] for m in gathered] == [m["step"] for m in plain] and len(plain) > 4
+    for a, b in zip(gathered, plain):
+        assert a.keys() & {"loss", "grad_norm", "val_loss"} == b.keys() & {"loss", "grad_norm", "val_loss"}
+        for key in a.keys() & {"loss", "grad_norm", "val_loss"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a, b)
+    assert sum("val_loss" in m for m in plain) >= 2 and sum("grad_norm" in m for m in plain) == 4
 
 
 def _deepspeed_cpu_refused() -> str | None:
