@@ -6,6 +6,7 @@
     ROWS=hsdp-full,tp-full bash benchmarks/gpu_scaling.sh          # call 3
     ROWS=fp8-fsdp bash benchmarks/gpu_scaling.sh                   # call 4 (FP8 all-gather, --compile)
     ROWS=peer-full,peer-lora bash benchmarks/gpu_scaling.sh        # call 5 (HF Trainer + accelerate FSDP2)
+    ROWS=fsdp-gathered-full,fsdp-gathered-compiled,peer-full bash benchmarks/gpu_scaling.sh  # one gather a step
     WORLDS=1,8 ROWS=fsdp-full,zero3-full,tp-full,peer-full bash benchmarks/gpu_scaling.sh  # 1 vs 8 only
     # i.e. python benchmarks/scaling.py --model llama3-8b --seq-len 4096 --rows fsdp-full,fsdp-lora \
     #          --logs $OUT/scaling --out $OUT/scaling.md --budget-s 540
@@ -66,9 +67,11 @@ class Row:
     peer: bool = False
 
 
-MODES = {"full": "", "lora": "--lora --lora-rank 16", "fp8": "--fp8 tensorwise --compile"}
+MODES = {"full": "", "lora": "--lora --lora-rank 16", "fp8": "--fp8 tensorwise --compile", "compiled": "--compile"}
 ROWS = {
     "fsdp-full": Row("full", "--fsdp"),
+    "fsdp-gathered-full": Row("full", "--fsdp --fsdp-keep-gathered"),
+    "fsdp-gathered-compiled": Row("compiled", "--fsdp --fsdp-keep-gathered"),
     "fsdp-lora": Row("lora", "--fsdp"),
     "hsdp-full": Row("full", "--fsdp --dp-replicate 2", min_world=4),
     "zero2-full": Row("full", "--deepspeed zero2"),
@@ -319,7 +322,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.list:
         for name, row in ROWS.items():
-            print(f"{name:12s} mode {row.mode:5s} flags: {(row.flags if row.peer else MODES[row.mode] + ' ' + row.flags).strip()}"
+            print(f"{name:22s} mode {row.mode:8s} flags: {(row.flags if row.peer else MODES[row.mode] + ' ' + row.flags).strip()}"
                   f"{' (peer_fsdp.py)' if row.peer else ''}; N >= {row.min_world}{', CUDA' if row.cuda else ''}")
         return 0
     rows = args.rows.split(",")
