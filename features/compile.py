@@ -23,7 +23,7 @@ compilation"); torchtitan's apply_compile.
 
 The plain loss (--loss ce) is compiled too (compile_loss). Eager cross entropy upcasts the bf16
 logits to an fp32 copy and saves fp32 log-probabilities for backward: two tokens x vocabulary fp32
-tensors (16.8 GB at 16K tokens x 128K vocabulary) and 16 ms of memory-bound kernels a step on the
+tensors (16.8 GB at 16K tokens x 128K vocabulary) and 24 ms of memory-bound kernels a step on the
 8B shape (benchmarks/results/2026-11-29-perf-h200.md). Compiled, one pass reads the bf16 logits
 (fp32 in registers) and backward keeps only them plus two floats per token.
 
