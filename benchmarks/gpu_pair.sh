@@ -7,7 +7,7 @@
 #   PART=D bash benchmarks/gpu_pair.sh   # bf16/FP8 tensorwise/rowwise at micro-batch 4 | 8B LoRA loss rows, QLoRA profile
 #   PART=E bash benchmarks/gpu_pair.sh   # 1B full: attention and loss variants vs peer | 8B LoRA idle gaps, autotuned GEMMs
 #   PART=F LANE_S=200 bash benchmarks/gpu_pair.sh   # the compiled loss (--compile): 8B LoRA | 8B QLoRA, micro-batch 4
-#   PART=G bash benchmarks/gpu_pair.sh   # 8B LoRA and QLoRA vs peer in one command | 1B full: FP8 rows vs peer
+#   PART=G bash benchmarks/gpu_pair.sh   # 8B LoRA and QLoRA vs peer in one command | 1B full: FP8 and compiled plain loss vs peer
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; LANE_S=${LANE_S:-520}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -70,7 +70,8 @@ G)
     --peer-rows '--liger --micro-batch-size 2 --no-kbit-prep' --rows '$fast --micro-batch-size 4'" &
   lane 1 full-1b-fp8 "python benchmarks/lora.py --full --model llama3.2-1b --steps 20 --out $OUT/full-1b-fp8.md \
     --peer-rows '--liger --micro-batch-size 8' --rows '--attn flash --compile --micro-batch-size 16 --loss cce' \
-    '--attn flash --compile --micro-batch-size 16 --loss cce --fp8 tensorwise'" &
+    '--attn flash --compile --micro-batch-size 16 --loss cce --fp8 tensorwise' \
+    '--attn flash --compile --micro-batch-size 16'" &
   ;;
 esac
 wait
