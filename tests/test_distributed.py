@@ -1,6 +1,7 @@
 """Distributed on CPU with gloo: DDP, FSDP2 (also with --fsdp-keep-gathered, which gathers each block
 once a step), HSDP, TP, FSDP x TP and DeepSpeed ZeRO 1/2/3 give one process's loss and gradients on
-the same global batch (packed); QLoRA + FSDP2 matches one process;
+the same global batch (packed); QLoRA + FSDP2 and LoRA + ZeRO-3 match one process (ZeRO-3's adapter export
+is gathered whole);
 a DCP checkpoint written by 2 FSDP ranks resumes on 1 rank and on 4 (FSDP x TP) with the same next
 losses; mesh, flag and DeepSpeed config checks.
 
@@ -12,6 +13,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import dist_worker
 import ranks
@@ -164,6 +166,30 @@ def test_deepspeed_zero3_train_and_resume_through_its_checkpoints(tmp_path, smal
                 "--micro-batch-size", "4", "--deepspeed", "zero3", "--output-dir", str(tmp_path / "res"))
     res = {m["step"]: m for m in read_metrics(tmp_path / "res")}
     assert sorted(res) == [3, 4] and all(res[s]["loss"] == pytest.approx(ds[s]["loss"], rel=1e-5) for s in (3, 4))
+
+
+def test_deepspeed_zero3_lora_matches_one_process_and_exports_the_adapter(tmp_path, small_data):
+    """LoRA under ZeRO-3 on 2 ranks: one process's losses and gradient norms, and the exported adapter
+    (gathered from the partitions) has the same tensors, shapes and values as the one-process export."""
+    from safetensors.torch import load_file
+
+    if not _has_deepspeed():
+        pytest.skip("pip install deepspeed")
+    if reason := _deepspeed_cpu_refused():
+        pytest.skip(f"features/compat.py refuses --deepspeed on CPU ({reason})")
+    data = ["--dataset", str(small_data), *COMMON, "--lora", "--lora-rank", "4", "--val-dataset", "none"]
+    assert run_train(tmp_path / "one", *data, "--micro-batch-size", "8") == 0
+    ranks.train(2, *data, "--micro-batch-size", "4", "--deepspeed", "zero3", "--output-dir", str(tmp_path / "ds"))
+    one, ds = ([m for m in read_metrics(tmp_path / n) if "loss" in m] for n in ("one", "ds"))
+    assert [m["step"] for m in ds] == [m["step"] for m in one] == [1, 2, 3, 4]
+    for a, b in zip(ds, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    want, got = (load_file(tmp_path / n / "final" / "adapter_model.safetensors") for n in ("one", "ds"))
+    assert got.keys() == want.keys() and any("lora_B" in k for k in want)
+    for name in want:  # whole, not one rank's partition; AdamW divides by sqrt(v), so gradients that differ
+        # in their last bits (another order of float sums) move a weight by up to ~1e-6 over 4 steps at lr 1e-2
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=2e-6)
+    assert max(want[k].abs().max() for k in want if "lora_B" in k) > 0
 
 
 def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
