@@ -7,6 +7,7 @@
     ROWS=fp8-fsdp bash benchmarks/gpu_scaling.sh                   # call 4 (FP8 all-gather, --compile)
     ROWS=peer-full,peer-lora bash benchmarks/gpu_scaling.sh        # call 5 (HF Trainer + accelerate FSDP2)
     ROWS=fsdp-gathered-full,fsdp-gathered-compiled,peer-full bash benchmarks/gpu_scaling.sh  # one gather a step
+    ROWS=fsdp-gathered-lora,zero2-lora,zero3-lora,peer-lora bash benchmarks/gpu_scaling.sh   # LoRA under each
     WORLDS=1,8 ROWS=fsdp-full,zero3-full,tp-full,peer-full bash benchmarks/gpu_scaling.sh  # 1 vs 8 only
     # i.e. python benchmarks/scaling.py --model llama3-8b --seq-len 4096 --rows fsdp-full,fsdp-lora \
     #          --logs $OUT/scaling --out $OUT/scaling.md --budget-s 540
@@ -29,7 +30,7 @@ single-process run on 1 GPU (`single-<mode>`); a strategy's rows at N GPUs are c
 The peer rows (HF Trainer + accelerate FSDP2, benchmarks/peer_fsdp.py) have their own 1-GPU run
 as the baseline (same shape, seq, global batch; random token ids, not the same data as nanotune).
 Rows (--rows, comma-separated; --list prints them with their flags): see ROWS below; a row that
-cannot run at some N (hsdp below 4, tp below 2, fp8 without CUDA, a global batch that does not
+cannot run at some N (below 2 GPUs, fp8 without CUDA, a global batch that does not
 divide) is one table line that says so. Every failure or timeout is one table line with the last
 error line of its log (--logs DIR/<run>.log), never a crash of the harness.
 
@@ -73,9 +74,12 @@ ROWS = {
     "fsdp-gathered-full": Row("full", "--fsdp --fsdp-keep-gathered"),
     "fsdp-gathered-compiled": Row("compiled", "--fsdp --fsdp-keep-gathered"),
     "fsdp-lora": Row("lora", "--fsdp"),
-    "hsdp-full": Row("full", "--fsdp --dp-replicate 2", min_world=4),
+    "fsdp-gathered-lora": Row("lora", "--fsdp --fsdp-keep-gathered"),
+    # 2 replicas x N/2 shards; at N = 2 one shard each: FSDP2's replicate all-reduce alone (2 x 2 needs 4 GPUs)
+    "hsdp-full": Row("full", "--fsdp --dp-replicate 2"),
     "zero2-full": Row("full", "--deepspeed zero2"),
     "zero3-full": Row("full", "--deepspeed zero3"),
+    "zero2-lora": Row("lora", "--deepspeed zero2"),
     "zero3-lora": Row("lora", "--deepspeed zero3"),
     "tp-full": Row("full", "--fsdp --tp 2", tp=2),
     "fp8-fsdp": Row("fp8", "--fsdp", cuda=True),
