@@ -289,7 +289,8 @@ def train(cfg: Config) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     if deepspeed_zero.enabled(cfg.deepspeed):  # 7'. DeepSpeed ZeRO: its engine wraps the model and the optimizer
         model, optimizer = deepspeed_zero.apply_deepspeed(model, optimizer, deepspeed_zero.build_config(
-            cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm, precision, d.dp_size))
+            cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm, precision, d.dp_size,
+            adapters=lora.enabled(cfg.lora)))
     resume_from = resolve_resume(cfg.train.resume, out, d)
     state = load_checkpoint(resume_from, model, optimizer, scheduler, batches, d) if resume_from else {}
     start, seen_tokens = state.get("step", 0), state.get("tokens", 0)

@@ -18,7 +18,10 @@ partitions and AdamW states (DeepSpeed's bf16_master_weights_and_grads + bf16_op
 plain bf16 mode would keep fp32 master weights and AdamW states: another update, and more memory).
 With --ds-offload it cannot: DeepSpeed 0.19.8 takes bf16 masters offloaded only with its compiled
 DeepSpeedCPUAdam, so offload keeps fp32 master weights and AdamW states on the CPU (a mixed-precision
-update; a warning says so). --precision bf16-mixed: fp32 weights and AdamW states, matmuls under the
+update; a warning says so). LoRA under --precision bf16 keeps fp32 adapter masters and AdamW states
+as the plain run's fp32 adapters do (DeepSpeed casts every parameter of the module to bf16, and bf16
+adapter weights drop lr-sized updates: LoRA ZeRO-2/3 ran 0.04 off the plain loss by step 6 on 2 H200s);
+they are a few MB, so DeepSpeed's plain bf16 mode costs nothing there. --precision bf16-mixed: fp32 weights and AdamW states, matmuls under the
 engine's bf16 autocast. fp32: fp32 throughout. A json config's own bf16 / fp16 sections are kept as
 written (only the batch and clipping keys are set from the flags).
 
@@ -66,15 +69,16 @@ def validate(cfg: DeepSpeedConfig, others: dict[str, bool]) -> None:
 
 
 def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
-                 precision: str, dp_size: int) -> dict:
-    """The DeepSpeed config: from the flags, or the user's json with nanotune's batch keys set."""
+                 precision: str, dp_size: int, adapters: bool = False) -> dict:
+    """The DeepSpeed config: from the flags, or the user's json with nanotune's batch keys set.
+    adapters: only LoRA adapters train (fp32 masters and states for them under --precision bf16)."""
     if cfg.deepspeed in STAGES:
         zero = {"stage": STAGES[cfg.deepspeed], "overlap_comm": False}
         if cfg.ds_offload:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
             if zero["stage"] == 3:
                 zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        ds = {"zero_optimization": zero, "bf16": _bf16_section(precision, cfg.ds_offload),
+        ds = {"zero_optimization": zero, "bf16": _bf16_section(precision, cfg.ds_offload, adapters),
               # bf16-mixed: the engine's forward turns an outer torch.autocast off unless its own
               # torch_autocast section is on (deepspeed 0.19.8 runtime/torch_autocast.py); without it
               # fp32 activations reached FlashAttention on the H100 (results/2026-11-25-distributed-1gpu.md)
@@ -93,7 +97,7 @@ def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, m
     return ds
 
 
-def _bf16_section(precision: str, offload: bool) -> dict:
+def _bf16_section(precision: str, offload: bool, adapters: bool) -> dict:
     """DeepSpeed's bf16 section for --precision. Its plain bf16 mode keeps fp32 master weights and
     gradient partitions and hands them to the optimizer (fp32 AdamW states): a mixed-precision update,
     not the plain run's pure bf16 one, and fp32 copies of every partition (2 H200s, Llama-3.1-8B shape,
@@ -101,6 +105,8 @@ def _bf16_section(precision: str, offload: bool) -> dict:
     bf16 = {"enabled": precision == "bf16"}
     if precision != "bf16":
         return bf16  # bf16-mixed: fp32 weights and optimizer under the engine's autocast, as without DeepSpeed
+    if adapters:  # the plain run trains fp32 adapters (peft's autocast_adapter_dtype): fp32 masters here too
+        return bf16
     if offload:  # DeepSpeed 0.19.8 asserts DeepSpeedCPUAdam(fp32_optimizer_states=False) for bf16 masters offloaded
         warnings.warn("--ds-offload with --precision bf16: DeepSpeed keeps fp32 master weights and fp32 AdamW "
                       "states on the CPU (bf16 ones need its compiled DeepSpeedCPUAdam), so the update is mixed "

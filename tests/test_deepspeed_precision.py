@@ -3,6 +3,8 @@ and AdamW states it hands to the optimizer are bf16, under bf16-mixed fp32 (Deep
 mode kept fp32 master weights and states: a mixed-precision update, 0.48 off the plain loss by step 6
 on 2 H200s); zero2 / zero3 on 2 gloo ranks track the plain bf16 run as closely as --fsdp does; MFU's
 FLOPs count ZeRO-3's partitioned parameters by their full size (ds_numel), not their empty storage.
+LoRA under --precision bf16 keeps fp32 adapter masters and AdamW states, as the plain run's fp32
+adapters do (bf16 ones ran 0.04 off the plain loss by step 6 on 2 H200s).
 
 _worker is the dtype test's one rank (a one-rank gloo group, forked by tests/ranks.py); by hand:
 `RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 python tests/test_deepspeed_precision.py OUT.json`.
@@ -22,9 +24,10 @@ import ranks  # noqa: E402
 from conftest import ROOT, read_metrics, run_train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
-# stage, precision, --ds-offload
-CASES = [("zero1", "bf16", False), ("zero2", "bf16", False), ("zero3", "bf16", False),
-         ("zero2", "bf16-mixed", False), ("zero3", "bf16-mixed", False), ("zero2", "bf16", True)]
+# stage, precision, --ds-offload, --lora
+CASES = [("zero1", "bf16", False, False), ("zero2", "bf16", False, False), ("zero3", "bf16", False, False),
+         ("zero2", "bf16-mixed", False, False), ("zero3", "bf16-mixed", False, False), ("zero2", "bf16", True, False),
+         ("zero2", "bf16", False, True), ("zero3", "bf16", False, True)]
 
 
 def test_bf16_section_from_the_flags(tmp_path):
@@ -36,6 +39,8 @@ def test_bf16_section_from_the_flags(tmp_path):
     for stage in ("zero1", "zero2", "zero3"):
         assert bf16("bf16", deepspeed=stage) == {"enabled": True, "bf16_master_weights_and_grads": True,
                                                  "bf16_optimizer_states": True}, stage
+        lora = build_config(DeepSpeedConfig(stage), 1, 1, 1.0, "bf16", dp_size=1, adapters=True)["bf16"]
+        assert lora == {"enabled": True}, stage  # fp32 adapter masters and states
     assert bf16("bf16-mixed") == bf16("fp32") == {"enabled": False}  # fp32 weights: fp32 masters and states
     with pytest.warns(UserWarning, match="--ds-offload with --precision bf16: DeepSpeed keeps fp32 master"):
         assert bf16("bf16", offload=True) == {"enabled": True}  # 0.19.8: bf16 masters offloaded need DeepSpeedCPUAdam
@@ -62,6 +67,7 @@ def test_optimizer_states_follow_the_precision(engines):
     assert got["zero1-bf16"]["states"] == got["zero2-bf16"]["states"] == got["zero3-bf16"]["states"] == ["bfloat16"]
     assert got["zero2-bf16-mixed"]["states"] == got["zero3-bf16-mixed"]["states"] == ["float32"]
     assert got["zero2-bf16-offload"]["states"] == ["float32"]  # the documented exception (see the config test)
+    assert got["zero2-bf16-lora"]["states"] == got["zero3-bf16-lora"]["states"] == ["float32"]  # as plain LoRA's
     for name, r in got.items():
         assert r["weights"] == ("float32" if "mixed" in name else "bfloat16"), name  # the module's own weights
 
@@ -83,29 +89,48 @@ def test_zero3_train_flops_count_partitioned_parameters(engines):
         assert r["partitioned"] > 0 and r["flops"] == r["flops_plain"] and r["flops"][0] > 0, (name, r)
 
 
-@pytest.mark.slow
-def test_zero_tracks_the_plain_bf16_run_like_fsdp(tmp_path, small_data):
-    """train.py --precision bf16, 4 steps at lr 1e-4: one process vs 2 gloo ranks with --fsdp, --deepspeed
-    zero2 and zero3. In pure bf16 the 2-rank runs differ from one process only by the order of bf16 sums
-    (grad-accumulation and reduction), which --fsdp measures: ZeRO may differ from the plain losses by
-    at most 2x FSDP's largest difference, or 5e-4 (measured: FSDP 3.9e-4, zero2 and zero3 3.4e-4; some
-    bf16 weights round the other way). fp32 master weights and states (DeepSpeed's plain bf16 mode)
-    keep the sub-ulp updates that bf16 weights drop at this lr: 1.3e-2 off within the 4 steps."""
-    common = ["--dataset", str(small_data), "--val-dataset", "none", "--max-steps", "4", "--log-every", "1",
+def _deviations(tmp_path, data, steps: int, extra: list[str], layouts: dict) -> dict:
+    """train.py --precision bf16 at lr 1e-4: one process vs 2 gloo ranks per layout (same global batch);
+    {layout: the largest per-step loss difference to the one-process run}."""
+    common = ["--dataset", str(data), "--val-dataset", "none", "--max-steps", str(steps), "--log-every", "1",
               "--packing", "--seq-len", "128", "--seed", "1", "--device", "cpu", "--precision", "bf16",
-              "--warmup-steps", "2", "--lr", "1e-4", "--eval-exact-match", "0", "--skip-export"]
+              "--warmup-steps", "2", "--lr", "1e-4", "--eval-exact-match", "0", "--skip-export", *extra]
     assert run_train(tmp_path / "one", *common, "--micro-batch-size", "2", "--grad-accum", "2") == 0
     plain = [m["loss"] for m in read_metrics(tmp_path / "one") if "loss" in m]
     dev = {}
-    for name, flags in (("fsdp", ["--fsdp"]), ("zero2", ["--deepspeed", "zero2"]), ("zero3", ["--deepspeed", "zero3"])):
+    for name, flags in layouts.items():
         ranks.train(2, *common, "--micro-batch-size", "1", "--grad-accum", "2", *flags,
                     "--output-dir", str(tmp_path / name))
         losses = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]
-        assert len(losses) == len(plain) == 4, name
+        assert len(losses) == len(plain) == steps, name
         dev[name] = max(abs(a - b) for a, b in zip(losses, plain))
+    return dev
+
+
+@pytest.mark.slow
+def test_zero_tracks_the_plain_bf16_run_like_fsdp(tmp_path, small_data):
+    """Full fine-tune, 4 steps. In pure bf16 the 2-rank runs differ from one process only by the order
+    of bf16 sums (grad-accumulation and reduction), which --fsdp measures: ZeRO may differ from the
+    plain losses by at most 2x FSDP's largest difference, or 5e-4 (measured: FSDP 3.9e-4, zero2 and
+    zero3 3.4e-4; some bf16 weights round the other way). fp32 master weights and states (DeepSpeed's
+    plain bf16 mode) keep the sub-ulp updates that bf16 weights drop at this lr: 1.3e-2 off within the
+    4 steps."""
+    dev = _deviations(tmp_path, small_data, 4, [], {"fsdp": ["--fsdp"], "zero2": ["--deepspeed", "zero2"],
+                                                    "zero3": ["--deepspeed", "zero3"]})
     assert dev["fsdp"] < 1e-3, dev  # the yardstick itself is a rounding-order difference
     for name in ("zero2", "zero3"):
         assert dev[name] <= max(2 * dev["fsdp"], 5e-4), dev
+
+
+@pytest.mark.slow
+def test_zero_lora_tracks_the_plain_bf16_run(tmp_path, small_data):
+    """LoRA, 6 steps. The plain run trains fp32 adapters; DeepSpeed casts every parameter to bf16, so
+    ZeRO's adapter matmuls run in bf16 and its losses differ a little more than FSDP's (measured: FSDP
+    2.3e-4, zero2 5.4e-4). bf16 adapter masters and AdamW states, as for full fine-tuning, dropped the
+    lr-sized updates of lora_A and learned slower: 3.4e-3 off (0.04 on the 8B shape, 2 H200s)."""
+    dev = _deviations(tmp_path, small_data, 6, ["--lora"], {"fsdp": ["--fsdp"], "zero2": ["--deepspeed", "zero2"]})
+    assert dev["fsdp"] < 1e-3, dev
+    assert dev["zero2"] <= max(4 * dev["fsdp"], 1.5e-3), dev
 
 
 def _worker(out: str) -> None:
@@ -114,6 +139,7 @@ def _worker(out: str) -> None:
     from conftest import three_doc_batch
     from features.deepspeed_zero import DeepSpeedConfig, apply_deepspeed, build_config, step
     from features.distributed import init_distributed
+    from features.lora import LoraConfig, apply_lora
     from features.loss import forward_loss_sum
     from features.model import ModelConfig, load_config, load_model, load_tokenizer, train_flops
     from features.optim import OptimConfig, build_optimizer
@@ -122,20 +148,22 @@ def _worker(out: str) -> None:
     init_distributed("cpu", need_group=True)
     tok = load_tokenizer(ModelConfig())
     results = {}
-    for stage, precision, offload in CASES:
+    for stage, precision, offload, adapters in CASES:
         cfg = ModelConfig("tiny-llama", precision=precision)
         torch.manual_seed(0)
         model = load_model(cfg, load_config(cfg, tok), torch.device("cpu"))
+        if adapters:
+            model = apply_lora(model, LoraConfig(lora=True, lora_rank=4))
         flops_plain = train_flops(model)
         optimizer = build_optimizer(model, OptimConfig(lr=1e-4), torch.device("cpu"))
-        ds_config = build_config(DeepSpeedConfig(stage, offload), 3, 1, 1.0, precision, dp_size=1)
+        ds_config = build_config(DeepSpeedConfig(stage, offload), 3, 1, 1.0, precision, dp_size=1, adapters=adapters)
         # tiny-llama's matrices are all under ZeRO-3's default persistence threshold (1e5 elements): kept
         # whole; an 8B's are partitioned, as every parameter is here
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         engine, _ = apply_deepspeed(model, optimizer, ds_config)
         forward_loss_sum(engine, three_doc_batch()).backward()
         step(engine)
-        name = f"{stage}-{precision}" + ("-offload" if offload else "")
+        name = f"{stage}-{precision}" + ("-offload" if offload else "") + ("-lora" if adapters else "")
         results[name] = {
             "states": sorted({str(v.dtype).removeprefix("torch.") for s in optimizer.state.values()
                               for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}),
