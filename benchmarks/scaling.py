@@ -38,8 +38,9 @@ Time: --budget-s is shared over the runs not yet started in proportion to 1 + 1/
 the 1-GPU compute of the default settings, plus compute / N), so a fast run leaves its time to the
 later ones; a run over its share is killed (its process group) and reported as a timeout. The plan (runs, flags, time
 per run) is printed first, the Markdown table last (and written to --out). --reuse takes a run's
-metrics from --logs when its command is unchanged, so a later call with other --rows reuses the
-1-GPU baselines of an earlier call on the same machine.
+metrics from --logs when its command is unchanged and it finished (a timed-out run's partial steps
+run again), so a later call with other --rows reuses the 1-GPU baselines of an earlier call on the
+same machine.
 """
 
 import argparse
@@ -206,12 +207,14 @@ def execute(run: Run, args, timeout: float) -> dict:
     """One run under a time limit: its metrics, or {'error': ...}. Never raises."""
     logs = Path(args.logs)
     log, cmd_file, out = logs / f"{run.name}.log", logs / f"{run.name}.cmd", logs / run.name
+    done = logs / f"{run.name}.done"  # the command of the last run that finished: a killed one leaves partial metrics
     cmd_text = shlex.join(run.cmd)
-    if args.reuse and cmd_file.is_file() and cmd_file.read_text() == cmd_text and (out / "metrics.jsonl").is_file():
+    if args.reuse and done.is_file() and done.read_text() == cmd_text and (out / "metrics.jsonl").is_file():
         try:
             return read_metrics(out, args.warmup) | {"reused": True}
         except (ValueError, KeyError, json.JSONDecodeError):
             pass
+    done.unlink(missing_ok=True)
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)])
     cmd_file.write_text(cmd_text)
@@ -233,9 +236,11 @@ def execute(run: Run, args, timeout: float) -> dict:
     if rc != 0:
         return {"error": f"exit {rc}: {last_error(log)}", "wall_s": wall}
     try:
-        return read_metrics(out, args.warmup) | {"wall_s": wall}
+        metrics = read_metrics(out, args.warmup) | {"wall_s": wall}
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         return {"error": f"no metrics: {type(e).__name__}: {e}"[:160], "wall_s": wall}
+    done.write_text(cmd_text)
+    return metrics
 
 
 def baseline_of(run: Run, runs: list[Run]) -> Run | None:
@@ -301,7 +306,7 @@ def parse(argv=None):
     p.add_argument("--logs", default="/tmp/scaling", help="run directories, <run>.log and <run>.cmd")
     p.add_argument("--out", default=None, help="also write the table here")
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse a run's metrics under --logs when its command is unchanged")
+                   help="reuse a finished run's metrics under --logs when its command is unchanged")
     p.add_argument("--list", action="store_true", help="print the rows and their flags, then exit")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     args = p.parse_args(argv)

@@ -50,3 +50,25 @@ def test_failure_is_one_row(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (line,) = _lines(out.read_text(), "single-full")
     assert "exit" in line and "--lr must be positive" in line, line
+
+
+def test_reuse_needs_a_finished_run(tmp_path):
+    """--reuse takes a run's metrics only from a run that finished: a timed-out run leaves the steps it
+    logged (a 2-GPU ZeRO-3 LoRA run killed at step 5 of 6 was reused as if whole), so it runs again."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scaling
+
+    out, slow = tmp_path / "logs" / "r-n1", tmp_path / "slow"
+    script = ("import json, pathlib, sys, time; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
+              "lines = [json.dumps(dict(step=s, loss=1.0, tokens=100 * s, tokens_per_s=100.0)) for s in (1, 2)]\n"
+              "(out / 'metrics.jsonl').write_text('\\n'.join(lines) + '\\n')\n"
+              "time.sleep(60 if pathlib.Path(sys.argv[2]).exists() else 0)")
+    run = scaling.Run("r-n1", "fsdp-full", 1, cmd=[sys.executable, "-c", script, str(out), str(slow)])
+    args = scaling.parse(["--device", "cpu", "--logs", str(tmp_path / "logs"), "--warmup", "0"])
+    (tmp_path / "logs").mkdir()
+    slow.touch()
+    assert "timeout" in scaling.execute(run, args, timeout=3)["error"]
+    slow.unlink()
+    again = scaling.execute(run, args, timeout=60)
+    assert "error" not in again and not again.get("reused"), again  # ran again, not the killed run's steps
+    assert scaling.execute(run, args, timeout=60)["reused"]  # a finished run with the same command is reused
