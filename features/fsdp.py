@@ -16,9 +16,9 @@ Reference: PyTorch FSDP2 (torch.distributed.fsdp.fully_shard), torchtitan's appl
 --fsdp-keep-gathered trades memory (every block's full weights, from the first forward to the last
 backward of a step) for communication: each block is gathered once per optimizer step instead of
 twice per micro-batch (forward, then again for backward). On 2 H200s, 8B full fine-tune, 4
-micro-batches a step: 256 all-gathers a step became 132 when only the backward re-gather was
-skipped, and scaling efficiency went from 86.0% to 89.3%
-(benchmarks/results/2026-11-29-scaling-2xh200.md).
+micro-batches a step, scaling efficiency went from 84.4% to 92.8% (93.8% with --compile; the peer,
+HF Trainer + accelerate FSDP2, 89.3% in the same command), at 82.9 instead of 70.3 GiB a GPU
+(benchmarks/results/2026-11-30-scaling-2xh200.md).
 
 Works with: LoRA/QLoRA (the packed 4-bit base is sharded like any weight), --tp
 (2-D FSDP x TP), activation checkpointing, sequence parallel, DCP checkpoints (resume on another
