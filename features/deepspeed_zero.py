@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from features import UserError
+from features.distributed import attention_blocks
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 TAG = "deepspeed"  # the tag (sub-directory) of DeepSpeed's files inside a step_<N> checkpoint
@@ -123,8 +124,30 @@ def apply_deepspeed(model, optimizer, ds_config: dict):
     except ImportError as e:
         raise UserError("--deepspeed needs DeepSpeed: pip install deepspeed") from e
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and "leaf_module" not in zero:  # a json config's own leaf_module wins
+        gather_blocks_whole(model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, _EngineSteps(optimizer)
+
+
+def gather_blocks_whole(model) -> None:
+    """ZeRO-3 gathers and releases each decoder block as one unit (a "leaf module"), as FSDP2 does,
+    instead of each of its submodules: about 13 hooked modules a block, 41 under peft's LoRA (lora.Linear
+    + base_layer, dropout, lora_A, lora_B), each with forward and backward hooks that fetch, release
+    and keep ZeRO's trace. On CPU (2 gloo ranks, 16 tiny blocks, 4 micro-batches) a LoRA step ran
+    10,444 hook calls and 5.8 s of host time, 356 and 3.3 s as leaves (full fine-tune: 3,340 and
+    2.7 s, 332 and 2.3 s); on 2 H200s ZeRO-3 LoRA had scaled at 30% against FSDP2's 91%."""
+    import deepspeed
+
+    blocks = attention_blocks(model, "--deepspeed zero3")
+    deepspeed.utils.set_z3_leaf_modules(model, [type(blocks[0])])
+    embeddings = model.get_input_embeddings()
+    if not any(p.requires_grad for p in embeddings.parameters()):
+        # ZeRO reduces a leaf's gradients in its full backward hook; when no input of the first block
+        # needs a gradient (frozen embeddings: LoRA), torch runs that hook before the block's own
+        # backward, which then finds its weights released
+        embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
 
 
 class _EngineSteps:

@@ -117,6 +117,7 @@ def run_deepspeed(layout: str, data, config, impl, rank: int, world: int) -> dic
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ds_config = build_config(DeepSpeedConfig(deepspeed=stage), MBS, ACCUM, 0.0, "fp32", d.dp_size)
     ds_config["zero_allow_untested_optimizer"] = True  # SGD: train.py uses AdamW, which DeepSpeed tests
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition all, as an 8B's
     engine, _ = apply_deepspeed(model, torch.optim.SGD(model.parameters(), lr=1.0), ds_config)
     batches = StepBatches(data, MBS, ACCUM, 0, 0, d.dp_rank, d.dp_size, pack_to=SEQ)
     got_loss = step(engine, next(iter(batches)), d, impl)
