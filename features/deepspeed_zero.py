@@ -137,7 +137,8 @@ def gather_blocks_whole(model) -> None:
     + base_layer, dropout, lora_A, lora_B), each with forward and backward hooks that fetch, release
     and keep ZeRO's trace. On CPU (2 gloo ranks, 16 tiny blocks, 4 micro-batches) a LoRA step ran
     10,444 hook calls and 5.8 s of host time, 356 and 3.3 s as leaves (full fine-tune: 3,340 and
-    2.7 s, 332 and 2.3 s); on 2 H200s ZeRO-3 LoRA had scaled at 30% against FSDP2's 91%."""
+    2.7 s, 332 and 2.3 s). On 2 H200s (8B shape, LoRA) ZeRO-3 went from 30% to 67% scaling
+    efficiency (benchmarks/results/2026-11-30-scaling-2xh200.md; FSDP2: 91%)."""
     import deepspeed
 
     blocks = attention_blocks(model, "--deepspeed zero3")
