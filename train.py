@@ -266,7 +266,7 @@ def train(cfg: Config) -> dict:
     total_params, trainable = count_params(model)
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{precision} on {d.device}, world size {d.world_size}")
-    tensor_parallel.validate(d.size("tp"), config, lora.enabled(cfg.lora))
+    tensor_parallel.validate(d.size("tp"), config, cfg.lora.lora_dropout, cfg.checkpointing.ac, cfg.compile.compile)
     if d.size("tp") > 1:  # 4. tensor parallel (DTensor), then sequence parallel
         model = apply_tensor_parallel(model, d)
     if cfg.sequence_parallel.sp_mode != "none":  # sequence parallel attention over the "cp" ranks

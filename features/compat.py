@@ -59,7 +59,8 @@ _ADAPTERS = ("--lora", "--qlora", "--lora-8bit")
 _ALT = "they are alternatives (bf16/fp32, 4-bit or 8-bit base); pass one"
 _QUANTIZED = ("the base is already quantized, there is no float weight to fake-quantize; drop --qat, or train "
               "with --lora on a bf16 base")
-_TP_LORA = "--tp shards nn.Linear layers and peft's LoRA layers are not; drop --tp (use --fsdp)"
+_TP_QUANT = "--tp shards float nn.Linear weights, not a quantized base; use --lora on a bf16 base, or --fsdp"
+_TP_LORA_ONLY = "--tp shards plain LoRA (lora_A / lora_B beside the sharded weight); drop one of them"
 _NO_GPU_TRITON = "it runs Triton kernels; on CPU use --loss chunked (exact, pure PyTorch)"
 _FP8_ADAPTER = "FP8 training here is for full fine-tuning (a frozen base gains little); drop one of them"
 _SP_TP = "sequence parallel over tensor-parallel heads is not supported yet; use --cp alone (or --tp alone)"
@@ -121,7 +122,8 @@ FEATURES = [
     Feature("--dp-replicate N", "mesh.dp_replicate", _gt1, example="--dp-replicate 2", ranks="a multiple of N ranks"),
     Feature("--tp N", "mesh.tp", _gt1, example="--tp 2", ranks="a multiple of N ranks", refuses=(
         ("--ddp", "--ddp replicates whole modules and cannot hold --tp/--cp shards; use --fsdp instead"),
-        ("--lora", _TP_LORA), ("--qlora", _TP_LORA), ("--lora-8bit", _TP_LORA),
+        ("--qlora", _TP_QUANT), ("--lora-8bit", _TP_QUANT), ("--dora", _TP_LORA_ONLY),
+        ("--lora-kernels", _TP_LORA_ONLY),
         ("--qat", "QAT's fake-quantized linears have no sharded form under --tp (they fail at the first "
                   "forward); drop --tp (use --fsdp)"))),
     Feature("--cp N", "mesh.cp", _gt1, example="--cp 2", ranks="a multiple of N ranks",

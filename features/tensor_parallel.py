@@ -25,13 +25,22 @@ the head stay whole on every tp rank. The tp ranks of a dp rank read the same ba
 features/distributed.py). Reference: Shoeybi et al. 2019, Megatron-LM (section 3, f and g);
 gpt-fast's tp.py; torch.distributed.tensor.parallel.
 
-Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), packing, every attention
-backend (heads are local), activation checkpointing, --tiled-mlp, --compile, DCP checkpoints (a
-1-D FSDP checkpoint resumes as FSDP x TP), the export (gathered whole, the sharded linears compute
-as plain ones). Without --fsdp and one dp rank, FSDP over that rank still wraps the model (nothing
-sharded) so every parameter is a DTensor, as AdamW's foreach kernels need. Refused with: heads or
-kv heads not divisible by --tp; LoRA/QLoRA (peft's layers are not nn.Linear); --ddp; several dp
-ranks without --fsdp.
+LoRA (--lora, peft's lora.Linear around a projection): the frozen base is sharded as above, and
+the adapter beside it so that no extra collective runs on activations: for a column-parallel
+projection lora_A stays whole (the input is whole; each rank's gradient of it is a partial sum over
+its features, summed over the tp ranks: one all-reduce of r x in per projection) and lora_B is split
+by rows; for a row-parallel one lora_A is split by columns (its r outputs summed: an all-reduce of
+tokens x r) and lora_B stays whole. The exported adapter is gathered whole, in peft's format.
+
+Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), --lora, packing, every
+attention backend (heads are local), activation checkpointing or --compile, --tiled-mlp, DCP
+checkpoints (a 1-D FSDP checkpoint resumes as FSDP x TP), the export (gathered whole, the sharded
+linears compute as plain ones). Without --fsdp and one dp rank, FSDP over that rank still wraps the
+model (nothing sharded) so every parameter is a DTensor, as AdamW's foreach kernels need. Refused
+with: heads or kv heads not divisible by --tp; a quantized base (--qlora, --lora-8bit), --dora,
+--lora-kernels, --lora-dropout > 0 (each rank would draw its own mask for the shared lora_A); --ac
+together with --compile (torch 2.13's compiled checkpoint refuses the DTensor weights saved for
+backward); --ddp; several dp ranks without --fsdp.
 """
 
 import torch
@@ -45,12 +54,15 @@ _PARTS = (("self_attn", ("q_proj", "k_proj", "v_proj"), ("o_proj",)),
           ("mlp", ("gate_proj", "up_proj"), ("down_proj",)))
 
 
-def validate(tp: int, model_config, lora_enabled: bool) -> None:
+def validate(tp: int, model_config, lora_dropout: float = 0.0, ac: str = "none", compiled: bool = False) -> None:
     if tp == 1:
         return
-    if lora_enabled:  # compat: --tp x --lora/--qlora
-        raise UserError("--tp shards nn.Linear layers and peft's LoRA layers are not; drop --tp (use --fsdp) "
-                        "or train without LoRA")
+    if ac != "none" and compiled:  # found on CPU (torch 2.13, 2 and 4 gloo ranks), full fine-tune and LoRA alike
+        raise UserError(f"--tp {tp} with --ac {ac} and --compile: torch's compiled checkpoint refuses the "
+                        f"DTensor weights the sharded projections save for backward; drop --compile or --ac")
+    if lora_dropout:  # the column-parallel lora_A sees the whole input on every tp rank: one mask for all
+        raise UserError(f"--lora-dropout {lora_dropout} with --tp {tp}: each tp rank would drop other input "
+                        f"features before the shared lora_A; use --lora-dropout 0 with --tp")
     heads, kv = model_config.num_attention_heads, getattr(model_config, "num_key_value_heads", None)
     kv = kv or heads
     if heads % tp or kv % tp:
@@ -73,13 +85,36 @@ def apply_tensor_parallel(model, d: Dist, dtensor_styles: bool = False):
                 raise UserError(f"--tp: {type(part).__name__} has {', '.join(names)} but not both a column-parallel "
                                 f"({', '.join(colwise)}) and a row-parallel ({', '.join(rowwise)}) projection; "
                                 f"this architecture cannot use --tp (use --fsdp)")
-            if dtensor_styles or any(type(getattr(part, n)) is not torch.nn.Linear for n in names):
+            if dtensor_styles or not all(_shardable(getattr(part, n)) for n in names):
                 _dtensor_styles(part, mesh, colwise, names)
                 continue
             for n in names:
-                setattr(part, n, _ShardedLinear(getattr(part, n), mesh, n in rowwise))
+                _shard_projection(part, n, mesh, n in rowwise)
             part.register_forward_pre_hook(_copy_input_hook(mesh.get_group()), with_kwargs=True)
     return model
+
+
+def _shardable(proj) -> bool:
+    """A plain nn.Linear, or peft's lora.Linear (plain LoRA, no DoRA) around one."""
+    if hasattr(proj, "base_layer"):
+        return type(proj.base_layer) is torch.nn.Linear and not any(getattr(proj, "use_dora", {}).values())
+    return type(proj) is torch.nn.Linear
+
+
+def _shard_projection(part, name: str, mesh, rowwise: bool) -> None:
+    """An nn.Linear, or peft's lora.Linear around one (base_layer, lora_A, lora_B; y = base(x) +
+    B(A(x)) * scale). Column-parallel: x is whole, the output this rank's features: A whole (its
+    gradient, a partial sum over the ranks' features, summed), B by rows. Row-parallel: x is this
+    rank's features: A by columns with its r outputs summed (a g of rank r, tiny), B whole."""
+    proj = getattr(part, name)
+    if not hasattr(proj, "base_layer"):
+        setattr(part, name, _ShardedLinear(proj, mesh, rowwise))
+        return
+    proj.base_layer = _ShardedLinear(proj.base_layer, mesh, rowwise)
+    for key in proj.lora_A:
+        a, b = proj.lora_A[key], proj.lora_B[key]
+        proj.lora_A[key] = _ShardedLinear(a, mesh, rowwise=True) if rowwise else _ReplicatedLinear(a, mesh, sum_grad=True)
+        proj.lora_B[key] = _ReplicatedLinear(b, mesh, sum_grad=False) if rowwise else _ShardedLinear(b, mesh, rowwise=False)
 
 
 def _dtensor_styles(part, mesh, colwise, names) -> None:
@@ -114,6 +149,33 @@ class _ShardedLinear(torch.nn.Linear):
             return F.linear(x, weight.to_local(), None if bias is None else bias.to_local())
         out = _SumOverRanks.apply(F.linear(x, weight.to_local()), self.group)  # Megatron's g
         return out if bias is None else out + bias.to_local()
+
+
+class _ReplicatedLinear(torch.nn.Linear):
+    """A LoRA matrix kept whole on every tp rank (a Replicate DTensor, as AdamW's foreach and FSDP
+    need). sum_grad: the input is whole but the output feeds this rank's features only, so each
+    rank's weight gradient is a partial sum; it is summed over the ranks (Megatron's f, on the
+    weight). Otherwise every rank computes the same gradient."""
+
+    def __init__(self, linear: torch.nn.Linear, mesh, sum_grad: bool):
+        from torch.distributed.tensor import Replicate
+
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        self.sum_grad, self.group = sum_grad, mesh.get_group()
+        self.weight = _distribute(linear.weight, mesh, Replicate())
+        if linear.bias is not None:
+            self.bias = _distribute(linear.bias, mesh, Replicate())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        weight, bias = self.weight, self.bias
+        if not isinstance(weight, DTensor):  # gathered whole for the export
+            return F.linear(x, weight, bias)
+        weight = weight.to_local()
+        if self.sum_grad:
+            weight = _CopyToRanks.apply(weight, self.group)
+        return F.linear(x, weight, None if bias is None else bias.to_local())
 
 
 def _distribute(param: torch.nn.Parameter, mesh, placement) -> torch.nn.Parameter:

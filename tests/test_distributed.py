@@ -254,16 +254,21 @@ def test_deepspeed_config_from_flags_and_json(tmp_path):
         validate(DeepSpeedConfig(None, ds_offload=True), {})
 
 
-def test_tp_refuses_indivisible_heads_and_lora():
+def test_tp_refuses_indivisible_heads_lora_dropout_and_compiled_checkpoints():
     from features.model import ModelConfig, load_config, load_tokenizer
     from features.tensor_parallel import validate
 
     config = load_config(ModelConfig(path="tiny-llama"), load_tokenizer(ModelConfig()))
-    validate(4, config, lora_enabled=False)  # 4 heads, 4 kv heads
+    validate(4, config)  # 4 heads, 4 kv heads
+    validate(1, config, lora_dropout=0.1)  # no tp: nothing shared
     with pytest.raises(UserError, match="--tp 3 must divide the attention heads"):
-        validate(3, config, lora_enabled=False)
-    with pytest.raises(UserError, match="peft's LoRA layers"):
-        validate(2, config, lora_enabled=True)
+        validate(3, config)
+    with pytest.raises(UserError, match="--lora-dropout 0.1 with --tp 2: .* use --lora-dropout 0 with --tp"):
+        validate(2, config, lora_dropout=0.1)
+    validate(2, config, ac="full")  # each alone works (checked on 4 ranks)
+    validate(2, config, compiled=True)
+    with pytest.raises(UserError, match="--tp 2 with --ac selective and --compile: .* drop --compile or --ac"):
+        validate(2, config, ac="selective", compiled=True)
 
 
 def test_deepspeed_bf16_mixed_keeps_autocast():
