@@ -68,13 +68,14 @@ def test_tp2_plans_and_fsdp_agree(tp_comm):
     assert "allgather_base" in _counts(results["fsdp"], "forward")  # the counter sees FSDP2's collectives too
 
 
-@pytest.mark.slow
-def test_tp2_train_matches_one_process(tmp_path, small_data):
-    """train.py: 2 gloo ranks as --fsdp --tp 2 (one dp rank, micro-batch 4) vs one process (micro-batch
-    4): per-step loss and gradient norm, validation loss and the exported weights, fp32."""
+def _one_vs_tp2(tmp_path, small_data, *extra: str, export: str) -> tuple[dict, dict]:
+    """train.py in one process and on 2 gloo ranks as --fsdp --tp 2 (one dp rank), micro-batch 4, fp32:
+    per-step loss, gradient norm and validation loss equal (1e-5 relative); the two exports' tensors."""
+    from safetensors.torch import load_file
+
     common = ["--dataset", str(small_data), "--max-steps", "3", "--log-every", "1", "--packing", "--seq-len", "256",
               "--eval-exact-match", "0", "--seed", "3", "--device", "cpu", "--warmup-steps", "1", "--lr", "1e-2",
-              "--micro-batch-size", "4", "--grad-accum", "2"]
+              "--micro-batch-size", "4", "--grad-accum", "2", *extra]
     assert run_train(tmp_path / "one", *common) == 0
     ranks.train(2, *common, "--fsdp", "--tp", "2", "--output-dir", str(tmp_path / "tp"))
     one, tp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp")
@@ -83,10 +84,15 @@ def test_tp2_train_matches_one_process(tmp_path, small_data):
         for key in ("loss", "grad_norm", "val_loss"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
-    from safetensors.torch import load_file
-
-    got, want = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("tp", "one"))
+    got, want = (load_file(tmp_path / run / "final" / export) for run in ("tp", "one"))
     assert got.keys() == want.keys()
+    return got, want
+
+
+@pytest.mark.slow
+def test_tp2_train_matches_one_process(tmp_path, small_data):
+    """The full fine-tune: losses as above, and the exported weights."""
+    got, want = _one_vs_tp2(tmp_path, small_data, export="model.safetensors")
     # gather_full made the shards whole again, in the right order: a misplaced shard is off by the
     # weights' scale (init std 0.02); Adam's first steps move entries of near-zero gradient by up to
     # --lr whatever their size, so fp32 sum-order noise shows up as ~1e-4 here (lr 1e-2)
@@ -96,26 +102,12 @@ def test_tp2_train_matches_one_process(tmp_path, small_data):
 
 @pytest.mark.slow
 def test_tp2_lora_matches_one_process_and_exports_the_adapter(tmp_path, small_data):
-    """LoRA under --fsdp --tp 2 (2 gloo ranks): base and adapters sharded (column-parallel: lora_A
-    whole, its gradient summed over the tp ranks, lora_B by rows; row-parallel: lora_A by columns,
-    its r outputs summed, lora_B whole). One process's per-step loss, gradient norm and validation
-    loss (fp32, 1e-5 relative), and the exported adapter has the same tensors, gathered whole. A
-    lora_A gradient left unsummed (each rank's from its own features) fails the gradient norm at step 1."""
-    common = ["--dataset", str(small_data), "--max-steps", "3", "--log-every", "1", "--packing", "--seq-len", "256",
-              "--eval-exact-match", "0", "--seed", "3", "--device", "cpu", "--warmup-steps", "1", "--lr", "1e-2",
-              "--micro-batch-size", "4", "--grad-accum", "2", "--lora", "--lora-rank", "4"]
-    assert run_train(tmp_path / "one", *common) == 0
-    ranks.train(2, *common, "--fsdp", "--tp", "2", "--output-dir", str(tmp_path / "tp"))
-    one, tp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp")
-    assert [m["step"] for m in tp] == [m["step"] for m in one]
-    for a, b in zip(tp, one, strict=True):
-        for key in ("loss", "grad_norm", "val_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
-    from safetensors.torch import load_file
-
-    got, want = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("tp", "one"))
-    assert got.keys() == want.keys() and any("o_proj.lora_A" in k for k in want)
+    """LoRA: base and adapters sharded (column-parallel: lora_A whole, its gradient summed over the tp
+    ranks, lora_B by rows; row-parallel: lora_A by columns, its r outputs summed, lora_B whole). Losses
+    as above, and the exported adapter has the same tensors, gathered whole. A lora_A gradient left
+    unsummed (each rank's from its own features) fails the gradient norm at step 1."""
+    got, want = _one_vs_tp2(tmp_path, small_data, "--lora", "--lora-rank", "4", export="adapter_model.safetensors")
+    assert any("o_proj.lora_A" in k for k in want)
     for name in want:  # whole and in order: a misplaced shard is off by the weights' scale (~0.05); Adam's
         # first steps at lr 1e-2 turn fp32 sum-order noise into up to ~5e-5 (measured)
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=5e-4, msg=name)
