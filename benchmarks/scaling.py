@@ -7,7 +7,7 @@
     ROWS=fp8-fsdp bash benchmarks/gpu_scaling.sh                   # call 4 (FP8 all-gather, --compile)
     ROWS=peer-full,peer-lora bash benchmarks/gpu_scaling.sh        # call 5 (HF Trainer + accelerate FSDP2)
     ROWS=fsdp-gathered-full,fsdp-gathered-compiled,peer-full bash benchmarks/gpu_scaling.sh  # one gather a step
-    ROWS=fsdp-gathered-lora,zero2-lora,zero3-lora,peer-lora bash benchmarks/gpu_scaling.sh   # LoRA under each
+    ROWS=fsdp-gathered-lora,zero2-lora,zero3-lora,tp-lora,peer-lora bash benchmarks/gpu_scaling.sh   # LoRA under each
     WORLDS=1,8 ROWS=fsdp-full,zero3-full,tp-full,peer-full bash benchmarks/gpu_scaling.sh  # 1 vs 8 only
     # i.e. python benchmarks/scaling.py --model llama3-8b --seq-len 4096 --rows fsdp-full,fsdp-lora \
     #          --logs $OUT/scaling --out $OUT/scaling.md --budget-s 540
@@ -83,13 +83,15 @@ ROWS = {
     "zero2-lora": Row("lora", "--deepspeed zero2"),
     "zero3-lora": Row("lora", "--deepspeed zero3"),
     "tp-full": Row("full", "--fsdp --tp 2", tp=2),
+    "tp-lora": Row("lora", "--fsdp --tp 2", tp=2),
     "fp8-fsdp": Row("fp8", "--fsdp", cuda=True),
     "ddp-full": Row("full", "--ddp"),
     "ddp-lora": Row("lora", "--ddp"),
     "peer-full": Row("full", "--full", min_world=1, peer=True),
     "peer-lora": Row("lora", "", min_world=1, peer=True),
 }
-DEFAULT_ROWS = "fsdp-full,fsdp-lora,hsdp-full,zero2-full,zero3-full,tp-full,fp8-fsdp,peer-full,peer-lora"
+DEFAULT_ROWS = ("fsdp-full,fsdp-gathered-full,fsdp-lora,hsdp-full,zero2-full,zero3-full,zero3-lora,tp-full,tp-lora,"
+                "fp8-fsdp,peer-full,peer-lora")
 
 
 @dataclasses.dataclass
