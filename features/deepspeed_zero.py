@@ -22,8 +22,9 @@ update; a warning says so). LoRA under --precision bf16 keeps fp32 adapter maste
 as the plain run's fp32 adapters do (DeepSpeed casts every parameter of the module to bf16, and bf16
 adapter weights drop lr-sized updates: LoRA ZeRO-2/3 ran 0.04 off the plain loss by step 6 on 2
 H200s); they are a few MB, so DeepSpeed's plain bf16 mode costs nothing there. --precision
-bf16-mixed: fp32 weights and AdamW states, matmuls under the engine's bf16 autocast. fp32: fp32 throughout. A json config's own bf16 / fp16 sections are kept as
-written (only the batch and clipping keys are set from the flags).
+bf16-mixed: fp32 weights and AdamW states, matmuls under the engine's bf16 autocast. fp32: fp32
+throughout. A json config's own bf16 / fp16 sections are kept as written (only the batch and
+clipping keys are set from the flags).
 
 ZeRO-3 gathers each decoder block whole (gather_blocks_whole), as FSDP2 does.
 
