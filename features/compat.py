@@ -137,6 +137,7 @@ FEATURES = [
                 ("--qlora", "DeepSpeed cannot shard a 4-bit base here; use --fsdp for QLoRA"),
                 ("--qat", "DeepSpeed's engine would wrap QAT's fake-quantized model; use --fsdp with --qat"))),
     Feature("--ds-offload", "deepspeed.ds_offload", needs=("--deepspeed",)),
+    Feature("--ds-overlap-comm", "deepspeed.ds_overlap_comm", needs=("--deepspeed",)),
     # 8. loss
     Feature("--loss chunked", "loss.loss", "chunked"),
     Feature("--loss cce", "loss.loss", "cce", cuda=_NO_GPU_TRITON),

@@ -52,6 +52,8 @@ class DeepSpeedConfig:
     """DeepSpeed ZeRO: zero1 (optimizer state), zero2 (+ gradients), zero3 (+ parameters) partitioned over ranks, or a DeepSpeed json config path."""
     ds_offload: bool = False
     """With --deepspeed: optimizer state (and zero3's parameters) on the CPU (ZeRO-Offload)."""
+    ds_overlap_comm: bool = False
+    """With --deepspeed zero1-3: DeepSpeed's overlap_comm (gradient reduction, and ZeRO-3's all-gathers, on a side stream, overlapping compute; more memory for buckets)."""
 
 
 def enabled(cfg: DeepSpeedConfig) -> bool:
@@ -61,8 +63,8 @@ def enabled(cfg: DeepSpeedConfig) -> bool:
 def validate(cfg: DeepSpeedConfig, others: dict[str, bool]) -> None:
     """others: flag name -> whether that flag is on (the ones DeepSpeed cannot run with)."""
     if not enabled(cfg):
-        if cfg.ds_offload:
-            raise UserError("--ds-offload needs --deepspeed zero1|zero2|zero3")
+        if cfg.ds_offload or cfg.ds_overlap_comm:
+            raise UserError("--ds-offload / --ds-overlap-comm need --deepspeed zero1|zero2|zero3")
         return
     if cfg.deepspeed not in STAGES and not (cfg.deepspeed.endswith(".json") and Path(cfg.deepspeed).is_file()):
         raise UserError(f"--deepspeed {cfg.deepspeed!r}: pass zero1, zero2, zero3 or an existing .json config")
@@ -77,7 +79,7 @@ def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, m
     """The DeepSpeed config: from the flags, or the user's json with nanotune's batch keys set.
     adapters: only LoRA adapters train (fp32 masters and states for them under --precision bf16)."""
     if cfg.deepspeed in STAGES:
-        zero = {"stage": STAGES[cfg.deepspeed], "overlap_comm": False}
+        zero = {"stage": STAGES[cfg.deepspeed], "overlap_comm": cfg.ds_overlap_comm}
         if cfg.ds_offload:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
             if zero["stage"] == 3:

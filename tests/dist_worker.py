@@ -6,7 +6,8 @@ process on the same global batch (computed on every rank, on an unsharded copy).
     ranks.run(dist_worker.run, 4, OUT.json, [LAYOUT, ...])     # the tests: tests/ranks.py
 
 A layout is name:dp_replicate,dp_shard,cp,tp[:fsdp][:gathered][:tiled] (gathered: --fsdp-keep-gathered;
-tiled: --tiled-mlp with 3 tiles on the sharded model only; the reference stays untiled), or name:zero1|zero2|zero3 (DeepSpeed). Rank 0 writes
+tiled: --tiled-mlp with 3 tiles on the sharded model only; the reference stays untiled), or
+name:zero1|zero2|zero3[:overlap] (DeepSpeed; overlap: --ds-overlap-comm). Rank 0 writes
 {layout: {"loss": [got, want], "grad_max_abs_err": e, "grad_max_abs": m, "norm": [got, want],
 "all_gathers": FSDP all-gathers in the step, "units": FSDP units}} to OUT.json.
 """
@@ -106,7 +107,7 @@ def run_deepspeed(layout: str, data, config, impl, rank: int, world: int) -> dic
     """ZeRO stage N: compared through one SGD step (lr 1), whose update is minus the gradient."""
     from features.deepspeed_zero import DeepSpeedConfig, apply_deepspeed, build_config, step as ds_step
 
-    name, stage = layout.split(":")
+    name, stage, *opts = layout.split(":")
     d = Dist(rank, 0, world, torch.device("cpu"), build_mesh("cpu", (1, world, 1, 1)))
     ref = new_model(config, impl)
     want_loss = step(ref, next(iter(StepBatches(data, MBS, ACCUM * d.dp_size, 0, 0, pack_to=SEQ))), Dist(), impl)
@@ -115,7 +116,7 @@ def run_deepspeed(layout: str, data, config, impl, rank: int, world: int) -> dic
 
     model = new_model(config, impl)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ds_config = build_config(DeepSpeedConfig(deepspeed=stage), MBS, ACCUM, 0.0, "fp32", d.dp_size)
+    ds_config = build_config(DeepSpeedConfig(stage, ds_overlap_comm="overlap" in opts), MBS, ACCUM, 0.0, "fp32", d.dp_size)
     ds_config["zero_allow_untested_optimizer"] = True  # SGD: train.py uses AdamW, which DeepSpeed tests
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition all, as an 8B's
     engine, _ = apply_deepspeed(model, torch.optim.SGD(model.parameters(), lr=1.0), ds_config)

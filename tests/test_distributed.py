@@ -35,7 +35,7 @@ def test_layouts_match_one_process(tmp_path):
     layouts = ["ddp:1,4,1,1", "fsdp:1,4,1,1:fsdp", "fsdp_gathered:1,4,1,1:fsdp:gathered", "hsdp:2,2,1,1:fsdp",
                "tp:1,1,1,4", "fsdp_tp:1,2,1,2:fsdp"]
     if _has_deepspeed():
-        layouts += ["zero1:zero1", "zero2:zero2", "zero3:zero3"]
+        layouts += ["zero1:zero1", "zero2:zero2", "zero3:zero3", "zero2_overlap:zero2:overlap", "zero3_overlap:zero3:overlap"]
     ranks.run(dist_worker.run, 4, str(out), layouts)
     results = json.loads(out.read_text())
     assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
@@ -250,7 +250,7 @@ def test_deepspeed_config_from_flags_and_json(tmp_path):
         validate(DeepSpeedConfig("zero4"), {})
     with pytest.raises(UserError, match="--deepspeed cannot run with --fsdp"):
         validate(DeepSpeedConfig("zero2"), {"--fsdp": True, "--tp": False})
-    with pytest.raises(UserError, match="--ds-offload needs --deepspeed"):
+    with pytest.raises(UserError, match="--ds-offload / --ds-overlap-comm need --deepspeed"):
         validate(DeepSpeedConfig(None, ds_offload=True), {})
 
 
