@@ -86,6 +86,7 @@ ROWS = {
     "zero3-overlap-lora": Row("lora", "--deepspeed zero3 --ds-overlap-comm"),
     "tp-full": Row("full", "--fsdp --tp 2", tp=2),
     "tp-lora": Row("lora", "--fsdp --tp 2", tp=2),
+    "tp-compiled": Row("compiled", "--fsdp --tp 2", tp=2),
     "fp8-fsdp": Row("fp8", "--fsdp", cuda=True),
     "fp8-fsdp-gathered": Row("fp8", "--fsdp --fsdp-keep-gathered", cuda=True),
     "ddp-full": Row("full", "--ddp"),

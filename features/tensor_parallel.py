@@ -28,8 +28,8 @@ gpt-fast's tp.py; torch.distributed.tensor.parallel.
 LoRA (--lora, peft's lora.Linear around a projection): the frozen base is sharded as above, and
 the adapter beside it so that no extra collective runs on activations: for a column-parallel
 projection lora_A stays whole (the input is whole; each rank's gradient of it is a partial sum over
-its features, summed over the tp ranks: one all-reduce of r x in per projection) and lora_B is split
-by rows; for a row-parallel one lora_A is split by columns (its r outputs summed: an all-reduce of
+its features: sum_partial_grads sums them over the tp ranks once a step, all in one flat all-reduce,
+before the norm and the update) and lora_B is split by rows; for a row-parallel one lora_A is split by columns (its r outputs summed: an all-reduce of
 tokens x r) and lora_B stays whole. The exported adapter is gathered whole, in peft's format.
 
 Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), --lora, packing, every
@@ -154,8 +154,8 @@ class _ShardedLinear(torch.nn.Linear):
 class _ReplicatedLinear(torch.nn.Linear):
     """A LoRA matrix kept whole on every tp rank (a Replicate DTensor, as AdamW's foreach and FSDP
     need). sum_grad: the input is whole but the output feeds this rank's features only, so each
-    rank's weight gradient is a partial sum; it is summed over the ranks (Megatron's f, on the
-    weight). Otherwise every rank computes the same gradient."""
+    rank's weight gradient is a partial sum, left for sum_partial_grads to sum over the ranks once a
+    step (Megatron's f, on the weight). Otherwise every rank computes the same gradient."""
 
     def __init__(self, linear: torch.nn.Linear, mesh, sum_grad: bool):
         from torch.distributed.tensor import Replicate
@@ -172,10 +172,26 @@ class _ReplicatedLinear(torch.nn.Linear):
         weight, bias = self.weight, self.bias
         if not isinstance(weight, DTensor):  # gathered whole for the export
             return F.linear(x, weight, bias)
-        weight = weight.to_local()
-        if self.sum_grad:
-            weight = _CopyToRanks.apply(weight, self.group)
-        return F.linear(x, weight, None if bias is None else bias.to_local())
+        return F.linear(x, weight.to_local(), None if bias is None else bias.to_local())
+
+
+@torch.no_grad()
+def sum_partial_grads(model) -> None:
+    """Sum the column-parallel lora_A gradients (partial sums, see _ReplicatedLinear) over the tp ranks:
+    once a step after the last backward (FSDP has reduced them over dp), in one flat all-reduce, not
+    one per projection and micro-batch (5 a block: 160 small collectives a micro-batch on an 8B, each
+    a point where the ranks wait for each other). A no-op without --tp --lora."""
+    from torch.distributed.tensor import DTensor
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    mods = [m for m in model.modules() if isinstance(m, _ReplicatedLinear) and m.sum_grad and m.weight.grad is not None]
+    if not mods:
+        return
+    grads = [m.weight.grad.to_local() if isinstance(m.weight.grad, DTensor) else m.weight.grad for m in mods]
+    flat = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat, group=mods[0].group)
+    for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(summed)
 
 
 def _distribute(param: torch.nn.Parameter, mesh, placement) -> torch.nn.Parameter:
