@@ -6,12 +6,10 @@
 # selection, each inside one 10-minute call (BUDGET_S=540 of runs; the 1-GPU baselines are reused from
 # $LOGS by later calls on the same warm machine):
 #
-#   ROWS=fsdp-full,fsdp-lora bash benchmarks/gpu_scaling.sh               # call 1 (the >= 90% goal row)
-#   ROWS=zero2-full,zero3-full bash benchmarks/gpu_scaling.sh             # call 2
-#   ROWS=hsdp-full,tp-full bash benchmarks/gpu_scaling.sh                 # call 3
-#   ROWS=fp8-fsdp bash benchmarks/gpu_scaling.sh                          # call 4 (FP8 all-gather, --compile)
-#   ROWS=peer-full,peer-lora bash benchmarks/gpu_scaling.sh               # call 5 (HF Trainer + accelerate FSDP2)
-#   WORLDS=1,8 ROWS=fsdp-full,zero3-full,tp-full,peer-full bash benchmarks/gpu_scaling.sh   # 1 vs 8 only
+#   ROWS=fsdp-gathered-full,fsdp-full,peer-full bash benchmarks/gpu_scaling.sh   # call 1 (the >= 90% goal row)
+#   ROWS=fsdp-gathered-compiled,hsdp-full bash benchmarks/gpu_scaling.sh        # call 2
+#   (the rest, in order: benchmarks/scaling.py's docstring)
+#   WORLDS=1,2 ROWS=zero3-full,tp-lora bash benchmarks/gpu_scaling.sh --steps 6   # a 2-GPU box
 #
 # Extra arguments go to scaling.py (e.g. --extra="--attn flash" --steps 6). Folder $OUT: scaling-*.md
 # (the table), scaling.log (plan, progress, table), logs/ (every run's log, command and metrics).

@@ -1,14 +1,14 @@
 """Scaling from 1 to N GPUs (issue 11): each strategy at each world size, on one global batch.
 
-    # an 8-GPU H200 box, wheels unpacked under /tmp/site; one call (<= 10 min) per row selection:
-    ROWS=fsdp-full,fsdp-lora bash benchmarks/gpu_scaling.sh        # call 1 (the >= 90% goal row)
-    ROWS=zero2-full,zero3-full bash benchmarks/gpu_scaling.sh      # call 2 (1-GPU baselines reused)
-    ROWS=hsdp-full,tp-full bash benchmarks/gpu_scaling.sh          # call 3
-    ROWS=fp8-fsdp bash benchmarks/gpu_scaling.sh                   # call 4 (FP8 all-gather, --compile)
-    ROWS=peer-full,peer-lora bash benchmarks/gpu_scaling.sh        # call 5 (HF Trainer + accelerate FSDP2)
-    ROWS=fsdp-gathered-full,fsdp-gathered-compiled,peer-full bash benchmarks/gpu_scaling.sh  # one gather a step
-    ROWS=fsdp-gathered-lora,zero2-lora,zero3-lora,tp-lora,peer-lora bash benchmarks/gpu_scaling.sh   # LoRA under each
-    WORLDS=1,8 ROWS=fsdp-full,zero3-full,tp-full,peer-full bash benchmarks/gpu_scaling.sh  # 1 vs 8 only
+    # an 8-GPU H200 box, wheels unpacked under /tmp/site; one call (<= 10 min) per row selection, in
+    # the order to run them (a session's 30 device minutes hold about 4 such calls after staging):
+    ROWS=fsdp-gathered-full,fsdp-full,peer-full bash benchmarks/gpu_scaling.sh    # 1: the >= 90% goal row + peer
+    ROWS=fsdp-gathered-compiled,hsdp-full bash benchmarks/gpu_scaling.sh         # 2: compiled; HSDP 2 x N/2
+    LOGS=/tmp/scaling_gb32 ROWS=fsdp-gathered-full bash benchmarks/gpu_scaling.sh --global-batch 32   # 3: 4 a GPU
+    ROWS=fsdp-gathered-lora,zero3-overlap-lora,peer-lora bash benchmarks/gpu_scaling.sh   # 4: LoRA under each
+    ROWS=zero3-overlap-full,tp-full bash benchmarks/gpu_scaling.sh               # 5 (1-GPU baselines reused)
+    ROWS=fp8-fsdp-gathered,zero2-full bash benchmarks/gpu_scaling.sh             # 6 (FP8 all-gather once a step)
+    WORLDS=1,2 ROWS=... bash benchmarks/gpu_scaling.sh                           # a 2-GPU box: 1 and 2 only
     # i.e. python benchmarks/scaling.py --model llama3-8b --seq-len 4096 --rows fsdp-full,fsdp-lora \
     #          --logs $OUT/scaling --out $OUT/scaling.md --budget-s 540
     # CPU (the proof that the harness works; tests/test_scaling_bench.py):
@@ -95,7 +95,7 @@ ROWS = {
     "peer-lora": Row("lora", "", min_world=1, peer=True),
 }
 DEFAULT_ROWS = ("fsdp-full,fsdp-gathered-full,fsdp-lora,hsdp-full,zero2-full,zero3-full,zero3-lora,tp-full,tp-lora,"
-                "fp8-fsdp,peer-full,peer-lora")
+                "fp8-fsdp,fp8-fsdp-gathered,peer-full,peer-lora")
 
 
 @dataclasses.dataclass
