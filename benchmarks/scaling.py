@@ -5,8 +5,8 @@
     ROWS=fsdp-gathered-full,fsdp-full,peer-full bash benchmarks/gpu_scaling.sh    # 1: the >= 90% goal row + peer
     ROWS=fsdp-gathered-compiled,hsdp-full bash benchmarks/gpu_scaling.sh         # 2: compiled; HSDP 2 x N/2
     LOGS=/tmp/scaling_gb32 ROWS=fsdp-gathered-full bash benchmarks/gpu_scaling.sh --global-batch 32   # 3: 4 a GPU
-    ROWS=fsdp-gathered-lora,zero3-overlap-lora,peer-lora bash benchmarks/gpu_scaling.sh   # 4: LoRA under each
-    ROWS=zero3-overlap-full,tp-full bash benchmarks/gpu_scaling.sh               # 5 (1-GPU baselines reused)
+    ROWS=fsdp-gathered-lora,zero3-lora,peer-lora bash benchmarks/gpu_scaling.sh   # 4: LoRA under each
+    ROWS=zero3-full,tp-full bash benchmarks/gpu_scaling.sh                       # 5 (1-GPU baselines reused)
     ROWS=fp8-fsdp-gathered,zero2-full bash benchmarks/gpu_scaling.sh             # 6 (FP8 all-gather once a step)
     WORLDS=1,2 ROWS=... bash benchmarks/gpu_scaling.sh                           # a 2-GPU box: 1 and 2 only
     # i.e. python benchmarks/scaling.py --model llama3-8b --seq-len 4096 --rows fsdp-full,fsdp-lora \
@@ -82,8 +82,6 @@ ROWS = {
     "zero3-full": Row("full", "--deepspeed zero3"),
     "zero2-lora": Row("lora", "--deepspeed zero2"),
     "zero3-lora": Row("lora", "--deepspeed zero3"),
-    "zero3-overlap-full": Row("full", "--deepspeed zero3 --ds-overlap-comm"),
-    "zero3-overlap-lora": Row("lora", "--deepspeed zero3 --ds-overlap-comm"),
     "tp-full": Row("full", "--fsdp --tp 2", tp=2),
     "tp-lora": Row("lora", "--fsdp --tp 2", tp=2),
     "tp-compiled": Row("compiled", "--fsdp --tp 2", tp=2),

@@ -35,7 +35,7 @@ def test_layouts_match_one_process(tmp_path):
     layouts = ["ddp:1,4,1,1", "fsdp:1,4,1,1:fsdp", "fsdp_gathered:1,4,1,1:fsdp:gathered", "hsdp:2,2,1,1:fsdp",
                "tp:1,1,1,4", "fsdp_tp:1,2,1,2:fsdp"]
     if _has_deepspeed():
-        layouts += ["zero1:zero1", "zero2:zero2", "zero3:zero3", "zero2_overlap:zero2:overlap", "zero3_overlap:zero3:overlap"]
+        layouts += ["zero1:zero1", "zero2:zero2", "zero3:zero3", "zero2_overlap:zero2:overlap"]  # zero3 always overlaps
     ranks.run(dist_worker.run, 4, str(out), layouts)
     results = json.loads(out.read_text())
     assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
@@ -239,6 +239,9 @@ def test_deepspeed_config_from_flags_and_json(tmp_path):
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 1, 64)
     assert ds["gradient_clipping"] == 1.0 and ds["managed_gradient_accumulation"] is False
     assert "offload_param" not in build_config(DeepSpeedConfig("zero2", True), 1, 1, 0.0, "fp32", 1)["zero_optimization"]
+    overlaps = {(stage, flag): build_config(DeepSpeedConfig(stage, ds_overlap_comm=flag), 1, 1, 0.0, "fp32", 1)
+                ["zero_optimization"]["overlap_comm"] for stage in ("zero2", "zero3") for flag in (False, True)}
+    assert overlaps == {("zero2", False): False, ("zero2", True): True, ("zero3", False): True, ("zero3", True): True}
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e7},
                                 "train_batch_size": 999}))
