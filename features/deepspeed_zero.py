@@ -72,6 +72,10 @@ def validate(cfg: DeepSpeedConfig, others: dict[str, bool]) -> None:
         return
     if cfg.deepspeed not in STAGES and not (cfg.deepspeed.endswith(".json") and Path(cfg.deepspeed).is_file()):
         raise UserError(f"--deepspeed {cfg.deepspeed!r}: pass zero1, zero2, zero3 or an existing .json config")
+    if cfg.deepspeed not in STAGES and (cfg.ds_offload or cfg.ds_overlap_comm):  # the json's own settings rule
+        flag = "--ds-offload" if cfg.ds_offload else "--ds-overlap-comm"
+        raise UserError(f"{flag} with --deepspeed {cfg.deepspeed}: a json config keeps its own zero_optimization; "
+                        f"set {'offload_optimizer / offload_param' if cfg.ds_offload else 'overlap_comm'} there")
     clash = [flag for flag, on in others.items() if on]
     if clash:  # compat: --deepspeed x --fsdp/--ddp/--tp/--cp/--qlora/--compile
         raise UserError(f"--deepspeed cannot run with {', '.join(clash)}: DeepSpeed's engine owns data "

@@ -28,9 +28,10 @@ gpt-fast's tp.py; torch.distributed.tensor.parallel.
 LoRA (--lora, peft's lora.Linear around a projection): the frozen base is sharded as above, and
 the adapter beside it so that no extra collective runs on activations: for a column-parallel
 projection lora_A stays whole (the input is whole; each rank's gradient of it is a partial sum over
-its features: sum_partial_grads sums them over the tp ranks once a step, all in one flat all-reduce,
-before the norm and the update) and lora_B is split by rows; for a row-parallel one lora_A is split by columns (its r outputs summed: an all-reduce of
-tokens x r) and lora_B stays whole. The exported adapter is gathered whole, in peft's format.
+its features: sum_partial_grads sums them over the tp ranks once a step, all in one flat
+all-reduce, before the norm and the update) and lora_B is split by rows; for a row-parallel one
+lora_A is split by columns (its r outputs summed: an all-reduce of tokens x r) and lora_B stays
+whole. The exported adapter is gathered whole, in peft's format.
 
 Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), --lora, packing, every
 attention backend (heads are local), activation checkpointing or --compile, --tiled-mlp, DCP

@@ -249,6 +249,10 @@ def test_deepspeed_config_from_flags_and_json(tmp_path):
     ds = build_config(DeepSpeedConfig(str(user)), 2, 1, 0.5, "fp32", dp_size=2)
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5e7}  # the user's own settings kept
     assert ds["train_batch_size"] == 4 and ds["gradient_clipping"] == 0.5  # the batch plan's keys win
+    with pytest.raises(UserError, match="--ds-overlap-comm with --deepspeed .*ds.json: .* set overlap_comm there"):
+        validate(DeepSpeedConfig(str(user), ds_overlap_comm=True), {})
+    with pytest.raises(UserError, match="--ds-offload with --deepspeed .*ds.json: .* offload_param there"):
+        validate(DeepSpeedConfig(str(user), ds_offload=True), {})
     with pytest.raises(UserError, match="pass zero1, zero2, zero3"):
         validate(DeepSpeedConfig("zero4"), {})
     with pytest.raises(UserError, match="--deepspeed cannot run with --fsdp"):
