@@ -30,10 +30,8 @@ the adapter beside it so that no extra collective runs on activations: for a col
 projection lora_A stays whole (the input is whole; each rank's gradient of it is a partial sum over
 its features: sum_partial_grads sums them over the tp ranks once a step, all in one flat
 all-reduce, before the norm and the update) and lora_B is split by rows; for a row-parallel one
-lora_A is split by columns and lora_B stays whole: each rank adds its partial B(A_i x_i) to its
-partial base output before the one g all-reduce of the projection (sum_i W_i x_i + B A_i x_i), so
-lora_B's gradient is a partial sum too, summed with lora_A's. The exported adapter is gathered
-whole, in peft's format.
+lora_A is split by columns (its r outputs summed: an all-reduce of tokens x r) and lora_B stays
+whole. The exported adapter is gathered whole, in peft's format.
 
 Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), --lora, packing, every
 attention backend (heads are local), activation checkpointing or --compile, --tiled-mlp, DCP
@@ -108,19 +106,16 @@ def _shard_projection(part, name: str, mesh, rowwise: bool) -> None:
     """An nn.Linear, or peft's lora.Linear around one (base_layer, lora_A, lora_B; y = base(x) +
     B(A(x)) * scale). Column-parallel: x is whole, the output this rank's features: A whole (its
     gradient, a partial sum over the ranks' features, summed), B by rows. Row-parallel: x is this
-    rank's features: A by columns, B whole (its gradient a partial sum), and the base's and the
-    adapter's partial outputs summed over the ranks together, in one g after lora.Linear's forward."""
+    rank's features: A by columns with its r outputs summed (a g of rank r, tiny), B whole."""
     proj = getattr(part, name)
     if not hasattr(proj, "base_layer"):
         setattr(part, name, _ShardedLinear(proj, mesh, rowwise))
         return
-    proj.base_layer = _ShardedLinear(proj.base_layer, mesh, rowwise, reduce=False)
+    proj.base_layer = _ShardedLinear(proj.base_layer, mesh, rowwise)
     for key in proj.lora_A:
         a, b = proj.lora_A[key], proj.lora_B[key]
-        proj.lora_A[key] = _ShardedLinear(a, mesh, True, reduce=False) if rowwise else _ReplicatedLinear(a, mesh)
-        proj.lora_B[key] = _ReplicatedLinear(b, mesh) if rowwise else _ShardedLinear(b, mesh, rowwise=False)
-    if rowwise:
-        proj.register_forward_hook(_sum_outputs_hook(proj.base_layer))
+        proj.lora_A[key] = _ShardedLinear(a, mesh, rowwise=True) if rowwise else _ReplicatedLinear(a, mesh, sum_grad=True)
+        proj.lora_B[key] = _ReplicatedLinear(b, mesh, sum_grad=False) if rowwise else _ShardedLinear(b, mesh, rowwise=False)
 
 
 def _dtensor_styles(part, mesh, colwise, names) -> None:
@@ -135,12 +130,12 @@ class _ShardedLinear(torch.nn.Linear):
     forward runs on the local shard: one `to_local` per parameter instead of DTensor's dispatch of
     every op. After gather_full (export) its parameters are whole tensors and it is a plain Linear."""
 
-    def __init__(self, linear: torch.nn.Linear, mesh, rowwise: bool, reduce: bool = True):
+    def __init__(self, linear: torch.nn.Linear, mesh, rowwise: bool):
         from torch.distributed.tensor import Replicate, Shard
 
         has_bias = linear.bias is not None
         super().__init__(linear.in_features, linear.out_features, has_bias, device="meta")
-        self.rowwise, self.reduce, self.group = rowwise, reduce, mesh.get_group()
+        self.rowwise, self.group = rowwise, mesh.get_group()
         self.weight = _distribute(linear.weight, mesh, Shard(1) if rowwise else Shard(0))
         if has_bias:
             self.bias = _distribute(linear.bias, mesh, Replicate() if rowwise else Shard(0))
@@ -153,25 +148,21 @@ class _ShardedLinear(torch.nn.Linear):
             return F.linear(x, weight, bias)
         if not self.rowwise:
             return F.linear(x, weight.to_local(), None if bias is None else bias.to_local())
-        out = F.linear(x, weight.to_local())
-        if not self.reduce:  # a partial sum, summed (and the bias added) by _sum_outputs_hook
-            return out
-        out = _SumOverRanks.apply(out, self.group)  # Megatron's g
+        out = _SumOverRanks.apply(F.linear(x, weight.to_local()), self.group)  # Megatron's g
         return out if bias is None else out + bias.to_local()
 
 
 class _ReplicatedLinear(torch.nn.Linear):
     """A LoRA matrix kept whole on every tp rank (a Replicate DTensor, as AdamW's foreach and FSDP
-    need). Each rank's weight gradient is a partial sum: a column-parallel lora_A's input is whole
-    but its output feeds this rank's features only; a row-parallel lora_B sees this rank's part of
-    the r-vector only. sum_partial_grads sums them over the ranks once a step (Megatron's f, on the
-    weight)."""
+    need). sum_grad: the input is whole but the output feeds this rank's features only, so each
+    rank's weight gradient is a partial sum, left for sum_partial_grads to sum over the ranks once a
+    step (Megatron's f, on the weight). Otherwise every rank computes the same gradient."""
 
-    def __init__(self, linear: torch.nn.Linear, mesh):
+    def __init__(self, linear: torch.nn.Linear, mesh, sum_grad: bool):
         from torch.distributed.tensor import Replicate
 
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        self.group = mesh.get_group()
+        self.sum_grad, self.group = sum_grad, mesh.get_group()
         self.weight = _distribute(linear.weight, mesh, Replicate())
         if linear.bias is not None:
             self.bias = _distribute(linear.bias, mesh, Replicate())
@@ -185,30 +176,16 @@ class _ReplicatedLinear(torch.nn.Linear):
         return F.linear(x, weight.to_local(), None if bias is None else bias.to_local())
 
 
-def _sum_outputs_hook(base: _ShardedLinear):
-    """After a row-parallel lora.Linear: its output, base and adapter partial sums together, summed
-    over the tp ranks (Megatron's g, one all-reduce), then the base's bias."""
-    def hook(module, args, out):
-        from torch.distributed.tensor import DTensor
-
-        if not isinstance(base.weight, DTensor):  # gathered whole for the export: already whole
-            return out
-        out = _SumOverRanks.apply(out, base.group)
-        return out if base.bias is None else out + base.bias.to_local()
-
-    return hook
-
-
 @torch.no_grad()
 def sum_partial_grads(model) -> None:
-    """Sum the LoRA gradients that are partial sums (_ReplicatedLinear's) over the tp ranks: once a
-    step after the last backward (FSDP has reduced them over dp), in one flat all-reduce, not one
-    per matrix and micro-batch (7 a block: 224 small collectives a micro-batch on an 8B, each a point
-    where the ranks wait for each other). A no-op without --tp --lora."""
+    """Sum the column-parallel lora_A gradients (partial sums, see _ReplicatedLinear) over the tp ranks:
+    once a step after the last backward (FSDP has reduced them over dp), in one flat all-reduce, not
+    one per projection and micro-batch (5 a block: 160 small collectives a micro-batch on an 8B, each
+    a point where the ranks wait for each other). A no-op without --tp --lora."""
     from torch.distributed.tensor import DTensor
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    mods = [m for m in model.modules() if isinstance(m, _ReplicatedLinear) and m.weight.grad is not None]
+    mods = [m for m in model.modules() if isinstance(m, _ReplicatedLinear) and m.sum_grad and m.weight.grad is not None]
     if not mods:
         return
     grads = [m.weight.grad.to_local() if isinstance(m.weight.grad, DTensor) else m.weight.grad for m in mods]

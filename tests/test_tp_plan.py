@@ -103,10 +103,9 @@ def test_tp2_train_matches_one_process(tmp_path, small_data):
 @pytest.mark.slow
 def test_tp2_lora_matches_one_process_and_exports_the_adapter(tmp_path, small_data):
     """LoRA: base and adapters sharded (column-parallel: lora_A whole, its gradient summed over the tp
-    ranks, lora_B by rows; row-parallel: lora_A by columns, lora_B whole with its gradient summed, the
-    base's and adapter's partial outputs summed together). Losses as above, and the exported adapter
-    has the same tensors, gathered whole. A lora_A or row-parallel lora_B gradient left unsummed (each
-    rank's partial sum) fails the gradient norm at step 1."""
+    ranks, lora_B by rows; row-parallel: lora_A by columns, its r outputs summed, lora_B whole). Losses
+    as above, and the exported adapter has the same tensors, gathered whole. A lora_A gradient left
+    unsummed (each rank's from its own features) fails the gradient norm at step 1."""
     got, want = _one_vs_tp2(tmp_path, small_data, "--lora", "--lora-rank", "4", export="adapter_model.safetensors")
     assert any("o_proj.lora_A" in k for k in want)
     for name in want:  # whole and in order: a misplaced shard is off by the weights' scale (~0.05); Adam's
