@@ -31,7 +31,11 @@ projection lora_A stays whole (the input is whole; each rank's gradient of it is
 its features: sum_partial_grads sums them over the tp ranks once a step, all in one flat
 all-reduce, before the norm and the update) and lora_B is split by rows; for a row-parallel one
 lora_A is split by columns (its r outputs summed: an all-reduce of tokens x r) and lora_B stays
-whole. The exported adapter is gathered whole, in peft's format.
+whole. The exported adapter is gathered whole, in peft's format. Why the r outputs get their own
+all-reduce rather than joining the base's partial outputs before its one (sum_i W_i x_i + B A_i x_i,
+tried in ceff887): in bf16 each rank's part of the small adapter update rounds away against its
+partial base output; on 2 H200s the 8B-shape loss ran 0.027 off the plain run by step 6 instead of
+0.003, and the row was no faster (tests/test_tp_plan.py's bf16 test fails on it).
 
 Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), --lora, packing, every
 attention backend (heads are local), activation checkpointing or --compile, --tiled-mlp, DCP

@@ -87,3 +87,23 @@ def loss_and_grads(model, batch) -> tuple:
     loss = forward_loss_sum(model, batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def bf16_deviations(tmp_path, data, steps: int, extra: list[str], layouts: dict) -> dict:
+    """train.py --precision bf16 at lr 1e-4: one process vs 2 gloo ranks per layout (same global batch:
+    micro-batch 1 x grad-accum 2 a rank, which a layout's flags may override, e.g. tp ranks that share a
+    batch); {layout: the largest per-step loss difference to the one-process run}."""
+    import ranks
+    common = ["--dataset", str(data), "--val-dataset", "none", "--max-steps", str(steps), "--log-every", "1",
+              "--packing", "--seq-len", "128", "--seed", "1", "--device", "cpu", "--precision", "bf16",
+              "--warmup-steps", "2", "--lr", "1e-4", "--eval-exact-match", "0", "--skip-export", *extra]
+    assert run_train(tmp_path / "one", *common, "--micro-batch-size", "2", "--grad-accum", "2") == 0
+    plain = [m["loss"] for m in read_metrics(tmp_path / "one") if "loss" in m]
+    dev = {}
+    for name, flags in layouts.items():
+        ranks.train(2, *common, "--micro-batch-size", "1", "--grad-accum", "2", *flags,
+                    "--output-dir", str(tmp_path / name))
+        losses = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]
+        assert len(losses) == len(plain) == steps, name
+        dev[name] = max(abs(a - b) for a, b in zip(losses, plain))
+    return dev

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ranks  # noqa: E402
-from conftest import ROOT, read_metrics, run_train  # noqa: E402
+from conftest import ROOT, bf16_deviations  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
 # stage, precision, --ds-offload, --lora
@@ -89,24 +89,6 @@ def test_zero3_train_flops_count_partitioned_parameters(engines):
         assert r["partitioned"] > 0 and r["flops"] == r["flops_plain"] and r["flops"][0] > 0, (name, r)
 
 
-def _deviations(tmp_path, data, steps: int, extra: list[str], layouts: dict) -> dict:
-    """train.py --precision bf16 at lr 1e-4: one process vs 2 gloo ranks per layout (same global batch);
-    {layout: the largest per-step loss difference to the one-process run}."""
-    common = ["--dataset", str(data), "--val-dataset", "none", "--max-steps", str(steps), "--log-every", "1",
-              "--packing", "--seq-len", "128", "--seed", "1", "--device", "cpu", "--precision", "bf16",
-              "--warmup-steps", "2", "--lr", "1e-4", "--eval-exact-match", "0", "--skip-export", *extra]
-    assert run_train(tmp_path / "one", *common, "--micro-batch-size", "2", "--grad-accum", "2") == 0
-    plain = [m["loss"] for m in read_metrics(tmp_path / "one") if "loss" in m]
-    dev = {}
-    for name, flags in layouts.items():
-        ranks.train(2, *common, "--micro-batch-size", "1", "--grad-accum", "2", *flags,
-                    "--output-dir", str(tmp_path / name))
-        losses = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]
-        assert len(losses) == len(plain) == steps, name
-        dev[name] = max(abs(a - b) for a, b in zip(losses, plain))
-    return dev
-
-
 @pytest.mark.slow
 def test_zero_tracks_the_plain_bf16_run_like_fsdp(tmp_path, small_data):
     """Full fine-tune, 4 steps. In pure bf16 the 2-rank runs differ from one process only by the order
@@ -115,7 +97,7 @@ def test_zero_tracks_the_plain_bf16_run_like_fsdp(tmp_path, small_data):
     zero3 3.4e-4; some bf16 weights round the other way). fp32 master weights and states (DeepSpeed's
     plain bf16 mode) keep the sub-ulp updates that bf16 weights drop at this lr: 1.3e-2 off within the
     4 steps."""
-    dev = _deviations(tmp_path, small_data, 4, [], {"fsdp": ["--fsdp"], "zero2": ["--deepspeed", "zero2"],
+    dev = bf16_deviations(tmp_path, small_data, 4, [], {"fsdp": ["--fsdp"], "zero2": ["--deepspeed", "zero2"],
                                                     "zero3": ["--deepspeed", "zero3"]})
     assert dev["fsdp"] < 1e-3, dev  # the yardstick itself is a rounding-order difference
     for name in ("zero2", "zero3"):
@@ -128,7 +110,7 @@ def test_zero_lora_tracks_the_plain_bf16_run(tmp_path, small_data):
     ZeRO's adapter matmuls run in bf16 and its losses differ a little more than FSDP's (measured: FSDP
     2.3e-4, zero2 5.4e-4). bf16 adapter masters and AdamW states, as for full fine-tuning, dropped the
     lr-sized updates of lora_A and learned slower: 3.4e-3 off (0.04 on the 8B shape, 2 H200s)."""
-    dev = _deviations(tmp_path, small_data, 6, ["--lora"], {"fsdp": ["--fsdp"], "zero2": ["--deepspeed", "zero2"]})
+    dev = bf16_deviations(tmp_path, small_data, 6, ["--lora"], {"fsdp": ["--fsdp"], "zero2": ["--deepspeed", "zero2"]})
     assert dev["fsdp"] < 1e-3, dev
     assert dev["zero2"] <= max(4 * dev["fsdp"], 1.5e-3), dev
 
