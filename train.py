@@ -331,7 +331,8 @@ def train(cfg: Config) -> dict:
         if deepspeed_zero.is_engine(model):  # DeepSpeed's engine reduces, clips and updates (the one allowed branch)
             grad_norm = deepspeed_zero.step(model)
         else:
-            tensor_parallel.sum_partial_grads(model)  # --tp --lora: lora_A's gradients, summed over tp once a step
+            if d.size("tp") > 1:  # --tp --lora: lora_A's gradients, summed over tp once a step
+                tensor_parallel.sum_partial_grads(model)
             grad_norm = clip_grad_norm(model, cfg.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         if guard.update_ok(step_loss, grad_norm, step):  # a non-finite step is skipped, counted, not logged
