@@ -10,7 +10,12 @@ Sources: local .jsonl / .json / .parquet / .csv files, or a Hugging Face hub id.
   chat        {"messages": [{"role", "content"}]}      the tokenizer's chat template; assistant turns trained
   completion  {"prompt", "completion"} or {"text"}     trained = completion + eos (or all of text + eos)
   pretrain    {"text"}                                  documents joined with eos, cut into --seq-len blocks
-Prompt tokens are masked from the loss (label -100) unless --train-on-inputs. Samples longer
+Prompt tokens are masked from the loss (label -100) unless --train-on-inputs. In a chat, the trained
+tokens of an assistant turn are exactly its content and its end-of-turn token (the last special
+token the template writes for the turn: ChatML's <|im_end|>, Llama 3's <|eot_id|>, Mistral's </s>);
+what the template writes after it (ChatML's newline) stays in input_ids but is not a target, since
+generation stops at the end-of-turn token and never produces it. A turn whose rendering has no
+special token is trained whole. Exact match (features/evaluate.py) scores that same span. Samples longer
 than --seq-len are dropped (or cut with --truncation truncate) and counted; a malformed record
 (bad JSON or UTF-8, wrong types, missing fields, empty responses, unknown chat roles, strings with
 lone surrogates) stops the run with one line naming its file and line, or with --skip-bad-samples
@@ -67,6 +72,7 @@ class Sample:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids (not shifted); -100 = not trained
     prompt_len: int  # tokens before the last trained response (for exact-match generation)
+    response_end: int | None = None  # where that response's trained span ends; None: at the end of input_ids
 
 
 @dataclasses.dataclass
@@ -246,28 +252,59 @@ def _check_messages(record, where) -> list[dict]:
     return messages
 
 
+def special_ids(tok) -> set[int]:
+    """Every special token id: the named ones (bos, eos, pad, ...) and the added tokens marked special."""
+    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+
+
+def _trained_len(turn: list[int], special: set[int]) -> int:
+    """How many tokens of an assistant turn are trained: through its end-of-turn token (the last
+    special token), or all of them when there is none. A special token opening the turn is a role
+    header that the generation prompt did not write, not an end of turn."""
+    ends = [k for k in range(1, len(turn)) if turn[k] in special]
+    return ends[-1] + 1 if ends else len(turn)
+
+
+def _token_spans(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of a rendered conversation and each token's character span in its text."""
+    try:  # the template writes its own special tokens; --seq-len, not model_max_length, is the limit
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except NotImplementedError:  # transformers' Python tokenizers keep no offsets
+        raise UserError("--dataset-format chat needs a fast (tokenizers) tokenizer to find the assistant "
+                        "turns; pass a --tokenizer with a tokenizer.json") from None
+    return enc["input_ids"], enc["offset_mapping"]
+
+
 def _tokenize_chat(record, where, tok) -> Sample:
-    """Assistant turns are trained; their spans come from rendering each conversation prefix."""
+    """Assistant turns are trained (the module docstring says which tokens). A turn's content starts
+    where the text of the conversation before it plus the generation prompt ends; it is found by
+    character, since a tokenizer may split that boundary differently in context (the prompt alone
+    can end in one "\n\n" token that becomes "\n", "\n" before the content)."""
     messages = _check_messages(record, where)
 
-    def render(msgs, gen_prompt=False):
+    def render(msgs, gen_prompt=False) -> str:
         try:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
         except Exception as e:  # templates raise their own errors (jinja2's raise_exception: "roles must alternate")
             raise BadRecord(f"{where}: the tokenizer's chat template refuses this conversation ({e})") from None
-        return _encode(tok, text, first=False)  # the template writes its own special tokens
 
-    ids = render(messages)
-    labels, prompt_len = [-100] * len(ids), 0
+    text, special = render(messages), special_ids(tok)
+    ids, spans = _token_spans(tok, text)
+    labels, prompt_len, response_end = [-100] * len(ids), 0, None
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start, end = len(render(messages[:i], gen_prompt=True)), len(render(messages[: i + 1]))
-        if ids[:end] != render(messages[: i + 1]):
+        prompt, through_turn = render(messages[:i], gen_prompt=True), render(messages[: i + 1])
+        if not (text.startswith(through_turn) and through_turn.startswith(prompt)):
             raise UserError(f"{where}: the tokenizer's chat template rewrites earlier turns, so turn "
                             f"masks cannot be found; use --train-on-inputs or another --tokenizer")
-        labels[start:end], prompt_len = ids[start:end], start
-    return Sample(ids, labels, prompt_len)
+        turn = [k for k, (a, b) in enumerate(spans) if b > len(prompt) and a < len(through_turn)]
+        if not turn:
+            continue
+        start = turn[0]
+        stop = start + _trained_len(ids[start:turn[-1] + 1], special)
+        labels[start:stop], prompt_len, response_end = ids[start:stop], start, stop
+    return Sample(ids, labels, prompt_len, response_end)
 
 
 def tokenize(record: dict, fmt: str, where: str, tok, train_on_inputs: bool) -> Sample:
@@ -295,7 +332,8 @@ def _fit(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], dict]:
                 stats["dropped_too_long"] += 1
                 continue
             stats["truncated"] += 1
-            s = Sample(s.input_ids[: cfg.seq_len], s.labels[: cfg.seq_len], min(s.prompt_len, cfg.seq_len))
+            cut = cfg.seq_len
+            s = Sample(s.input_ids[:cut], s.labels[:cut], min(s.prompt_len, cut), min(s.response_end or cut, cut))
         if all(label == -100 for label in s.labels[1:]):  # the first token is never a target
             stats["dropped_untrained"] += 1
             continue

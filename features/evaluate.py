@@ -4,9 +4,11 @@
 
 Validation loss is token-weighted over the whole validation set (the same accounting as
 training). Exact match greedily generates the response of the first N validation samples from
-their prompt and counts those whose tokens equal the reference, end-of-sequence token included
-(so an answer that is right but does not stop is wrong). It is meaningful for tasks with one
-right answer, like the embedded dataset; set --eval-exact-match 0 for open-ended data.
+their prompt and counts those whose tokens equal the reference: the trained span of the last
+response, its end-of-turn (or end-of-sequence) token included, so an answer that is right but
+does not stop is wrong (see features/data.py for the span). Generation stops at the tokenizer's
+eos and at the references' end-of-turn tokens. It is meaningful for tasks with one right answer,
+like the embedded dataset; set --eval-exact-match 0 for open-ended data.
 """
 
 import torch
@@ -14,7 +16,7 @@ import torch
 from features.attention import eval_attention
 from features.chunked_loss import real_logits
 from features.batches import eval_batches, to_device
-from features.data import Sample
+from features.data import Sample, special_ids
 from features.distributed import Dist, all_reduce_sum, is_sharded, unwrap
 from features.loss import count_targets, forward_loss_sum
 
@@ -56,17 +58,18 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
     # collective, so with a mesh every rank answers the same prompts (identical greedy steps)
     sharded = is_sharded(model)
     chosen = chosen if sharded else chosen[d.dp_rank::d.dp_size]
-    net = unwrap(model)
+    net, special = unwrap(model), special_ids(tokenizer)
     net.eval()
     hits = torch.zeros(2, dtype=torch.float64, device=d.device)  # (correct, total)
     for i in range(0, len(chosen), batch_size):
         group = chosen[i:i + batch_size]
-        refs = [s.input_ids[s.prompt_len:] for s in group]
+        refs = [s.input_ids[s.prompt_len:s.response_end] for s in group]
+        stop = sorted({tokenizer.eos_token_id} | {ref[-1] for ref in refs if ref[-1] in special})
         ids, mask = _left_pad([s.input_ids[:s.prompt_len] for s in group], tokenizer.pad_token_id, d.device)
         with autocast, eval_attention(net), real_logits(net):
             out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(map(len, refs)),
                                do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
+                               eos_token_id=stop)
         for row, ref in enumerate(refs):
             hits[0] += out[row, ids.shape[1]:ids.shape[1] + len(ref)].tolist() == ref
         hits[1] += len(group)
