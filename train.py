@@ -49,7 +49,7 @@ from features.deepspeed_zero import DeepSpeedConfig
 from features import sequence_parallel
 from features.sequence_parallel import SequenceParallelConfig
 from features.evaluate import exact_match, validation_loss
-from features import compat, faults
+from features import compat, faults, optional
 from features.faults import FaultsConfig, StepGuard
 from features.lora import LoraConfig
 from features.lora_kernels import LoraKernelsConfig
@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = parse_config(argv)
-        train(cfg)
+        with optional.keep_out(optional.unused(cfg)):  # what other libraries would import on their own
+            train(cfg)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Literal
 
 import torch
@@ -72,6 +73,10 @@ def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> st
         _register()
         return "nanotune_xformers"
     if torch.cuda.get_device_capability(device)[0] >= 9 and _importable("flash_attn.cute"):
+        # the CuTe DSL compiler under flash-attn-4 4.0.0b36 warns at each kernel compile that FA4's own
+        # aux_data argument is no JIT argument: a message for FA4's authors, not for a training run
+        warnings.filterwarnings("ignore", r"Argument aux_data \(position \d+\) cannot be converted to a "
+                                r"JitArgument", UserWarning)
         return "flash_attention_4"
     if _importable("flash_attn"):
         return "flash_attention_2"

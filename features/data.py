@@ -224,7 +224,8 @@ def _prompt_response(record: dict, fmt: str, where: str) -> tuple[str, str]:
 
 
 def _encode(tok, text: str, first: bool) -> list[int]:
-    return tok(text, add_special_tokens=first)["input_ids"]
+    # verbose=False: no warning for a text longer than the tokenizer's model_max_length; --seq-len is the limit
+    return tok(text, add_special_tokens=first, verbose=False)["input_ids"]
 
 
 def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:

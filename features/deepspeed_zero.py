@@ -43,8 +43,11 @@ from pathlib import Path
 
 import torch
 
-from features import UserError
+from features import UserError, optional
 from features.distributed import attention_blocks
+
+# DeepSpeed 0.19.8 warns at import, on a machine without a GPU, that it runs on the CPU (as asked: gloo)
+optional.drop_records("DeepSpeed", "Setting accelerator to CPU")
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 TAG = "deepspeed"  # the tag (sub-directory) of DeepSpeed's files inside a step_<N> checkpoint

@@ -205,8 +205,8 @@ def broadcast_object(obj, d: Dist):
 
 
 def barrier(d: Dist) -> None:
-    if d.world_size > 1:
-        dist.barrier()
+    if d.world_size > 1:  # NCCL: on this rank's GPU, named (torch warns when it has to guess it)
+        dist.barrier(device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
 def teardown() -> None:

@@ -203,7 +203,7 @@ def apply_lora(model, lora_cfg):
     import peft
     from peft.tuners.lora.gptq import GPTQLoraLinear
 
-    from features.lora import _targets
+    from features.lora import _targets, peft_model
 
     quantized = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if isinstance(m, GPTQLinear) or hasattr(m, "qweight")})
@@ -213,7 +213,7 @@ def apply_lora(model, lora_cfg):
                              target_modules=targets, use_rslora=lora_cfg.rslora, bias="none", task_type="CAUSAL_LM")
     config._register_custom_module({GPTQLinear: GPTQLoraLinear})  # peft 0.21's hook for custom layer types
     try:
-        return peft.get_peft_model(model, config, autocast_adapter_dtype=True)
+        return peft_model(model, config)
     except ValueError as e:
         raise UserError(f"--lora-targets {lora_cfg.lora_targets}: {str(e).splitlines()[0]}; the quantized "
                         f"layers are {','.join(quantized)}") from e

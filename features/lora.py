@@ -28,14 +28,20 @@ and on CPU (bitsandbytes 0.50.2).
 Does not work with: two of --lora / --qlora / --lora-8bit at once.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
 
-from features import UserError
+from features import UserError, optional
+
+# bitsandbytes 0.50.2 on an AVX512-BF16 CPU fetches a hub kernel for 4-bit inference at import and logs
+# when it cannot; training never runs that kernel (_work_around_bitsandbytes switches that path off)
+optional.drop_records("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
 
 
 @dataclasses.dataclass
@@ -163,7 +169,7 @@ def apply_lora(model, cfg: LoraConfig):
     # No prepare_model_for_kbit_training: its fp32 upcast of every bf16 weight (embeddings included)
     # is for fp16 training, which we never do; freezing is get_peft_model's; checkpointing is not ours.
     try:
-        model = peft.get_peft_model(model, config, autocast_adapter_dtype=True)
+        model = peft_model(model, config)
     except ValueError as e:
         if "not found in the base model" not in str(e):
             raise
@@ -172,6 +178,23 @@ def apply_lora(model, cfg: LoraConfig):
                         f"are {','.join(names)} (or pass all-linear)") from e
     _work_around_bitsandbytes(model)
     return model
+
+
+def peft_model(model, config):
+    """peft.get_peft_model, adapter weights in fp32."""
+    import peft
+
+    with _peft_wrapping():
+        return peft.get_peft_model(model, config, autocast_adapter_dtype=True)
+
+
+@contextlib.contextmanager
+def _peft_wrapping():
+    """peft 0.21 reads transformers 5.24's deprecated `is_gradient_checkpointing` as it wraps a model; the
+    FutureWarning is addressed to peft."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 def _work_around_bitsandbytes(model) -> None:
@@ -192,8 +215,11 @@ def _not_the_cast_notice(record: logging.LogRecord) -> bool:
 
 def export(model, tokenizer, out_dir) -> Path:
     """Write the adapter in peft's format + the tokenizer (atomically); a preset's base goes in base/."""
+    from transformers.utils import logging as hf_logging
+
     from features.checkpoint import atomic_dir
 
+    hf_logging.disable_progress_bar()  # a bar per shard drowns the log of a non-interactive run
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -256,7 +282,8 @@ def merge_and_save(base: str, adapter_dir, out_dir, dtype: str = "auto") -> Path
                         f"pass --base with a hub id or directory") from e
     if getattr(model, "hf_quantizer", None) is not None:  # a base saved already quantized
         model = model.dequantize()
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with _peft_wrapping():
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base

@@ -36,7 +36,9 @@ from typing import Literal
 
 import torch
 
-from features import UserError
+from features import UserError, optional
+
+optional.quiet_torchao()  # torchao prints at import: filtered before --qat or --fp8 imports it
 
 
 @dataclasses.dataclass

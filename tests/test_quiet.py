@@ -1,0 +1,54 @@
+"""A run prints nanotune's own lines only, and imports the heavy optional packages only for the flags that use them."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+OPTIONAL = ["torchao", "deepspeed", "bitsandbytes", "liger_kernel", "cut_cross_entropy", "flash_attn", "xformers",
+            "kernels", "peft"]
+
+# third-party text: warnings (file:line: XWarning, warnings.warn( lines), deprecations, failed kernel loads,
+# tracebacks, glog-style torch log lines (W1202 ...), DeepSpeed's ([2026-...] [WARNING]), progress bars
+THIRD_PARTY = re.compile(r"Warning|warn\(|deprecat|Failed to load|Traceback|terminate called|site-packages|"
+                         r"^[WEI]\d{4} |^\[\d{4}-\d\d-\d\d|it/s\]|Token indices|Setting accelerator")
+
+
+@pytest.fixture
+def data_with_a_long_sample(small_data):
+    """small_data plus one sample longer than the tokenizer's model_max_length (512)."""
+    letters = " ".join("abcdefghij"[i % 10] for i in range(700))
+    with small_data.open("a") as f:
+        f.write(json.dumps({"instruction": "Copy the letters.", "input": letters, "output": letters}) + "\n")
+    return small_data
+
+
+def test_a_default_run_imports_no_optional_package(tmp_path, small_data):
+    """Parse, model build, checkpoint save, resume and export of a default-flag run, in a fresh process."""
+    out = tmp_path / "run"
+    common = ["--dataset", str(small_data), "--val-dataset", "none", "--eval-exact-match", "0", "--micro-batch-size",
+              "4", "--output-dir", str(out)]
+    script = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import train\n"
+              f"assert train.main({common + ['--max-steps', '1', '--save-every', '1']!r}) == 0\n"
+              f"assert train.main({common + ['--max-steps', '2', '--resume', 'auto']!r}) == 0\n"
+              f"print(json.dumps([m for m in {OPTIONAL!r} if sys.modules.get(m) is not None]))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("flags", [[], ["--lora"], ["--qlora"]], ids=["default", "lora", "qlora"])
+def test_the_first_steps_print_only_nanotune_lines(tmp_path, data_with_a_long_sample, flags):
+    cmd = [sys.executable, "train.py", "--dataset", str(data_with_a_long_sample), "--val-size", "16",
+           "--eval-exact-match", "4", "--max-steps", "2", "--save-every", "2", "--output-dir", str(tmp_path / "run"),
+           *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in lines if THIRD_PARTY.search(line)] == []
+    assert any(line.startswith("step 2/2") for line in lines) and "saved the final model" in proc.stdout
