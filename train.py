@@ -317,52 +317,54 @@ def train(cfg: Config) -> dict:
     meter = StepMeter(d.device, d.world_size, train_flops(unwrap(model)), total_steps, start, seen_tokens)
     step_batches = Prefetched(batches, d.device)  # the next steps collated, counted (pinned on CUDA) in a thread
     guard = StepGuard(cfg.faults, d)  # polled once per step: non-finite steps, stop signals (preemption)
-    for step in range(start + 1, total_steps + 1):
-        micro, targets = next(step_batches)  # targets counted on the host, before the copy
-        n_targets = global_count(sum(targets), d)
-        step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
-        for i, mb in enumerate(micro):
-            mb = to_device(mb, d.device)
-            with sync_gradients(model, sync=i == len(micro) - 1), ctx:
-                loss_sum = loss_fn(model, mb)
-            # DDP / FSDP average gradients over the dp x cp ranks: scale by them to get sum / global targets
-            (loss_sum * (d.grad_ranks / n_targets)).backward()
-            step_loss += loss_sum.detach()
-        if deepspeed_zero.is_engine(model):  # DeepSpeed's engine reduces, clips and updates (the one allowed branch)
-            grad_norm = deepspeed_zero.step(model)
-        else:
-            if d.size("tp") > 1:  # --tp --lora: lora_A's gradients, summed over tp once a step
-                tensor_parallel.sum_partial_grads(model)
-            grad_norm = clip_grad_norm(model, cfg.optim.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        if guard.update_ok(step_loss, grad_norm, step):  # a non-finite step is skipped, counted, not logged
-            optimizer.step()
-            scheduler.step()
-            meter.count(sum(targets), sum(map(count_tokens, micro)), sum(mb["sum_sq_len"] for mb in micro))
-            meter.add_loss(step_loss)
-        optimizer.zero_grad(set_to_none=True)
-        log.advance(meter.step_done())
+    try:
+        for step in range(start + 1, total_steps + 1):
+            micro, targets = next(step_batches)  # targets counted on the host, before the copy
+            n_targets = global_count(sum(targets), d)
+            step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
+            for i, mb in enumerate(micro):
+                mb = to_device(mb, d.device)
+                with sync_gradients(model, sync=i == len(micro) - 1), ctx:
+                    loss_sum = loss_fn(model, mb)
+                # DDP / FSDP average gradients over the dp x cp ranks: scale by them to get sum / global targets
+                (loss_sum * (d.grad_ranks / n_targets)).backward()
+                step_loss += loss_sum.detach()
+            if deepspeed_zero.is_engine(model):  # DeepSpeed's engine reduces, clips, updates (the one allowed branch)
+                grad_norm = deepspeed_zero.step(model)
+            else:
+                if d.size("tp") > 1:  # --tp --lora: lora_A's gradients, summed over tp once a step
+                    tensor_parallel.sum_partial_grads(model)
+                grad_norm = clip_grad_norm(model, cfg.optim.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            if guard.update_ok(step_loss, grad_norm, step):  # a non-finite step is skipped, counted, not logged
+                optimizer.step()
+                scheduler.step()
+                meter.count(sum(targets), sum(map(count_tokens, micro)), sum(mb["sum_sq_len"] for mb in micro))
+                meter.add_loss(step_loss)
+            optimizer.zero_grad(set_to_none=True)
+            log.advance(meter.step_done())
 
-        is_last = step == total_steps
-        is_save = guard.stop or cfg.train.save_every > 0 and (step % cfg.train.save_every == 0 or is_last)
-        if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save:
-            record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d)) | guard.metrics()
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
-                record.update(evaluate(model, val, cfg, tok, d, ctx, loss_fn, with_generation=is_last))
-                meter.restart_clock()
-            log.log(record)
-            summary.update(record)
-        if is_save:
-            path = save_checkpoint(out, step, model, optimizer, scheduler, step_batches, d,  # the consumed position
-                                   cfg.train.keep_checkpoints, tokens=meter.tokens)
-            log.print(f"saved {path}")
-            meter.restart_clock()  # evaluation and checkpoint time are not training throughput
-        if guard.stop:  # SIGTERM / SIGUSR1 (preemption): this step is saved; --resume auto continues it
-            log.print(guard.stop_message(path))
-            break
+            is_last = step == total_steps
+            is_save = guard.stop or cfg.train.save_every > 0 and (step % cfg.train.save_every == 0 or is_last)
+            if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save:
+                record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d)) | guard.metrics()
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
+                    record.update(evaluate(model, val, cfg, tok, d, ctx, loss_fn, with_generation=is_last))
+                    meter.restart_clock()
+                log.log(record)
+                summary.update(record)
+            if is_save:
+                path = save_checkpoint(out, step, model, optimizer, scheduler, step_batches, d,  # the consumed position
+                                       cfg.train.keep_checkpoints, tokens=meter.tokens)
+                log.print(f"saved {path}")
+                meter.restart_clock()  # evaluation and checkpoint time are not training throughput
+            if guard.stop:  # SIGTERM / SIGUSR1 (preemption): this step is saved; --resume auto continues it
+                log.print(guard.stop_message(path))
+                break
+    finally:  # on every exit, errors too: a prefetch thread still inside a torch call aborts the interpreter's
+        step_batches.close()  # shutdown ("terminate called without an active exception", exit 134)
+        guard.close()
     log.close()
-    guard.close()
-    step_batches.close()
     if guard.stop:
         return summary | {"stopped": guard.signal or "signal"}
 
@@ -401,13 +403,22 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"error: {e}", 2)
     except torch.OutOfMemoryError as e:  # one message with the sizes and the flags that save memory
-        print(f"error: {faults.oom_report(e, cfg)}", file=sys.stderr)
-        return 3
+        return fail(f"error: {faults.oom_report(e, cfg)}", 3)
+    except RuntimeError as e:  # a collective broken by another rank's exit: that rank says why
+        if not distributed.peer_failure(e):
+            raise
+        return fail(f"error: {distributed.peer_failure(e)}", 1)
     finally:
         teardown()
+
+
+def fail(message: str, code: int) -> int:
+    """The run's one-line error, on stderr and in torchrun's failure summary."""
+    print(message, file=sys.stderr)
+    distributed.record_error(message)
+    return code
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ parallel on the "cp" dim. Refused: dims whose product is not the world size.
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import socket
+import time
 import warnings
 
 import torch
@@ -212,6 +214,29 @@ def barrier(d: Dist) -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def record_error(message: str) -> None:
+    """Hand this rank's one-line error to torchrun, whose failure summary then shows it (as "traceback :")
+    instead of "error_file: <N/A>" and a link. torchrun names a file per worker in TORCHELASTIC_ERROR_FILE;
+    the layout is what torch.distributed.elastic's ErrorHandler writes, with the line as the call stack."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": info}}, f)
+
+
+# what gloo says (torch 2.13) when the process at the other end of a collective has exited
+_PEER_GONE = ("Connection closed by peer", "connection reset by peer", "remote worker crashing")
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """The one-line error of a rank whose collective broke because another rank exited first (that
+    rank prints why); None for any other error, which keeps its traceback."""
+    if not any(words in str(err) for words in _PEER_GONE):
+        return None
+    return f"rank {os.environ.get('RANK', '0')} stopped: another rank exited first (its error says why)"
 
 
 def attention_blocks(model, flag: str) -> list[torch.nn.Module]:

@@ -5,7 +5,9 @@
 --slow-save-at N makes the checkpoint save of step N stall (after its weights are written, before
 its manifest and rename) and touch MARKER, so a test can SIGKILL the process mid-save.
 --step-sleep S sleeps S seconds after each training forward, so a signal sent from outside lands
-mid-run on a fast machine too. Nothing in train.py or features/ reads these: the patches live here.
+mid-run on a fast machine too. --oom-at-step N makes the training forward of step N raise
+torch.OutOfMemoryError on rank 0 while the prefetch thread is busy inside torch calls. Nothing in train.py or
+features/ reads these: the patches live here.
 """
 
 import sys
@@ -44,6 +46,32 @@ def _slow_steps(seconds: float):
     train.forward_loss_sum = slow
 
 
+def _oom_at_step(step: int):
+    import os
+
+    import torch
+
+    import features.prefetch as prefetch
+    import train
+
+    count, forward, calls = prefetch.count_targets, train.forward_loss_sum, {"n": 0}
+
+    def busy_count(labels):  # a second of matmuls, each one outside the GIL: where the thread mostly is
+        a = torch.randn(512, 512)
+        for _ in range(200):
+            a = a @ a / 512 ** 0.5
+        return count(labels)
+
+    def oom(*args, **kwargs):
+        calls["n"] += torch.is_grad_enabled()
+        if calls["n"] == step and os.environ.get("RANK", "0") == "0":  # one rank, as a real one usually is
+            time.sleep(0.2)  # the thread is well into preparing a later step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB.")
+        return forward(*args, **kwargs)
+
+    prefetch.count_targets, train.forward_loss_sum = busy_count, oom
+
+
 def guard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Two gloo ranks poll StepGuard: rank 1 alone gets SIGUSR1, rank 0 alone sees a NaN loss."""
     import json
@@ -76,6 +104,8 @@ def main(argv: list[str]) -> int:
         _slow_manifest(int(own[own.index("--slow-save-at") + 1]), Path(own[own.index("--marker") + 1]))
     if "--step-sleep" in own:
         _slow_steps(float(own[own.index("--step-sleep") + 1]))
+    if "--oom-at-step" in own:
+        _oom_at_step(int(own[own.index("--oom-at-step") + 1]))
     import torch
 
     torch.set_num_threads(2)  # as in conftest: the same float reduction order as the in-process runs

@@ -289,3 +289,37 @@ def test_out_of_memory_is_one_message_with_sizes_and_memory_flags(tmp_path, smal
     assert len(err) == 1 and err[0].startswith("error: out of memory (tried to allocate 2.50 GiB"), err
     assert "--micro-batch-size 4" in err[0] and "--seq-len 512" in err[0]
     assert all(a in err[0] for a in advised) and not any(a in err[0] for a in not_advised), err[0]
+
+
+def test_out_of_memory_with_the_prefetch_thread_busy_exits_3_cleanly(tmp_path, small_data):
+    """A real process: the out-of-memory error stops the run while the prefetch thread is inside torch
+    calls; the thread is stopped first, so the interpreter's exit is not aborted (exit 134)."""
+    proc = _popen(tmp_path / "run", "--dataset", str(small_data), "--max-steps", "6", "--val-dataset", "none", *ARGS,
+                  hook=["--oom-at-step", "2"])
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 3, stderr[-3000:]
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory (tried to allocate 2.50 GiB"), err
+    assert "terminate called" not in stderr and "Traceback" not in stdout + stderr
+
+
+def test_out_of_memory_on_one_of_two_torchrun_ranks_ends_in_one_line_each(tmp_path, small_data):
+    """torchrun, 2 gloo ranks, rank 0 out of memory: rank 0 prints the advice and exits 3, rank 1 (whose
+    collective breaks) one line; torchrun's summary names rank 0's error. torchrun's own traceback of its
+    ChildFailedError stays: the launcher raises it, not a worker."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/fault_hooks.py", "--oom-at-step", "2", "--", "--output-dir", str(tmp_path / "run"),
+           "--eval-exact-match", "0", "--dataset", str(small_data), "--max-steps", "6", "--val-dataset", "none", *ARGS]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = proc.stderr
+    assert proc.returncode == 1, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    oom = [line for line in ours if line.startswith("error: out of memory")]
+    assert len(oom) == 1, err[-3000:]
+    # rank 1's line, unless torchrun's SIGTERM ends it first
+    assert [line for line in ours if line not in oom] in \
+        ([], ["error: rank 1 stopped: another rank exited first (its error says why)"]), ours
+    assert "terminate called" not in err and "[rank" not in err and err.count("Traceback") == 1, err[-3000:]
+    root_cause = err.split("Root Cause (first observed failure):")[1]
+    assert "exitcode  : 3" in root_cause and "traceback : error: out of memory" in root_cause, root_cause
