@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import tyro
 
-from features import UserError, attention, lora, lora_kernels, offload, overrides
+from features import UserError, attention, defaults, lora, lora_kernels, offload, overrides
 from features.attention import AttentionConfig
 from features.batches import StepBatches, count_tokens, to_device
 from features.checkpointing import CheckpointingConfig, apply_checkpointing
@@ -73,10 +73,10 @@ from features.tracking import TrackingConfig
 
 @dataclasses.dataclass
 class TrainConfig:
-    micro_batch_size: int = 32
-    """Samples per forward/backward pass on each rank."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (global batch = micro-batch-size x grad-accum x ranks)."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward pass on each rank (samples, or packed --seq-len rows); unset: 2 (the demo: 32)."""
+    grad_accum: int | None = None
+    """Micro-batches per optimizer step (global batch = micro-batch-size x grad-accum x ranks); unset: 4 (demo: 1)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 derives them from --epochs."""
     epochs: float = 3.0
@@ -131,20 +131,25 @@ class Config:
     sequence_parallel: SequenceParallelConfig = dataclasses.field(default_factory=SequenceParallelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    auto: tyro.conf.Suppress[list[str]] = dataclasses.field(default_factory=list)
+    """The values features/defaults.py chose, each with its reason (not a flag; kept in config.json)."""
+
+
+CLI = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagCreatePairsOff)  # --packing; --no-packing is its own field
 
 
 def validate(cfg: Config) -> None:
     """Refuse values and combinations that cannot work, naming the flag and the fix."""
     t, o, d = cfg.train, cfg.optim, cfg.data
     checks = [
-        (d.seq_len >= 2, f"--seq-len must be at least 2 (got {d.seq_len})"),
-        (o.lr > 0, f"--lr must be positive (got {o.lr})"),
+        (d.seq_len is None or d.seq_len >= 2, f"--seq-len must be at least 2 (got {d.seq_len})"),
+        (o.lr is None or o.lr > 0, f"--lr must be positive (got {o.lr})"),
         (0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1] (got {o.min_lr_ratio})"),
-        (o.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {o.warmup_steps})"),
+        (o.warmup_steps is None or o.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {o.warmup_steps})"),
         (o.weight_decay >= 0, f"--weight-decay must be >= 0 (got {o.weight_decay})"),
         (o.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, 0 disables clipping (got {o.max_grad_norm})"),
-        (t.micro_batch_size >= 1, f"--micro-batch-size must be at least 1 (got {t.micro_batch_size})"),
-        (t.grad_accum >= 1, f"--grad-accum must be at least 1 (got {t.grad_accum})"),
+        ((t.micro_batch_size or 1) >= 1, f"--micro-batch-size must be at least 1 (got {t.micro_batch_size})"),
+        ((t.grad_accum or 1) >= 1, f"--grad-accum must be at least 1 (got {t.grad_accum})"),
         (t.max_steps > 0 or t.max_steps == -1, f"--max-steps must be positive, or -1 to use --epochs (got {t.max_steps})"),
         (t.max_steps > 0 or t.epochs > 0, f"--epochs must be positive (got {t.epochs})"),
         (t.log_every >= 1, f"--log-every must be at least 1 (got {t.log_every})"),
@@ -157,8 +162,13 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    for flag, on, off in (("--compile", cfg.compile.compile, cfg.compile.no_compile),
+                          ("--packing", cfg.packing.packing, cfg.packing.no_packing),
+                          ("--lora-kernels", cfg.lora_kernels.lora_kernels, cfg.lora_kernels.no_lora_kernels)):
+        if on and off:
+            raise UserError(f"{flag} and {flag.replace('--', '--no-')} contradict each other; pass one")
     # the compatibility matrix (features/compat.py): hardware, needed and refused flag pairs, one line each
-    compat.check(cfg, cuda=t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()))
+    compat.check(cfg, cuda=uses_cuda(cfg))
     overrides.validate(cfg.overrides)
     lora.validate(cfg.lora)
     lora_kernels.validate(cfg.lora_kernels, cfg.lora)
@@ -179,11 +189,15 @@ def validate(cfg: Config) -> None:
     fused_loss.validate(cfg.loss, cfg.train.device)
 
 
+def uses_cuda(cfg: Config) -> bool:
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    cfg = tyro.cli(Config, args=argv, config=(tyro.conf.OmitArgPrefixes,),
-                   description=__doc__.split("\n\n")[0])
+    cfg = tyro.cli(Config, args=argv, config=CLI, description=__doc__.split("\n\n")[0])
     alst.expand(cfg)  # a recipe: its flags are set before they are validated
-    validate(cfg)
+    validate(cfg)  # what the user typed, before anything is chosen for them
+    defaults.resolve_flags(cfg, cuda=uses_cuda(cfg))  # unset hyperparameters; the GPU speedups that apply
     return cfg
 
 
@@ -214,9 +228,14 @@ def train(cfg: Config) -> dict:
     out = prepare_output_dir(cfg, d)
     say = print if d.is_main else (lambda *a, **k: None)
 
-    # ---- data
+    # ---- the model's config (its context bounds an unset --seq-len), then the data
     tok = load_tokenizer(cfg.model)
-    train_split, val = load_splits(cfg.data, tok, cfg.train.seed)
+    config = load_config(cfg.model, tok)  # 1. the model: config (+ RoPE / field overrides), attention, weights
+    config = apply_overrides(config, cfg.overrides)
+    check_vocab(config, tok, cfg.model.path)
+    context = getattr(config, "max_position_embeddings", None)
+    choose_seq_len = functools.partial(defaults.seq_len, cfg, context=context)  # when --seq-len is unset
+    train_split, val = load_splits(cfg.data, tok, cfg.train.seed, choose_seq_len)
     batches = StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
                           cfg.train.seed, tok.pad_token_id, d.dp_rank, d.dp_size,
                           pack_to=cfg.data.seq_len if cfg.packing.packing else None)
@@ -224,6 +243,9 @@ def train(cfg: Config) -> dict:
         raise UserError(f"--dataset {cfg.data.dataset}: {len(train_split.samples)} samples are fewer than one "
                         f"step takes ({d.dp_size} data-parallel ranks x --micro-batch-size x --grad-accum); lower them")
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else batches.total_steps(cfg.train.epochs)
+    defaults.warmup_steps(cfg, total_steps)
+    defaults.precision(cfg, d.device)
+    say("defaults: " + "; ".join(cfg.auto) if cfg.auto else "defaults: every value set by hand")
     say(f"data: train {train_split.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set"))
     say(f"data: {batches.steps_in_epoch(0)} steps/epoch, {batches.dropped(0)} samples/epoch left out to "
         f"keep full batches on every rank; {total_steps} steps; {100 * batches.efficiency(0):.1f}% of "
@@ -231,9 +253,6 @@ def train(cfg: Config) -> dict:
 
     # ---- model, then the features in their fixed order (each one an `if` below as it lands)
     precision = resolve_precision(cfg.model, d.device)
-    config = load_config(cfg.model, tok)  # 1. the model: config (+ RoPE / field overrides), attention, weights
-    config = apply_overrides(config, cfg.overrides)
-    check_vocab(config, tok, cfg.model.path)
     attn_impl = attention.resolve(cfg.attention, d.device, config)
     say(f"attention: {attention.describe(attn_impl)}")
     if cfg.alst.alst:

@@ -44,7 +44,9 @@ from features.loss import cross_entropy_sum
 @dataclasses.dataclass
 class CompileConfig:
     compile: bool = False
-    """torch.compile each decoder block (regional compilation: one graph for all blocks, short start-up)."""
+    """torch.compile each decoder block (regional compilation: one graph for all blocks, short start-up); on by default on a CUDA GPU."""
+    no_compile: bool = False
+    """Do not compile, also on a CUDA GPU (where --compile is on by default)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """Inductor mode; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes)."""
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"

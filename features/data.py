@@ -53,8 +53,8 @@ class DataConfig:
     """Held out from the training data when there is no validation set: a fraction (< 1) or a count."""
     max_val_samples: int = 1000
     """At most this many validation samples are kept (evaluation cost stays bounded)."""
-    seq_len: int = 512
-    """Maximum tokens per sample (per block for pretrain)."""
+    seq_len: int | None = None
+    """Maximum tokens per sample (per packed row, per pretrain block); unset: the longest sample, capped at the model's context (packed: at least 4096; the demo: 512)."""
     train_on_inputs: bool = False
     """Also train on prompt tokens (by default only responses are in the loss)."""
     truncation: Literal["drop", "truncate"] = "drop"
@@ -369,12 +369,16 @@ def _pretrain_blocks(records: list[Record], tok, seq_len: int, skip: bool) -> tu
     return [Sample(b, list(b), 0) for b in blocks], dict(dropped_tail_tokens=len(stream) - n * seq_len), bad
 
 
-def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: str) -> Split:
+def _tokenized(records: list[Record], fmt: str, tok, cfg: DataConfig) -> tuple[list[Sample], list[str]]:
+    return _each(records, lambda r, w: tokenize(r, fmt, w, tok, cfg.train_on_inputs), cfg.skip_bad_samples)
+
+
+def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: str, tokenized=None) -> Split:
+    """Tokenize (unless given `_tokenized`'s result), fit to --seq-len, count."""
     if fmt == "pretrain":
         samples, stats, bad = _pretrain_blocks(records, tok, cfg.seq_len, cfg.skip_bad_samples)
     else:
-        tokenized, bad = _each(records, lambda r, w: tokenize(r, fmt, w, tok, cfg.train_on_inputs),
-                               cfg.skip_bad_samples)
+        tokenized, bad = tokenized or _tokenized(records, fmt, tok, cfg)
         samples, stats = _fit(tokenized, cfg)
     if bad:
         stats.update(skipped_bad=len(bad), first_bad=bad[0])
@@ -417,8 +421,15 @@ def _detect(records: list[Record], skip: bool, source: str) -> str:
                     f"expected messages, instruction+output, prompt+completion or text")
 
 
-def load_splits(cfg: DataConfig, tok, seed: int) -> tuple[Split, Split | None]:
-    """Tokenized (train, validation) splits; validation is None with --val-dataset none."""
+def every_sample_fits(longest: int | None) -> int:
+    """An unset seq_len for callers without a model in mind: the longest sample (pretrain: 512-token blocks)."""
+    return longest or 512
+
+
+def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fits) -> tuple[Split, Split | None]:
+    """Tokenized (train, validation) splits; validation is None with --val-dataset none. An unset
+    --seq-len is set in place to `choose_seq_len(longest training sample's tokens, None for pretrain)`
+    (train.py passes features/defaults.py's choice)."""
     records = read_records(cfg.dataset, "--dataset", cfg.dataset_subset, cfg.dataset_split)
     fmt = cfg.dataset_format if cfg.dataset_format != "auto" else _detect(records, cfg.skip_bad_samples, cfg.dataset)
     val_source = _val_source(cfg)
@@ -428,7 +439,13 @@ def load_splits(cfg: DataConfig, tok, seed: int) -> tuple[Split, Split | None]:
         records, val_records = _hold_out(records, cfg, seed)
     else:
         val_records = []
-    train = build_split(records, fmt, tok, cfg, cfg.dataset)
+    tokenized = None
+    if cfg.seq_len is None and fmt == "pretrain":  # a block size: no sample length to follow
+        cfg.seq_len = choose_seq_len(None)
+    elif cfg.seq_len is None:  # tokenized once: the longest sample sets --seq-len, then the split is fit to it
+        tokenized = _tokenized(records, fmt, tok, cfg)
+        cfg.seq_len = choose_seq_len(max((len(s.input_ids) for s in tokenized[0]), default=2))
+    train = build_split(records, fmt, tok, cfg, cfg.dataset, tokenized)
     val = build_split(val_records[: cfg.max_val_samples], fmt, tok, cfg, val_source or "held-out split") \
         if val_records else None
     return train, val

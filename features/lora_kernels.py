@@ -44,7 +44,9 @@ _ACTS = {  # class name of transformers' act_fn -> (activation, its backward(gra
 @dataclasses.dataclass
 class LoraKernelsConfig:
     lora_kernels: bool = False
-    """Fused LoRA autograd kernels for the MLP and the attention projections (--lora/--qlora, no dropout)."""
+    """Fused LoRA autograd kernels for the MLP and the attention projections (--lora/--qlora, no dropout); on by default on a CUDA GPU where they apply."""
+    no_lora_kernels: bool = False
+    """Run peft's own LoRA layers, also on a CUDA GPU (where --lora-kernels is on by default)."""
 
 
 def validate(cfg: LoraKernelsConfig, lora_cfg) -> None:
@@ -131,6 +133,45 @@ def _(x, w, bias, c, d, s):
     return x.new_empty((x.shape[0], w.shape[0]))  # mm/addmm outputs are contiguous
 
 
+def _base_plus(x, base, c, d, s: float, transpose: bool = False) -> torch.Tensor:
+    """x W^T + bias + s c d (transpose: x W + s c d, the input gradient), W the frozen base weight.
+
+    A 4-bit W under torch.compile goes through one opaque op that dequantizes inside it. Were the
+    dequantized copy a value of the traced graph, the min-cut partitioner would save it for backward
+    instead of dequantizing again (it never recomputes a custom op such as bitsandbytes'): a bf16
+    copy of every decoder weight held from forward to backward, more than a bf16 base's own memory."""
+    bias = None if transpose or base.bias is None else base.bias.to(x.dtype)
+    if _is_4bit(base) and torch.compiler.is_compiling():
+        qs = base.weight.quant_state
+        nested = qs.state2 is not None
+        return torch.ops.nanotune.linear4bit_plus(
+            x, base.weight, qs.absmax, qs.code, qs.state2.absmax if nested else None,
+            qs.state2.code if nested else None, qs.offset if nested else None, qs.blocksize,
+            qs.state2.blocksize if nested else 0, list(qs.shape), transpose, bias, c, d, float(s))
+    w = _weight(base).to(x.dtype)
+    return _linear_plus(x, w.t() if transpose else w, bias, c, d, s)
+
+
+@torch.library.custom_op("nanotune::linear4bit_plus", mutates_args=())
+def _linear4bit_plus_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                        absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
+                        blocksize: int, blocksize2: int, shape: list[int], transpose: bool,
+                        bias: torch.Tensor | None, c: torch.Tensor, d: torch.Tensor, s: float) -> torch.Tensor:
+    import bitsandbytes.functional as bnbF
+
+    state2 = bnbF.QuantState(absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32) \
+        if absmax2 is not None else None
+    qs = bnbF.QuantState(absmax, shape=torch.Size(shape), code=code, blocksize=blocksize, quant_type="nf4",
+                         dtype=x.dtype, offset=offset, state2=state2)
+    w = bnbF.dequantize_4bit(packed, qs).to(x.dtype)
+    return _linear_plus_eager(x, w.t() if transpose else w, bias, c, d, s)
+
+
+@_linear4bit_plus_op.register_fake
+def _(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, transpose, bias, c, d, s):
+    return x.new_empty((x.shape[0], shape[1] if transpose else shape[0]))
+
+
 def _lora_forward(x, A, B, base, s):
     """(y, x A^T). The low-rank path runs in the base output's dtype, with fp32 accumulation inside
     the matmuls: on a bf16 base the fp32 adapters (the optimizer's master copy) are cast to bf16 per
@@ -144,9 +185,8 @@ def _lora_forward(x, A, B, base, s):
         xa = x.to(y.dtype) @ A.t().to(y.dtype)
         return y.addmm_(xa, B.t().to(y.dtype), alpha=s), xa
     xa = x @ A.t().to(dt)  # in base(x)'s dtype: dt, or the autocast dtype (matmul and linear cast alike)
-    ot, bias = xa.dtype, base.bias
-    y = _linear_plus(x.to(ot), _weight(base).to(ot), None if bias is None else bias.to(ot), xa, B.t().to(ot), s)
-    return y, xa
+    ot = xa.dtype
+    return _base_plus(x.to(ot), base, xa, B.t().to(ot), s), xa
 
 
 def _lora_backward(dy, x, xa, A, B, base, s, dx=None, need_dx=True):
@@ -161,7 +201,7 @@ def _lora_backward(dy, x, xa, A, B, base, s, dx=None, need_dx=True):
     if not need_dx:
         return None, dA, dB
     if not _is_4bit(base) or _compute_dtype(base, x) == dt:  # dy W + dxa A in dt (_base_grad's dtype)
-        g = _linear_plus(dy.to(dt), _weight(base).to(dt).t(), None, dxa, A.to(dt), 1.0).to(x.dtype)
+        g = _base_plus(dy.to(dt), base, dxa, A.to(dt), 1.0, transpose=True).to(x.dtype)
     else:
         g = _base_grad(dy, base, x).to(dt).addmm_(dxa, A.to(dt)).to(x.dtype)
     return (g if dx is None else dx.add_(g)), dA, dB

@@ -8,7 +8,7 @@ Presets are architecture shapes with random weights, for tests and benchmarks; t
 tokenizer kept in `data/tokenizer` (their vocabulary is never smaller than its). Precision:
 `fp32`; `bf16` stores weights in bf16 (pure bf16 training, the memory-frugal choice);
 `bf16-mixed` keeps fp32 weights and runs matmuls under bf16 autocast (what HF Trainer's
-`bf16=True` does); `auto` is bf16-mixed on CUDA and fp32 on CPU.
+`bf16=True` does); `auto` is chosen by features/defaults.py (a frozen base in bf16 on a GPU).
 """
 
 import contextlib
@@ -68,7 +68,7 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer id or path; default: the model's own (presets: data/tokenizer)."""
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"
-    """Weights and compute dtype (see the module docstring); auto: bf16-mixed on CUDA, fp32 on CPU."""
+    """Weights and compute dtype (see the module docstring); auto: on a bf16 GPU, bf16 for a frozen base (LoRA/QLoRA) and bf16-mixed for a full fine-tune; fp32 on CPU."""
     trust_remote_code: bool = False
     """Allow model code shipped with a hub checkpoint (only for repos you trust)."""
 

@@ -23,14 +23,14 @@ from features import UserError
 class OptimConfig:
     optimizer: Literal["adamw", "adamw-8bit"] = "adamw"
     """adamw (torch; fused on CUDA) or adamw-8bit (bitsandbytes: 8-bit moments, a quarter of the state memory)."""
-    lr: float = 2e-3
-    """Peak learning rate."""
+    lr: float | None = None
+    """Peak learning rate; unset: 2e-4 for LoRA/QLoRA, 2e-5 for full fine-tuning, 2e-3 for the demo."""
     min_lr_ratio: float = 0.1
     """The schedule ends at lr * min-lr-ratio."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
-    warmup_steps: int = 50
-    """Linear warmup from 0 over this many optimizer steps."""
+    warmup_steps: int | None = None
+    """Linear warmup from 0 over this many optimizer steps; unset: 3% of the steps (the demo: 50)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay, on matrices only."""
     adam_beta1: float = 0.9

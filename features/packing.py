@@ -26,7 +26,9 @@ from features.data import Sample
 @dataclasses.dataclass
 class PackingConfig:
     packing: bool = False
-    """Pack several samples into each --seq-len row (attention never crosses a sample)."""
+    """Pack several samples into each --seq-len row (attention never crosses a sample); on by default on a CUDA GPU."""
+    no_packing: bool = False
+    """One sample per row, padded to the longest of its micro-batch, also on a CUDA GPU."""
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int, order: list[int]) -> list[list[int]]:

@@ -26,7 +26,7 @@ BY_FLAG = {f.flag: f for f in ROWS}
 def _parse_only(argv: list[str]) -> train.Config:
     import tyro
 
-    return tyro.cli(train.Config, args=argv, config=(tyro.conf.OmitArgPrefixes,))
+    return tyro.cli(train.Config, args=argv, config=train.CLI)
 
 
 def _leaves(obj, prefix=""):

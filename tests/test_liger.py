@@ -135,7 +135,7 @@ def test_composes_with_alst_and_lora(tok, reference_liger, tmp_path):
     from features.offload import OffloadConfig, apply_offload
     from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp
 
-    cfg = tyro.cli(train.Config, args=["--liger", "--alst", "--lora"], config=(tyro.conf.OmitArgPrefixes,))
+    cfg = tyro.cli(train.Config, args=["--liger", "--alst", "--lora"], config=train.CLI)
     assert expand(cfg) and cfg.liger.liger and cfg.tiled_mlp.tiled_mlp and cfg.offload.offload == "cpu"
     compat.check(cfg, cuda=True)  # not refused
     batch = three_doc_batch()

@@ -117,6 +117,37 @@ def test_qlora_base_real_bitsandbytes(tok, preset):
     assert shapes and not shapes & saved
 
 
+def test_compiled_qlora_saves_no_dequantized_weight(tok):
+    """Under --compile, inductor's min-cut partitioner saves for backward the output of any custom op
+    it cannot recompute, bitsandbytes' dequantize among them: a dense copy of every 4-bit weight held
+    from forward to backward. The 4-bit matmuls are one opaque op (lora_kernels._base_plus), so only
+    the packed weights are kept; the compiled step matches the eager kernels."""
+    pytest.importorskip("bitsandbytes")
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    eager = apply_lora_kernels(_model(tok, layers=1, quantize=torch.float32))
+    compiled = copy.deepcopy(eager)
+    shapes = {tuple(p.quant_state.shape) for p in eager.parameters() if hasattr(p, "quant_state")}
+    saved = []
+
+    def forward_graph(gm, inputs):  # its outputs: the block's output, then what backward keeps
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.extend(tuple(o.meta["val"].shape) for o in out if hasattr(o, "meta") and "val" in o.meta)
+        return gm
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=forward_graph, bw_compiler=lambda gm, _: gm,
+                           partition_fn=min_cut_rematerialization_partition)
+    for layer in compiled.get_base_model().model.layers:
+        layer.compile(backend=backend, fullgraph=True)
+    ids = torch.randint(0, eager.config.vocab_size, (2, 24))
+    _assert_same(_step(eager, ids), _step(compiled, ids), TOL[torch.float32])
+    assert saved and shapes and not shapes & set(saved), (shapes, saved)
+    torch._dynamo.reset()
+
+
 def test_qlora_bf16_compute(tok):
     pytest.importorskip("bitsandbytes")
     _compare(tok, TOL[torch.bfloat16], 5e-2, quantize=torch.bfloat16)

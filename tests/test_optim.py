@@ -13,7 +13,7 @@ ARGS = ["--max-steps", "6", "--log-every", "1", "--micro-batch-size", "8", "--lr
 
 def test_8bit_moments_for_matrices():
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.LayerNorm(128))
-    opt = build_optimizer(model, OptimConfig(optimizer="adamw-8bit"), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(optimizer="adamw-8bit", lr=2e-3), torch.device("cpu"))
     model(torch.randn(4, 128)).square().sum().backward()
     opt.step()
     state = opt.state[model[0].weight]

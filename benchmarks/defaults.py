@@ -1,0 +1,129 @@
+"""What a user gets with no tuning flag, beside the tuned recipe and the Hugging Face baseline (GPU).
+
+    python benchmarks/defaults.py --model llama3-8b --method lora  --out lora.md
+    python benchmarks/defaults.py --model llama3-8b --method qlora --out qlora.md
+    python benchmarks/defaults.py --model llama3.2-1b --method qlora --rows headline --out 1b.md
+
+One command, one table, each row its own process on the same GPU:
+  baseline  the Hugging Face Trainer + peft baseline (benchmarks/peer.py: SDPA + Liger, no activation
+            checkpointing, LoRA r=16 on every linear, bf16, full-length random rows of --seq-len)
+            at micro-batch 2, the default micro-batch of nanotune for a real model, and at 4;
+  tuned     nanotune's tuned recipe, every speed flag by hand: --precision bf16 --lora-kernels
+            --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1;
+  defaults  `train.py --model M --lora --dataset X`, no other flag but the harness's own (steps,
+            output, no evaluation: generation over 4K-token answers is not training throughput);
+  headline  `train.py --packing --attn flash --qlora --model M --dataset X` (the README's command line).
+X is a chat dataset (`messages`) of random-letter conversations of 3,900-4,090 tokens, so rows are
+full like the baseline's and the automatic --seq-len is 4096. Throughput: tokens/s over the
+last logging window (the baseline: its median synchronised step after warm-up); MFU from the
+same model FLOPs (features/model.py train_flops) against the 989 TFLOP/s datasheet peak and the
+783 TFLOP/s measured bf16 matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
+"""
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.lora import MATMUL, PEAK, run_peer  # noqa: E402
+
+TUNED = "--precision bf16 --lora-kernels --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1"
+
+
+def chat_data(path: Path, n: int, tokenizer_dir: Path) -> Path:
+    """n conversations of random letters whose chat rendering is 3,900-4,090 tokens long."""
+    from transformers import AutoTokenizer
+
+    tok, rng = AutoTokenizer.from_pretrained(tokenizer_dir), random.Random(0)
+    lines = []
+    for _ in range(n):
+        target = rng.randint(3900, 4090)
+        words = lambda k: " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=k))  # noqa: E731
+        messages = [{"role": "user", "content": words(target // 2)},
+                    {"role": "assistant", "content": words(target // 2)}]
+        while len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
+                      verbose=False)["input_ids"]) > target:
+            messages[1]["content"] = messages[1]["content"][:-40]
+        lines.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_train(flags: list[str], data: Path, out: Path, steps: int) -> dict:
+    harness = ["--dataset", str(data), "--val-dataset", "none", "--eval-exact-match", "0", "--max-steps", str(steps),
+               "--log-every", str(steps // 2), "--skip-export", "--output-dir", str(out)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *harness], capture_output=True, text=True)
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    steps_logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in steps_logged if "loss" in m][-1]
+    auto = json.loads((out / "config.json").read_text()).get("auto", [])
+    return {"tokens_per_s": last["tokens_per_s"], "peak_gib": last["peak_mem_gib"],
+            "tflops": (last["mfu"] or 0) * PEAK / 1e12, "loss": round(last["loss"], 3), "auto": auto}
+
+
+def rows_for(args) -> list[tuple[str, str, list[str]]]:
+    adapter = "--qlora" if args.method == "qlora" else "--lora"
+    rows = {
+        "baseline": [("baseline", f"micro-batch {m}", ["--liger", "--micro-batch-size", str(m)]) for m in (2, 4)],
+        "tuned": [("tuned", TUNED, ["--model", args.model, adapter, "--lr", "2e-4", *TUNED.split()])],
+        "defaults": [("defaults", f"--model {args.model} {adapter}", ["--model", args.model, adapter])],
+        "headline": [("headline", f"--packing --attn flash --qlora --model {args.model}",
+                      ["--packing", "--attn", "flash", "--qlora", "--model", args.model])],
+    }
+    return [row for name in args.rows for row in rows[name]]
+
+
+def table(results: list[tuple[str, str, dict]]) -> str:
+    best = max((r["tokens_per_s"] for side, _, r in results if side == "tuned" and "tokens_per_s" in r), default=None)
+    lines = ["| row | command | tokens/s | vs tuned | peak GiB | MFU (989) | MFU (783) | last loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for side, what, r in results:
+        if "error" in r:
+            lines.append(f"| {side} | {what} | failed: {r['error']} | | | | | |")
+            continue
+        t = r["tflops"] * 1e12
+        ratio = f"{r['tokens_per_s'] / best:.2f}" if best else "-"
+        lines.append(f"| {side} | `{what}` | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} | "
+                     f"{100 * t / PEAK:.1f}% | {100 * t / MATMUL:.1f}% | {r.get('loss', '-')} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    p.add_argument("--rows", nargs="+", default=["baseline", "tuned", "defaults", "headline"],
+                   choices=["baseline", "tuned", "defaults", "headline"])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--samples", type=int, default=160)
+    p.add_argument("--logs", default=None, help="folder for each row's log and run directory")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    logs = Path(args.logs or tempfile.mkdtemp())
+    logs.mkdir(parents=True, exist_ok=True)
+    data = chat_data(logs / "chats.jsonl", args.samples, ROOT / "data" / "tokenizer")
+    peer_args = argparse.Namespace(model=args.model, seq_len=4096, steps=args.steps + 8)
+    results = []
+    for i, (side, what, flags) in enumerate(rows_for(args)):
+        if side == "baseline":
+            r = run_peer(peer_args, flags + (["--qlora"] if args.method == "qlora" else []), logs)
+        else:
+            r = run_train(flags, data, logs / f"row{i}-{side}", args.steps)
+        results.append((side, what, r))
+        print(json.dumps({"row": side, "what": what, **r}), flush=True)
+    text = table(results)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Defaults that fit the model, the method and the machine, for every value the user did not set.
+
+    python train.py                                          # the embedded demo: its own settings
+    python train.py --model meta-llama/Llama-3.1-8B --lora --dataset chats.jsonl   # peers' LoRA recipe
+    python train.py ... --lr 1e-4 --no-compile               # anything set by hand wins
+
+Hyperparameters (the values Axolotl's and Unsloth's Llama-3 8B examples use; warm-up as TRL's
+recipes do):
+
+| value | embedded demo (tiny-* presets) | LoRA / QLoRA / 8-bit | full fine-tune |
+|---|---|---|---|
+| --lr | 2e-3 | 2e-4 | 2e-5 |
+| --micro-batch-size x --grad-accum | 32 x 1 | 2 x 4 | 2 x 4 |
+| --seq-len | 512 | the longest sample, capped at the model's context (4096 at least when packing) | same |
+| --warmup-steps | 50 | 3% of the steps | same |
+
+Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switch):
+  --precision   a frozen base (LoRA/QLoRA) in bf16 where the GPU has bf16, adapters in fp32 as
+                always; a full fine-tune keeps fp32 masters (bf16-mixed)      [--precision bf16-mixed]
+  --lora-kernels  the fused LoRA kernels, wherever they apply (exact w.r.t. peft)  [--no-lora-kernels]
+  --compile     per-block torch.compile and the compiled loss                       [--no-compile]
+  --packing     no padding: samples packed into --seq-len rows, documents kept apart [--no-packing]
+  --attn        the best installed kernel (features/attention.py)                   [--attn sdpa]
+A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
+reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
+`seq_len` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
+`defaults:` line (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
+"""
+
+import math
+
+import torch
+
+from features import compat
+from features.lora import enabled as adapters_on
+
+DEMO_PREFIX = "tiny-"  # the embedded demo's presets: ~1M parameters, sized for a CPU
+DEMO = dict(lr=2e-3, micro_batch_size=32, grad_accum=1, seq_len=512, warmup_steps=50)
+REAL = dict(lr_adapter=2e-4, lr_full=2e-5, micro_batch_size=2, grad_accum=4, warmup_ratio=0.03, packed_row=4096)
+
+
+def is_demo(cfg) -> bool:
+    return cfg.model.path.startswith(DEMO_PREFIX)
+
+
+def resolve_flags(cfg, cuda: bool) -> None:
+    """Fill in, in place, the flags the user left unset (None) or automatic; each choice is noted in cfg.auto."""
+
+    def choose(obj, field: str, value, flag: str, why: str) -> None:
+        setattr(obj, field, value)
+        cfg.auto.append(f"{flag} {_shown(value)} (auto: {why})")
+
+    t, o, adapters = cfg.train, cfg.optim, adapters_on(cfg.lora)
+    method = "LoRA" if adapters else "full fine-tune"
+    if o.lr is None:
+        lr = DEMO["lr"] if is_demo(cfg) else REAL["lr_adapter"] if adapters else REAL["lr_full"]
+        choose(o, "lr", lr, "--lr", "the demo" if is_demo(cfg) else method)
+    if t.micro_batch_size is None:
+        choose(t, "micro_batch_size", _pick("micro_batch_size", cfg), "--micro-batch-size", _who(cfg))
+    if t.grad_accum is None:
+        choose(t, "grad_accum", _pick("grad_accum", cfg), "--grad-accum", _who(cfg))
+    if cuda:
+        _speedups(cfg, choose)
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:.0e}".replace("e-0", "e-") if isinstance(value, float) else str(value)  # 2e-4
+
+
+def _pick(name: str, cfg):
+    return DEMO[name] if is_demo(cfg) else REAL[name]
+
+
+def _who(cfg) -> str:
+    return "the demo" if is_demo(cfg) else "a real model"
+
+
+def precision(cfg, device: torch.device) -> None:
+    """--precision auto, once the device is known."""
+    if cfg.model.precision != "auto":
+        return
+    if device.type != "cuda":
+        value, why = "fp32", "CPU"
+    elif not torch.cuda.is_bf16_supported():
+        value, why = "fp32", "this GPU has no bf16"
+    elif adapters_on(cfg.lora):  # a frozen base never updates: bf16 storage loses nothing bf16-mixed keeps
+        value, why = "bf16", "frozen base in bf16, adapters in fp32"
+    else:
+        value, why = "bf16-mixed", "full fine-tune: fp32 masters, bf16 matmuls"
+    cfg.model.precision = value
+    cfg.auto.append(f"--precision {value} (auto: {why})")
+
+
+# (config path, off switch path, flag, applies to this run?) in the order they are tried
+_SPEEDUPS = [
+    ("packing.packing", "packing.no_packing", "--packing",
+     lambda cfg: cfg.data.dataset_format != "pretrain"),  # pretrain blocks are already full rows
+    ("lora_kernels.lora_kernels", "lora_kernels.no_lora_kernels", "--lora-kernels",
+     lambda cfg: (cfg.lora.lora or cfg.lora.qlora) and not cfg.lora.dora and cfg.lora.lora_dropout == 0
+     and not cfg.gptq.gptq),
+    ("compile.compile", "compile.no_compile", "--compile",
+     lambda cfg: not (cfg.mesh.tp > 1 and cfg.checkpointing.ac != "none")),  # tensor_parallel refuses the three
+]
+
+
+def _speedups(cfg, choose) -> None:
+    """Turn on each speedup the user did not switch off, where it applies and the matrix accepts it."""
+    for path, off_path, flag, applies in _SPEEDUPS:
+        *parents, field = path.split(".")
+        owner = _get(cfg, parents)
+        if getattr(owner, field) or _get(cfg, off_path.split(".")) or not applies(cfg):
+            continue
+        before = _matrix_problem(cfg)
+        setattr(owner, field, True)
+        if before is None and (reason := _matrix_problem(cfg)) is not None:
+            setattr(owner, field, False)
+            choose(owner, field, False, flag, reason)
+            continue
+        choose(owner, field, True, flag, f"CUDA; {flag.replace('--', '--no-')} turns it off")
+
+
+def _matrix_problem(cfg) -> str | None:
+    return compat.problem(compat.active(cfg), True, compat.rows(cfg))
+
+
+def _get(obj, names: list[str]):
+    for name in names:
+        obj = getattr(obj, name)
+    return obj
+
+
+def seq_len(cfg, longest: int | None, context: int | None) -> int:
+    """--seq-len when unset: the longest tokenized sample (a multiple of 64), capped at the model's
+    context; packed rows and pretrain blocks are at least 4096 tokens (or the context), so that a
+    micro-batch of 2 rows is not a sliver of the GPU."""
+    if is_demo(cfg):
+        want, why = DEMO["seq_len"], "the demo"
+    elif longest is None:  # pretrain: a block size, not a sample's length
+        want, why = REAL["packed_row"], "pretrain blocks"
+    else:
+        want, why = 64 * math.ceil(longest / 64), f"longest sample {longest} tokens"
+    if longest is not None and not is_demo(cfg) and cfg.packing.packing and want < REAL["packed_row"]:
+        want, why = REAL["packed_row"], f"packed rows; longest sample {longest} tokens"
+    if context and want > context:
+        want, why = context, f"{why}, capped at the model's context {context}"
+    cfg.auto.append(f"--seq-len {want} (auto: {why})")
+    return want
+
+
+def warmup_steps(cfg, total_steps: int) -> None:
+    """--warmup-steps when unset, once the number of steps is known."""
+    if cfg.optim.warmup_steps is not None:
+        return
+    if is_demo(cfg):
+        value, why = DEMO["warmup_steps"], "the demo"
+    else:
+        value, why = max(1, round(REAL["warmup_ratio"] * total_steps)), f"3% of {total_steps} steps"
+    cfg.optim.warmup_steps = value
+    cfg.auto.append(f"--warmup-steps {value} (auto: {why})")

@@ -1,0 +1,137 @@
+"""features/defaults.py: unset values follow the model, the method and the machine; set values win."""
+
+import json
+
+import pytest
+import torch
+import tyro
+
+import train
+from features import UserError, defaults
+
+
+def _parsed(argv: list[str]) -> train.Config:
+    """Parsed and validated, nothing chosen yet (what parse_config hands to defaults.resolve_flags)."""
+    cfg = tyro.cli(train.Config, args=argv, config=train.CLI)
+    train.validate(cfg)
+    return cfg
+
+
+def _resolved(argv: list[str], cuda: bool) -> train.Config:
+    cfg = _parsed(argv)
+    defaults.resolve_flags(cfg, cuda=cuda)
+    return cfg
+
+
+def test_the_demo_keeps_its_settings():
+    cfg = train.parse_config([])
+    assert (cfg.optim.lr, cfg.train.micro_batch_size, cfg.train.grad_accum) == (2e-3, 32, 1)
+    cfg = train.parse_config(["--lora"])  # a tiny preset is the demo, whatever the method
+    assert cfg.optim.lr == 2e-3
+
+
+@pytest.mark.parametrize("method, lr", [([], 2e-5), (["--lora"], 2e-4), (["--qlora"], 2e-4), (["--lora-8bit"], 2e-4)])
+def test_a_real_model_gets_the_peers_recipe(method, lr):
+    cfg = _resolved(["--model", "llama3-8b", *method], cuda=False)
+    assert (cfg.optim.lr, cfg.train.micro_batch_size, cfg.train.grad_accum) == (lr, 2, 4)
+    assert f"--lr {lr:.0e}".replace("e-0", "e-") in cfg.auto[0] and "(auto: " in cfg.auto[0]
+
+
+def test_values_set_by_hand_win():
+    cfg = _resolved(["--model", "llama3-8b", "--lora", "--lr", "1e-4", "--micro-batch-size", "8",
+                     "--grad-accum", "1", "--no-compile"], cuda=True)
+    assert (cfg.optim.lr, cfg.train.micro_batch_size, cfg.train.grad_accum) == (1e-4, 8, 1)
+    assert not cfg.compile.compile
+    assert not any(line.startswith(("--lr", "--micro-batch-size", "--grad-accum", "--compile")) for line in cfg.auto)
+
+
+def test_gpu_speedups_on_by_default():
+    cfg = _resolved(["--model", "llama3-8b", "--lora"], cuda=True)
+    assert cfg.compile.compile and cfg.lora_kernels.lora_kernels and cfg.packing.packing
+    cpu = _resolved(["--model", "llama3-8b", "--lora"], cuda=False)
+    assert not (cpu.compile.compile or cpu.lora_kernels.lora_kernels or cpu.packing.packing)
+
+
+@pytest.mark.parametrize("argv, off", [
+    (["--no-lora-kernels"], "lora_kernels"),
+    (["--no-packing"], "packing"),
+    (["--lora-dropout", "0.1"], "lora_kernels"),  # the fused kernels have no dropout
+    (["--dora"], "lora_kernels"),
+    (["--dataset-format", "pretrain"], "packing"),  # pretrain blocks are full rows already
+])
+def test_each_speedup_stays_off_where_it_does_not_apply(argv, off):
+    cfg = _resolved(["--model", "llama3-8b", "--lora", *argv], cuda=True)
+    assert not getattr(getattr(cfg, off), off)
+
+
+def test_a_speedup_the_matrix_refuses_stays_off_with_the_reason():
+    cfg = _resolved(["--model", "llama3-8b", "--deepspeed", "zero2"], cuda=True)
+    assert not cfg.compile.compile
+    assert any(line.startswith("--compile off (auto: --compile with --deepspeed: ") for line in cfg.auto)
+
+
+def test_an_on_and_off_pair_is_refused():
+    with pytest.raises(UserError, match="--compile and --no-compile"):
+        train.parse_config(["--compile", "--no-compile"])
+
+
+@pytest.mark.parametrize("argv, longest, context, want", [
+    ([], 700, 8192, 704),  # a multiple of 64 over the longest sample
+    (["--packing"], 700, 8192, 4096),  # packed rows are at least 4096 tokens
+    (["--packing"], 700, 2048, 2048),  # ... capped at the model's context
+    ([], 9000, 8192, 8192),
+    (["--dataset-format", "pretrain"], None, 131072, 4096),
+])
+def test_seq_len_follows_the_data(argv, longest, context, want):
+    cfg = _resolved(["--model", "llama3-8b", *argv], cuda=False)
+    assert defaults.seq_len(cfg, longest, context) == want
+    assert cfg.auto[-1].startswith(f"--seq-len {want} (auto: ")
+
+
+def test_warmup_is_three_percent_of_the_steps():
+    cfg = _resolved(["--model", "llama3-8b"], cuda=False)
+    defaults.warmup_steps(cfg, 1000)
+    assert cfg.optim.warmup_steps == 30
+    demo = _resolved([], cuda=False)
+    defaults.warmup_steps(demo, 1000)
+    assert demo.optim.warmup_steps == 50
+
+
+@pytest.mark.parametrize("argv, bf16, want", [
+    (["--lora"], True, "bf16"),  # a frozen base: bf16 storage, adapters in fp32
+    ([], True, "bf16-mixed"),  # full fine-tune: fp32 masters
+    (["--lora"], False, "fp32"),
+])
+def test_precision_on_a_gpu(monkeypatch, argv, bf16, want):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cfg = _resolved(argv, cuda=True)
+    defaults.precision(cfg, torch.device("cuda"))
+    assert cfg.model.precision == want
+    cpu = _resolved(argv, cuda=False)
+    defaults.precision(cpu, torch.device("cpu"))
+    assert cpu.model.precision == "fp32"
+
+
+def test_a_run_of_a_local_checkpoint_says_what_it_chose(tmp_path):
+    """A local model directory is a real model: the real-model defaults, --seq-len from its data."""
+    import transformers
+
+    from features.model import PRESETS, load_tokenizer, ModelConfig
+
+    tok = load_tokenizer(ModelConfig())
+    cls_name, fields = PRESETS["tiny-llama"]
+    config = getattr(transformers, cls_name)(**fields, vocab_size=len(tok))
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "repeat " * (n % 7 + 1), "output": "ok " * (n % 5 + 1)})
+                            + "\n" for n in range(64)))
+    out = tmp_path / "run"
+    assert train.main(["--model", str(tmp_path / "model"), "--dataset", str(data), "--max-steps", "2",
+                       "--eval-exact-match", "0", "--output-dir", str(out), "--device", "cpu"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    longest = max(len(tok(json.loads(line)["output"])["input_ids"]) for line in data.read_text().splitlines())
+    assert saved["optim"]["lr"] == 2e-5 and saved["train"]["micro_batch_size"] == 2
+    assert saved["data"]["seq_len"] % 64 == 0 and saved["data"]["seq_len"] > longest
+    assert any(line.startswith(f"--seq-len {saved['data']['seq_len']} (auto: longest sample") for line in saved["auto"])
+    assert saved["model"]["precision"] == "fp32" and saved["optim"]["warmup_steps"] == 1
