@@ -27,18 +27,22 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 
 from features import UserError, deepspeed_zero
 from features.distributed import Dist, barrier, broadcast_object, unwrap
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
-# Frozen weights are not saved (an adapter run stores only the adapter); strict=False lets them load.
-_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+# torch.distributed.checkpoint is imported where a checkpoint is saved or loaded: it pulls in DTensor and
+# sympy, which `train.py --help` and a refused flag need not wait for
+
+
+def _options():
+    """Frozen weights are not saved (an adapter run stores only the adapter); strict=False lets them load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _trainable(model) -> dict:
@@ -145,6 +149,8 @@ def _os_error(e: BaseException) -> OSError | None:
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, batches, d: Dist,
                     keep: int, tokens: int = 0) -> Path:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     root = Path(output_dir) / "checkpoints"
     tmp = root / f".tmp-step_{step:08d}"
     try:
@@ -160,6 +166,9 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, ba
 
 
 def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, keep: int, tokens: int) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,7 +177,7 @@ def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, 
     if deepspeed_zero.is_engine(model):  # --deepspeed: the engine's own format (ZeRO partitions)
         deepspeed_zero.save(model, tmp)
     else:
-        optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_OPTIONS)
+        optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_options())
         with warnings.catch_warnings():  # one process: DCP warns that it runs without a process group
             warnings.simplefilter("ignore", UserWarning)
             dcp.save({"model": _trainable(model), "optim": optim_sd}, checkpoint_id=tmp)
@@ -189,15 +198,19 @@ def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -> dict:
     """Restore everything saved by save_checkpoint; returns its trainer state (step, tokens, ...)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
     state = json.loads((path / "trainer_state.json").read_text())
     if deepspeed_zero.is_engine(model):  # --deepspeed: the engine's own format (same world size)
         deepspeed_zero.load(model, path)
     else:
-        sd = {"model": _trainable(model), "optim": get_optimizer_state_dict(unwrap(model), optimizer, options=_OPTIONS)}
+        optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_options())
+        sd = {"model": _trainable(model), "optim": optim_sd}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, checkpoint_id=path)  # weights load in place; the optimizer state is set below
-        set_optimizer_state_dict(unwrap(model), optimizer, sd["optim"], options=_OPTIONS)
+        set_optimizer_state_dict(unwrap(model), optimizer, sd["optim"], options=_options())
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["data"])
     rng_file = path / f"rng_rank{d.rank}.pt"
