@@ -5,7 +5,7 @@ Liger (--liger, --loss liger), cut_cross_entropy (--loss cce) and the attention 
 GPU) inside the functions that use them. Two of them are also imported by other libraries, on their
 own, whenever they are installed: transformers 5.24 imports torchao (its torchao quantizer's saving
 helpers) as it loads any model, and accelerate 1.15 imports DeepSpeed as transformers saves one. Each
-takes seconds and prints its import-time lines (torchao: "Failed to load ... .so" and torch's pytree
+costs import time and prints its import-time lines (torchao: "Failed to load ... .so" and torch's pytree
 deprecations; DeepSpeed: "Setting accelerator to CPU"). For the length of a run, `keep_out` marks
 those that its flags do not use as not importable (None in sys.modules, Python's own marker), and the
 libraries' probes (importlib.util.find_spec) then find them absent.
