@@ -148,8 +148,9 @@ def validate(cfg: Config) -> None:
         (o.warmup_steps is None or o.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {o.warmup_steps})"),
         (o.weight_decay >= 0, f"--weight-decay must be >= 0 (got {o.weight_decay})"),
         (o.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, 0 disables clipping (got {o.max_grad_norm})"),
-        ((t.micro_batch_size or 1) >= 1, f"--micro-batch-size must be at least 1 (got {t.micro_batch_size})"),
-        ((t.grad_accum or 1) >= 1, f"--grad-accum must be at least 1 (got {t.grad_accum})"),
+        (t.micro_batch_size is None or t.micro_batch_size >= 1,
+         f"--micro-batch-size must be at least 1 (got {t.micro_batch_size})"),
+        (t.grad_accum is None or t.grad_accum >= 1, f"--grad-accum must be at least 1 (got {t.grad_accum})"),
         (t.max_steps > 0 or t.max_steps == -1, f"--max-steps must be positive, or -1 to use --epochs (got {t.max_steps})"),
         (t.max_steps > 0 or t.epochs > 0, f"--epochs must be positive (got {t.epochs})"),
         (t.log_every >= 1, f"--log-every must be at least 1 (got {t.log_every})"),
@@ -330,7 +331,8 @@ def train(cfg: Config) -> dict:
     summary = {"step": start}
     if start == 0:
         summary["before"] = evaluate(model, val, cfg, tok, d, ctx, loss_fn, with_generation=True)
-        log.log({"step": 0, **summary["before"]})
+        if summary["before"]:  # nothing to show without a validation set
+            log.log({"step": 0, **summary["before"]})
 
     # ---- the loop
     meter = StepMeter(d.device, d.world_size, train_flops(unwrap(model)), total_steps, start, seen_tokens)

@@ -1,9 +1,14 @@
 import json
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads: OpenMP threads that spin while waiting steal the 2 cores from the other processes
+# a test starts (gloo ranks, train.py runs); passive ones sleep. Subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

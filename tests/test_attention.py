@@ -49,8 +49,8 @@ def test_packed_equals_unpacked_loss_and_gradients(tok, preset, impl):
     loss_p, grads_p = _loss_and_grads(model, packed, impl)
     loss_u, grads_u = _loss_and_grads(model, unpacked, impl)
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-5)
-    for name in grads_u:
-        torch.testing.assert_close(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in grads_u:  # atol: a tied embedding's gradient sums over every position, in another order when packed
+        torch.testing.assert_close(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _doc_b_logits(model, impl, first_doc, docs):
