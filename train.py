@@ -79,8 +79,8 @@ class TrainConfig:
     """Micro-batches per optimizer step (global batch = micro-batch-size x grad-accum x ranks); unset: 4 (demo: 1)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 derives them from --epochs."""
-    epochs: float = 3.0
-    """Passes over the training data (fractions allowed), when --max-steps is -1."""
+    epochs: float | None = None
+    """Passes over the training data (fractions allowed), when --max-steps is -1; unset: 3 (the demo: 1.6)."""
     seed: int = 0
     """Seeds the weights of presets, the data order and dropout."""
     output_dir: str | None = None
@@ -152,7 +152,7 @@ def validate(cfg: Config) -> None:
          f"--micro-batch-size must be at least 1 (got {t.micro_batch_size})"),
         (t.grad_accum is None or t.grad_accum >= 1, f"--grad-accum must be at least 1 (got {t.grad_accum})"),
         (t.max_steps > 0 or t.max_steps == -1, f"--max-steps must be positive, or -1 to use --epochs (got {t.max_steps})"),
-        (t.max_steps > 0 or t.epochs > 0, f"--epochs must be positive (got {t.epochs})"),
+        (t.max_steps > 0 or t.epochs is None or t.epochs > 0, f"--epochs must be positive (got {t.epochs})"),
         (t.log_every >= 1, f"--log-every must be at least 1 (got {t.log_every})"),
         (min(t.eval_every, t.save_every, t.eval_exact_match, t.keep_checkpoints) >= 0,
          "--eval-every, --save-every, --eval-exact-match and --keep-checkpoints must be >= 0"),

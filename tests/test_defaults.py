@@ -25,7 +25,7 @@ def _resolved(argv: list[str], cuda: bool) -> train.Config:
 
 def test_the_demo_keeps_its_settings():
     cfg = train.parse_config([])
-    assert (cfg.optim.lr, cfg.train.micro_batch_size, cfg.train.grad_accum) == (2e-3, 32, 1)
+    assert (cfg.optim.lr, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.epochs) == (2e-3, 32, 1, 1.6)
     cfg = train.parse_config(["--lora"])  # a tiny preset is the demo, whatever the method
     assert cfg.optim.lr == 2e-3
 
@@ -33,7 +33,7 @@ def test_the_demo_keeps_its_settings():
 @pytest.mark.parametrize("method, lr", [([], 2e-5), (["--lora"], 2e-4), (["--qlora"], 2e-4), (["--lora-8bit"], 2e-4)])
 def test_a_real_model_gets_the_peers_recipe(method, lr):
     cfg = _resolved(["--model", "llama3-8b", *method], cuda=False)
-    assert (cfg.optim.lr, cfg.train.micro_batch_size, cfg.train.grad_accum) == (lr, 2, 4)
+    assert (cfg.optim.lr, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.epochs) == (lr, 2, 4, 3.0)
     assert f"--lr {lr:.0e}".replace("e-0", "e-") in cfg.auto[0] and "(auto: " in cfg.auto[0]
 
 
