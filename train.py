@@ -151,7 +151,8 @@ def validate(cfg: Config) -> None:
         (t.micro_batch_size is None or t.micro_batch_size >= 1,
          f"--micro-batch-size must be at least 1 (got {t.micro_batch_size})"),
         (t.grad_accum is None or t.grad_accum >= 1, f"--grad-accum must be at least 1 (got {t.grad_accum})"),
-        (t.max_steps > 0 or t.max_steps == -1, f"--max-steps must be positive, or -1 to use --epochs (got {t.max_steps})"),
+        (t.max_steps > 0 or t.max_steps == -1,
+         f"--max-steps must be positive, or -1 to use --epochs (got {t.max_steps})"),
         (t.max_steps > 0 or t.epochs is None or t.epochs > 0, f"--epochs must be positive (got {t.epochs})"),
         (t.log_every >= 1, f"--log-every must be at least 1 (got {t.log_every})"),
         (min(t.eval_every, t.save_every, t.eval_exact_match, t.keep_checkpoints) >= 0,
@@ -176,9 +177,9 @@ def validate(cfg: Config) -> None:
     tracking.validate(cfg.tracking)
     distributed.validate(cfg.mesh)
     fsdp.validate(cfg.sharding, cfg.mesh)
-    deepspeed_zero.validate(cfg.deepspeed, {"--fsdp": cfg.sharding.fsdp, "--ddp": cfg.sharding.ddp, "--tp": cfg.mesh.tp > 1,
-                            "--cp": cfg.mesh.cp > 1, "--qlora": cfg.lora.qlora, "--compile": cfg.compile.compile,
-                            "--qat": cfg.qat.qat})
+    deepspeed_zero.validate(cfg.deepspeed, {"--fsdp": cfg.sharding.fsdp, "--ddp": cfg.sharding.ddp,
+                            "--tp": cfg.mesh.tp > 1, "--cp": cfg.mesh.cp > 1, "--qlora": cfg.lora.qlora,
+                            "--compile": cfg.compile.compile, "--qat": cfg.qat.qat})
     sequence_parallel.validate(cfg.sequence_parallel, cfg.mesh.cp, cfg.mesh.tp)
     qat.validate(cfg.qat, "--qlora" if cfg.lora.qlora else "--lora-8bit" if cfg.lora.lora_8bit else None)
     fp8.validate(cfg.fp8, cfg.train.device, adapters=lora.enabled(cfg.lora), qat=cfg.qat.qat)
@@ -224,7 +225,8 @@ def evaluate(model, val, cfg: Config, tok, d: Dist, ctx, loss_fn, with_generatio
 
 def train(cfg: Config) -> dict:
     # ---- processes, seeds, run directory
-    d = init_distributed(cfg.train.device, cfg.mesh, need_group=cfg.sharding.fsdp or deepspeed_zero.enabled(cfg.deepspeed))
+    d = init_distributed(cfg.train.device, cfg.mesh,
+                         need_group=cfg.sharding.fsdp or deepspeed_zero.enabled(cfg.deepspeed))
     torch.manual_seed(cfg.train.seed)
     out = prepare_output_dir(cfg, d)
     say = print if d.is_main else (lambda *a, **k: None)
@@ -261,7 +263,8 @@ def train(cfg: Config) -> dict:
     if cfg.gptq.gptq:  # a GPTQ checkpoint: 4-bit linears (transformers + gptqmodel, else features/gptq.py)
         model = gptq.load_model(cfg.model, config, d.device, attn_impl)
     else:
-        model = load_model(cfg.model, config, d.device, attn_impl, fsdp.quantization_storage(lora.quantization_config(cfg.lora, d.device), cfg.sharding))
+        model = load_model(cfg.model, config, d.device, attn_impl,
+                           fsdp.quantization_storage(lora.quantization_config(cfg.lora, d.device), cfg.sharding))
     # 2. module swaps (Liger, TiledMLP, FP8, QAT) land here
     if cfg.liger.liger:  # Liger's norm / RoPE / GLU kernels (MLPs left to --lora-kernels when it is on)
         model = apply_liger(model, cfg.liger, fuse_mlp=not cfg.lora_kernels.lora_kernels)
@@ -309,8 +312,8 @@ def train(cfg: Config) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     if deepspeed_zero.enabled(cfg.deepspeed):  # 7'. DeepSpeed ZeRO: its engine wraps the model and the optimizer
         model, optimizer = deepspeed_zero.apply_deepspeed(model, optimizer, deepspeed_zero.build_config(
-            cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm, precision, d.dp_size,
-            adapters=lora.enabled(cfg.lora)))
+            cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm, precision,
+            d.dp_size, adapters=lora.enabled(cfg.lora)))
     resume_from = resolve_resume(cfg.train.resume, out, d)
     state = load_checkpoint(resume_from, model, optimizer, scheduler, batches, d) if resume_from else {}
     start, seen_tokens = state.get("step", 0), state.get("tokens", 0)

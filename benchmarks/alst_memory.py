@@ -116,7 +116,8 @@ def main(argv=None):
     pos = torch.arange(args.seq)[None]
     cos, sin = model.get_base_model().model.rotary_emb(x, pos)
     inputs = {x.untyped_storage().data_ptr(): ("(block input)", "-"),
-              cos.untyped_storage().data_ptr(): ("(rope cos)", "-"), sin.untyped_storage().data_ptr(): ("(rope sin)", "-")}
+              cos.untyped_storage().data_ptr(): ("(rope cos)", "-"),
+              sin.untyped_storage().data_ptr(): ("(rope sin)", "-")}
     rows = account(lambda: block(x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin)),
                    inputs, params, names)
 
@@ -132,7 +133,8 @@ def main(argv=None):
 def report(rows, tile_rows, args, hidden, tile):
     vec = 2 * hidden  # one hidden-size bf16 vector
     lines = [f"Saved for backward by one recomputed decoder block, per token (llama3-8b shape, bf16 base, LoRA r=16, "
-             f"--tiled-mlp-shards {args.shards}; row of {args.seq} tokens). A vector = one hidden-size bf16 vector = {vec} bytes.", "",
+             f"--tiled-mlp-shards {args.shards}; row of {args.seq} tokens). "
+             f"A vector = one hidden-size bf16 vector = {vec} bytes.", "",
              "| module | producing op | dtype | bytes/token | vectors | saved by |", "|---|---|---|---:|---:|---|"]
     total = 0
     for (where, op, dtype), (nbytes, nodes) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
@@ -143,7 +145,8 @@ def report(rows, tile_rows, args, hidden, tile):
         lines.append(f"| {where} | {op} | {dtype} | {per:.0f} | {per / vec:.2f} | {', '.join(sorted(nodes))} |")
     lines.append(f"| **total** | | | **{total:.0f}** | **{total / vec:.2f}** | |")
     tile_total = sum(b for b, _ in tile_rows.values())
-    lines += ["", f"Tiled MLP, in backward only, one tile of {tile} tokens (auto tiling at {args.at} tokens) at a time: "
+    lines += ["", f"Tiled MLP, in backward only, one tile of {tile} tokens "
+              f"(auto tiling at {args.at} tokens) at a time: "
               f"{tile_total / 2**20:.0f} MiB, {tile_total / tile:.0f} bytes per tile token "
               f"({tile_total / tile / vec:.1f} vectors), {tile_total / args.at:.0f} bytes per token at {args.at}:", "",
               "| module | producing op | dtype | bytes/tile token |", "|---|---|---|---:|"]

@@ -64,7 +64,9 @@ def make_backends(lengths, q, k, v):
     cu[1:] = torch.tensor(lengths, device=dev).cumsum(0)
     longest = max(lengths)
     docs = _doc_ids(lengths, dev)
-    flat = lambda t: t[0].transpose(0, 1).contiguous().requires_grad_()  # (1,H,S,D) -> (S,H,D)
+
+    def flat(t):  # (1,H,S,D) -> (S,H,D)
+        return t[0].transpose(0, 1).contiguous().requires_grad_()
 
     def sdpa():
         idx = torch.arange(s, device=dev)
@@ -77,7 +79,10 @@ def make_backends(lengths, q, k, v):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         compiled = torch.compile(flex_attention)
-        mask_mod = lambda b, h, qi, ki: (docs[qi] == docs[ki]) & (qi >= ki)
+
+        def mask_mod(b, h, qi, ki):
+            return (docs[qi] == docs[ki]) & (qi >= ki)
+
         block = create_block_mask(mask_mod, 1, None, s, s, device=dev)
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
         return lambda: compiled(qq, kk, vv, block_mask=block, enable_gqa=True).sum().backward()

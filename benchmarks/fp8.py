@@ -71,7 +71,8 @@ def table(results: dict, args) -> str:
              f"micro-batch {args.micro_batch_size}, pure bf16 + AdamW, --compile, --loss chunked "
              f"{args.extra}; {gpu}; git {sha.strip()}; torch {torch.__version__}.",
              f"Command: `python benchmarks/fp8.py {' '.join(sys.argv[1:])}`", "",
-             "| row | tokens/s | vs bf16 | MFU (bf16 peak) | peak GiB | loss at last step |", "|---|---|---|---|---|---|"]
+             "| row | tokens/s | vs bf16 | MFU (bf16 peak) | peak GiB | loss at last step |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
         if r["tokens_per_s"] is None:
             lines.append(f"| {name} | failed (exit {r['rc']}, see {name.replace(' ', '-')}.log) | | | | |")

@@ -78,7 +78,7 @@ def try_nanotune(model: str, seq_len: int, flags: list[str], tmp: Path, timeout:
            "--output-dir", str(run), *flags]
 
     def parse():
-        step = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        step = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         step = [m for m in step if "loss" in m][-1]
         return {"tokens_per_s": step["tokens_per_s"], "peak_gib": step["peak_mem_gib"], "loss": step["loss"]}
 
@@ -178,7 +178,8 @@ def plan_record(probes: list[tuple[int, dict]], target: int, layers: int, hidden
         if peak <= gpu_gib:
             keep = max(keep, min(inputs, gpu_gib - peak) * 0.5)  # spare room: fewer copies, less host RAM
             return length, round(keep, 1), {"fixed_gib": fixed, "gib_per_16k": per_token * 16 * K,
-                                            "inputs_gib": inputs, "predicted_peak_gib": fixed + per_token * length + keep}
+                                            "inputs_gib": inputs,
+                                            "predicted_peak_gib": fixed + per_token * length + keep}
     return 0, 0.0, {"fixed_gib": fixed, "gib_per_16k": per_token * 16 * K}
 
 
@@ -247,7 +248,8 @@ def main():
     p.add_argument("--gpu-gib", type=float, default=128.0, help="--record: device memory the plan may use")
     p.add_argument("--host-gib", type=float, default=80.0, help="--record: pinned host memory the plan may use")
     p.add_argument("--keep-gib", type=float, default=None,
-                   help="--record: this --offload-keep-gib and length instead of the plan (one probe at --probe, 0 = none)")
+                   help="--record: this --offload-keep-gib and length instead of the plan "
+                        "(one probe at --probe, 0 = none)")
     p.add_argument("--layers", type=int, default=32, help="--record: decoder blocks of --model")
     p.add_argument("--hidden", type=int, default=4096, help="--record: hidden size of --model")
     args = p.parse_args()
@@ -284,7 +286,8 @@ def main():
         if row_flags is not None:
             start = max(args.start, row.best()[0])  # the next row adds a feature: start at this best
     text = table(rows)
-    note = (f"\n{args.model} (llama3-8b = the Llama-3.1-8B shape), LoRA r=16, bf16, micro-batch 1, one step per try; budget {args.budget_s:.0f} s "
+    note = (f"\n{args.model} (llama3-8b = the Llama-3.1-8B shape), LoRA r=16, bf16, micro-batch 1, one step per try; "
+            f"budget {args.budget_s:.0f} s "
             f"(used {time.perf_counter() - t0:.0f} s); PYTORCH_CUDA_ALLOC_CONF="
             f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
     if args.out:

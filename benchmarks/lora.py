@@ -10,8 +10,9 @@ of the decoder, micro-batch 1, full-length rows (the peer: random token ids; nan
 text in --dataset-format pretrain blocks, so no padding either). Each row is a separate process.
 Throughput: the peer's median CUDA-synchronised step time after 5 warm-up steps; nanotune's
 tokens/s over its last logging window (steps 11-20). MFU: model FLOPs (features/model.py
-train_flops: 4N per token for a frozen base, 6N when every weight trains, + attention 12 * layers * heads * head_dim * seq)
-against the 989 TFLOP/s datasheet peak and the 783 TFLOP/s measured bf16 matmul ceiling.
+train_flops: 4N per token for a frozen base, 6N when every weight trains,
++ attention 12 * layers * heads * head_dim * seq) against the 989 TFLOP/s datasheet peak and the
+783 TFLOP/s measured bf16 matmul ceiling.
 """
 
 import argparse
@@ -52,7 +53,7 @@ def run_nanotune(args, extra: list[str], data: Path, tmp: Path, fmt: str = "pret
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]}
-    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     last = steps[-1]
     return {"tokens_per_s": last["tokens_per_s"], "peak_gib": last["peak_mem_gib"],

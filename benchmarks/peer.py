@@ -166,9 +166,10 @@ def main():
     step = sum(timer.times[timed]) / len(timer.times[timed]) if args.data else statistics.median(timer.times[timed])
     tokens = sum(timer.tokens[timed]) / len(timer.tokens[timed])  # real tokens per step
     flops = per_token * tokens + per_sq * sum(timer.sum_sq[timed]) / len(timer.sum_sq[timed])
-    losses = [round(l["loss"], 3) for l in timer.logs if "loss" in l]
-    norms = [round(l["grad_norm"], 3) for l in timer.logs if "grad_norm" in l]
-    result = {"side": "peer (HF Trainer" + (")" if args.full else " + peft)"), "model": args.model, "seq_len": args.seq_len,
+    losses = [round(log["loss"], 3) for log in timer.logs if "loss" in log]
+    norms = [round(log["grad_norm"], 3) for log in timer.logs if "grad_norm" in log]
+    result = {"side": "peer (HF Trainer" + (")" if args.full else " + peft)"), "model": args.model,
+              "seq_len": args.seq_len,
               "micro_batch_size": args.micro_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
               "liger": args.liger, "qlora": args.qlora, "step_s": step, "tokens_per_s": tokens / step,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tflops": flops / step / 1e12,

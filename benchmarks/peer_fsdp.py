@@ -146,8 +146,10 @@ def main():
         for i, t in enumerate(timer.times):
             step = i + 1
             f.write(json.dumps({"step": step, "loss": timer.losses.get(step, float("nan")), "tokens": step * per_step,
-                                "tokens_per_s": per_step / t, "peak_mem_gib": peak, "mfu": None, "fsdp2": sharded}) + "\n")
-    print(f"peer_fsdp: FSDP2 {'on' if sharded else 'OFF'}, {len(timer.times)} steps, losses {[round(v, 4) for v in timer.losses.values()]}, "
+                                "tokens_per_s": per_step / t, "peak_mem_gib": peak, "mfu": None,
+                                "fsdp2": sharded}) + "\n")
+    print(f"peer_fsdp: FSDP2 {'on' if sharded else 'OFF'}, {len(timer.times)} steps, "
+          f"losses {[round(v, 4) for v in timer.losses.values()]}, "
           f"median {per_step / sorted(timer.times)[len(timer.times) // 2]:,.0f} tok/s, peak {peak:.2f} GiB")
 
 

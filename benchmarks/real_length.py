@@ -46,7 +46,8 @@ def main():
         "--gradient-checkpointing --liger --micro-batch-size 16",
         "--gradient-checkpointing --liger --micro-batch-size 16 --group-by-length",
         "--gradient-checkpointing --liger --micro-batch-size 16 --padding-free"])
-    p.add_argument("--rows", nargs="+", default=["--packing --attn flash --lora-kernels --compile --micro-batch-size 2"])
+    p.add_argument("--rows", nargs="+",
+                   default=["--packing --attn flash --lora-kernels --compile --micro-batch-size 2"])
     args = p.parse_args()
     args.qlora, args.full = False, False
     tmp = Path(tempfile.mkdtemp())

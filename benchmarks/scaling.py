@@ -1,4 +1,4 @@
-"""Scaling from 1 to N GPUs (issue 11): each strategy at each world size, on one global batch.
+"""Scaling from 1 to N GPUs: each strategy at each world size, on one global batch.
 
     # an 8-GPU H200 box, wheels unpacked under /tmp/site; one call (<= 10 min) per row selection, in
     # the order to run them (a session's 30 device minutes hold about 4 such calls after staging):
@@ -147,7 +147,8 @@ def plan(args, rows: list[str], data: Path) -> list[Run]:
     def accum_for(world: int, tp: int) -> tuple[int | None, str | None]:
         dp = world // tp
         if args.global_batch % (args.micro_batch_size * dp):
-            return None, f"--global-batch {args.global_batch} does not divide into {dp} dp ranks x mbs {args.micro_batch_size}"
+            return None, (f"--global-batch {args.global_batch} does not divide into {dp} dp ranks "
+                          f"x mbs {args.micro_batch_size}")
         return args.global_batch // (args.micro_batch_size * dp), None
 
     for mode in dict.fromkeys(ROWS[r].mode for r in rows if not ROWS[r].peer):
@@ -178,16 +179,18 @@ def plan(args, rows: list[str], data: Path) -> list[Run]:
 
 def last_error(log: Path) -> str:
     """The last line of a log that names an error (torchrun's own summary lines left out)."""
-    lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()] if log.is_file() else []
+    lines = ([line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+             if log.is_file() else [])
     noise = ("ChildFailedError", "torch.distributed.elastic", "traceback :", "error_file", "To enable traceback",
              "Root Cause", "Failures:", "<NO_OTHER_FAILURES>", "[W", "warnings.warn")
-    errors = [l for l in lines if re.search(r"Error|error:|Exception|Killed|OOM", l) and not any(n in l for n in noise)]
+    errors = [line for line in lines
+              if re.search(r"Error|error:|Exception|Killed|OOM", line) and not any(n in line for n in noise)]
     return ((errors or lines or ["no output"])[-1])[:160].replace("|", "/")
 
 
 def read_metrics(run_dir: Path, warmup: int) -> dict:
     """Per-step losses, throughput over the steps after `warmup`, peak memory and MFU from metrics.jsonl."""
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = sorted((m for m in records if "loss" in m and m.get("step", 0) > 0), key=lambda m: m["step"])
     if not steps:
         raise ValueError("metrics.jsonl has no training steps")
@@ -291,10 +294,12 @@ def table(runs: list[Run], args) -> str:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, of: {', '.join(ROWS)}")
-    p.add_argument("--worlds", default=None, help="world sizes, e.g. 1,2,4,8 (default: powers of two up to the GPU count; CPU: 1,2)")
+    p.add_argument("--worlds", default=None,
+                   help="world sizes, e.g. 1,2,4,8 (default: powers of two up to the GPU count; CPU: 1,2)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step, at every world size")
     p.add_argument("--micro-batch-size", type=int, default=1)
@@ -304,8 +309,11 @@ def parse(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when visible")
     p.add_argument("--precision", default=None, help="default: bf16 on CUDA (8B full FT fits one H200), fp32 on CPU")
     p.add_argument("--tol", type=float, default=None, help="max per-step |loss diff| (default: 0.05 bf16, 1e-4 fp32)")
-    p.add_argument("--extra", default="", help="more train.py flags for every nanotune run, e.g. --extra='--attn flash --ac full'")
-    p.add_argument("--peer-extra", default="", help="more benchmarks/peer_fsdp.py flags for the peer runs, e.g. --peer-extra=--gradient-checkpointing")
+    p.add_argument("--extra", default="",
+                   help="more train.py flags for every nanotune run, e.g. --extra='--attn flash --ac full'")
+    p.add_argument("--peer-extra", default="",
+                   help="more benchmarks/peer_fsdp.py flags for the peer runs, "
+                        "e.g. --peer-extra=--gradient-checkpointing")
     p.add_argument("--budget-s", type=float, default=540, help="wall-clock seconds for the whole matrix")
     p.add_argument("--logs", default="/tmp/scaling", help="run directories, <run>.log and <run>.cmd")
     p.add_argument("--out", default=None, help="also write the table here")
@@ -335,7 +343,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.list:
         for name, row in ROWS.items():
-            print(f"{name:22s} mode {row.mode:8s} flags: {(row.flags if row.peer else MODES[row.mode] + ' ' + row.flags).strip()}"
+            print(f"{name:22s} mode {row.mode:8s} flags: "
+                  f"{(row.flags if row.peer else MODES[row.mode] + ' ' + row.flags).strip()}"
                   f"{' (peer_fsdp.py)' if row.peer else ''}; N >= {row.min_world}{', CUDA' if row.cuda else ''}")
         return 0
     rows = args.rows.split(",")
@@ -352,7 +361,8 @@ def main(argv=None) -> int:
           f"start-up + compute / N (time a run leaves unused goes to the later ones); logs in {logs}", flush=True)
     for run in runs:
         share = f"<= {args.budget_s * weight(run) / total:4.0f} s  " if run.cmd else ""
-        print(f"  {run.name:22s} {share}" + (run.skip or shlex.join(run.cmd[run.cmd.index('--nproc_per_node'):])), flush=True)
+        print(f"  {run.name:22s} {share}" + (run.skip or shlex.join(run.cmd[run.cmd.index('--nproc_per_node'):])),
+              flush=True)
     if todo and not args.model.startswith("tiny") and args.budget_s * min(map(weight, todo)) / total < 50:
         print("warning: some runs get under 50 s (a large model's start-up alone takes ~30-60 s); select fewer "
               "--rows or --worlds per call, or raise --budget-s", flush=True)

@@ -44,8 +44,8 @@ GIB = 2**30
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 ROWS = [  # (label, mode, flags, GPU-only flags, start per GPU, share of the budget)
     # --alst under DDP failed on 2026-11-25 (--tiled-mlp: "mark a variable ready only once"), so --fsdp
-    ("Ulysses, --alst, --fsdp (+ --liger on GPUs; --attn in the note)", "ulysses", ["--sp-mode", "ulysses", "--fsdp", "--alst"],
-     ["--liger"], 256 * K, 0.8),
+    ("Ulysses, --alst, --fsdp (+ --liger on GPUs; --attn in the note)", "ulysses",
+     ["--sp-mode", "ulysses", "--fsdp", "--alst"], ["--liger"], 256 * K, 0.8),
     # ring materializes one (L/N)^2 block of scores per head: ~20 bytes x 32 heads x (L/N)^2 at once
     ("ring, --alst, --fsdp", "ring", ["--sp-mode", "ring", "--fsdp", "--alst"], [], 4 * K, 0.2),
 ]
@@ -55,7 +55,8 @@ def _text(path: Path, tokens: int) -> Path:
     """One document of random letters (the embedded tokenizer: about one token per letter + space)."""
     if not path.exists():
         rng = random.Random(0)
-        path.write_text(json.dumps({"text": " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=tokens + 256))}) + "\n")
+        path.write_text(json.dumps({"text": " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=tokens + 256))})
+                        + "\n")
     return path
 
 
@@ -171,7 +172,8 @@ def _fill(args, mode, fits, overhead, budget: float, grain: int, cap: int) -> in
     return max(n, 0)
 
 
-def search(args, mode: str, flags: list[str], start: int, dirs: tuple[Path, Path], deadline: float, log) -> list[tuple[int, dict]]:
+def search(args, mode: str, flags: list[str], start: int, dirs: tuple[Path, Path], deadline: float,
+           log) -> list[tuple[int, dict]]:
     """A probe, then lengths as long as the time left allows (at most doubling); a failed start is
     halved (down to --min-len); after the first failure above a fit, one bisection step."""
     grain = 8 * K if args.device == "cuda" else 64  # multiples of 2N (ring's zig-zag shards)
@@ -207,7 +209,8 @@ def search(args, mode: str, flags: list[str], start: int, dirs: tuple[Path, Path
             room = (deadline - time.perf_counter()) / 1.15  # leave room for the prediction's error
             seq_len = _fill(args, mode, fits, overhead, room, grain, cap)
             if seq_len <= best:
-                tries.append((cap, {"status": f"time (the time left fits {_length(seq_len) if seq_len else 'nothing'})"}))
+                tries.append((cap, {"status": f"time (the time left fits "
+                                              f"{_length(seq_len) if seq_len else 'nothing'})"}))
                 break
         elif result["status"] in ("oom", "memory (predicted)", "time"):
             ceiling = seq_len
@@ -268,7 +271,8 @@ def parse(argv=None):
     p.add_argument("--ref", default="524288:633", help="LEN:SECONDS of one step on ONE GPU (Ulysses prediction)")
     p.add_argument("--startup-s", type=float, default=90, help="assumed start-up of a try before one is measured")
     p.add_argument("--gpu-gib", type=float, default=128, help="device memory per GPU the plan may use")
-    p.add_argument("--host-gib", type=float, default=None, help="pinned host memory all ranks may use (default: half the RAM)")
+    p.add_argument("--host-gib", type=float, default=None,
+                   help="pinned host memory all ranks may use (default: half the RAM)")
     p.add_argument("--fixed-gib", type=float, default=20, help="per rank: weights, adapters, optimizer, buffers")
     p.add_argument("--gib-per-token", type=float, default=130 / 2**20, help="per rank: working set per local token")
     p.add_argument("--layers", type=int, default=32)
@@ -305,7 +309,8 @@ def main(argv=None) -> str:
         left = args.budget_s - (time.perf_counter() - t0)
         row_flags = flags + (gpu_flags if args.device == "cuda" else [])
         start = args.start or per_gpu * args.gpus
-        rows.append((label, search(args, mode, row_flags, start, (tmp, runs), time.perf_counter() + left * share / shares, log)))
+        rows.append((label, search(args, mode, row_flags, start, (tmp, runs),
+                                   time.perf_counter() + left * share / shares, log)))
         shares -= share
     note = (f"\n{args.model} (llama3-8b = the Llama-3.1-8B shape), LoRA r=16, bf16, --attn {args.attn}, one "
             f"document per row, one step per try, --cp {args.gpus}; {versions()}; host memory for offload "

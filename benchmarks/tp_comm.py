@@ -42,7 +42,8 @@ _DTYPE_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "lo
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--layouts", default="fsdp,tp2,tp2-dtensor", help=f"comma-separated, of: {', '.join(LAYOUTS)}")
     p.add_argument("--layers", type=int, default=None,
@@ -183,7 +184,8 @@ def worker(args) -> None:
     n_targets = args.global_batch * (args.seq_len - 1)
     seen = {}
     q_proj = next(m for name, m in model.named_modules() if name.endswith("layers.0.self_attn.q_proj"))
-    q_proj.register_forward_hook(lambda m, a, out: None if "q" in seen else seen.update(q=(type(out).__name__, out.shape[-1])))
+    q_proj.register_forward_hook(
+        lambda m, a, out: None if "q" in seen else seen.update(q=(type(out).__name__, out.shape[-1])))
 
     def step(phase=lambda name: contextlib.nullcontext()) -> tuple[float, float]:
         total = torch.zeros((), dtype=torch.float64, device=d.device)
@@ -244,7 +246,7 @@ def run_layout(args, layout: str, out: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
         lines = (proc.stdout + proc.stderr).strip().splitlines()
-        errors = [l for l in lines if "Error" in l and "torch.distributed.elastic" not in l] or lines[-3:]
+        errors = [line for line in lines if "Error" in line and "torch.distributed.elastic" not in line] or lines[-3:]
         return {"layout": layout, "error": f"exit {proc.returncode}: {errors[-1].strip()[:300]}"}
     return json.loads(out.read_text())
 
@@ -265,7 +267,8 @@ def tables(results: list[dict], args) -> str:
                          f"{'' if per is None else f'{per:g}'} |")
         if not r["collectives"]:
             lines.append(f"| {r['layout']} | (none) | | 0 | 0 | |")
-    lines += ["", "| layout | micro-batches / rank | DTensor ops fwd / bwd / optimizer | attention input (q_proj out) | "
+    lines += ["", "| layout | micro-batches / rank | DTensor ops fwd / bwd / optimizer | "
+              "attention input (q_proj out) | "
               "attention ops (forward) | step s | tokens/s per GPU | peak GiB | loss (step 1) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -14,7 +14,10 @@ no special tokens on its own (add bos/eos explicitly).
 
 Rerun (from the repo root):  python data/make_data.py  [--seed 0 --n-train 20000 --n-val 500]
 """
-import argparse, json, random, string
+import argparse
+import json
+import random
+import string
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent

@@ -22,7 +22,7 @@ import dataclasses
 @dataclasses.dataclass
 class AlstConfig:
     alst: bool = False
-    """Long-sequence recipe: --tiled-mlp, --loss chunked, --offload cpu, --ac full (+ --sp-mode ulysses with --cp > 1)."""
+    """Long-sequence recipe: --tiled-mlp, --loss chunked, --offload cpu, --ac full (+ --sp-mode ulysses with --cp > 1)."""  # noqa: E501
 
 
 def _sequence_parallel(cfg):

@@ -38,7 +38,7 @@ FLASH_KWARGS = ("flash_attention_2", "flash_attention_4") + CUSTOM  # take cu_se
 @dataclasses.dataclass
 class AttentionConfig:
     attn: Literal["auto", "eager", "sdpa", "flex", "flash", "xformers"] = "auto"
-    """Attention kernel: auto (flash on a CUDA GPU when installed, else sdpa), eager (reference), sdpa, flex (compiled flex_attention), flash (FA4/FA2/torch varlen), xformers."""
+    """Attention kernel: auto (flash on a CUDA GPU when installed, else sdpa), eager (reference), sdpa, flex (compiled flex_attention), flash (FA4/FA2/torch varlen), xformers."""  # noqa: E501
 
 
 def _importable(module: str) -> bool:

@@ -160,8 +160,9 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, ba
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # the partial save; earlier checkpoints stay untouched
         good = checkpoints(output_dir)
+        kept = "the last good checkpoint " + str(good[-1][1]) + " is kept" if good else "no earlier checkpoint exists"
         raise UserError(f"saving checkpoint {tmp.name[5:]} in {root} failed: {err.strerror or err}; "
-                        f"{'the last good checkpoint ' + str(good[-1][1]) + ' is kept' if good else 'no earlier checkpoint exists'}. "
+                        f"{kept}. "
                         f"Free disk space (or lower --keep-checkpoints), then rerun with --resume auto") from e
 
 

@@ -91,9 +91,11 @@ FEATURES = [
     Feature("--qat", "qat.qat", refuses=(("--qlora", _QUANTIZED), ("--lora-8bit", _QUANTIZED), ("--gptq", _QUANTIZED))),
     Feature("--liger", "liger.liger", cuda="Liger's Triton kernels need a CUDA GPU; drop --liger on CPU"),
     Feature("--fp8", "fp8.fp8", lambda v: v != "none", example="--fp8 tensorwise",
-            cuda="FP8 matmuls need a CUDA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); use --precision bf16",
+            cuda="FP8 matmuls need a CUDA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); "
+                 "use --precision bf16",
             refuses=(("--lora", _FP8_ADAPTER), ("--qlora", _FP8_ADAPTER), ("--lora-8bit", _FP8_ADAPTER),
-                     ("--gptq", _FP8_ADAPTER), ("--qat", "QAT fakes int4/int8 numerics, FP8 computes in FP8; drop one of them"))),
+                     ("--gptq", _FP8_ADAPTER),
+                     ("--qat", "QAT fakes int4/int8 numerics, FP8 computes in FP8; drop one of them"))),
     Feature("--fp8-all-linears", "fp8.fp8_all_linears", needs=("--fp8",)),
     # 3. adapters
     Feature("--lora", "lora.lora", refuses=(("--qlora", _ALT), ("--lora-8bit", _ALT))),
@@ -130,7 +132,8 @@ FEATURES = [
             needs=("--sp-mode ulysses", "--sp-mode ring"), refuses=(
                 ("--ddp", "--ddp replicates whole modules and cannot hold --tp/--cp shards; use --fsdp instead"),
                 ("--tp N", _SP_TP))),
-    Feature("--sp-mode ulysses", "sequence_parallel.sp_mode", "ulysses", needs=("--cp N",), refuses=(("--tp N", _SP_TP),)),
+    Feature("--sp-mode ulysses", "sequence_parallel.sp_mode", "ulysses", needs=("--cp N",),
+            refuses=(("--tp N", _SP_TP),)),
     Feature("--sp-mode ring", "sequence_parallel.sp_mode", "ring", needs=("--cp N",), refuses=(("--tp N", _SP_TP),)),
     Feature("--deepspeed", "deepspeed.deepspeed", lambda v: v is not None, example="--deepspeed zero2", refuses=(
                 ("--fsdp", _DS), ("--ddp", _DS), ("--tp N", _DS), ("--cp N", _DS), ("--compile", _DS),

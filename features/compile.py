@@ -44,7 +44,7 @@ from features.loss import cross_entropy_sum
 @dataclasses.dataclass
 class CompileConfig:
     compile: bool = False
-    """torch.compile each decoder block (regional compilation: one graph for all blocks, short start-up); on by default on a CUDA GPU."""
+    """torch.compile each decoder block (regional compilation: one graph for all blocks, short start-up); on by default on a CUDA GPU."""  # noqa: E501
     no_compile: bool = False
     """Do not compile, also on a CUDA GPU (where --compile is on by default)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"

@@ -48,19 +48,19 @@ class DataConfig:
     dataset_subset: str | None = None
     """Configuration (subset) name, for hub datasets that have several."""
     val_dataset: str = "auto"
-    """Held-out data: a file or hub id; 'none'; or 'auto': a sibling val/validation/test file when there is one, else --val-size samples held out of the training data."""
+    """Held-out data: a file or hub id; 'none'; or 'auto': a sibling val/validation/test file when there is one, else --val-size samples held out of the training data."""  # noqa: E501
     val_size: float = 0.05
     """Held out from the training data when there is no validation set: a fraction (< 1) or a count."""
     max_val_samples: int = 1000
     """At most this many validation samples are kept (evaluation cost stays bounded)."""
     seq_len: int | None = None
-    """Maximum tokens per sample (per packed row, per pretrain block); unset: the longest sample, capped at the model's context (packed: at least 4096; the demo: 512)."""
+    """Maximum tokens per sample (per packed row, per pretrain block); unset: the longest sample, capped at the model's context (packed: at least 4096; the demo: 512)."""  # noqa: E501
     train_on_inputs: bool = False
     """Also train on prompt tokens (by default only responses are in the loss)."""
     truncation: Literal["drop", "truncate"] = "drop"
     """What to do with samples longer than --seq-len: drop them or cut them (both are counted)."""
     skip_bad_samples: bool = False
-    """Skip malformed records (bad JSON, wrong types, missing fields, unknown roles, ...) and count them, instead of stopping at the first."""
+    """Skip malformed records (bad JSON, wrong types, missing fields, unknown roles, ...) and count them, instead of stopping at the first."""  # noqa: E501
 
 
 class BadRecord(UserError):
@@ -116,7 +116,8 @@ def _read_json(path: Path) -> list[Record]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {e}); a .json dataset is one array of objects")
+        raise UserError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {e}); "
+                        "a .json dataset is one array of objects")
     if not isinstance(data, list):
         raise UserError(f"{path}: a .json dataset must be an array of objects (use .jsonl for one per line)")
     return [(r, f"{path}: item {i}") for i, r in enumerate(data)]

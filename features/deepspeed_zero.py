@@ -56,11 +56,11 @@ TAG = "deepspeed"  # the tag (sub-directory) of DeepSpeed's files inside a step_
 @dataclasses.dataclass
 class DeepSpeedConfig:
     deepspeed: str | None = None
-    """DeepSpeed ZeRO: zero1 (optimizer state), zero2 (+ gradients), zero3 (+ parameters) partitioned over ranks, or a DeepSpeed json config path."""
+    """DeepSpeed ZeRO: zero1 (optimizer state), zero2 (+ gradients), zero3 (+ parameters) partitioned over ranks, or a DeepSpeed json config path."""  # noqa: E501
     ds_offload: bool = False
     """With --deepspeed: optimizer state (and zero3's parameters) on the CPU (ZeRO-Offload)."""
     ds_overlap_comm: bool = False
-    """With --deepspeed zero1/zero2: DeepSpeed's overlap_comm (gradient reduction on a side stream, overlapping compute; more memory for its buckets). zero3 always runs with it (DeepSpeed's default there)."""
+    """With --deepspeed zero1/zero2: DeepSpeed's overlap_comm (gradient reduction on a side stream, overlapping compute; more memory for its buckets). zero3 always runs with it (DeepSpeed's default there)."""  # noqa: E501
 
 
 def enabled(cfg: DeepSpeedConfig) -> bool:

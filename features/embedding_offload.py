@@ -27,7 +27,7 @@ from features import UserError
 @dataclasses.dataclass
 class EmbeddingOffloadConfig:
     offload_embeddings: bool = False
-    """Keep a frozen, untied input-embedding table in CPU memory (LoRA/QLoRA; about 1 GiB less GPU memory at 128K vocabulary)."""
+    """Keep a frozen, untied input-embedding table in CPU memory (LoRA/QLoRA; about 1 GiB less GPU memory at 128K vocabulary)."""  # noqa: E501
 
 
 def apply_embedding_offload(model, world_size: int = 1):

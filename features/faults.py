@@ -42,7 +42,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 @dataclasses.dataclass
 class FaultsConfig:
     max_bad_steps: int = 3
-    """Stop the run after this many steps in a row with a non-finite loss or gradient norm (each one is skipped, not applied)."""
+    """Stop the run after this many steps in a row with a non-finite loss or gradient norm (each one is skipped, not applied)."""  # noqa: E501
 
 
 def validate(cfg: FaultsConfig) -> None:
@@ -113,7 +113,8 @@ _MEMORY_FLAGS = [
     ("lora.qlora", bool, "--qlora (4-bit base weights)"),
     ("offload.offload", lambda v: v not in ("none", None, False), "--offload cpu (activations to host memory)"),
     ("tiled_mlp.tiled_mlp", bool, "--tiled-mlp (MLP in sequence tiles)"),
-    ("embedding_offload.offload_embeddings", bool, "--offload-embeddings (a frozen input-embedding table in CPU memory)"),
+    ("embedding_offload.offload_embeddings", bool,
+     "--offload-embeddings (a frozen input-embedding table in CPU memory)"),
     ("sharding.fsdp", bool, "--fsdp with several GPUs (shards weights, grads and optimizer state)"),
 ]
 
@@ -141,7 +142,8 @@ def oom_report(err: BaseException, cfg) -> str:
         sizes += [f"{_gib(torch.cuda.memory_allocated(dev))} allocated",
                   f"{_gib(torch.cuda.memory_reserved(dev))} reserved",
                   f"peak {_gib(torch.cuda.max_memory_allocated(dev))}",
-                  f"{_gib(torch.cuda.get_device_properties(dev).total_memory)} total on {torch.cuda.get_device_name(dev)}"]
+                  f"{_gib(torch.cuda.get_device_properties(dev).total_memory)} total on "
+                  f"{torch.cuda.get_device_name(dev)}"]
     run = []
     for flag, path in (("--model", "model.path"), ("--precision", "model.precision"), ("--seq-len", "data.seq_len"),
                        ("--micro-batch-size", "train.micro_batch_size")):

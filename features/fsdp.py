@@ -41,7 +41,7 @@ class ShardingConfig:
     ddp: bool = False
     """Replicate the model with DistributedDataParallel (what several ranks do without --fsdp)."""
     fsdp_keep_gathered: bool = False
-    """Keep each block's gathered params from forward to backward and across a step's micro-batches (one all-gather per block per step: faster, ZeRO-2-like memory)."""
+    """Keep each block's gathered params from forward to backward and across a step's micro-batches (one all-gather per block per step: faster, ZeRO-2-like memory)."""  # noqa: E501
     fsdp_cpu_offload: bool = False
     """Keep sharded params, grads and the optimizer step on the CPU (FSDP2 CPUOffloadPolicy)."""
     fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"

@@ -162,7 +162,8 @@ def load_model(model_cfg, config, device: torch.device, attn_implementation: str
     plain._name_or_path = str(model_cfg.path)  # peft records it as the adapter's base
     dtype = torch.bfloat16 if base_loader.resolve_precision(model_cfg, device) == "bf16" else torch.float32
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(plain, dtype=dtype, attn_implementation=attn_implementation)
+        model = transformers.AutoModelForCausalLM.from_config(plain, dtype=dtype,
+                                                              attn_implementation=attn_implementation)
     state = _read_weights(Path(model_cfg.path))
     swap_linears(model, qc["group_size"], lambda name: f"{name}.qweight" in state, device)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -180,7 +181,8 @@ def _read_weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
     state = {}
     for f in files:
         state.update(load_file(path / f))

@@ -44,7 +44,7 @@ _ACTS = {  # class name of transformers' act_fn -> (activation, its backward(gra
 @dataclasses.dataclass
 class LoraKernelsConfig:
     lora_kernels: bool = False
-    """Fused LoRA autograd kernels for the MLP and the attention projections (--lora/--qlora, no dropout); on by default on a CUDA GPU where they apply."""
+    """Fused LoRA autograd kernels for the MLP and the attention projections (--lora/--qlora, no dropout); on by default on a CUDA GPU where they apply."""  # noqa: E501
     no_lora_kernels: bool = False
     """Run peft's own LoRA layers, also on a CUDA GPU (where --lora-kernels is on by default)."""
 

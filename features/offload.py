@@ -47,7 +47,7 @@ class OffloadConfig:
     offload_dir: str | None = None
     """Directory for --offload disk files (default: the system temp dir); needs room for one step's activations."""
     offload_keep_gib: float = 0.0
-    """GiB of saved activations kept on the device, the first saved in each forward; only the rest leave (host RAM limits)."""
+    """GiB of saved activations kept on the device, the first saved in each forward; only the rest leave (host RAM limits)."""  # noqa: E501
 
 
 def validate(cfg: OffloadConfig) -> None:

@@ -57,7 +57,7 @@ _ROW_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
 @dataclasses.dataclass
 class SequenceParallelConfig:
     sp_mode: Literal["none", "ulysses", "ring"] = "none"
-    """Split each sequence over the --cp ranks: ulysses (all-to-all over heads, any --attn) or ring (K/V blocks passed around, zig-zag)."""
+    """Split each sequence over the --cp ranks: ulysses (all-to-all over heads, any --attn) or ring (K/V blocks passed around, zig-zag)."""  # noqa: E501
 
 
 def validate(cfg: SequenceParallelConfig, cp: int, tp: int = 1) -> None:

@@ -118,8 +118,10 @@ def _shard_projection(part, name: str, mesh, rowwise: bool) -> None:
     proj.base_layer = _ShardedLinear(proj.base_layer, mesh, rowwise)
     for key in proj.lora_A:
         a, b = proj.lora_A[key], proj.lora_B[key]
-        proj.lora_A[key] = _ShardedLinear(a, mesh, rowwise=True) if rowwise else _ReplicatedLinear(a, mesh, sum_grad=True)
-        proj.lora_B[key] = _ReplicatedLinear(b, mesh, sum_grad=False) if rowwise else _ShardedLinear(b, mesh, rowwise=False)
+        proj.lora_A[key] = (_ShardedLinear(a, mesh, rowwise=True) if rowwise
+                            else _ReplicatedLinear(a, mesh, sum_grad=True))
+        proj.lora_B[key] = (_ReplicatedLinear(b, mesh, sum_grad=False) if rowwise
+                            else _ShardedLinear(b, mesh, rowwise=False))
 
 
 def _dtensor_styles(part, mesh, colwise, names) -> None:

@@ -47,8 +47,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("name", help="ablation name: the run directory's parent and the W&B group")
     p.add_argument("--vary", action="append", default=[], metavar="'FLAGS | FLAGS'",
-                   help="one axis of the grid: alternatives separated by '|' (repeat for more axes; write --vary='--flag' "
-                        "when the value has no space, or argparse takes it for an option)")
+                   help="one axis of the grid: alternatives separated by '|' (repeat for more axes; "
+                        "write --vary='--flag' when the value has no space, or argparse takes it for an option)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (each config runs once per seed)")
     p.add_argument("--out", default="runs/ablations", help="parent of the ablation directory")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run at a time on each")

@@ -104,7 +104,8 @@ def provenance(runs: list[dict], manifest: dict) -> str:
                    for r in runs})
     versions = info.get("versions", {})
     lines = [f"- command: `{manifest['command']}`" if manifest.get("command") else None,
-             f"- git: {', '.join(shas)}", f"- device: {info.get('device', '?')}, world size {info.get('world_size', '?')}",
+             f"- git: {', '.join(shas)}",
+             f"- device: {info.get('device', '?')}, world size {info.get('world_size', '?')}",
              "- versions: " + ", ".join(f"{k} {versions[k]}" for k in ("python", "torch", "transformers", "peft")
                                         if k in versions),
              f"- {len(runs)} runs; mean ± sample standard deviation over seeds; tokens/s: mean over logging "
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
     first = args.paths[0] if args.paths else ""
     manifest = _read_json(Path(first) / "ablation.json") if first else {}
     title = f"# Ablation: {manifest['name']}" if manifest.get("name") else "# Comparison"
-    text = f"{title}\n\n{provenance(runs, manifest)}\n\n{table(runs)}\n\n![loss](loss.png)\n![throughput](throughput.png)\n"
+    text = (f"{title}\n\n{provenance(runs, manifest)}\n\n{table(runs)}\n\n"
+            "![loss](loss.png)\n![throughput](throughput.png)\n")
     (out / "results.md").write_text(text)
     plot(runs, out)
     print(text + f"\nwrote {out / 'results.md'}, {out / 'loss.png'}, {out / 'throughput.png'}")

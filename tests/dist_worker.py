@@ -88,7 +88,8 @@ def run_layout(layout: str, data, config, impl, rank: int, world: int) -> dict:
         model = apply_tiled_mlp(model, TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=3))
     if d.size("tp") > 1:
         model = apply_tensor_parallel(model, d)
-    model = apply_sharding(model, ShardingConfig(fsdp="fsdp" in flags, fsdp_keep_gathered="gathered" in flags), d, "fp32")
+    model = apply_sharding(model, ShardingConfig(fsdp="fsdp" in flags, fsdp_keep_gathered="gathered" in flags),
+                           d, "fp32")
     batches = StepBatches(data, MBS, ACCUM, 0, 0, d.dp_rank, d.dp_size, pack_to=SEQ)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         got_loss = step(model, next(iter(batches)), d, impl)
@@ -116,7 +117,8 @@ def run_deepspeed(layout: str, data, config, impl, rank: int, world: int) -> dic
 
     model = new_model(config, impl)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ds_config = build_config(DeepSpeedConfig(stage, ds_overlap_comm="overlap" in opts), MBS, ACCUM, 0.0, "fp32", d.dp_size)
+    ds_config = build_config(DeepSpeedConfig(stage, ds_overlap_comm="overlap" in opts), MBS, ACCUM, 0.0, "fp32",
+                             d.dp_size)
     ds_config["zero_allow_untested_optimizer"] = True  # SGD: train.py uses AdamW, which DeepSpeed tests
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition all, as an 8B's
     engine, _ = apply_deepspeed(model, torch.optim.SGD(model.parameters(), lr=1.0), ds_config)

@@ -70,4 +70,5 @@ def test_alst_under_fsdp_two_ranks_matches_one_process(tmp_path, small_data):
     assert run_train(tmp_path / "one", *common, "--micro-batch-size", "8") == 0
     ranks.train(2, *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
     for a, b in zip(read_metrics(tmp_path / "two")[1:], read_metrics(tmp_path / "one")[1:], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert (a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+                and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4))

@@ -68,7 +68,9 @@ def test_no_attention_crosses_a_document(tok, impl):
     torch.testing.assert_close(_doc_b_logits(model, impl, docs[0], docs),
                                _doc_b_logits(model, impl, changed, docs), rtol=0, atol=1e-6)
     # the check can fail: with one causal sequence (positions not restarted) document B sees A
-    plain = lambda first: model(input_ids=collate_packed([[first, docs[1]]], 0)["input_ids"]).logits[0, 7:]
+    def plain(first):
+        return model(input_ids=collate_packed([[first, docs[1]]], 0)["input_ids"]).logits[0, 7:]
+
     with torch.no_grad():
         assert not torch.allclose(plain(docs[0]), plain(changed), atol=1e-3)
 
@@ -119,7 +121,10 @@ def test_gpu_packed_equals_unpacked_bf16(tok, attn):
     docs = _docs(lengths=(300, 1200, 77, 900, 611, 1000))
     ref = _model("tiny-qwen2", "sdpa", tok, "cuda", torch.bfloat16)
     model = _model("tiny-qwen2", impl, tok, "cuda", torch.bfloat16)
-    to = lambda b: {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
+
+    def to(b):
+        return {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
+
     loss_p, grads_p = _loss_and_grads(model, to(collate_packed([docs[:3], docs[3:]], 0)), impl)
     loss_u, grads_u = _loss_and_grads(ref, to(collate_padded(docs, 0)), "sdpa")
     torch.testing.assert_close(loss_p.float(), loss_u.float(), rtol=1e-2, atol=0)

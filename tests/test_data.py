@@ -11,7 +11,7 @@ from features.data import ALPACA_PROMPT, DataConfig, load_splits, tokenize
 
 
 def decode_trained(tok, sample):
-    return tok.decode([t for t, l in zip(sample.input_ids, sample.labels) if l != -100])
+    return tok.decode([t for t, label in zip(sample.input_ids, sample.labels) if label != -100])
 
 
 def test_alpaca_masks_prompt_and_trains_response_plus_eos(tok):
@@ -134,7 +134,8 @@ def test_parquet_csv_and_json_sources(tmp_path, tok):
 
 def test_example_files_for_every_format_load(tok):
     for name in ("alpaca", "chat", "completion", "text"):
-        train, _ = load_splits(DataConfig(dataset=str(ROOT / f"data/examples/{name}.jsonl"), val_dataset="none"), tok, 0)
+        train, _ = load_splits(DataConfig(dataset=str(ROOT / f"data/examples/{name}.jsonl"), val_dataset="none"),
+                               tok, 0)
         assert train.samples, name
 
 

@@ -113,7 +113,8 @@ def test_qlora_fsdp_two_ranks_match_one_process(tmp_path, small_data):
     ranks.train(2, *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
     one, two = read_metrics(tmp_path / "one")[1:], read_metrics(tmp_path / "two")[1:]
     for a, b in zip(two, one, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert (a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+                and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4))
     assert (tmp_path / "two" / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "two" / "final" / "base" / "model.safetensors").is_file()
 
@@ -161,7 +162,8 @@ def test_deepspeed_zero3_train_and_resume_through_its_checkpoints(tmp_path, smal
     assert (tmp_path / "ds" / "checkpoints" / "step_00000002" / "deepspeed").is_dir()
     assert (tmp_path / "ds" / "final" / "model.safetensors").is_file()
     (tmp_path / "res" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "ds" / "checkpoints" / "step_00000002", tmp_path / "res" / "checkpoints" / "step_00000002")
+    shutil.copytree(tmp_path / "ds" / "checkpoints" / "step_00000002",
+                    tmp_path / "res" / "checkpoints" / "step_00000002")
     ranks.train(2, "--dataset", str(small_data), *COMMON, "--resume", "auto", "--skip-export",
                 "--micro-batch-size", "4", "--deepspeed", "zero3", "--output-dir", str(tmp_path / "res"))
     res = {m["step"]: m for m in read_metrics(tmp_path / "res")}
@@ -188,7 +190,8 @@ def test_deepspeed_zero3_lora_matches_one_process_and_exports_the_adapter(tmp_pa
     one, ds = ([m for m in read_metrics(tmp_path / n) if "loss" in m] for n in ("one", "ds"))
     assert [m["step"] for m in ds] == [m["step"] for m in one] == [1, 2, 3, 4]
     for a, b in zip(ds, one):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert (a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+                and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4))
     want, got = (load_file(tmp_path / n / "final" / "adapter_model.safetensors") for n in ("one", "ds"))
     assert got.keys() == want.keys() and any("lora_B" in k for k in want)
     for name in want:  # whole, not one rank's partition; AdamW divides by sqrt(v), so gradients that differ
@@ -236,9 +239,11 @@ def test_deepspeed_config_from_flags_and_json(tmp_path):
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 1, 64)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"]) == (8, 1, 64)
     assert ds["gradient_clipping"] == 1.0 and ds["managed_gradient_accumulation"] is False
-    assert "offload_param" not in build_config(DeepSpeedConfig("zero2", True), 1, 1, 0.0, "fp32", 1)["zero_optimization"]
+    assert "offload_param" not in (
+        build_config(DeepSpeedConfig("zero2", True), 1, 1, 0.0, "fp32", 1)["zero_optimization"])
     overlaps = {(stage, flag): build_config(DeepSpeedConfig(stage, ds_overlap_comm=flag), 1, 1, 0.0, "fp32", 1)
                 ["zero_optimization"]["overlap_comm"] for stage in ("zero2", "zero3") for flag in (False, True)}
     assert overlaps == {("zero2", False): False, ("zero2", True): True, ("zero3", False): True, ("zero3", True): True}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import ROOT
 
 
 def _write(path, text):

@@ -43,7 +43,8 @@ def test_shape_rules():
     lin = lambda n, k: torch.nn.Linear(k, n, device="meta")  # noqa: E731
     assert not fp8.worth_converting(lin(4104, 4104), "tensorwise", all_linears=True)  # not divisible by 16
     assert fp8.worth_converting(lin(128, 128), "rowwise", all_linears=True)
-    assert fp8.worth_converting(lin(1024, 8192), "tensorwise") and not fp8.worth_converting(lin(1024, 4096), "tensorwise")
+    assert (fp8.worth_converting(lin(1024, 8192), "tensorwise")
+            and not fp8.worth_converting(lin(1024, 4096), "tensorwise"))
     assert not fp8.worth_converting(lin(4096, 2048), "rowwise") and fp8.worth_converting(lin(4096, 4096), "rowwise")
 
 

@@ -78,7 +78,8 @@ def test_glue_matches_plain_cross_entropy(tok, reference_kernels, kernel):
 
 def test_refused_on_cpu_and_without_the_package(monkeypatch):
     validate(LossConfig(loss="chunked"), "cpu")
-    with pytest.raises(UserError, match="--loss cce runs Triton kernels and needs a CUDA GPU; on CPU use --loss chunked"):
+    with pytest.raises(UserError,
+                       match="--loss cce runs Triton kernels and needs a CUDA GPU; on CPU use --loss chunked"):
         validate(LossConfig(loss="cce"), "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)

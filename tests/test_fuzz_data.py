@@ -31,7 +31,8 @@ texts = st.one_of(st.text(max_size=30), st.sampled_from(["", "   ", "\n", "x" * 
 roles = st.sampled_from([*CHAT_ROLES, "bot", "User", "", None, 3])
 message = st.fixed_dictionaries({"role": roles, "content": texts | scalars}) | values
 records = st.one_of(
-    st.fixed_dictionaries({"instruction": texts | scalars, "output": texts | scalars}, optional={"input": texts | scalars}),
+    st.fixed_dictionaries({"instruction": texts | scalars, "output": texts | scalars},
+                          optional={"input": texts | scalars}),
     st.fixed_dictionaries({"messages": st.lists(message, max_size=4) | values}),
     st.fixed_dictionaries({"text": texts | scalars}),
     st.fixed_dictionaries({"prompt": texts | scalars, "completion": texts | scalars}),

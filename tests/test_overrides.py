@@ -33,7 +33,8 @@ def test_config_overrides_set_fields_and_refuse_unknown_ones(tok):
                              OverridesConfig(config_overrides='{"rms_norm_eps": 0.001, "attention_dropout": 0.1}'))
     assert config.rms_norm_eps == 0.001 and config.attention_dropout == 0.1
     with pytest.raises(UserError, match="has no field 'not_a_field'"):
-        apply_overrides(load_config(ModelConfig("tiny-qwen2"), tok), OverridesConfig(config_overrides='{"not_a_field": 1}'))
+        apply_overrides(load_config(ModelConfig("tiny-qwen2"), tok),
+                        OverridesConfig(config_overrides='{"not_a_field": 1}'))
 
 
 @pytest.mark.parametrize("cfg, message", [

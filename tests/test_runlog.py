@@ -35,5 +35,5 @@ def test_metrics_log_keeps_history_up_to_the_resumed_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(8)))
     log = MetricsLog(tmp_path, total_steps=10, start_step=4, enabled=True)
     log.log({"step": 5, "loss": 0.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0, "eta_s": 1})
-    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4, 5]

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 
 def _lines(table: str, row: str) -> list[str]:
-    return [l for l in table.splitlines() if l.startswith(f"| {row} |")]
+    return [line for line in table.splitlines() if line.startswith(f"| {row} |")]
 
 
 @pytest.mark.slow
@@ -59,7 +59,8 @@ def test_reuse_needs_a_finished_run(tmp_path):
     import scaling
 
     out, slow = tmp_path / "logs" / "r-n1", tmp_path / "slow"
-    script = ("import json, pathlib, sys, time; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
+    script = ("import json, pathlib, sys, time; out = pathlib.Path(sys.argv[1]); "
+              "out.mkdir(parents=True, exist_ok=True)\n"
               "lines = [json.dumps(dict(step=s, loss=1.0, tokens=100 * s, tokens_per_s=100.0)) for s in (1, 2)]\n"
               "(out / 'metrics.jsonl').write_text('\\n'.join(lines) + '\\n')\n"
               "time.sleep(60 if pathlib.Path(sys.argv[2]).exists() else 0)")

@@ -40,7 +40,8 @@ def test_shards_cover_each_token_once_with_shifted_targets(world, mode):
         torch.cat([s["input_ids"] for s in shards], 1)
     assert torch.equal(targets[:, :50], shifted_targets(batch["labels"]))  # the full row's next tokens
     assert (targets[:, 50:] == IGNORE).all() and torch.equal(ids[:, :50], batch["input_ids"])
-    assert sum(int((s["shift_labels"] != IGNORE).sum()) for s in shards) == int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert (sum(int((s["shift_labels"] != IGNORE).sum()) for s in shards)
+            == int((batch["labels"][:, 1:] != IGNORE).sum()))
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "flash_attention_4", "flex_attention"])

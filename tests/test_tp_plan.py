@@ -127,7 +127,8 @@ def test_fsdp2_x_tp2_lora_matches_one_process(tmp_path, small_data):
     one, tp = ([m for m in read_metrics(tmp_path / n) if "loss" in m] for n in ("one", "tp"))
     assert [m["step"] for m in tp] == [m["step"] for m in one] == [1, 2, 3]
     for a, b in zip(tp, one, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert (a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+                and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5))
 
 
 @pytest.mark.slow
