@@ -1,4 +1,4 @@
-"""The longest sequence that trains with sequence parallelism over N GPUs (issue 12).
+"""The longest sequence that trains with sequence parallelism over N GPUs.
 
     python benchmarks/sequence_parallel.py --gpus 8 --budget-s 900 --out sp.md         # see gpu_sp.sh
     python benchmarks/sequence_parallel.py --device cpu --gpus 2 --start 256 --max-len 1024   # CPU check

@@ -1,4 +1,4 @@
-"""benchmarks/sequence_parallel.py (issue 12): its search, memory plan and table with simulated tries
+"""benchmarks/sequence_parallel.py: its search, memory plan and table with simulated tries
 (the GPU path: 2, 4 and 8 H200s, a fake clock), and end to end on CPU with 2 gloo ranks of
 tiny-llama (torchrun, train.py, the metrics it parses, the table)."""
 
