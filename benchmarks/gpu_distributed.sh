@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 1-GPU check of the sharding engines (issue 6): FSDP2 (world size 1, under torchrun and as a plain
+# 1-GPU check of the sharding engines: FSDP2 (world size 1, under torchrun and as a plain
 # process), QLoRA + FSDP2, FSDP2 CPU offload and DeepSpeed ZeRO 1/2/3 (+ offload) train the same
 # small model on the same batches as the plain single-process run; prints their losses side by side.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The longest-sequence record on one GPU (issue 5): Llama-3.1-8B shape + LoRA r=16, one training step
+# The longest-sequence record on one GPU: Llama-3.1-8B shape + LoRA r=16, one training step
 # at LENGTH tokens (default 512K) with the --alst recipe + Liger + FlashAttention, sized by two probes
 # (benchmarks/long_context.py --record). A step at 512K takes over 10 minutes (attention is quadratic),
 # longer than one GPU call, so this is started detached and polled:

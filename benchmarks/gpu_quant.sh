@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quantization on the GPU machine (issue 7; after staging wheels: torchao 0.18 for --fp8):
+# Quantization on a GPU (torchao 0.18 installed for --fp8):
 #   1. GPU tests: FP8 loss parity with bf16 (tensorwise, rowwise, one-rank FSDP2 with FP8 all-gather;
 #      curves printed), QAT on CUDA, LoRA on a GPTQ checkpoint in bf16.
 #   2. benchmarks/fp8.py: bf16 vs FP8 tokens/s, full fine-tune of a Llama-3-8B-shaped stack of

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 11 on a multi-GPU H200 box (nvidia-h200-x2 / x4 / x8): benchmarks/scaling.py, strategies x
 # world sizes 1, 2, ... N (every GPU) on the Llama-3.1-8B shape, seq 4096, one global batch of 8
-# sequences, 8 steps; the Markdown table is printed last and written to $OUT. Wheels first (unpacked
-# under /tmp/site by ../shared/device/stage-wheels.sh); this script stages nothing. One call per row
+# sequences, 8 steps; the Markdown table is printed last and written to $OUT. The requirements first
+# (requirements.txt, requirements-gpu.txt); this script installs nothing. One call per row
 # selection, each inside one 10-minute call (BUDGET_S=540 of runs; the 1-GPU baselines are reused from
 # $LOGS by later calls on the same warm machine):
 #

@@ -9,15 +9,15 @@
 #     (quadratic) or, first, from one H200's 633 s at 512K / N, and is not started if it cannot end in
 #     the row's share; --offload-keep-gib is planned per try so pinned host memory fits the RAM / N.
 # A step at these lengths outlasts one 10-minute call, so the script runs detached (setsid) and is
-# polled, as benchmarks/gpu_long_record.sh. Wheels first (../shared/device/stage-wheels.sh prints the
-# staging runs). Then, the same on 2, 4 or 8 GPUs (the script counts them):
+# polled, as benchmarks/gpu_long_record.sh. Install the
+# requirements first. Then, the same on 2, 4 or 8 GPUs (the script counts them):
 #
 #   call 1:  setsid bash benchmarks/gpu_sp.sh /tmp/sp > /dev/null 2>&1 < /dev/null & sleep 5; bash benchmarks/gpu_sp.sh --wait /tmp/sp
 #   call 2+: bash benchmarks/gpu_sp.sh --wait /tmp/sp
 #
 # --wait polls until DONE or ~9.5 minutes, prints the progress and copies the folder to $OUT (it comes
 # back with the call). Default budget: tests <= 7 min + search 15 min (BUDGET_S=900) + start-ups: about
-# 23 minutes of a 30-minute session, so start it right after staging. TESTS_S=0 skips the tests;
+# 23 minutes in all. TESTS_S=0 skips the tests;
 # SP_ARGS passes flags to sequence_parallel.py (e.g. "--rows ulysses"). Folder: sp-tests.log, sp.md (the
 # table), sp.jsonl (every try), sp.log, runs/<try>/{cmd.txt,log.txt,out/}, gpus.txt, host.txt, DONE.
 set -uo pipefail

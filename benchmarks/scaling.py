@@ -1,7 +1,7 @@
 """Scaling from 1 to N GPUs: each strategy at each world size, on one global batch.
 
-    # an 8-GPU H200 box, wheels unpacked under /tmp/site; one call (<= 10 min) per row selection, in
-    # the order to run them (a session's 30 device minutes hold about 4 such calls after staging):
+    # an 8-GPU H200 box with the requirements installed; one run (<= 10 min) per row selection, in
+    # the order to run them:
     ROWS=fsdp-gathered-full,fsdp-full,peer-full bash benchmarks/gpu_scaling.sh    # 1: the >= 90% goal row + peer
     ROWS=fsdp-gathered-compiled,hsdp-full bash benchmarks/gpu_scaling.sh         # 2: compiled; HSDP 2 x N/2
     LOGS=/tmp/scaling_gb32 ROWS=fsdp-gathered-full bash benchmarks/gpu_scaling.sh --global-batch 32   # 3: 4 a GPU

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks for packing + attention (run on the GPU machine after staging wheels, see
-# ../shared/device/README.md): bf16 parity tests, the attention kernel table, and train.py end to end.
+# GPU checks for packing + attention (on a CUDA machine with requirements-gpu.txt installed):
+# bf16 parity tests, the attention kernel table, and train.py end to end.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
