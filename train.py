@@ -164,11 +164,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    for flag, on, off in (("--compile", cfg.compile.compile, cfg.compile.no_compile),
-                          ("--packing", cfg.packing.packing, cfg.packing.no_packing),
-                          ("--lora-kernels", cfg.lora_kernels.lora_kernels, cfg.lora_kernels.no_lora_kernels)):
-        if on and off:
-            raise UserError(f"{flag} and {flag.replace('--', '--no-')} contradict each other; pass one")
+    defaults.validate(cfg)  # --x with --no-x
     # the compatibility matrix (features/compat.py): hardware, needed and refused flag pairs, one line each
     compat.check(cfg, cuda=uses_cuda(cfg))
     overrides.validate(cfg.overrides)

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from features import compat
+from features import UserError, compat
 from features.lora import enabled as adapters_on
 
 DEMO_PREFIX = "tiny-"  # the embedded demo's presets: ~1M parameters, sized for a CPU
@@ -110,6 +110,13 @@ _SPEEDUPS = [
     ("compile.compile", "compile.no_compile", "--compile",
      lambda cfg: not (cfg.mesh.tp > 1 and cfg.checkpointing.ac != "none")),  # tensor_parallel refuses the three
 ]
+
+
+def validate(cfg) -> None:
+    """Refuse a speedup that is both asked for and switched off."""
+    for path, off_path, flag, _ in _SPEEDUPS:
+        if _get(cfg, path.split(".")) and _get(cfg, off_path.split(".")):
+            raise UserError(f"{flag} and {flag.replace('--', '--no-')} contradict each other; pass one")
 
 
 def _speedups(cfg, choose) -> None:
