@@ -12,7 +12,8 @@ One command, one table, each row its own process on the same GPU:
             --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1;
   defaults  `train.py --model M --lora --dataset X`, no other flag but the harness's own (steps,
             output, no evaluation: generation over 4K-token answers is not training throughput);
-  headline  `train.py --packing --attn flash --qlora --model M --dataset X` (the README's command line).
+  headline  `train.py --packing --attn flash --qlora --model M --dataset X` (the README's command line);
+            --headline-with "FLAGS" adds a headline row with FLAGS (an ablation of one default).
 X is a chat dataset (`messages`) of random-letter conversations of 3,900-4,090 tokens, so rows are
 full like the baseline's and the automatic --seq-len is 4096. Throughput: tokens/s over the
 last logging window (the baseline: its median synchronised step after warm-up); MFU from the
@@ -78,7 +79,10 @@ def rows_for(args) -> list[tuple[str, str, list[str]]]:
         "headline": [("headline", f"--packing --attn flash --qlora --model {args.model}",
                       ["--packing", "--attn", "flash", "--qlora", "--model", args.model])],
     }
-    return [row for name in args.rows for row in rows[name]]
+    variants = [("headline", f"--packing --attn flash --qlora --model {args.model} {extra}",
+                 ["--packing", "--attn", "flash", "--qlora", "--model", args.model, *extra.split()])
+                for extra in args.headline_with]
+    return [row for name in args.rows for row in rows[name]] + variants
 
 
 def table(results: list[tuple[str, str, dict]]) -> str:
@@ -102,6 +106,8 @@ def main():
     p.add_argument("--method", choices=["lora", "qlora"], default="lora")
     p.add_argument("--rows", nargs="+", default=["baseline", "tuned", "defaults", "headline"],
                    choices=["baseline", "tuned", "defaults", "headline"])
+    p.add_argument("--headline-with", nargs="*", default=[], metavar="FLAGS",
+                   help='more headline rows, each with these flags added (e.g. "--loss ce")')
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--samples", type=int, default=160)
     p.add_argument("--logs", default=None, help="folder for each row's log and run directory")

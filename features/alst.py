@@ -47,7 +47,7 @@ def expand(cfg) -> list[str]:
     if not cfg.tiled_mlp.tiled_mlp:
         cfg.tiled_mlp.tiled_mlp = True
         turned_on.append("--tiled-mlp")
-    if cfg.loss.loss == "ce":
+    if cfg.loss.loss == "auto":
         cfg.loss.loss = "chunked"
         turned_on.append("--loss chunked")
     if cfg.offload.offload == "none":

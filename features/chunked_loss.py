@@ -27,9 +27,9 @@ from features.loss import IGNORE, next_token_targets, shifted_targets
 
 @dataclasses.dataclass
 class LossConfig:
-    loss: Literal["ce", "chunked", "cce", "liger"] = "ce"
-    """Loss: ce (full logits); chunked (pure PyTorch), cce (Cut Cross Entropy) or liger (Liger's fused linear CE) never materialize tokens x vocabulary logits; cce and liger need CUDA."""  # noqa: E501
-    loss_chunk: int = 4096
+    loss: Literal["auto", "ce", "chunked", "cce", "liger"] = "auto"
+    """Loss: ce (full logits); chunked (pure PyTorch), cce (Cut Cross Entropy) or liger (Liger's fused linear CE) never materialize tokens x vocabulary logits; cce and liger need CUDA. auto: chunked for LoRA/QLoRA on a CUDA GPU, else ce."""  # noqa: E501
+    loss_chunk: int = 1024
     """Tokens per chunk for --loss chunked."""
 
 

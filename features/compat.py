@@ -142,6 +142,7 @@ FEATURES = [
     Feature("--ds-offload", "deepspeed.ds_offload", needs=("--deepspeed",)),
     Feature("--ds-overlap-comm", "deepspeed.ds_overlap_comm", needs=("--deepspeed",)),
     # 8. loss
+    Feature("--loss ce", "loss.loss", "ce"),  # the full logits (auto picks chunked for LoRA on a GPU)
     Feature("--loss chunked", "loss.loss", "chunked"),
     Feature("--loss cce", "loss.loss", "cce", cuda=_NO_GPU_TRITON),
     Feature("--loss liger", "loss.loss", "liger", cuda=_NO_GPU_TRITON),

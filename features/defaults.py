@@ -22,9 +22,11 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
   --compile     per-block torch.compile and the compiled loss                       [--no-compile]
   --packing     no padding: samples packed into --seq-len rows, documents kept apart [--no-packing]
   --attn        the best installed kernel (features/attention.py)                   [--attn sdpa]
+  --loss        chunked for LoRA/QLoRA: the frozen head's loss a chunk of tokens at a time, never
+                the whole tokens x vocabulary logits (exact)                        [--loss ce]
 A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
 reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
-`seq_len` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
+`loss` once the model's config is read, `seq_len` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
 `defaults:` line (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
 
@@ -98,6 +100,23 @@ def precision(cfg, device: torch.device) -> None:
         value, why = "bf16-mixed", "full fine-tune: fp32 masters, bf16 matmuls"
     cfg.model.precision = value
     cfg.auto.append(f"--precision {value} (auto: {why})")
+
+
+def loss(cfg, device: torch.device, model_config) -> None:
+    """--loss auto, once the device and the model's config are known: chunked where it is exact and
+    lean (adapters on a CUDA GPU: the head is frozen, so each chunk needs only its hidden-state
+    gradient), else ce."""
+    if cfg.loss.loss != "auto":
+        return
+    value, why = "ce", "full logits"
+    if device.type == "cuda" and adapters_on(cfg.lora) and not getattr(model_config, "final_logit_softcapping", None):
+        cfg.loss.loss = "chunked"
+        value, why = "chunked", "LoRA on CUDA, never the full logits; --loss ce turns it off"
+        if (reason := _matrix_problem(cfg)) is not None:
+            value, why = "ce", reason
+    cfg.loss.loss = value
+    if device.type == "cuda":
+        cfg.auto.append(f"--loss {value} (auto: {why})")
 
 
 # (config path, off switch path, flag, applies to this run?) in the order they are tried

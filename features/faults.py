@@ -108,7 +108,7 @@ class StepGuard:
 _MEMORY_FLAGS = [
     ("train.micro_batch_size", lambda v: v <= 1, "lower --micro-batch-size and raise --grad-accum (same global batch)"),
     ("checkpointing.ac", lambda v: v != "none", "--ac full (recompute activations in backward)"),
-    ("loss.loss", lambda v: v != "ce", "--loss chunked (never materializes the full logits)"),
+    ("loss.loss", lambda v: v not in ("ce", "auto"), "--loss chunked (never materializes the full logits)"),
     ("lora_kernels.lora_kernels", bool, "--lora-kernels (fused LoRA, recomputes instead of saving)"),
     ("lora.qlora", bool, "--qlora (4-bit base weights)"),
     ("offload.offload", lambda v: v not in ("none", None, False), "--offload cpu (activations to host memory)"),

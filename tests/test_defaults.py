@@ -112,6 +112,22 @@ def test_precision_on_a_gpu(monkeypatch, argv, bf16, want):
     assert cpu.model.precision == "fp32"
 
 
+@pytest.mark.parametrize("argv, device, model_config, want", [
+    (["--model", "llama3-8b", "--qlora"], "cuda", {}, "chunked"),
+    (["--model", "llama3-8b", "--lora"], "cpu", {}, "ce"),  # the full-logits path is the CPU default
+    (["--model", "llama3-8b"], "cuda", {}, "ce"),  # a trained head: its weight gradient is its own GEMM
+    (["--model", "llama3-8b", "--lora"], "cuda", {"final_logit_softcapping": 30.0}, "ce"),  # Gemma 2
+    (["--model", "llama3-8b", "--lora", "--loss", "ce"], "cuda", {}, "ce"),  # set by hand
+    (["--model", "llama3-8b", "--lora", "--loss-chunk", "256"], "cuda", {}, "chunked"),
+])
+def test_loss_auto(argv, device, model_config, want):
+    cfg = _resolved(argv, cuda=device == "cuda")
+    defaults.loss(cfg, torch.device(device), type("ModelConfig", (), model_config)())
+    assert cfg.loss.loss == want
+    if "--loss" not in argv and device == "cuda":
+        assert f"--loss {want} (auto:" in " ".join(cfg.auto)
+
+
 def test_a_run_of_a_local_checkpoint_says_what_it_chose(tmp_path):
     """A local model directory is a real model: the real-model defaults, --seq-len from its data."""
     import transformers
