@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# Single-GPU throughput and memory: nanotune rows beside the Hugging Face Trainer + peft baseline
+# (benchmarks/README.md), each row its own process on the same GPU. One CUDA GPU, requirements.txt and
+# requirements-gpu.txt installed. Tables, logs and run folders go under $OUT (default /tmp/out).
+#
+#   bash benchmarks/gpu_speed.sh SUB-COMMAND [ARGS...]        e.g. bash benchmarks/gpu_speed.sh lora
+#
+# Shapes: "8B" is the llama3-8b preset, "1B" llama3.2-1b (random weights), seq 4096; "fast" below is
+# --attn flash --lora-kernels --compile.
+#   defaults       no tuning flag vs the tuned recipe vs the baseline (defaults.py): 8B LoRA (baseline,
+#                  tuned, defaults), 8B QLoRA (baseline, tuned, headline, and the baseline without kbit
+#                  preparation), 1B QLoRA (baseline, headline)
+#   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
+#                  gradient checkpointing (lora.py)
+#   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
+#   lora-variants  8B LoRA, fast at micro-batch 4, nanotune rows only: the loss (chunked, cce, ce) and
+#                  max-autotune GEMMs (--compile-mode max-autotune-no-cudagraphs)
+#   full           1B full fine-tune vs the baseline with Liger at micro-batch 4 and 8: flash + compile at
+#                  micro-batch 4, 8, 16 with the cce loss, and at 4 with the liger loss
+#   full-variants  1B full fine-tune at micro-batch 16 vs the baseline at 8: sdpa vs flash attention, the
+#                  loss (cce, chunked, the default), FP8 tensorwise
+#   lean           the least memory for 8B LoRA and QLoRA (nanotune rows only): flash + LoRA kernels + full
+#                  activation checkpointing + chunked loss, then with CPU offload of activations and
+#                  embeddings; QLoRA also without checkpointing
+#   real-length    real-length instruction documents, real tokens only: 8B LoRA packed at micro-batch 2 and
+#                  4 vs the baseline padded, length-grouped and padding-free (real_length.py)
+#   attention      packing + attention: GPU tests (attention, LoRA, LoRA kernels), attention kernels per
+#                  backend at 4K/8K/16K (attention.py), and train.py end to end on 1B, packed with flash,
+#                  flex and sdpa vs padded sdpa (e2e_table.py; runs in $OUT/runs.tgz)
+#   fp8            bf16 vs FP8 tensorwise vs FP8 rowwise, full fine-tune of the 8B shape's 32 blocks, at
+#                  micro-batch 2 and 4 (fp8.py)
+#   quant          GPU tests (FP8 loss parity incl. one-rank FSDP2 with FP8 all-gather, QAT on CUDA, LoRA on
+#                  a GPTQ checkpoint), then bf16 vs FP8 on a stack of LAYERS blocks (default 8; SEQ 4096,
+#                  MBS 2, STEPS 60, EXTRA "--attn flash")
+#   profile [ROW...]  where a step's GPU time goes (profile_step.py): one train.py run per ROW (its flags),
+#                  steps 5-6 under torch.profiler (kernel time by category, idle gaps), steps 8-14 timed
+#                  without it; MODEL (llama3-8b), SEQ (4096), MBS (1), ADAPTER (--lora; --qlora; empty: full
+#                  fine-tune), GA (1), NPROC (1; more: torchrun over that many GPUs, NCCL time apart).
+#                  No ROW: fast 8B LoRA at micro-batch 2 and 4, fast 8B QLoRA at 2, 1B full at 8.
+# ARGS of defaults, lora, qlora, lora-variants, full, full-variants, lean and real-length go to each
+# harness call (a later --rows, --peer-rows or --steps wins over the driver's), e.g.
+#   bash benchmarks/gpu_speed.sh lora --steps 10
+#   MBS=2 bash benchmarks/gpu_speed.sh profile "--attn flash --lora-kernels --compile"
+#   NPROC=2 ADAPTER= GA=4 bash benchmarks/gpu_speed.sh profile "--fsdp" "--fsdp --tp 2"
+# Two sub-commands run side by side on two GPUs with CUDA_VISIBLE_DEVICES and their own OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+fast="--attn flash --lora-kernels --compile"
+sub=${1:-}; shift || true
+case " defaults lora qlora lora-variants full full-variants lean real-length attention fp8 quant profile " in
+  *" $sub "*) ;;
+  *) sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-; exit 2 ;;
+esac
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  >> "$OUT/gpu.txt" 2>&1
+
+table() {  # NAME COMMAND...: output in $OUT/NAME.log, then the table $OUT/NAME.md (or the log's tail)
+  local name=$1; shift
+  rm -f "$OUT/$name.md"
+  "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $?"
+  cat "$OUT/$name.md" 2>/dev/null || tail -n 20 "$OUT/$name.log"
+}
+
+profile() {  # ROW...: one profiled train.py run per ROW; MODEL SEQ MBS ADAPTER GA NPROC as above
+  local model=${MODEL:-llama3-8b} seq=${SEQ:-4096} mbs=${MBS:-1} adapter=${ADAPTER---lora} ga=${GA:-1}
+  local nproc=${NPROC:-1} tmp i=0 row run
+  mkdir -p "$OUT"
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # NVLink multicast off
+  local launch=(python); [ "$nproc" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node "$nproc")
+  local rank=(); [ -n "$adapter" ] && rank=(--lora-rank 16)
+  tmp=$(mktemp -d)   # private: two of these may run side by side, one per GPU
+  local data=$tmp/random.jsonl
+  python -c "import sys; sys.path.insert(0, 'benchmarks'); from lora import random_text; from pathlib import Path; random_text(Path('$data'), 60 * $ga, $seq * $mbs + 64)"
+  for row in "$@"; do
+    i=$((i+1)); run=$tmp/run$i
+    "${launch[@]}" benchmarks/profile_step.py --out "$OUT/profile$i.md" -- --model $model $adapter "${rank[@]}" --precision bf16 \
+      --seq-len $seq --micro-batch-size $mbs --grad-accum $ga --dataset $data --dataset-format pretrain --val-dataset none --eval-exact-match 0 \
+      --max-steps 14 --log-every 7 --warmup-steps 0 --lr 1e-4 --skip-export --output-dir $run $row > "$OUT/run$i.log" 2>&1
+    echo "== row $i: $model $adapter micro-batch $mbs $row (exit $?)"
+    grep -E "^per step|^\| (matmul|attention|elementwise|copy|triton|communication|idle)" "$OUT/profile$i.md" 2>/dev/null || tail -5 "$OUT/run$i.log"
+    sed -n '/^Where the GPU waited/,$p' "$OUT/profile$i.md" 2>/dev/null | head -8
+    python -c "import json; m=[json.loads(l) for l in open('$run/metrics.jsonl')][-1]; print(f\"tokens/s {m['tokens_per_s']:,.0f}  mfu {100*m['mfu']:.1f}%  peak {m['peak_mem_gib']:.1f} GiB  loss {m['loss']:.3f}  grad_norm {m['grad_norm']:.3f}\")" 2>/dev/null
+  done
+}
+
+case $sub in
+defaults)
+  table defaults-lora-8b python benchmarks/defaults.py --model llama3-8b --method lora --rows baseline tuned defaults \
+    --logs "$OUT/defaults-lora-8b" --out "$OUT/defaults-lora-8b.md" "$@"
+  table defaults-qlora-8b python benchmarks/defaults.py --model llama3-8b --method qlora --rows baseline tuned headline \
+    --logs "$OUT/defaults-qlora-8b" --out "$OUT/defaults-qlora-8b.md" "$@"
+  table defaults-qlora-8b-baseline-no-kbit-prep python benchmarks/peer.py --model llama3-8b --qlora --no-kbit-prep \
+    --liger --micro-batch-size 2 --steps 16 --out "$OUT/defaults-qlora-8b-baseline-no-kbit-prep.json"
+  table defaults-qlora-1b python benchmarks/defaults.py --model llama3.2-1b --method qlora --rows baseline headline \
+    --logs "$OUT/defaults-qlora-1b" --out "$OUT/defaults-qlora-1b.md" "$@"
+  ;;
+lora)
+  table lora-8b python benchmarks/lora.py --model llama3-8b --steps 20 --out "$OUT/lora-8b.md" \
+    --peer-rows "--liger --micro-batch-size 2" "--gradient-checkpointing --liger --micro-batch-size 2" \
+    --rows "$fast --micro-batch-size 2" "$fast --micro-batch-size 4" "$@"
+  ;;
+qlora)
+  table qlora-8b python benchmarks/lora.py --qlora --model llama3-8b --steps 20 --out "$OUT/qlora-8b.md" \
+    --peer-rows "--liger --micro-batch-size 2 --no-kbit-prep" \
+    --rows "$fast --micro-batch-size 2" "$fast --micro-batch-size 4" "$@"
+  ;;
+lora-variants)
+  table lora-8b-variants python benchmarks/lora.py --skip-peer --model llama3-8b --steps 20 --out "$OUT/lora-8b-variants.md" \
+    --rows "$fast --micro-batch-size 4 --loss chunked" "$fast --micro-batch-size 4 --loss cce" \
+    "$fast --micro-batch-size 4 --loss ce" "$fast --micro-batch-size 4 --compile-mode max-autotune-no-cudagraphs" "$@"
+  ;;
+full)
+  table full-1b python benchmarks/lora.py --full --model llama3.2-1b --seq-len 4096 --steps 20 --out "$OUT/full-1b.md" \
+    --peer-rows "--liger --micro-batch-size 4" "--liger --micro-batch-size 8" \
+    --rows "--attn flash --compile --micro-batch-size 4 --loss cce" "--attn flash --compile --micro-batch-size 8 --loss cce" \
+    "--attn flash --compile --micro-batch-size 16 --loss cce" "--attn flash --compile --micro-batch-size 4 --loss liger" "$@"
+  ;;
+full-variants)
+  table full-1b-variants python benchmarks/lora.py --full --model llama3.2-1b --steps 20 --out "$OUT/full-1b-variants.md" \
+    --peer-rows "--liger --micro-batch-size 8" \
+    --rows "--attn flash --compile --micro-batch-size 16 --loss cce" "--attn sdpa --compile --micro-batch-size 16 --loss cce" \
+    "--attn flash --compile --micro-batch-size 16 --loss chunked" "--attn flash --compile --micro-batch-size 16" \
+    "--attn flash --compile --micro-batch-size 16 --loss cce --fp8 tensorwise" "$@"
+  ;;
+lean)
+  lean="--attn flash --lora-kernels --ac full --loss chunked --loss-chunk 1024"
+  offload="--attn flash --lora-kernels --ac full --offload cpu --offload-embeddings --loss chunked --loss-chunk 256"
+  table lean-lora python benchmarks/lora.py --skip-peer --model llama3-8b --seq-len 4096 --steps 20 --out "$OUT/lean-lora.md" \
+    --rows "$lean" "$offload" "$@"
+  table lean-qlora python benchmarks/lora.py --skip-peer --qlora --model llama3-8b --seq-len 4096 --steps 20 \
+    --out "$OUT/lean-qlora.md" --rows "$lean" "--attn flash --lora-kernels" "$offload" "$@"
+  ;;
+real-length)
+  table real-length python benchmarks/real_length.py --model llama3-8b --steps 20 --out "$OUT/real-length.md" \
+    --rows "--packing $fast --micro-batch-size 2" "--packing $fast --micro-batch-size 4" "$@"
+  ;;
+attention)
+  python -m pytest -q -m gpu tests/test_attention.py tests/test_lora.py tests/test_lora_kernels.py -p no:warnings 2>&1 \
+    | tail -15 | tee "$OUT/gpu_tests.txt"
+  python benchmarks/attention.py --seq-lens 4096 8192 16384 --out "$OUT/attention.md" 2>&1 | tail -22
+  mkdir -p "$OUT/runs"
+  common="--model llama3.2-1b --seq-len 4096 --max-steps 30 --log-every 10 --eval-exact-match 16 --lr 1e-4 --warmup-steps 5"
+  for attn in flash flex sdpa; do
+    python train.py $common --packing --micro-batch-size 2 --attn $attn --output-dir "$OUT/runs/packed-$attn" \
+      > "$OUT/runs/packed-$attn.log" 2>&1
+    tail -4 "$OUT/runs/packed-$attn.log"
+  done
+  python train.py $common --micro-batch-size 64 --attn sdpa --output-dir "$OUT/runs/padded-sdpa" > "$OUT/runs/padded-sdpa.log" 2>&1
+  tail -4 "$OUT/runs/padded-sdpa.log"
+  python benchmarks/e2e_table.py "$OUT"/runs/*/ | tee "$OUT/e2e.md"
+  cp "$OUT"/runs/packed-flash/metrics.jsonl "$OUT/metrics-packed-flash.jsonl" 2>/dev/null
+  rm -rf "$OUT"/runs/*/final "$OUT"/runs/*/checkpoints
+  tar -C "$OUT" -czf "$OUT/runs.tgz" runs && rm -rf "$OUT/runs"
+  ;;
+fp8)
+  for mbs in 2 4; do
+    steps=40 warmup=15; [ $mbs = 4 ] && steps=30 warmup=12
+    python benchmarks/fp8.py --layers 32 --micro-batch-size $mbs --steps $steps --warmup $warmup \
+      --rows bf16 'fp8 tensorwise' 'fp8 rowwise' --extra '--attn flash' --out "$OUT/fp8-32-mbs$mbs-runs" \
+      > "$OUT/fp8-32-mbs$mbs.md" 2> "$OUT/fp8-32-mbs$mbs.log"
+    echo "== fp8-32-mbs$mbs: exit $?"
+    rm -rf "$OUT"/fp8-32-mbs$mbs-runs/*/checkpoints
+    cat "$OUT/fp8-32-mbs$mbs.md"
+  done
+  ;;
+quant)
+  LAYERS=${LAYERS:-8}; SEQ=${SEQ:-4096}; MBS=${MBS:-2}; STEPS=${STEPS:-60}; EXTRA=${EXTRA:---attn flash}
+  python -c "import torchao; print('torchao', torchao.__version__)" >> "$OUT/gpu.txt" 2>&1
+  python -m pytest -q -s -m gpu tests/test_fp8.py tests/test_qat.py tests/test_gptq.py > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(bf16|fp8)|passed|failed|error" "$OUT/gpu_tests.txt" | tail -12
+  python benchmarks/fp8.py --layers "$LAYERS" --seq-len "$SEQ" --micro-batch-size "$MBS" --steps "$STEPS" \
+    --extra "$EXTRA" --out "$OUT/fp8-runs" > "$OUT/fp8.md" 2> "$OUT/fp8.err"
+  rm -rf "$OUT"/fp8-runs/*/checkpoints
+  cat "$OUT/fp8.md"
+  ;;
+profile)
+  if [ $# -gt 0 ]; then
+    profile "$@"
+  else
+    OUT=$OUT/prof-lora-8b-mbs2 MBS=2 profile "$fast"
+    OUT=$OUT/prof-lora-8b-mbs4 MBS=4 profile "$fast"
+    OUT=$OUT/prof-qlora-8b-mbs2 MBS=2 ADAPTER=--qlora profile "$fast"
+    OUT=$OUT/prof-full-1b-mbs8 MODEL=llama3.2-1b ADAPTER= MBS=8 profile "--attn flash --compile --loss cce"
+  fi
+  ;;
+esac
