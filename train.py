@@ -245,6 +245,7 @@ def train(cfg: Config) -> dict:
     defaults.warmup_steps(cfg, total_steps)
     defaults.precision(cfg, d.device)
     defaults.loss(cfg, d.device, config)
+    defaults.embedding_offload(cfg, d.device, config, d.world_size)
     say("defaults: " + "; ".join(cfg.auto) if cfg.auto else "defaults: every value set by hand")
     say(f"data: train {train_split.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set"))
     say(f"data: {batches.steps_in_epoch(0)} steps/epoch, {batches.dropped(0)} samples/epoch left out to "

@@ -6,7 +6,8 @@
 
 One command, one table, each row its own process on the same GPU:
   baseline  the Hugging Face Trainer + peft baseline (benchmarks/peer.py: SDPA + Liger, no activation
-            checkpointing, LoRA r=16 on every linear, bf16, full-length random rows of --seq-len)
+            checkpointing, LoRA r=16 on every linear, bf16, full-length random rows of --seq-len; QLoRA
+            without peft's prepare_model_for_kbit_training, whose fp32 upcasts cost it speed and memory)
             at micro-batch 2, the default micro-batch of nanotune for a real model, and at 4;
   tuned     nanotune's tuned recipe, every speed flag by hand: --precision bf16 --lora-kernels
             --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1;
@@ -73,7 +74,8 @@ def run_train(flags: list[str], data: Path, out: Path, steps: int) -> dict:
 def rows_for(args) -> list[tuple[str, str, list[str]]]:
     adapter = "--qlora" if args.method == "qlora" else "--lora"
     rows = {
-        "baseline": [("baseline", f"micro-batch {m}", ["--liger", "--micro-batch-size", str(m)]) for m in (2, 4)],
+        "baseline": [("baseline", f"micro-batch {m}", ["--liger", "--micro-batch-size", str(m)])
+                     for m in args.baseline_micro_batch],
         "tuned": [("tuned", TUNED, ["--model", args.model, adapter, "--lr", "2e-4", *TUNED.split()])],
         "defaults": [("defaults", f"--model {args.model} {adapter}", ["--model", args.model, adapter])],
         "headline": [("headline", f"--packing --attn flash --qlora --model {args.model}",
@@ -106,6 +108,7 @@ def main():
     p.add_argument("--method", choices=["lora", "qlora"], default="lora")
     p.add_argument("--rows", nargs="+", default=["baseline", "tuned", "defaults", "headline"],
                    choices=["baseline", "tuned", "defaults", "headline"])
+    p.add_argument("--baseline-micro-batch", type=int, nargs="+", default=[2, 4])
     p.add_argument("--headline-with", nargs="*", default=[], metavar="FLAGS",
                    help='more headline rows, each with these flags added (e.g. "--loss ce")')
     p.add_argument("--steps", type=int, default=12)
@@ -120,7 +123,7 @@ def main():
     results = []
     for i, (side, what, flags) in enumerate(rows_for(args)):
         if side == "baseline":
-            r = run_peer(peer_args, flags + (["--qlora"] if args.method == "qlora" else []), logs)
+            r = run_peer(peer_args, flags + (["--qlora", "--no-kbit-prep"] if args.method == "qlora" else []), logs)
         else:
             r = run_train(flags, data, logs / f"row{i}-{side}", args.steps)
         results.append((side, what, r))

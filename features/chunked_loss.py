@@ -29,8 +29,8 @@ from features.loss import IGNORE, next_token_targets, shifted_targets
 class LossConfig:
     loss: Literal["auto", "ce", "chunked", "cce", "liger"] = "auto"
     """Loss: ce (full logits); chunked (pure PyTorch), cce (Cut Cross Entropy) or liger (Liger's fused linear CE) never materialize tokens x vocabulary logits; cce and liger need CUDA. auto: chunked for LoRA/QLoRA on a CUDA GPU, else ce."""  # noqa: E501
-    loss_chunk: int = 1024
-    """Tokens per chunk for --loss chunked."""
+    loss_chunk: int | None = None
+    """Tokens per chunk for --loss chunked; unset: 256 with a frozen head (LoRA), 4096 when the head trains (fewer passes over its fp32 gradient)."""  # noqa: E501
 
 
 class HiddenHead(torch.nn.Module):
@@ -56,13 +56,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = (h @ weight.to(h.dtype).T).to(acc)
-            total += F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum")
+            lse = torch.logsumexp(logits, -1)
+            valid = t != IGNORE
+            picked = t.clamp(min=0)[:, None]  # an ignored position's target: any index, masked below
+            total += ((lse - logits.gather(1, picked).squeeze(1)) * valid).sum()
             if not need_grad:
                 continue
-            d_logits = torch.softmax(logits, -1)  # d(sum CE)/d logits = softmax - onehot, 0 where ignored
-            valid = t != IGNORE
-            d_logits[valid, t[valid]] -= 1
-            d_logits[~valid] = 0
+            # d(sum CE)/d logits = softmax - onehot, 0 where ignored; in place of the logits, so a chunk
+            # holds one (chunk x vocabulary) buffer and logsumexp's temporary
+            d_logits = logits.sub_(lse[:, None]).exp_()
+            d_logits.scatter_add_(1, picked, -valid[:, None].to(acc))
+            d_logits.mul_(valid[:, None])
             d_logits = d_logits.to(h.dtype)  # the GEMMs run in the inputs' dtype, as plain CE's backward does
             if grad_h is not None:
                 grad_h[start:start + chunk] = (d_logits @ weight.to(h.dtype)).to(grad_h.dtype)
@@ -102,7 +106,7 @@ def head_weight(model) -> torch.Tensor:
 
 def apply_chunked_loss(model, cfg: LossConfig):
     """Swap the output head for a HiddenHead; returns the model (call before DDP wrapping)."""
-    if cfg.loss_chunk < 1:
+    if cfg.loss_chunk is not None and cfg.loss_chunk < 1:
         raise UserError(f"--loss-chunk must be at least 1 (got {cfg.loss_chunk})")
     base = _base(model)
     if getattr(base.config, "final_logit_softcapping", None):

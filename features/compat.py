@@ -163,7 +163,8 @@ SETTINGS = {
     "model.precision", "model.trust_remote_code", "data.dataset_format", "data.train_on_inputs", "data.truncation",
     "optim.lr_schedule", "train.device", "train.skip_export", "qat.qat_scheme", "compile.compile_mode",
     "compile.compile_backend", "sharding.fsdp_reduce_dtype", "sharding.fsdp_quant_storage",
-    "compile.no_compile", "packing.no_packing", "lora_kernels.no_lora_kernels",  # off switches of GPU defaults
+    "compile.no_compile", "packing.no_packing", "lora_kernels.no_lora_kernels",
+    "embedding_offload.no_offload_embeddings",  # off switches of GPU defaults
 }
 
 # Refusals that depend on the model or the process layout; their modules raise them when known.

@@ -22,12 +22,15 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
   --compile     per-block torch.compile and the compiled loss                       [--no-compile]
   --packing     no padding: samples packed into --seq-len rows, documents kept apart [--no-packing]
   --attn        the best installed kernel (features/attention.py)                   [--attn sdpa]
-  --loss        chunked for LoRA/QLoRA: the frozen head's loss a chunk of tokens at a time, never
-                the whole tokens x vocabulary logits (exact)                        [--loss ce]
+  --loss        chunked for LoRA/QLoRA: the frozen head's loss 256 tokens at a time, never the
+                whole tokens x vocabulary logits (exact)                            [--loss ce]
+  --offload-embeddings  a frozen, untied input-embedding table (LoRA/QLoRA, one process) in CPU
+                memory; each micro-batch copies its rows       [--no-offload-embeddings]
 A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
 reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
-`loss` once the model's config is read, `seq_len` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
-`defaults:` line (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
+`loss` and `embedding_offload` once the model's config is read, `seq_len` and `warmup_steps` once
+the data is tokenized. Every choice is printed on the run's `defaults:` line
+(`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
 
 import math
@@ -103,20 +106,44 @@ def precision(cfg, device: torch.device) -> None:
 
 
 def loss(cfg, device: torch.device, model_config) -> None:
-    """--loss auto, once the device and the model's config are known: chunked where it is exact and
-    lean (adapters on a CUDA GPU: the head is frozen, so each chunk needs only its hidden-state
-    gradient), else ce."""
-    if cfg.loss.loss != "auto":
+    """--loss auto and --loss-chunk, once the device and the model's config are known: chunked where
+    it is exact and lean (adapters on a CUDA GPU: the head is frozen, so each chunk needs only its
+    hidden-state gradient), else ce."""
+    if cfg.loss.loss == "auto":
+        value, why = "ce", "full logits"
+        if device.type == "cuda" and adapters_on(cfg.lora) and not getattr(model_config, "final_logit_softcapping",
+                                                                          None):
+            cfg.loss.loss = "chunked"
+            value, why = "chunked", "LoRA on CUDA, never the full logits; --loss ce turns it off"
+            if (reason := _matrix_problem(cfg)) is not None:
+                value, why = "ce", reason
+        cfg.loss.loss = value
+        if device.type == "cuda":
+            cfg.auto.append(f"--loss {value} (auto: {why})")
+    if cfg.loss.loss_chunk is None:
+        frozen = adapters_on(cfg.lora)
+        cfg.loss.loss_chunk = 256 if frozen else 4096
+        if cfg.loss.loss == "chunked":
+            cfg.auto.append(f"--loss-chunk {cfg.loss.loss_chunk} (auto: "
+                            + ("a frozen head: the smallest buffer" if frozen else "the head trains") + ")")
+
+
+def embedding_offload(cfg, device: torch.device, model_config, world_size: int) -> None:
+    """--offload-embeddings, once the model's config and the process count are known: on for LoRA in
+    one process on a CUDA GPU when the input embeddings are frozen and not tied to the output head
+    (features/embedding_offload.py: about 1 GiB less GPU memory at 128K vocabulary)."""
+    e = cfg.embedding_offload
+    if e.offload_embeddings or e.no_offload_embeddings or device.type != "cuda" or not adapters_on(cfg.lora):
         return
-    value, why = "ce", "full logits"
-    if device.type == "cuda" and adapters_on(cfg.lora) and not getattr(model_config, "final_logit_softcapping", None):
-        cfg.loss.loss = "chunked"
-        value, why = "chunked", "LoRA on CUDA, never the full logits; --loss ce turns it off"
-        if (reason := _matrix_problem(cfg)) is not None:
-            value, why = "ce", reason
-    cfg.loss.loss = value
-    if device.type == "cuda":
-        cfg.auto.append(f"--loss {value} (auto: {why})")
+    if world_size > 1 or getattr(model_config, "tie_word_embeddings", False) or "embed" in cfg.lora.lora_targets:
+        return
+    e.offload_embeddings = True
+    if (reason := _matrix_problem(cfg)) is not None:
+        e.offload_embeddings = False
+        cfg.auto.append(f"--offload-embeddings off (auto: {reason})")
+        return
+    cfg.auto.append("--offload-embeddings on (auto: a frozen, untied table in one process; "
+                    "--no-offload-embeddings turns it off)")
 
 
 # (config path, off switch path, flag, applies to this run?) in the order they are tried
@@ -131,9 +158,13 @@ _SPEEDUPS = [
 ]
 
 
+_ON_OFF = [(path, off_path, flag) for path, off_path, flag, _ in _SPEEDUPS] + [
+    ("embedding_offload.offload_embeddings", "embedding_offload.no_offload_embeddings", "--offload-embeddings")]
+
+
 def validate(cfg) -> None:
-    """Refuse a speedup that is both asked for and switched off."""
-    for path, off_path, flag, _ in _SPEEDUPS:
+    """Refuse a default that is both asked for and switched off."""
+    for path, off_path, flag in _ON_OFF:
         if _get(cfg, path.split(".")) and _get(cfg, off_path.split(".")):
             raise UserError(f"{flag} and {flag.replace('--', '--no-')} contradict each other; pass one")
 

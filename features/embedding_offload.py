@@ -27,7 +27,9 @@ from features import UserError
 @dataclasses.dataclass
 class EmbeddingOffloadConfig:
     offload_embeddings: bool = False
-    """Keep a frozen, untied input-embedding table in CPU memory (LoRA/QLoRA; about 1 GiB less GPU memory at 128K vocabulary)."""  # noqa: E501
+    """Keep a frozen, untied input-embedding table in CPU memory (LoRA/QLoRA; about 1 GiB less GPU memory at 128K vocabulary); on by default for LoRA in one process on a CUDA GPU."""  # noqa: E501
+    no_offload_embeddings: bool = False
+    """Keep the input-embedding table on the GPU, also where --offload-embeddings is on by default."""
 
 
 def apply_embedding_offload(model, world_size: int = 1):

@@ -118,7 +118,7 @@ def test_precision_on_a_gpu(monkeypatch, argv, bf16, want):
     (["--model", "llama3-8b"], "cuda", {}, "ce"),  # a trained head: its weight gradient is its own GEMM
     (["--model", "llama3-8b", "--lora"], "cuda", {"final_logit_softcapping": 30.0}, "ce"),  # Gemma 2
     (["--model", "llama3-8b", "--lora", "--loss", "ce"], "cuda", {}, "ce"),  # set by hand
-    (["--model", "llama3-8b", "--lora", "--loss-chunk", "256"], "cuda", {}, "chunked"),
+    (["--model", "llama3-8b", "--lora", "--loss-chunk", "512"], "cuda", {}, "chunked"),
 ])
 def test_loss_auto(argv, device, model_config, want):
     cfg = _resolved(argv, cuda=device == "cuda")
@@ -126,6 +126,29 @@ def test_loss_auto(argv, device, model_config, want):
     assert cfg.loss.loss == want
     if "--loss" not in argv and device == "cuda":
         assert f"--loss {want} (auto:" in " ".join(cfg.auto)
+    adapters = "--lora" in argv or "--qlora" in argv
+    assert cfg.loss.loss_chunk == (512 if "--loss-chunk" in argv else 256 if adapters else 4096)
+
+
+@pytest.mark.parametrize("argv, device, model_config, world, want", [
+    (["--model", "llama3-8b", "--qlora"], "cuda", {}, 1, True),
+    (["--model", "llama3-8b", "--qlora"], "cpu", {}, 1, False),
+    (["--model", "llama3-8b"], "cuda", {}, 1, False),  # the table trains
+    (["--model", "llama3-8b", "--lora"], "cuda", {"tie_word_embeddings": True}, 1, False),  # the head needs it
+    (["--model", "llama3-8b", "--lora"], "cuda", {}, 2, False),  # one process only
+    (["--model", "llama3-8b", "--lora", "--lora-targets", "q_proj,embed_tokens"], "cuda", {}, 1, False),
+    (["--model", "llama3-8b", "--lora", "--no-offload-embeddings"], "cuda", {}, 1, False),
+])
+def test_embedding_offload_auto(argv, device, model_config, world, want):
+    cfg = _resolved(argv, cuda=device == "cuda")
+    defaults.embedding_offload(cfg, torch.device(device), type("ModelConfig", (), model_config)(), world)
+    assert cfg.embedding_offload.offload_embeddings is want
+    assert ("--offload-embeddings on (auto:" in " ".join(cfg.auto)) is want
+
+
+def test_embedding_offload_on_and_off_is_refused():
+    with pytest.raises(UserError, match="--offload-embeddings and --no-offload-embeddings"):
+        _parsed(["--model", "llama3-8b", "--lora", "--offload-embeddings", "--no-offload-embeddings"])
 
 
 def test_a_run_of_a_local_checkpoint_says_what_it_chose(tmp_path):
