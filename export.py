@@ -15,7 +15,7 @@ from typing import Literal
 
 import tyro
 
-from features import UserError
+from core import UserError
 from features.lora import base_of, merge_and_save
 
 

@@ -22,9 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from features.checkpointing import decoder_blocks  # noqa: E402
+from core.model import decoder_blocks  # noqa: E402
 from features.lora import LoraConfig, apply_lora  # noqa: E402
-from features.model import ModelConfig, load_config, load_model, load_tokenizer  # noqa: E402
+from core.model import ModelConfig, load_config, load_model, load_tokenizer  # noqa: E402
 from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp, auto_shards  # noqa: E402
 
 

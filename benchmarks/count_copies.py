@@ -141,7 +141,7 @@ def batch(vocab, micro_batch=2, seq=256):
 
 def compile_blocks(model, backend) -> None:
     """What features/compile.py's apply_compile does, with any backend."""
-    from features.checkpointing import decoder_blocks
+    from core.model import decoder_blocks
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in decoder_blocks(model):
@@ -150,7 +150,7 @@ def compile_blocks(model, backend) -> None:
 
 def step(model, b):
     """Forward, plain summed cross entropy (train.py's --loss ce), backward."""
-    from features.loss import forward_loss_sum
+    from core.loss import forward_loss_sum
 
     model.zero_grad(set_to_none=True)
     loss = forward_loss_sum(model, b, attn_impl="count_opaque_sdpa")

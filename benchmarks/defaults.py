@@ -18,7 +18,7 @@ One command, one table, each row its own process on the same GPU:
 X is a chat dataset (`messages`) of random-letter conversations of 3,900-4,090 tokens, so rows are
 full like the baseline's and the automatic --seq-len is 4096. Throughput: tokens/s over the
 last logging window (the baseline: its median synchronised step after warm-up); MFU from the
-same model FLOPs (features/model.py train_flops) against the 989 TFLOP/s datasheet peak and the
+same model FLOPs (core/model.py train_flops) against the 989 TFLOP/s datasheet peak and the
 783 TFLOP/s measured bf16 matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
 """
 

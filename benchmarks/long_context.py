@@ -1,6 +1,6 @@
 """The longest sequence that trains on one GPU: the peer vs nanotune, one memory feature at a time.
 
-    python benchmarks/long_context.py --budget-s 450 --out long_context.md     # GPU; see gpu_long_context.sh
+    python benchmarks/long_context.py --budget-s 450 --out long_context.md     # GPU; see gpu_long_context.sh search
 
 Llama-3.1-8B shape (random weights, bf16 base), LoRA r=16 on every decoder linear, micro-batch 1,
 one full-length row. A try is one training step (forward + backward + optimizer) at one sequence

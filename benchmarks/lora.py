@@ -9,7 +9,7 @@ Both sides: the same preset shape with random weights, bf16 base, LoRA r=16 on e
 of the decoder, micro-batch 1, full-length rows (the peer: random token ids; nanotune: random
 text in --dataset-format pretrain blocks, so no padding either). Each row is a separate process.
 Throughput: the peer's median CUDA-synchronised step time after 5 warm-up steps; nanotune's
-tokens/s over its last logging window (steps 11-20). MFU: model FLOPs (features/model.py
+tokens/s over its last logging window (steps 11-20). MFU: model FLOPs (core/model.py
 train_flops: 4N per token for a frozen base, 6N when every weight trains,
 + attention 12 * layers * heads * head_dim * seq) against the 989 TFLOP/s datasheet peak and the
 783 TFLOP/s measured bf16 matmul ceiling.

@@ -3,7 +3,7 @@
     python benchmarks/peer.py --model llama3-8b --seq-len 4096 --micro-batch-size 1 --steps 20 \
         --gradient-checkpointing --liger [--qlora] --out peer.json
 
-Same shapes as nanotune's presets (features/model.py), base weights in bf16, `bf16=True`, SDPA,
+Same shapes as nanotune's presets (core/model.py), base weights in bf16, `bf16=True`, SDPA,
 LoRA on every linear layer of the decoder, random token ids of full length (no padding). With
 --qlora: the decoder linears in NF4 (double quantization, bf16 compute) and peft's
 prepare_model_for_kbit_training, the standard QLoRA recipe (--no-kbit-prep skips it). With --full: no adapter, every
@@ -33,7 +33,7 @@ def build(args):
     import peft
     import transformers
 
-    from features.model import PRESETS, train_flops
+    from core.model import PRESETS, train_flops
 
     cls_name, fields = PRESETS[args.model]
     config = getattr(transformers, cls_name)(**fields)
@@ -45,7 +45,7 @@ def build(args):
     if args.qlora:  # NF4 + double quantization, bf16 compute: what from_pretrained does with this config
         from transformers import BitsAndBytesConfig
 
-        from features.lora import quantize_base
+        from core.quantize import quantize_base
 
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.bfloat16)
@@ -70,7 +70,7 @@ def dataset(args, vocab: int):
     if not args.data:
         rows = torch.randint(0, vocab, (args.steps * args.micro_batch_size, args.seq_len)).tolist()
         return datasets.Dataset.from_dict({"input_ids": rows, "labels": rows}), default_data_collator
-    from features.model import ModelConfig, load_tokenizer
+    from core.model import ModelConfig, load_tokenizer
 
     tok = load_tokenizer(ModelConfig(path=args.model))
     texts = [json.loads(line)["text"] for line in Path(args.data).read_text().splitlines()]

@@ -6,7 +6,7 @@
 
 What benchmarks/scaling.py runs as its peer-full / peer-lora rows, at every world size with the same
 global batch (micro-batch x grad-accum x ranks) as the nanotune rows. The model: a nanotune preset
-shape (features/model.py) with random weights (seed 0), SDPA; LoRA r=16 on every linear layer of the
+shape (core/model.py) with random weights (seed 0), SDPA; LoRA r=16 on every linear layer of the
 decoder unless --full. Sharding: `TrainingArguments(fsdp=True, fsdp_config={"version": 2,
 "transformer_layer_cls_to_wrap": [<decoder layer>], "reshard_after_forward": True})`, i.e.
 accelerate's FSDP2 plugin (fully_shard per decoder layer + root), with any number of processes,
@@ -44,7 +44,7 @@ def build(args, device: torch.device):
     import peft
     import transformers
 
-    from features.model import PRESETS
+    from core.model import PRESETS
 
     cls_name, fields = PRESETS[args.model]
     config = getattr(transformers, cls_name)(**fields)

@@ -135,7 +135,7 @@ def main():
     train_args = [a for a in train_args if a != "--"]
 
     import train
-    from features import runlog
+    from core import runlog
 
     schedule = torch.profiler.schedule(wait=args.first - 1, warmup=0, active=args.steps, repeat=1)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from features import qat  # noqa: E402
-from features.data import DataConfig, load_splits  # noqa: E402
-from features.distributed import Dist  # noqa: E402
-from features.evaluate import exact_match, validation_loss  # noqa: E402
-from features.model import ModelConfig, load_tokenizer  # noqa: E402
+from core.data import DataConfig, load_splits  # noqa: E402
+from core.distributed import Dist  # noqa: E402
+from core.evaluate import exact_match, validation_loss  # noqa: E402
+from core.model import ModelConfig, load_tokenizer  # noqa: E402
 
 
 def launch(out: Path, seed: int, args, *flags: str):

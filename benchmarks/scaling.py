@@ -2,13 +2,13 @@
 
     # an 8-GPU H200 box with the requirements installed; one run (<= 10 min) per row selection, in
     # the order to run them:
-    ROWS=fsdp-gathered-full,fsdp-full,peer-full bash benchmarks/gpu_scaling.sh    # 1: the >= 90% goal row + peer
-    ROWS=fsdp-gathered-compiled,hsdp-full bash benchmarks/gpu_scaling.sh         # 2: compiled; HSDP 2 x N/2
-    LOGS=/tmp/scaling_gb32 ROWS=fsdp-gathered-full bash benchmarks/gpu_scaling.sh --global-batch 32   # 3: 4 a GPU
-    ROWS=fsdp-gathered-lora,zero3-lora,peer-lora bash benchmarks/gpu_scaling.sh   # 4: LoRA under each
-    ROWS=zero3-full,tp-full bash benchmarks/gpu_scaling.sh                       # 5 (1-GPU baselines reused)
-    ROWS=fp8-fsdp-gathered,zero2-full bash benchmarks/gpu_scaling.sh             # 6 (FP8 all-gather once a step)
-    WORLDS=1,2 ROWS=... bash benchmarks/gpu_scaling.sh                           # a 2-GPU box: 1 and 2 only
+    ROWS=fsdp-gathered-full,fsdp-full,peer-full bash benchmarks/gpu_distributed.sh scaling  # 1: >= 90% goal row + peer
+    ROWS=fsdp-gathered-compiled,hsdp-full bash benchmarks/gpu_distributed.sh scaling       # 2: compiled; HSDP 2 x N/2
+    LOGS=/tmp/scaling_gb32 ROWS=fsdp-gathered-full bash benchmarks/gpu_distributed.sh scaling --global-batch 32  # 3
+    ROWS=fsdp-gathered-lora,zero3-lora,peer-lora bash benchmarks/gpu_distributed.sh scaling  # 4: LoRA under each
+    ROWS=zero3-full,tp-full bash benchmarks/gpu_distributed.sh scaling                     # 5 (1-GPU baselines reused)
+    ROWS=fp8-fsdp-gathered,zero2-full bash benchmarks/gpu_distributed.sh scaling  # 6 (FP8 all-gather once a step)
+    WORLDS=1,2 ROWS=... bash benchmarks/gpu_distributed.sh scaling                         # a 2-GPU box: 1 and 2 only
     # i.e. python benchmarks/scaling.py --model llama3-8b --seq-len 4096 --rows fsdp-full,fsdp-lora \
     #          --logs $OUT/scaling --out $OUT/scaling.md --budget-s 540
     # CPU (the proof that the harness works; tests/test_scaling_bench.py):

@@ -1,6 +1,6 @@
 """The longest sequence that trains with sequence parallelism over N GPUs.
 
-    python benchmarks/sequence_parallel.py --gpus 8 --budget-s 900 --out sp.md         # see gpu_sp.sh
+    python benchmarks/sequence_parallel.py --gpus 8 --budget-s 900 --out sp.md         # see gpu_distributed.sh sp
     python benchmarks/sequence_parallel.py --device cpu --gpus 2 --start 256 --max-len 1024   # CPU check
 
 Llama-3.1-8B shape (random weights, bf16), LoRA r=16, micro-batch 1, one row holding ONE document

@@ -1,6 +1,6 @@
 """Collectives, DTensor ops and step time of --fsdp --tp 2 against plain --fsdp, per optimizer step.
 
-    # 2 GPUs: the shape of benchmarks/gpu_scaling.sh's tp-full row (Llama-3.1-8B, seq 4096, 8 sequences a step)
+    # 2 GPUs: the shape of the tp-full row of gpu_distributed.sh scaling (Llama-3.1-8B, seq 4096, 8 sequences a step)
     python benchmarks/tp_comm.py --model llama3-8b --seq-len 4096 --precision bf16 --out /tmp/tp_comm.md
     # CPU, gloo (tests/test_tp_plan.py):
     python benchmarks/tp_comm.py --model tiny-llama --device cpu --seq-len 64 --global-batch 2
@@ -155,13 +155,13 @@ def worker(args) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from features import attention
-    from features.attention import AttentionConfig
-    from features.distributed import MeshConfig, all_reduce_sum, init_distributed, sync_gradients, teardown
+    from core import attention
+    from core.attention import AttentionConfig
+    from core.distributed import MeshConfig, all_reduce_sum, init_distributed, sync_gradients, teardown
     from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm
-    from features.loss import forward_loss_sum
-    from features.model import ModelConfig, autocast, load_config, load_model, load_tokenizer, resolve_precision
-    from features.optim import OptimConfig, build_optimizer
+    from core.loss import forward_loss_sum
+    from core.model import ModelConfig, autocast, load_config, load_model, load_tokenizer, resolve_precision
+    from core.optim import OptimConfig, build_optimizer
     from features.tensor_parallel import apply_tensor_parallel
 
     layout, tp = args.worker, LAYOUTS[args.worker]

@@ -35,7 +35,7 @@ def _sequence_parallel(cfg):
 
 
 def _fused_lora_fits(lora) -> bool:
-    """An adapter that --lora-kernels computes (features/compat.py: not DoRA, LLM.int8 or dropout)."""
+    """An adapter that --lora-kernels computes (core/compat.py: not DoRA, LLM.int8 or dropout)."""
     return (lora.lora or lora.qlora) and not (lora.dora or lora.lora_8bit) and lora.lora_dropout == 0
 
 

@@ -13,35 +13,11 @@ Does not work with final-logit soft-capping (Gemma 2): refused. --loss cce and -
 (features/fused_loss.py) use the same head swap with GPU kernels.
 """
 
-import contextlib
-import dataclasses
-from typing import Literal
-
 import torch
-import torch.nn.functional as F
 
-from features import UserError
-from features.attention import model_inputs
-from features.loss import IGNORE, next_token_targets, shifted_targets
-
-
-@dataclasses.dataclass
-class LossConfig:
-    loss: Literal["auto", "ce", "chunked", "cce", "liger"] = "auto"
-    """Loss: ce (full logits); chunked (pure PyTorch), cce (Cut Cross Entropy) or liger (Liger's fused linear CE) never materialize tokens x vocabulary logits; cce and liger need CUDA. auto: chunked for LoRA/QLoRA on a CUDA GPU, else ce."""  # noqa: E501
-    loss_chunk: int | None = None
-    """Tokens per chunk for --loss chunked; unset: 256 with a frozen head (LoRA), 4096 when the head trains (fewer passes over its fp32 gradient)."""  # noqa: E501
-
-
-class HiddenHead(torch.nn.Module):
-    """The output head that hands back its input: the model's `.logits` become hidden states."""
-
-    def __init__(self, weight: torch.nn.Parameter):
-        super().__init__()
-        self.weight, self.hidden_only = weight, True
-
-    def forward(self, x):
-        return x if self.hidden_only else F.linear(x, self.weight)
+from core import UserError
+from core.attention import model_inputs
+from core.loss import IGNORE, head_weight, hidden_head, next_token_targets, shifted_targets
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -92,44 +68,15 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, targets, chunk)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def head_weight(model) -> torch.Tensor:
-    """The output head's weight, whole. Under FSDP2 it is the gathered weight after a training
-    forward (the root stays unsharded), but a sharded DTensor after an evaluation forward (resharded
-    at once): gather it then (differentiable, so a DTensor head under TP works too)."""
-    weight = _base(getattr(model, "module", model)).get_output_embeddings().weight
-    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-
-
-def apply_chunked_loss(model, cfg: LossConfig):
-    """Swap the output head for a HiddenHead; returns the model (call before DDP wrapping)."""
-    if cfg.loss_chunk is not None and cfg.loss_chunk < 1:
-        raise UserError(f"--loss-chunk must be at least 1 (got {cfg.loss_chunk})")
-    base = _base(model)
-    if getattr(base.config, "final_logit_softcapping", None):
-        raise UserError(f"--loss {cfg.loss}: this model soft-caps its logits (Gemma 2); use --loss ce")
-    base.set_output_embeddings(HiddenHead(base.get_output_embeddings().weight))
-    return model
-
-
 def forward_chunked_loss_sum(model, batch: dict, attn_impl: str = "sdpa", chunk: int = 4096) -> torch.Tensor:
-    """The chunked counterpart of features.loss.forward_loss_sum."""
+    """The chunked counterpart of core.loss.forward_loss_sum."""
     hidden = model(**model_inputs(batch, attn_impl)).logits
     return chunked_cross_entropy_sum(hidden, head_weight(model), None, chunk, next_token_targets(batch))
 
 
-@contextlib.contextmanager
-def real_logits(model):
-    """Let generate() see logits: the head multiplies by its weight again inside this block."""
-    head = _base(model).get_output_embeddings()
-    if not isinstance(head, HiddenHead):
-        yield
-        return
-    head.hidden_only = False
-    try:
-        yield
-    finally:
-        head.hidden_only = True
+def apply(model, cfg, run=None):
+    """--loss chunked / cce / liger: the output head returns hidden states (its weight Parameter
+    unchanged), for the loss to multiply a chunk at a time. Call before sharding wraps the model."""
+    if cfg.loss.loss_chunk is not None and cfg.loss.loss_chunk < 1:
+        raise UserError(f"--loss-chunk must be at least 1 (got {cfg.loss.loss_chunk})")
+    return hidden_head(model, f"--loss {cfg.loss.loss}")

@@ -36,9 +36,9 @@ from typing import Literal
 
 import torch
 
-from features import UserError
-from features.checkpointing import decoder_blocks
-from features.loss import cross_entropy_sum
+from core import UserError
+from core.model import decoder_blocks
+from core.loss import cross_entropy_sum
 
 
 @dataclasses.dataclass
@@ -91,3 +91,8 @@ def _opaque_attention(impl: str) -> None:
         wrapped = torch.compiler.disable(fn)
         wrapped.nanotune_opaque = True
         AttentionInterface.register(impl, wrapped)
+
+
+def apply(model, cfg, run):
+    """--compile: torch.compile per decoder block, around every wrapper applied before it."""
+    return apply_compile(model, cfg.compile)

@@ -43,14 +43,14 @@ from pathlib import Path
 
 import torch
 
-from features import UserError, optional
-from features.distributed import attention_blocks
+from core import UserError, optional
+from core.defaults import adapters_on
+from core.distributed import attention_blocks
 
 # DeepSpeed 0.19.8 warns at import, on a machine without a GPU, that it runs on the CPU (as asked: gloo)
 optional.drop_records("DeepSpeed", "Setting accelerator to CPU")
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
-TAG = "deepspeed"  # the tag (sub-directory) of DeepSpeed's files inside a step_<N> checkpoint
 
 
 @dataclasses.dataclass
@@ -194,18 +194,6 @@ def step(engine) -> torch.Tensor:
     return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
 
-def save(engine, ckpt_dir: Path) -> None:
-    """All ranks: module + optimizer partitions into <ckpt_dir>/deepspeed (frozen weights left out)."""
-    engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
-
-
-def load(engine, ckpt_dir: Path) -> None:
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_lr_scheduler_states=False,
-                                     load_module_strict=False)  # frozen weights come from --model
-    if path is None:
-        raise UserError(f"--resume {ckpt_dir}: no DeepSpeed checkpoint in it (it was not saved with --deepspeed)")
-
-
 def gather_full(engine):
     """The wrapped model with full parameters, for the final export (ZeRO-3 partitions gathered on
     every rank into plain parameters; the run is over, nothing re-partitions them)."""
@@ -220,3 +208,11 @@ def gather_full(engine):
                     for name, p in params:
                         sub.register_parameter(name, torch.nn.Parameter(p.data.clone(), p.requires_grad))
     return module
+
+
+def apply(model, optimizer, cfg, run):
+    """--deepspeed: DeepSpeed's engine wraps the model and the optimizer, once both are built (the one
+    feature that takes the optimizer too). Returns (engine, engine's optimizer)."""
+    ds_config = build_config(cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm,
+                             run.precision, run.d.dp_size, adapters=adapters_on(cfg.lora))
+    return apply_deepspeed(model, optimizer, ds_config)

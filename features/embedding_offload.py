@@ -21,7 +21,7 @@ import types
 
 import torch
 
-from features import UserError
+from core import UserError
 
 
 @dataclasses.dataclass
@@ -54,3 +54,8 @@ def _lookup_on_cpu(self, input_ids: torch.Tensor) -> torch.Tensor:
     # The class's own forward on the CPU table (Gemma scales by sqrt(hidden) there), then the rows only.
     rows = type(self).forward(self, input_ids.to(self.weight.device))
     return rows.to(input_ids.device)
+
+
+def apply(model, cfg, run):
+    """--offload-embeddings: the frozen input-embedding table in CPU memory."""
+    return apply_embedding_offload(model, run.d.world_size)

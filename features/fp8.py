@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from features import UserError, optional
+from core import UserError, optional
 
 optional.quiet_torchao()  # torchao prints at import: filtered before --qat or --fp8 imports it
 
@@ -123,3 +123,8 @@ def register_hooks(model, optimizer, cfg: Fp8Config, fsdp: bool = False):
     from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
     return optimizer.register_step_post_hook(lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
+
+
+def apply(model, cfg, run):
+    """--fp8: Float8Linear swaps, before FSDP wraps them (FP8 all-gather) and before compile."""
+    return apply_fp8(model, cfg.fp8, fsdp=cfg.sharding.fsdp, compiled=cfg.compile.compile, say=run.say)

@@ -30,8 +30,8 @@ from typing import Literal
 
 import torch
 
-from features import UserError
-from features.distributed import Dist, MeshConfig, attention_blocks
+from core import UserError
+from core.distributed import Dist, MeshConfig, attention_blocks
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def validate(cfg: ShardingConfig, mesh: MeshConfig) -> None:
 def quantization_storage(qconfig, cfg: ShardingConfig):
     """--qlora --fsdp: a hub model's 4-bit base is loaded with bf16 storage (bnb_4bit_quant_storage:
     the packed bytes viewed as bf16), the dtype of the weights around it, as FSDP-QLoRA recipes do;
-    a preset's base is quantized with the same storage (lora.quantize_base). FSDP2 on torch 2.13 also
+    a preset's base is quantized with the same storage (core/quantize.py). FSDP2 on torch 2.13 also
     shards uint8 storage, but torch 2.11's fully_shard refuses it ("only Tensors of floating point
     dtype can require gradients", seen on the H200 run of 2026-11-29)."""
     if cfg.fsdp and qconfig is not None and getattr(qconfig, "load_in_4bit", False):
@@ -152,10 +152,6 @@ def gather_full(model, d: Dist):
     DTensor parameter (FSDP2, TP) is replaced by its full tensor (the run is over, nothing reshards)."""
     from torch.distributed.tensor import DTensor
 
-    if type(model).__name__ == "DeepSpeedEngine":
-        from features.deepspeed_zero import gather_full as gather_deepspeed
-
-        return gather_deepspeed(model)
     if d.mesh is None:
         return model
     for module in model.modules():
@@ -173,3 +169,8 @@ def _full_parameter(module, name: str, full: torch.Tensor, requires_grad: bool) 
 
     return bnb.nn.Params4bit(full.view(torch.uint8), requires_grad=False, quant_state=quant_state,
                              quant_type=quant_state.quant_type, module=module, bnb_quantized=True)
+
+
+def apply(model, cfg, run):
+    """--fsdp / --ddp / HSDP: shard or replicate the final modules over the data-parallel ranks."""
+    return apply_sharding(model, cfg.sharding, run.d, run.precision)

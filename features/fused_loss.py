@@ -22,10 +22,9 @@ import importlib.util
 
 import torch
 
-from features import UserError
-from features.attention import model_inputs
-from features.chunked_loss import LossConfig, head_weight
-from features.loss import IGNORE, next_token_targets, shifted_targets
+from core import UserError
+from core.attention import model_inputs
+from core.loss import IGNORE, LossConfig, head_weight, next_token_targets, shifted_targets
 
 _PACKAGES = {"cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger": ("liger_kernel", "liger-kernel")}
 
@@ -72,7 +71,7 @@ def fused_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: 
 
 
 def forward_fused_loss_sum(model, batch: dict, attn_impl: str = "sdpa", kernel: str = "cce") -> torch.Tensor:
-    """The fused-kernel counterpart of features.loss.forward_loss_sum."""
+    """The fused-kernel counterpart of core.loss.forward_loss_sum."""
     hidden = model(**model_inputs(batch, attn_impl)).logits
     return fused_cross_entropy_sum(hidden, head_weight(model), None, kernel, next_token_targets(batch))
 

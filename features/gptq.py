@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from features import UserError
+from core import UserError
 
 BITS = 4
 PACK = 32 // BITS  # int4 codes per int32
@@ -151,7 +151,7 @@ def _gptqmodel_usable(device: torch.device) -> bool:
 
 def load_model(model_cfg, config, device: torch.device, attn_implementation: str = "sdpa"):
     """The GPTQ checkpoint at --model, its decoder linears 4-bit and frozen, in train mode."""
-    from features import model as base_loader
+    from core import model as base_loader
 
     qc = _quant_config(config)
     if _gptqmodel_usable(device):  # transformers' GPTQ integration with gptqmodel's kernels
@@ -288,7 +288,7 @@ def make_checkpoint(model, tokenizer, out_dir, calib: torch.Tensor, group_size: 
     checkpoint (config.json with quantization_config, model.safetensors, tokenizer); `model` is left as is."""
     from safetensors.torch import save_file
 
-    from features.checkpoint import atomic_dir
+    from core.checkpoint import atomic_dir
 
     model.eval()
     head = model.get_output_embeddings()
@@ -321,8 +321,8 @@ def make_checkpoint(model, tokenizer, out_dir, calib: torch.Tensor, group_size: 
 def main(argv=None) -> int:
     import argparse
 
-    from features.data import DataConfig, load_splits
-    from features.model import ModelConfig, load_config, load_model as load_plain, load_tokenizer
+    from core.data import DataConfig, load_splits
+    from core.model import ModelConfig, load_config, load_model as load_plain, load_tokenizer
 
     ap = argparse.ArgumentParser(description="Make a 4-bit GPTQ checkpoint of a model (CPU is fine for small ones).")
     ap.add_argument("--model", default="tiny-llama", help="preset, HF directory (e.g. runs/x/final) or hub id")
@@ -351,3 +351,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def apply(model, cfg, run):
+    """--gptq --lora: the adapters on the GPTQ linears (loaded by `load_model`)."""
+    return apply_lora(model, cfg.lora)

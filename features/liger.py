@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from features import UserError
+from core import UserError
 
 _SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
 
@@ -101,3 +101,9 @@ def apply_liger(model, cfg: LigerConfig, fuse_mlp: bool = True):
         _fuse_mlps(model, gemma)
     _patch_rope(model)
     return model
+
+
+def apply(model, cfg, run):
+    """--liger: Liger's norm / RoPE / GLU kernels; the MLPs are left to --lora-kernels when it is on
+    (it fuses the adapted MLP itself, and Liger's MLP would hide the projections from it)."""
+    return apply_liger(model, cfg.liger, fuse_mlp=not cfg.lora_kernels.lora_kernels)

@@ -12,8 +12,8 @@ accurate. --lora-targets all-linear adapts every linear layer of the decoder (at
 projections), never lm_head. --qlora stores every decoder linear weight in NF4 with double
 quantization and computes in bf16; --lora-8bit stores them in LLM.int8 (embeddings, norms and
 lm_head keep the --precision dtype). The quantization config goes to from_pretrained; presets
-(from_config takes none, transformers 5.24) are quantized in place by `quantize_base`, bit for bit
-the same. Checkpoints hold the trainable parameters only: the adapter and its optimizer state.
+(from_config takes none, transformers 5.24) are quantized in place by core/quantize.py, bit for
+bit the same. Checkpoints hold the trainable parameters only: the adapter and its optimizer state.
 The final model is the adapter in peft's format (PeftModel.from_pretrained, vLLM); a preset's
 random base is saved beside it in base/, since no model id can reproduce it. `merge_and_save`
 (export.py) merges into the base loaded unquantized: merged into a 4-bit base the sum would be
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from features import UserError, optional
+from core import UserError, optional
 
 # bitsandbytes 0.50.2 on an AVX512-BF16 CPU fetches a hub kernel for 4-bit inference at import and logs
 # when it cannot; training never runs that kernel (_work_around_bitsandbytes switches that path off)
@@ -92,71 +92,6 @@ def _targets(cfg: LoraConfig) -> str | list[str]:
     if cfg.lora_targets.strip() == "all-linear":
         return "all-linear"  # peft's shorthand: every nn.Linear (bnb ones too) except the output layer
     return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-
-
-def quantization_config(cfg: LoraConfig, device: torch.device = torch.device("cpu")):
-    """transformers' BitsAndBytesConfig for --qlora / --lora-8bit (None otherwise).
-
-    Probes bitsandbytes on `device` first, so a missing or unusable install fails here with the fix
-    instead of deep inside from_pretrained.
-    """
-    if not (cfg.qlora or cfg.lora_8bit):
-        return None
-    _probe_bitsandbytes("--qlora" if cfg.qlora else "--lora-8bit", device)
-    from transformers import BitsAndBytesConfig
-
-    if cfg.qlora:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _probe_bitsandbytes(flag: str, device: torch.device) -> None:
-    try:
-        import bitsandbytes.functional as F
-
-        w = torch.randn(64, 64, device=device)
-        F.dequantize_4bit(*F.quantize_4bit(w, quant_type="nf4", compress_statistics=True))
-        F.int8_vectorwise_quant(w.half())
-    except Exception as e:  # ImportError, or a build without kernels for this device
-        raise UserError(f"{flag} needs bitsandbytes with kernels for {device.type} ({type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0]}); pip install -U bitsandbytes "
-                        f"(CUDA; CPU too, checked with 0.50.2), or use --lora") from e
-
-
-def quantize_base(model, qconfig):
-    """Swap the decoder's nn.Linear layers (not lm_head) for bitsandbytes 4/8-bit ones, in place.
-
-    For models built by from_config (presets); from_pretrained does the same given the config.
-    Each weight is quantized when moved to its device, as transformers' loader does.
-    """
-    import bitsandbytes as bnb
-
-    head = model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
-        if type(module) is torch.nn.Linear and module is not head:
-            model.set_submodule(name, _quantized_linear(bnb, module, qconfig))
-    setattr(model, "is_loaded_in_4bit" if qconfig.load_in_4bit else "is_loaded_in_8bit", True)  # peft reads these
-    return model
-
-
-def _quantized_linear(bnb, linear: torch.nn.Linear, qc):
-    w, device, bias = linear.weight.data, linear.weight.device, linear.bias is not None
-    if qc.load_in_4bit:  # quant_storage: bf16 under --fsdp (FSDP2 on torch 2.11 shards only float params)
-        storage = getattr(qc, "bnb_4bit_quant_storage", None) or torch.uint8
-        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias, qc.bnb_4bit_compute_dtype,
-                                compress_statistics=qc.bnb_4bit_use_double_quant,
-                                quant_type=qc.bnb_4bit_quant_type, quant_storage=storage, device="meta")
-        new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=qc.bnb_4bit_quant_type,
-                                       compress_statistics=qc.bnb_4bit_use_double_quant, quant_storage=storage,
-                                       module=new)
-    else:  # Int8Params quantizes only on a move away from the CPU, or to it (bitsandbytes 0.50.2)
-        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False,
-                                  threshold=qc.llm_int8_threshold, device="meta")
-        new.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
-    if bias:
-        new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-    return new.to(device)  # quantizes
 
 
 def apply_lora(model, cfg: LoraConfig):
@@ -217,7 +152,7 @@ def export(model, tokenizer, out_dir) -> Path:
     """Write the adapter in peft's format + the tokenizer (atomically); a preset's base goes in base/."""
     from transformers.utils import logging as hf_logging
 
-    from features.checkpoint import atomic_dir
+    from core.checkpoint import atomic_dir
 
     hf_logging.disable_progress_bar()  # a bar per shard drowns the log of a non-interactive run
     out = Path(out_dir)
@@ -262,8 +197,8 @@ def merge_and_save(base: str, adapter_dir, out_dir, dtype: str = "auto") -> Path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from features.checkpoint import atomic_dir
-    from features.model import PRESETS
+    from core.checkpoint import atomic_dir
+    from core.model import PRESETS
 
     adapter, out = Path(adapter_dir), Path(out_dir)
     if not (adapter / "adapter_config.json").is_file():
@@ -301,3 +236,8 @@ def base_of(adapter_dir) -> str | None:
             json.loads((adapter.parent / "config.json").read_text())["model"]["path"]
     except (OSError, KeyError, TypeError, ValueError):
         return None
+
+
+def apply(model, cfg, run):
+    """--lora / --qlora / --lora-8bit: peft adapters on the frozen base."""
+    return apply_lora(model, cfg.lora)

@@ -31,7 +31,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from features import UserError
+from core import UserError
 
 _ACTS = {  # class name of transformers' act_fn -> (activation, its backward(grad, x)): aten ops
     "SiLUActivation": (F.silu, torch.ops.aten.silu_backward),
@@ -366,3 +366,8 @@ def _set_forward(module, fn) -> None:
     # An instance attribute shadows the class's forward; nn.Module.__call__ (hooks, checkpointing,
     # compile) calls it like any forward. The fallback inside calls type(module).forward.
     module.forward = types.MethodType(fn, module)
+
+
+def apply(model, cfg, run):
+    """--lora-kernels: the fused LoRA Functions in place of peft's forward, per MLP and projection."""
+    return apply_lora_kernels(model)

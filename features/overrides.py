@@ -17,7 +17,7 @@ import dataclasses
 import json
 from typing import Literal
 
-from features import UserError
+from core import UserError
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from features import UserError, optional
+from core import UserError, optional
 
 optional.quiet_torchao()  # torchao prints at import: filtered before --qat or --fp8 imports it
 
@@ -157,7 +157,7 @@ def export(model, tokenizer, out_dir, cfg: QatConfig, plain_dir=None, say=print)
     """
     import torchao
 
-    from features.checkpoint import atomic_dir
+    from core.checkpoint import atomic_dir
 
     if _sharded(model):
         if plain_dir is None or hasattr(model, "peft_config"):
@@ -217,3 +217,8 @@ def load_quantized(path, device="cpu"):
     if head:
         model.tie_weights()  # a tied head is saved once
     return model.to(device).eval()
+
+
+def apply(model, cfg, run):
+    """--qat: fake-quantized decoder linears (switched on at --qat-start-step by `schedule`)."""
+    return apply_qat(model, cfg.qat)

@@ -27,7 +27,7 @@ micro-batch with `shard_batch` and accounts the loss:
     the data-parallel ranks), and gradients are summed over the cp ranks by DDP/FSDP averaging
     over dp x cp with the loss scaled by dp x cp: the step gradient is sum(token losses) / tokens.
 
-Evaluation and generation run unsharded on plain sdpa (features/attention.eval_attention).
+Evaluation and generation run unsharded on plain sdpa (core/attention.eval_attention).
 Reference: Jacobs et al., "DeepSpeed Ulysses" (2023); Liu et al., "Ring Attention" (2023).
 Works with: --packing, every --attn (ulysses), LoRA/QLoRA, --ac, --fsdp/--ddp over dp x cp.
 Refused: --sp-mode without --cp > 1 (and --cp > 1 without --sp-mode); --sp-mode with --tp; ulysses
@@ -46,8 +46,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from features import UserError
-from features.loss import IGNORE, shifted_targets
+from core import UserError
+from core.loss import IGNORE, shifted_targets
 from features.ring_attention import ring_attention, shard_index
 
 FLASH_LIKE = ("flash_attention_2", "flash_attention_4", "nanotune_varlen", "nanotune_xformers")
@@ -91,7 +91,7 @@ def shard_batch(batch: dict, rank: int, world: int, mode: str) -> dict:
     """This rank's part of every row: contiguous (ulysses) or zig-zag chunks r and 2P-1-r (ring).
 
     Rows are padded to a multiple of P (ulysses) or 2P (ring). Labels become `shift_labels`,
-    shifted on the full row (features/loss.next_token_targets reads them). cu_seqlens/max_seqlen
+    shifted on the full row (core/loss.next_token_targets reads them). cu_seqlens/max_seqlen
     stay those of the full row: the attention replaces them anyway.
     """
     zigzag = mode == "ring"
@@ -113,7 +113,7 @@ def make_loss_fn(loss_fn, cfg: SequenceParallelConfig, group):
 
     The value returned is the loss of the whole rows (summed over the group, no gradient through
     the sum); the gradient is that of this rank's tokens. Unsharded when the model is switched to
-    a plain backend (evaluation: features/attention.eval_attention).
+    a plain backend (evaluation: core/attention.eval_attention).
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
 
@@ -321,3 +321,13 @@ def apply_sequence_parallel(model, cfg: SequenceParallelConfig, group, attn_impl
     # on the decoder, which the causal-LM head calls as a module (peft calls the head's .forward)
     base.get_decoder().register_forward_pre_hook(hand_rows_to_attention, with_kwargs=True)
     return model
+
+
+def apply(model, cfg, run):
+    """--cp N --sp-mode ring/ulysses: attention over the "cp" ranks (the loss is wrapped by `wrap_loss`)."""
+    return apply_sequence_parallel(model, cfg.sequence_parallel, run.d.sub("cp").get_group(), run.attn_impl)
+
+
+def wrap_loss(loss_fn, cfg, run):
+    """The loss of a sequence shard, summed over the "cp" ranks."""
+    return make_loss_fn(loss_fn, cfg.sequence_parallel, run.d.sub("cp").get_group())

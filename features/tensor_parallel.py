@@ -22,7 +22,7 @@ which runs both plans). Projections that are not plain nn.Linear (FP8's Float8Li
 fake-quantized linears) keep the DTensor styles (--qat --tp failed before this change too:
 "'IntxFakeQuantizer' object has no attribute 'weight'", CPU, 2026-11-29). Embeddings, norms and
 the head stay whole on every tp rank. The tp ranks of a dp rank read the same batch (see
-features/distributed.py). Reference: Shoeybi et al. 2019, Megatron-LM (section 3, f and g);
+core/distributed.py). Reference: Shoeybi et al. 2019, Megatron-LM (section 3, f and g);
 gpt-fast's tp.py; torch.distributed.tensor.parallel.
 
 LoRA (--lora, peft's lora.Linear around a projection): the frozen base is sharded as above, and
@@ -51,8 +51,8 @@ backward); --ddp; several dp ranks without --fsdp.
 import torch
 import torch.nn.functional as F
 
-from features import UserError
-from features.distributed import Dist, attention_blocks
+from core import UserError
+from core.distributed import Dist, attention_blocks
 
 # (sub-module, column-parallel projections, row-parallel projections) of a decoder block
 _PARTS = (("self_attn", ("q_proj", "k_proj", "v_proj"), ("o_proj",)),
@@ -251,3 +251,10 @@ def _copy_input_hook(group):
         raise UserError(f"--tp: {type(module).__name__} was called without hidden states to shard")
 
     return hook
+
+
+def apply(model, cfg, run):
+    """--tp N: the decoder's projections as column/row-parallel DTensors over the "tp" ranks (the
+    heads and flags it needs are checked here, once the model's config is known)."""
+    validate(run.d.size("tp"), run.model_config, cfg.lora.lora_dropout, cfg.checkpointing.ac, cfg.compile.compile)
+    return apply_tensor_parallel(model, run.d)

@@ -30,7 +30,7 @@ import types
 
 import torch
 
-from features import UserError
+from core import UserError
 
 
 @dataclasses.dataclass
@@ -122,3 +122,8 @@ def apply_tiled_mlp(model, cfg: TiledMLPConfig):
         mlp._untiled_forward, mlp._tile_shards = mlp.forward, cfg.tiled_mlp_shards
         mlp.forward = types.MethodType(_tiled_forward, mlp)
     return model
+
+
+def apply(model, cfg, run):
+    """--tiled-mlp: each MLP's forward in sequence tiles, as the adapters and kernels left it."""
+    return apply_tiled_mlp(model, cfg.tiled_mlp)

@@ -160,7 +160,7 @@ def wandb_runs(path: str) -> list[dict]:
     except ImportError:
         raise SystemExit("error: --wandb-group needs the wandb package: pip install wandb") from None
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from features.tracking import WANDB_KEYS
+    from core.tracking import WANDB_KEYS
 
     entity_project, _, group_name = path.rpartition("/")
     if not entity_project or not group_name:

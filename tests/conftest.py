@@ -42,7 +42,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tok():
-    from features.model import ModelConfig, load_tokenizer
+    from core.model import ModelConfig, load_tokenizer
 
     return load_tokenizer(ModelConfig())
 
@@ -65,8 +65,8 @@ def run_train(out: Path, *args: str) -> int:
 
 def three_doc_batch() -> dict:
     """Three documents of 40, 23 and 57 tokens, right-padded: the equivalence tests' shared batch."""
-    from features.batches import collate_padded
-    from features.data import Sample
+    from core.batches import collate_padded
+    from core.data import Sample
 
     g = torch.Generator().manual_seed(1)
     docs = [torch.randint(4, 400, (n,), generator=g).tolist() for n in (40, 23, 57)]
@@ -85,8 +85,8 @@ def with_live_lora(model):
 
 
 def loss_and_grads(model, batch) -> tuple:
-    """(summed loss, {name: grad}) of one forward/backward through features.loss."""
-    from features.loss import forward_loss_sum
+    """(summed loss, {name: grad}) of one forward/backward through core.loss."""
+    from core.loss import forward_loss_sum
 
     model.zero_grad()
     loss = forward_loss_sum(model, batch)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _slow_manifest(step: int, marker: Path):
-    import features.checkpoint as ckpt
+    import core.checkpoint as ckpt
 
     original = ckpt.write_manifest
 
@@ -34,16 +34,17 @@ def _slow_manifest(step: int, marker: Path):
 def _slow_steps(seconds: float):
     import torch
 
-    import train
+    import core.loss
 
-    original = train.forward_loss_sum
+
+    original = core.loss.forward_loss_sum
 
     def slow(*args, **kwargs):
         if torch.is_grad_enabled():
             time.sleep(seconds)
         return original(*args, **kwargs)
 
-    train.forward_loss_sum = slow
+    core.loss.forward_loss_sum = slow
 
 
 def _oom_at_step(step: int):
@@ -51,10 +52,10 @@ def _oom_at_step(step: int):
 
     import torch
 
-    import features.prefetch as prefetch
-    import train
+    import core.prefetch as prefetch
+    import core.loss
 
-    count, forward, calls = prefetch.count_targets, train.forward_loss_sum, {"n": 0}
+    count, forward, calls = prefetch.count_targets, core.loss.forward_loss_sum, {"n": 0}
 
     def busy_count(labels):  # a second of matmuls, each one outside the GIL: where the thread mostly is
         a = torch.randn(512, 512)
@@ -69,7 +70,7 @@ def _oom_at_step(step: int):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB.")
         return forward(*args, **kwargs)
 
-    prefetch.count_targets, train.forward_loss_sum = busy_count, oom
+    prefetch.count_targets, core.loss.forward_loss_sum = busy_count, oom
 
 
 def guard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -81,8 +82,8 @@ def guard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from features.distributed import Dist
-    from features.faults import FaultsConfig, StepGuard
+    from core.distributed import Dist
+    from core.faults import FaultsConfig, StepGuard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     guard = StepGuard(FaultsConfig(), Dist(rank=rank, world_size=world))

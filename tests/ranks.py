@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 
 # what a train.py run imports (an ImportError, e.g. no DeepSpeed here, is skipped by the forkserver)
-PRELOAD = ["train", "sp_worker", "dist_worker", "features.sequence_parallel", "features.model",
-           "features.packing", "features.attention", "features.fsdp", "features.tensor_parallel",
+PRELOAD = ["train", "sp_worker", "dist_worker", "features.sequence_parallel", "core.model",
+           "core.packing", "core.attention", "features.fsdp", "features.tensor_parallel",
            "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
            "transformers.models.mistral.modeling_mistral", "peft", "accelerate", "deepspeed"]
 

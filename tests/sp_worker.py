@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def packed_batch(swap: bool = False) -> dict:
     """Two rows of several documents (one longer than tiny-mistral's window of 16), prompts
     masked; widths 49 and 50 so sharding has to pad."""
-    from features.data import Sample
-    from features.packing import collate_packed
+    from core.data import Sample
+    from core.packing import collate_packed
 
     g = torch.Generator().manual_seed(1)
     rows = []
@@ -37,8 +37,8 @@ def packed_batch(swap: bool = False) -> dict:
 
 def single_document_batch() -> dict:
     """Two rows of one 48-token document each (no packing, no padding): plain causal attention."""
-    from features.batches import collate_padded
-    from features.data import Sample
+    from core.batches import collate_padded
+    from core.data import Sample
 
     g = torch.Generator().manual_seed(3)
     docs = [torch.randint(3, 300, (48,), generator=g).tolist() for _ in range(2)]
@@ -48,7 +48,7 @@ def single_document_batch() -> dict:
 def new_model(preset: str):
     import transformers
 
-    from features.model import PRESETS
+    from core.model import PRESETS
 
     cls, fields = PRESETS[preset]
     config = getattr(transformers, cls)(**fields, vocab_size=300, use_cache=False)
@@ -62,10 +62,10 @@ def grads(model) -> torch.Tensor:
 
 
 def compare(ref, preset_model, mode: str, inner: str, group, batch) -> dict:
-    from features import UserError
+    from core import UserError
     from features import sequence_parallel as sp
-    from features.attention import eval_attention
-    from features.loss import forward_loss_sum
+    from core.attention import eval_attention
+    from core.loss import forward_loss_sum
 
     cfg = sp.SequenceParallelConfig(mode)
     model = copy.deepcopy(preset_model)
@@ -130,7 +130,7 @@ def run(out_path: str, cases: list[str]) -> None:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     try:
-        from features.loss import forward_loss_sum
+        from core.loss import forward_loss_sum
 
         group = dist.new_group(list(range(world)))
         results = {"ring_leak": ring_leak(group)}

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import run_train
-from features.attention import model_inputs
-from features.batches import collate_padded
-from features.data import Sample
-from features.loss import forward_loss_sum
-from features.model import ModelConfig, load_config, load_model
-from features.packing import collate_packed
+from core.attention import model_inputs
+from core.batches import collate_padded
+from core.data import Sample
+from core.loss import forward_loss_sum
+from core.model import ModelConfig, load_config, load_model
+from core.packing import collate_packed
 
 PRESETS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma"]  # MHA, GQA, sliding window, Gemma
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -115,7 +115,7 @@ def test_packed_training_step_equals_unpacked(tmp_path, small_data):
 @pytest.mark.parametrize("attn", ["flash", "flex", "sdpa"])
 def test_gpu_packed_equals_unpacked_bf16(tok, attn):
     """bf16 on a small Llama shape: packed (backend under test) vs unpacked (sdpa), loss and grads."""
-    from features.attention import AttentionConfig, resolve
+    from core.attention import AttentionConfig, resolve
 
     impl = resolve(AttentionConfig(attn), torch.device("cuda"))
     docs = _docs(lengths=(300, 1200, 77, 900, 611, 1000))
@@ -136,7 +136,7 @@ def test_gpu_packed_equals_unpacked_bf16(tok, attn):
 def test_auto_picks_sdpa_on_cpu_and_eager_for_soft_capped_logits():
     import types
 
-    from features.attention import AttentionConfig, resolve
+    from core.attention import AttentionConfig, resolve
 
     cpu = torch.device("cpu")
     assert AttentionConfig().attn == "auto"

@@ -5,9 +5,10 @@ import torch
 
 from conftest import assert_same_grads, three_doc_batch, with_live_lora
 
-from features.checkpointing import CheckpointingConfig, apply_checkpointing, decoder_blocks
-from features.loss import forward_loss_sum
-from features.model import ModelConfig, load_config, load_model
+from core.model import decoder_blocks
+from features.activation_checkpointing import CheckpointingConfig, apply_checkpointing
+from core.loss import forward_loss_sum
+from core.model import ModelConfig, load_config, load_model
 
 
 def _model(tok, preset="tiny-llama", lora=False):
@@ -45,7 +46,7 @@ def test_checkpointing_keeps_loss_and_gradients(tok, preset, lora, mode, every):
 def test_every_nth_block_and_bad_value(tok):
     model = apply_checkpointing(_model(tok), CheckpointingConfig(ac="full", ac_every=2))
     assert [b.gradient_checkpointing for b in decoder_blocks(model)] == [True, False, True, False]
-    from features import UserError
+    from core import UserError
 
     with pytest.raises(UserError, match="--ac-every must be at least 1"):
         apply_checkpointing(_model(tok), CheckpointingConfig(ac="full", ac_every=0))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import assert_same_metrics, read_metrics, run_train
 from features.chunked_loss import chunked_cross_entropy_sum
-from features.loss import cross_entropy_sum, shifted_targets
+from core.loss import cross_entropy_sum, shifted_targets
 
 
 def _inputs(dtype, frozen_weight=False):

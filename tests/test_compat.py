@@ -1,4 +1,4 @@
-"""The compatibility matrix (features/compat.py) against the real start-up checks, for every pair of features.
+"""The compatibility matrix (core/compat.py) against the real start-up checks, for every pair of features.
 
 For each pair of matrix rows, the flags of both (plus a flag each one needs) go through train.validate,
 the check every run does before loading anything: a pair the matrix refuses must fail with the
@@ -15,8 +15,9 @@ import typing
 import pytest
 import torch
 
+import core.model
 import train
-from features import UserError, compat
+from core import UserError, compat
 
 CUDA = torch.cuda.is_available()
 ROWS = compat.rows(train.Config())
@@ -173,16 +174,16 @@ def test_every_feature_flag_has_a_row():
         for v in values:
             if not any(f.is_on(v) for f in covering):
                 missing.append(f"{path}={v!r}")
-    assert not missing, f"flags with no row in features/compat.py FEATURES (nor in SETTINGS): {missing}"
+    assert not missing, f"flags with no row in core/compat.py FEATURES (nor in SETTINGS): {missing}"
 
 
-def test_readme_table_is_current():
-    readme = (train.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    begin, end = compat.README_BEGIN, compat.README_END
-    assert begin in readme and end in readme, "README.md lost its compatibility-matrix markers"
+def test_docs_table_is_current():
+    readme = compat.DOC.read_text()
+    begin, end = compat.DOC_BEGIN, compat.DOC_END
+    assert begin in readme and end in readme, "docs/compatibility.md lost its compatibility-matrix markers"
     current = readme.split(begin)[1].split(end)[0]
     assert current == compat.markdown(train.Config()), \
-        "README's compatibility table is stale: regenerate it with `python -m features.compat --readme`"
+        "docs/compatibility.md's table is stale: regenerate it with `python -m core.compat --docs`"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -191,7 +192,7 @@ def test_readme_table_is_current():
     (["--attn", "flash", "--device", "cpu"], "error: --attn flash needs a CUDA GPU: FlashAttention kernels run"),
 ])
 def test_refusal_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch, argv, message):
-    monkeypatch.setattr(train, "load_tokenizer", lambda *a: pytest.fail("loaded the tokenizer before refusing"))
+    monkeypatch.setattr(core.model, "load_tokenizer", lambda *a: pytest.fail("loaded the tokenizer before refusing"))
     assert train.main(["--output-dir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message), err

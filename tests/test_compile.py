@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import run_train
 
-from features.checkpointing import CheckpointingConfig, apply_checkpointing
+from features.activation_checkpointing import CheckpointingConfig, apply_checkpointing
 from features.compile import CompileConfig, apply_compile, compile_loss
 from features.lora import LoraConfig, apply_lora
 from features.lora_kernels import apply_lora_kernels
-from features.loss import IGNORE, cross_entropy_sum
-from features.model import ModelConfig, load_config, load_model
+from core.loss import IGNORE, cross_entropy_sum
+from core.model import ModelConfig, load_config, load_model
 
 
 def _model(tok, device="cpu", dtype="fp32"):
@@ -75,7 +75,7 @@ def test_one_graph_serves_every_block(tok):
 
 
 def test_refuses_a_model_without_decoder_blocks():
-    from features import UserError
+    from core import UserError
 
     with pytest.raises(UserError, match="--compile"):
         apply_compile(torch.nn.Sequential(torch.nn.Linear(4, 4)), CompileConfig(compile=True))
@@ -149,7 +149,7 @@ def test_train_uses_the_compiled_loss_under_compile(tmp_path, small_data, monkey
             return compiled(*args)
         return ce
 
-    monkeypatch.setattr(train, "compile_loss", counting)
+    monkeypatch.setattr(train.compile, "compile_loss", counting)
     assert run_train(tmp_path / "run", "--dataset", str(small_data), "--max-steps", "2", "--compile",
                      "--compile-backend", "aot_eager", "--val-dataset", "none", "--skip-export") == 0
     assert len(calls) == 2  # one micro-batch per step, both through the compiled loss

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import ROOT, write_jsonl
-from features import UserError
-from features.data import ALPACA_PROMPT, DataConfig, load_splits, tokenize
+from core import UserError
+from core.data import ALPACA_PROMPT, DataConfig, load_splits, tokenize
 
 
 def decode_trained(tok, sample):

@@ -75,7 +75,7 @@ def test_optimizer_states_follow_the_precision(engines):
 def test_zero3_train_flops_count_partitioned_parameters(engines):
     """ZeRO-3 leaves each parameter empty (numel 0) between gathers: MFU read 2.7% instead of ~42% on
     2 H200s. The FLOPs of the wrapped model are those of the plain model."""
-    from features.model import count_params
+    from core.model import count_params
 
     class Partitioned(torch.nn.Module):  # the same check without DeepSpeed: what ZeRO-3 leaves behind
         def __init__(self):
@@ -120,11 +120,11 @@ def _worker(out: str) -> None:
     sys.path.insert(0, str(ROOT))
     from conftest import three_doc_batch
     from features.deepspeed_zero import DeepSpeedConfig, apply_deepspeed, build_config, step
-    from features.distributed import init_distributed
+    from core.distributed import init_distributed
     from features.lora import LoraConfig, apply_lora
-    from features.loss import forward_loss_sum
-    from features.model import ModelConfig, load_config, load_model, load_tokenizer, train_flops
-    from features.optim import OptimConfig, build_optimizer
+    from core.loss import forward_loss_sum
+    from core.model import ModelConfig, load_config, load_model, load_tokenizer, train_flops
+    from core.optim import OptimConfig, build_optimizer
 
     torch.set_num_threads(1)
     init_distributed("cpu", need_group=True)

@@ -1,4 +1,4 @@
-"""features/defaults.py: unset values follow the model, the method and the machine; set values win."""
+"""core/defaults.py: unset values follow the model, the method and the machine; set values win."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 import tyro
 
 import train
-from features import UserError, defaults
+from core import UserError, defaults
 
 
 def _parsed(argv: list[str]) -> train.Config:
@@ -155,7 +155,7 @@ def test_a_run_of_a_local_checkpoint_says_what_it_chose(tmp_path):
     """A local model directory is a real model: the real-model defaults, --seq-len from its data."""
     import transformers
 
-    from features.model import PRESETS, load_tokenizer, ModelConfig
+    from core.model import PRESETS, load_tokenizer, ModelConfig
 
     tok = load_tokenizer(ModelConfig())
     cls_name, fields = PRESETS["tiny-llama"]

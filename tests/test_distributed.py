@@ -18,8 +18,8 @@ import torch
 import dist_worker
 import ranks
 from conftest import read_metrics, run_train
-from features import UserError
-from features.distributed import MeshConfig, mesh_shape
+from core import UserError, quantize
+from core.distributed import MeshConfig, mesh_shape
 
 
 def _has_deepspeed() -> bool:
@@ -91,10 +91,10 @@ def test_qlora_fsdp_preset_base_is_stored_in_a_float_dtype(tok):
     import torch
 
     from features import fsdp, lora
-    from features.model import ModelConfig, load_config, load_model
+    from core.model import ModelConfig, load_config, load_model
 
     def base_dtypes(sharding):
-        qconfig = fsdp.quantization_storage(lora.quantization_config(lora.LoraConfig(qlora=True)), sharding)
+        qconfig = fsdp.quantization_storage(quantize.quantization_config(lora.LoraConfig(qlora=True)), sharding)
         cfg = ModelConfig("tiny-llama")
         model = load_model(cfg, load_config(cfg, tok), torch.device("cpu"), quantization_config=qconfig)
         return {p.dtype for name, p in model.named_parameters() if "proj" in name}
@@ -136,9 +136,9 @@ def test_fsdp_keep_gathered_trains_like_fsdp(tmp_path, small_data):
 
 
 def _deepspeed_cpu_refused() -> str | None:
-    """features/compat.py's reason when its matrix marks --deepspeed CUDA-only (DeepSpeed 0.19.8 runs
+    """core/compat.py's reason when its matrix marks --deepspeed CUDA-only (DeepSpeed 0.19.8 runs
     on CPU over gloo: the layouts test shows it), else None."""
-    from features import compat
+    from core import compat
 
     row = next((f for f in compat.FEATURES if f.flag == "--deepspeed"), None) if hasattr(compat, "FEATURES") else None
     return getattr(row, "cuda", "") or None
@@ -151,7 +151,7 @@ def test_deepspeed_zero3_train_and_resume_through_its_checkpoints(tmp_path, smal
     if not _has_deepspeed():
         pytest.skip("pip install deepspeed")
     if reason := _deepspeed_cpu_refused():
-        pytest.skip(f"features/compat.py refuses --deepspeed on CPU ({reason})")
+        pytest.skip(f"core/compat.py refuses --deepspeed on CPU ({reason})")
     data = ["--dataset", str(small_data), *COMMON, "--save-every", "2", "--keep-checkpoints", "0"]
     assert run_train(tmp_path / "one", *data, "--micro-batch-size", "8", "--skip-export") == 0
     ranks.train(2, *data, "--micro-batch-size", "4", "--deepspeed", "zero3", "--output-dir", str(tmp_path / "ds"))
@@ -181,7 +181,7 @@ def test_deepspeed_zero3_lora_matches_one_process_and_exports_the_adapter(tmp_pa
     if not _has_deepspeed():
         pytest.skip("pip install deepspeed")
     if reason := _deepspeed_cpu_refused():
-        pytest.skip(f"features/compat.py refuses --deepspeed on CPU ({reason})")
+        pytest.skip(f"core/compat.py refuses --deepspeed on CPU ({reason})")
     data = ["--dataset", str(small_data), *COMMON, "--lora", "--lora-rank", "4", "--val-dataset", "none"]
     assert run_train(tmp_path / "one", *data, "--micro-batch-size", "8") == 0
     config = tmp_path / "zero3.json"
@@ -218,14 +218,15 @@ def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
     (dict(dp_shard=-2), "--dp-shard must be >= 1 or -1"),
 ])
 def test_bad_flags_are_refused(flags, message):
-    from features import distributed, fsdp
+    from core import distributed
+    from features import fsdp
 
     mesh = MeshConfig(**{k: v for k, v in flags.items() if k in ("tp", "dp_shard")})
     sharding = fsdp.ShardingConfig(**{k: v for k, v in flags.items() if k not in ("tp", "dp_shard")})
     with pytest.raises(UserError, match=message):
         distributed.validate(mesh)
         fsdp.validate(sharding, mesh)
-    import train  # and train.py refuses them at start-up (possibly through features/compat.py's matrix)
+    import train  # and train.py refuses them at start-up (possibly through core/compat.py's matrix)
 
     argv = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     with pytest.raises(UserError):
@@ -267,7 +268,7 @@ def test_deepspeed_config_from_flags_and_json(tmp_path):
 
 
 def test_tp_refuses_indivisible_heads_lora_dropout_and_compiled_checkpoints():
-    from features.model import ModelConfig, load_config, load_tokenizer
+    from core.model import ModelConfig, load_config, load_tokenizer
     from features.tensor_parallel import validate
 
     config = load_config(ModelConfig(path="tiny-llama"), load_tokenizer(ModelConfig()))

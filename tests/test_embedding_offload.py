@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from features import UserError
+from core import UserError
 from features.embedding_offload import apply_embedding_offload
 from features.lora import LoraConfig, apply_lora
-from features.model import ModelConfig, load_config, load_model
+from core.model import ModelConfig, load_config, load_model
 
 
 def _lora_model(tok, preset="tiny-llama"):

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import ROOT, read_metrics, run_train
-from features import faults
-from features.checkpoint import MANIFEST, checkpoints, resolve_resume, verify
-from features.distributed import Dist
+from core import faults
+from core.checkpoint import MANIFEST, checkpoints, resolve_resume, verify
+from core.distributed import Dist
 
 ARGS = ["--micro-batch-size", "4", "--log-every", "1", "--seed", "5", "--warmup-steps", "2"]
 
@@ -195,7 +195,7 @@ def test_disk_full_during_save_fails_clearly_and_keeps_the_last_good_checkpoint(
         tmp_path, small_data, capsys, monkeypatch, where):
     """The step-2 save succeeds; during the step-4 save the disk is full: at the RNG / DCP tensor file
     (torch.save), at DCP's fsync of the weights (raised as DCP's CheckpointException), or at the manifest."""
-    import features.checkpoint as ckpt
+    import core.checkpoint as ckpt
 
     target = {"torch.save": torch, "os.fsync": os, "write_manifest": ckpt}[where]
     real_save = ckpt._save
@@ -235,18 +235,18 @@ def test_repeated_non_finite_steps_stop_the_run(tmp_path, small_data, capsys):
 
 
 def test_one_non_finite_step_is_skipped_and_training_goes_on(tmp_path, small_data, monkeypatch):
-    import train
+    import core.loss
 
     args = ["--dataset", str(small_data), "--max-steps", "6", "--val-dataset", "none", *ARGS]
     assert run_train(tmp_path / "clean", *args) == 0
-    real, calls = train.forward_loss_sum, {"n": 0}
+    real, calls = core.loss.forward_loss_sum, {"n": 0}
 
     def nan_on_third_step(model, batch, **kw):
         loss = real(model, batch, **kw)
         calls["n"] += torch.is_grad_enabled()
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train, "forward_loss_sum", nan_on_third_step)
+    monkeypatch.setattr(core.loss, "forward_loss_sum", nan_on_third_step)
     assert run_train(tmp_path / "nan", *args) == 0
     clean, nan = _by_step(tmp_path / "clean"), _by_step(tmp_path / "nan")
     assert [nan[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
@@ -275,14 +275,15 @@ def test_max_bad_steps_must_be_positive(tmp_path, capsys):
 def test_out_of_memory_is_one_message_with_sizes_and_memory_flags(tmp_path, small_data, capsys, monkeypatch,
                                                                   extra, advised, not_advised):
     import features.chunked_loss
+    import core.loss
     import train
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity "
                                      "of 79.19 GiB of which 1.06 GiB is free.")
 
-    monkeypatch.setattr(train, "forward_loss_sum", oom)
-    monkeypatch.setattr(train, "forward_chunked_loss_sum", oom)
+    monkeypatch.setattr(core.loss, "forward_loss_sum", oom)
+    monkeypatch.setattr(train.chunked_loss, "forward_chunked_loss_sum", oom)
     assert features.chunked_loss  # (train imports the chunked loss by name; both are patched above)
     assert run_train(tmp_path / "r", "--dataset", str(small_data), "--max-steps", "2", *ARGS, *extra) == 3
     err = capsys.readouterr().err.strip().splitlines()

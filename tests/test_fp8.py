@@ -12,8 +12,9 @@ import torch
 pytest.importorskip("torchao")
 
 from conftest import ROOT  # noqa: E402
-from features import UserError, fp8  # noqa: E402
-from features.model import ModelConfig, load_config, load_model  # noqa: E402
+from core import UserError
+from features import fp8  # noqa: E402
+from core.model import ModelConfig, load_config, load_model  # noqa: E402
 
 
 def preset(tok, name, device="cpu", precision="bf16", **overrides):

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_same_grads, run_train
-from features import UserError
-from features.batches import collate_padded
-from features.chunked_loss import LossConfig, apply_chunked_loss
-from features.data import Sample
+from core import UserError
+from core.batches import collate_padded
+from core.loss import LossConfig, hidden_head
+from core.data import Sample
 from features.fused_loss import forward_fused_loss_sum, fused_cross_entropy_sum, validate
-from features.loss import IGNORE, cross_entropy_sum, forward_loss_sum
-from features.model import ModelConfig, load_config, load_model
+from core.loss import IGNORE, cross_entropy_sum, forward_loss_sum
+from core.model import ModelConfig, load_config, load_model
 
 
 def _reference_cce(e, c, targets, ignore_index, reduction):
@@ -68,7 +68,7 @@ def test_glue_matches_plain_cross_entropy(tok, reference_kernels, kernel):
     ref = _model(tok)
     loss_ref = forward_loss_sum(ref, batch)
     loss_ref.backward()
-    model = apply_chunked_loss(_model(tok), LossConfig(loss=kernel))  # tied head (Qwen2): one weight
+    model = hidden_head(_model(tok), f"--loss {kernel}")  # tied head (Qwen2): one weight
     loss = forward_fused_loss_sum(model, batch, kernel=kernel)
     loss.backward()
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
@@ -89,7 +89,7 @@ def test_refused_on_cpu_and_without_the_package(monkeypatch):
 
 def test_train_py_refuses_cce_on_cpu(tmp_path, small_data, capsys):
     assert run_train(tmp_path / "r", "--dataset", str(small_data), "--device", "cpu", "--loss", "cce") == 2
-    err = capsys.readouterr().err  # one line naming the flag (features/compat.py words it for train.py)
+    err = capsys.readouterr().err  # one line naming the flag (core/compat.py words it for train.py)
     assert err.startswith("error: --loss cce") and "CUDA" in err and len(err.splitlines()) == 1
 
 

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, read_metrics, run_train  # noqa: F401  (conftest puts the repo on sys.path)
-from features import UserError
-from features.data import CHAT_ROLES, BadRecord, DataConfig, load_splits
+from core import UserError
+from core.data import CHAT_ROLES, BadRecord, DataConfig, load_splits
 
 OUTCOMES = collections.Counter()  # error kind -> count, for the README table (see __main__)
 
@@ -186,7 +186,7 @@ def test_unknown_chat_role_is_named(tmp_path, tok):
 
 
 if __name__ == "__main__":  # the outcome table of the fuzzers, for README.md
-    from features.model import ModelConfig, load_tokenizer
+    from core.model import ModelConfig, load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
     test_fuzzed_jsonl_loads_or_fails_with_file_and_line(tokenizer)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_train
-from features import UserError, gptq
+from core import UserError
+from features import gptq
 from features.lora import LoraConfig
-from features.model import ModelConfig, load_config, load_model, load_tokenizer
+from core.model import ModelConfig, load_config, load_model, load_tokenizer
 
 
 def test_pack_roundtrip_and_dequantize():
@@ -119,13 +120,13 @@ def test_refusals(tmp_path):
 
 def _compat_refuses_gptq_on_cpu() -> bool:
     try:
-        from features import compat
+        from core import compat
     except ImportError:
         return False
     return any(f.flag == "--gptq" and f.cuda for f in compat.FEATURES)
 
 
-@pytest.mark.skipif(_compat_refuses_gptq_on_cpu(), reason="features/compat.py still lists --gptq as CUDA-only")
+@pytest.mark.skipif(_compat_refuses_gptq_on_cpu(), reason="core/compat.py still lists --gptq as CUDA-only")
 def test_train_py_gptq_lora(checkpoint, small_data, tmp_path):
     out = tmp_path / "run"
     assert run_train(out, "--model", str(checkpoint[0]), "--gptq", "--lora", "--dataset", str(small_data),

@@ -155,4 +155,4 @@ def test_sweep_yaml_commands_parse(pick):
     assert cfg.tracking.wandb and cfg.optim.lr == params["lr"]
     assert cfg.packing.packing is params["packing"] and cfg.train.max_steps == params["max-steps"]
     assert cfg.train.micro_batch_size == params["micro-batch-size"]
-    assert sweep["metric"]["name"] == "eval/val_loss"  # a key features/tracking.py logs
+    assert sweep["metric"]["name"] == "eval/val_loss"  # a key core/tracking.py logs

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from conftest import assert_same_grads, loss_and_grads, three_doc_batch, with_live_lora
 
-from features import UserError
+from core import UserError
 from features.liger import LigerConfig, apply_liger, validate
-from features.model import ModelConfig, load_config, load_model
+from core.model import ModelConfig, load_config, load_model
 
 
 class _ReferenceRMSNorm(torch.nn.Module):
@@ -118,7 +118,7 @@ def test_train_py_refuses_liger_on_cpu(tmp_path, small_data, capsys):
     from conftest import run_train
 
     assert run_train(tmp_path / "r", "--dataset", str(small_data), "--device", "cpu", "--liger") == 2
-    err = capsys.readouterr().err  # one line naming the flag (features/compat.py words it for train.py)
+    err = capsys.readouterr().err  # one line naming the flag (core/compat.py words it for train.py)
     assert err.startswith("error: --liger") and "CUDA GPU" in err and len(err.splitlines()) == 1
 
 
@@ -129,10 +129,10 @@ def test_composes_with_alst_and_lora(tok, reference_liger, tmp_path):
     import tyro
 
     import train
-    from features import compat
+    from core import compat
     from features.alst import expand
-    from features.checkpointing import CheckpointingConfig, apply_checkpointing
-    from features.offload import OffloadConfig, apply_offload
+    from features.activation_checkpointing import CheckpointingConfig, apply_checkpointing
+    from features.activation_offload import OffloadConfig, apply_offload
     from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp
 
     cfg = tyro.cli(train.Config, args=["--liger", "--alst", "--lora"], config=train.CLI)

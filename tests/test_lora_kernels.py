@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
-from features import UserError
+from core import UserError
 from features.lora_kernels import LoRALinear, LoRAMLP, apply_lora_kernels
-from features.model import ModelConfig, load_config, load_model
+from core.model import ModelConfig, load_config, load_model
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

@@ -4,9 +4,9 @@ import torch
 
 import ranks
 from conftest import read_metrics, run_train
-from features.batches import collate_padded
-from features.data import Sample
-from features.loss import count_targets, cross_entropy_sum
+from core.batches import collate_padded
+from core.data import Sample
+from core.loss import count_targets, cross_entropy_sum
 
 
 def _samples(n=8, seed=0):

@@ -9,13 +9,14 @@ import torch
 
 from conftest import (assert_same_grads, assert_same_metrics, loss_and_grads, read_metrics, run_train,
                       three_doc_batch, with_live_lora)
-from features import UserError
-from features.batches import collate_padded
-from features.checkpointing import CheckpointingConfig, apply_checkpointing, decoder_blocks
-from features.data import Sample
-from features.loss import forward_loss_sum
-from features.model import ModelConfig, load_config, load_model
-from features.offload import OffloadConfig, apply_offload, validate
+from core import UserError
+from core.batches import collate_padded
+from core.model import decoder_blocks
+from features.activation_checkpointing import CheckpointingConfig, apply_checkpointing
+from core.data import Sample
+from core.loss import forward_loss_sum
+from core.model import ModelConfig, load_config, load_model
+from features.activation_offload import OffloadConfig, apply_offload, validate
 
 CPU = torch.device("cpu")
 
@@ -82,7 +83,7 @@ def test_parameters_and_small_tensors_stay(tok, tmp_path):
 
 
 def test_full_disk_is_a_clear_error(tok, tmp_path, monkeypatch):
-    import features.offload as offload
+    import features.activation_offload as offload
 
     def full(fd, nbytes):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import assert_same_grads, loss_and_grads, three_doc_batch
-from features import UserError
-from features.checkpointing import CheckpointingConfig, apply_checkpointing
-from features.model import ModelConfig, load_config, load_model
-from features.offload import OffloadConfig, apply_offload, validate
+from core import UserError
+from features.activation_checkpointing import CheckpointingConfig, apply_checkpointing
+from core.model import ModelConfig, load_config, load_model
+from features.activation_offload import OffloadConfig, apply_offload, validate
 
 CPU = torch.device("cpu")
 

@@ -5,7 +5,7 @@ import shutil
 import torch
 
 from conftest import read_metrics, run_train
-from features.optim import OptimConfig, build_optimizer
+from core.optim import OptimConfig, build_optimizer
 
 ARGS = ["--max-steps", "6", "--log-every", "1", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--seed", "3", "--optimizer", "adamw-8bit", "--skip-export"]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from features import UserError
-from features.model import ModelConfig, load_config, load_model
+from core import UserError
+from core.model import ModelConfig, load_config, load_model
 from features.overrides import OverridesConfig, apply_overrides, validate
 
 

@@ -6,9 +6,9 @@ import random
 import pytest
 
 from conftest import ROOT
-from features.batches import StepBatches
-from features.data import DataConfig, Sample, load_splits
-from features.packing import best_fit_decreasing, collate_packed
+from core.batches import StepBatches
+from core.data import DataConfig, Sample, load_splits
+from core.packing import best_fit_decreasing, collate_packed
 
 
 def _lengths(n=500, seed=0):

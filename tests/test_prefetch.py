@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import run_train
-from features import UserError
-from features.batches import StepBatches
-from features.data import Sample
-from features.loss import count_targets
-from features.prefetch import Prefetched
+from core import UserError
+from core.batches import StepBatches
+from core.data import Sample
+from core.loss import count_targets
+from core.prefetch import Prefetched
 
 CPU = torch.device("cpu")
 
@@ -122,7 +122,7 @@ def test_early_stop_does_not_deadlock_and_the_thread_ends():
 
 
 def test_train_leaves_no_thread_after_a_run_or_an_error(tmp_path, small_data, monkeypatch):
-    import train
+    import core.loss
 
     args = ["--dataset", str(small_data), "--max-steps", "2", "--micro-batch-size", "4", "--val-dataset", "none"]
     assert run_train(tmp_path / "ok", *args) == 0
@@ -131,7 +131,7 @@ def test_train_leaves_no_thread_after_a_run_or_an_error(tmp_path, small_data, mo
     def fails(*a, **k):
         raise UserError("the loss failed")
 
-    monkeypatch.setattr(train, "forward_loss_sum", fails)
+    monkeypatch.setattr(core.loss, "forward_loss_sum", fails)
     assert run_train(tmp_path / "err", *args) == 2  # raised inside the loop, before close()
     assert _no_prefetch_thread_left()
 

@@ -10,8 +10,9 @@ import torch
 pytest.importorskip("torchao")
 
 from conftest import read_metrics, run_train  # noqa: E402
-from features import UserError, lora, qat  # noqa: E402
-from features.model import ModelConfig, load_config, load_model  # noqa: E402
+from core import UserError
+from features import lora, qat  # noqa: E402
+from core.model import ModelConfig, load_config, load_model  # noqa: E402
 
 SCHEMES = ["int8-int4", "int4", "int3", "int2"]
 

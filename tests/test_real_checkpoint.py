@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, write_jsonl
-from features.data import tokenize
+from core.data import tokenize
 
 CONVERSATION = [{"role": "system", "content": "Be terse."},
                 {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"},

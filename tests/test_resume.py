@@ -6,7 +6,7 @@ import shutil
 import torch
 
 from conftest import read_metrics, run_train
-from features.checkpoint import checkpoints
+from core.checkpoint import checkpoints
 
 ARGS = ["--max-steps", "8", "--log-every", "1", "--micro-batch-size", "4", "--save-every", "4",
         "--warmup-steps", "3", "--seed", "11", "--eval-every", "4"]

@@ -1,10 +1,10 @@
-"""features/runlog.py: the per-step record, the human line, and metrics.jsonl on resume."""
+"""core/runlog.py: the per-step record, the human line, and metrics.jsonl on resume."""
 
 import json
 
 import torch
 
-from features.runlog import MetricsLog, StepMeter, format_line
+from core.runlog import MetricsLog, StepMeter, format_line
 
 
 def test_step_meter_reduces_a_window_and_resets():

@@ -2,7 +2,7 @@
 2 and 4 gloo processes give the same loss and gradients as one process on the same packed
 documents; ring attention never lets a document see another; shards cover every token once.
 GPU (marked): train.py on all N GPUs with --cp N, Ulysses and ring, matches one GPU on the same
-packed documents (fp32 1e-4, bf16 2e-2 relative); benchmarks/gpu_sp.sh runs it."""
+packed documents (fp32 1e-4, bf16 2e-2 relative); `bash benchmarks/gpu_distributed.sh sp` runs it."""
 
 import json
 
@@ -12,9 +12,9 @@ import torch
 import ranks
 import sp_worker
 from conftest import read_metrics, run_train
-from features import UserError
+from core import UserError
 from features import sequence_parallel as sp
-from features.loss import IGNORE, shifted_targets
+from core.loss import IGNORE, shifted_targets
 from features.ring_attention import shard_index
 
 # fp64 everywhere: sdpa and ring agree with one process to ~1e-12; eager's softmax is fp32 inside

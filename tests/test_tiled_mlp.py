@@ -14,12 +14,12 @@ import torch
 import dist_worker
 import ranks
 from conftest import assert_same_grads, assert_same_metrics, read_metrics, run_train
-from features import UserError
-from features.batches import collate_padded
-from features.checkpointing import CheckpointingConfig, apply_checkpointing
-from features.data import Sample
-from features.loss import forward_loss_sum
-from features.model import ModelConfig, load_config, load_model
+from core import UserError
+from core.batches import collate_padded
+from features.activation_checkpointing import CheckpointingConfig, apply_checkpointing
+from core.data import Sample
+from core.loss import forward_loss_sum
+from core.model import ModelConfig, load_config, load_model
 from features.tiled_mlp import TiledMLPConfig, apply_tiled_mlp, auto_shards, validate
 
 

@@ -17,7 +17,7 @@ import torch
 import ranks
 from conftest import ROOT, bf16_deviations, read_metrics, run_train
 
-TINY_LAYERS, TINY_HEADS = 4, 4  # tiny-llama (features/model.py)
+TINY_LAYERS, TINY_HEADS = 4, 4  # tiny-llama (core/model.py)
 
 
 @pytest.fixture(scope="module")

@@ -93,11 +93,11 @@ def test_wandb_offline_run_has_grouped_metrics_config_and_code(tmp_path, small_d
     assert "perf/mfu" not in history[4]  # None on a CPU: not logged
     assert "eval/val_loss" in history[0] and "train/loss" not in history[0]
     code = [r for r in records if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "code"]
-    assert code and {"train.py", "features/tracking.py"} <= {f.path for f in code[0].artifact.manifest.contents}
+    assert code and {"train.py", "core/tracking.py"} <= {f.path for f in code[0].artifact.manifest.contents}
 
 
 def test_resumed_run_keeps_its_wandb_id(tmp_path, monkeypatch):
-    from features.tracking import _run_id
+    from core.tracking import _run_id
 
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     first = _run_id(tmp_path)
@@ -109,7 +109,7 @@ def test_resumed_run_keeps_its_wandb_id(tmp_path, monkeypatch):
 
 def test_wandb_flags_are_checked(monkeypatch):
     import train
-    from features import UserError
+    from core import UserError
 
     with pytest.warns(UserWarning, match="without --wandb"):
         train.parse_config(["--wandb-tags", "a"])
@@ -119,7 +119,7 @@ def test_wandb_flags_are_checked(monkeypatch):
 
 
 def test_metric_keys_are_grouped():
-    from features.tracking import wandb_key
+    from core.tracking import wandb_key
 
     assert [wandb_key(k) for k in ("loss", "mfu", "peak_mem_gib", "exact_match", "skipped_steps", "eval/x")] == \
         ["train/loss", "perf/mfu", "mem/peak_gib", "eval/exact_match", "train/skipped_steps", "eval/x"]

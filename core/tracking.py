@@ -3,11 +3,11 @@
     python train.py --wandb --wandb-project my-ablation --run-name lr3e-3 --wandb-tags lr,baseline
     WANDB_MODE=offline python train.py --wandb        # no network: `wandb sync runs/<dir>/wandb/...` later
 
-Every record that `features/runlog.py`'s MetricsLog writes goes to W&B too (rank 0 only), at the same
+Every record that `core/runlog.py`'s MetricsLog writes goes to W&B too (rank 0 only), at the same
 step, with grouped keys: `train/loss`, `train/lr`, `train/grad_norm`; `perf/tokens_per_s`, `perf/mfu`,
 `perf/tokens`, `perf/eta_s`; `mem/peak_gib`; `eval/val_loss`, `eval/exact_match`. The W&B config is
 the resolved nanotune config plus `run.json` (argv, git SHA, dirty flag, versions, device); the
-source (train.py, features/, launch/) is logged as a code artifact and `git.diff` as a file.
+source (train.py, core/, features/, launch/) is logged as a code artifact and `git.diff` as a file.
 W&B's own environment variables apply (WANDB_MODE=offline|disabled, WANDB_API_KEY, WANDB_DIR).
 
 Reference: cleanrl's `--track` (vwxyzjn/cleanrl), W&B's `wandb.init` / `Run.log` / `Run.log_code`.
@@ -21,7 +21,7 @@ import secrets
 import warnings
 from pathlib import Path
 
-from features import UserError
+from core import UserError
 
 _REPO = Path(__file__).resolve().parent.parent
 # metrics.jsonl key -> W&B key; a key not listed here goes under train/ with its own name
@@ -63,7 +63,7 @@ def wandb_key(key: str) -> str:
 
 def _source_file(path: str) -> bool:
     rel = Path(path).resolve().relative_to(_REPO).as_posix()
-    return rel in ("train.py", "export.py") or rel.split("/")[0] in ("features", "launch")
+    return rel in ("train.py", "export.py") or rel.split("/")[0] in ("core", "features", "launch")
 
 
 class WandbSink:

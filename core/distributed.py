@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from features import UserError
+from core import UserError
 
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 

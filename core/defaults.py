@@ -21,7 +21,7 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
   --lora-kernels  the fused LoRA kernels, wherever they apply (exact w.r.t. peft)  [--no-lora-kernels]
   --compile     per-block torch.compile and the compiled loss                       [--no-compile]
   --packing     no padding: samples packed into --seq-len rows, documents kept apart [--no-packing]
-  --attn        the best installed kernel (features/attention.py)                   [--attn sdpa]
+  --attn        the best installed kernel (core/attention.py)                   [--attn sdpa]
   --loss        chunked for LoRA/QLoRA: the frozen head's loss 256 tokens at a time, never the
                 whole tokens x vocabulary logits (exact)                            [--loss ce]
   --offload-embeddings  a frozen, untied input-embedding table (LoRA/QLoRA, one process) in CPU
@@ -37,14 +37,18 @@ import math
 
 import torch
 
-from features import UserError, compat
-from features.lora import enabled as adapters_on
+from core import UserError, compat
 
 DEMO_PREFIX = "tiny-"  # the embedded demo's presets: ~1M parameters, sized for a CPU
 # the demo's epochs: about 1,000 steps, under 2 minutes on 2 CPU cores, exact match 0% -> about 50%
 DEMO = dict(lr=2e-3, micro_batch_size=32, grad_accum=1, epochs=1.6, seq_len=512, warmup_steps=50)
 REAL = dict(lr_adapter=2e-4, lr_full=2e-5, micro_batch_size=2, grad_accum=4, epochs=3.0, warmup_ratio=0.03,
             packed_row=4096)
+
+
+def adapters_on(lora_cfg) -> bool:
+    """LoRA, QLoRA or 8-bit LoRA: a frozen base under trained adapters."""
+    return bool(lora_cfg.lora or lora_cfg.qlora or lora_cfg.lora_8bit)
 
 
 def is_demo(cfg) -> bool:
@@ -87,6 +91,14 @@ def _pick(name: str, cfg):
 
 def _who(cfg) -> str:
     return "the demo" if is_demo(cfg) else "a real model"
+
+
+def resolve_run(cfg, total_steps: int, d, model_config) -> None:
+    """What is chosen once the steps, the processes and the model's config are known."""
+    warmup_steps(cfg, total_steps)
+    precision(cfg, d.device)
+    loss(cfg, d.device, model_config)
+    embedding_offload(cfg, d.device, model_config, d.world_size)
 
 
 def precision(cfg, device: torch.device) -> None:

@@ -1,6 +1,6 @@
 """The compatibility matrix: which features work together and on which hardware, as data.
 
-    python -m features.compat --markdown    # print the table; --readme rewrites README.md's (a test checks it)
+    python -m core.compat --markdown    # print the table; --docs rewrites docs/compatibility.md's (a test checks it)
     python train.py --qlora --qat           # error: --qat with --qlora: the base is already quantized ...
 
 One `Feature` row per feature: the flag, the config field (and value) that turns it on, what it
@@ -14,7 +14,7 @@ mirrored here, marked `# compat:` there. Refusals that depend on the model or th
 processes (heads that --tp must divide, --tp with data parallelism but without --fsdp) stay in
 the module that knows them, and are listed in `NOTES`.
 
-Adding a feature: one `Feature(...)` line below; the README table and the pair test follow.
+Adding a feature: one `Feature(...)` line below; the docs table and the pair test follow.
 """
 
 import dataclasses
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from features import UserError
+from core import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +257,7 @@ def complete(on: list[Feature], cuda: bool, present: list[Feature]) -> tuple[lis
     return tried
 
 
-# ---- the README table
+# ---- the table in docs/compatibility.md
 
 
 def _cell(flags) -> str:
@@ -289,15 +289,16 @@ def markdown(cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
-README_BEGIN = "<!-- compat:begin (python -m features.compat --markdown) -->\n"
-README_END = "<!-- compat:end -->"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "compatibility.md"
+DOC_BEGIN = "<!-- compat:begin (python -m core.compat --markdown) -->\n"
+DOC_END = "<!-- compat:end -->"
 
 
-def update_readme(path: Path, table: str) -> None:
-    """Replace the table between the README's compat markers."""
+def update_doc(path: Path, table: str) -> None:
+    """Replace the table between the compat markers of docs/compatibility.md."""
     text = path.read_text()
-    head, rest = text.split(README_BEGIN)
-    path.write_text(head + README_BEGIN + table + README_END + rest.split(README_END, 1)[1])
+    head, rest = text.split(DOC_BEGIN)
+    path.write_text(head + DOC_BEGIN + table + DOC_END + rest.split(DOC_END, 1)[1])
 
 
 if __name__ == "__main__":
@@ -307,7 +308,7 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["--markdown"]:
         print(markdown(train.Config()), end="")
-    elif sys.argv[1:] == ["--readme"]:
-        update_readme(root / "README.md", markdown(train.Config()))
+    elif sys.argv[1:] == ["--docs"]:
+        update_doc(DOC, markdown(train.Config()))
     else:
-        sys.exit("usage: python -m features.compat --markdown (print the table) | --readme (rewrite README.md's)")
+        sys.exit("usage: python -m core.compat --markdown (print the table) | --docs (rewrite docs/compatibility.md's)")

@@ -14,8 +14,8 @@ import random
 
 import torch
 
-from features.data import Sample
-from features.packing import best_fit_decreasing, collate_packed
+from core.data import Sample
+from core.packing import best_fit_decreasing, collate_packed
 
 
 def collate_padded(samples: list[Sample], pad_id: int) -> dict:

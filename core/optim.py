@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from features import UserError
+from core import UserError
 
 
 @dataclasses.dataclass

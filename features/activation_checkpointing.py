@@ -22,7 +22,8 @@ from typing import Literal
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from features import UserError
+from core import UserError
+from core.model import decoder_blocks
 
 # Outputs worth keeping under --ac selective: expensive to recompute, and (for attention) the
 # kernels' own saved state. Everything else is recomputed.
@@ -51,12 +52,6 @@ def _checkpoint_fn(mode: str):
     return functools.partial(checkpoint, use_reentrant=False)
 
 
-def decoder_blocks(model) -> list[torch.nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
 def apply_checkpointing(model, cfg: CheckpointingConfig):
     if cfg.ac_every < 1:
         raise UserError(f"--ac-every must be at least 1 (got {cfg.ac_every})")
@@ -69,3 +64,8 @@ def apply_checkpointing(model, cfg: CheckpointingConfig):
         if i % cfg.ac_every == 0:
             block.gradient_checkpointing, block._gradient_checkpointing_func = True, fn
     return model
+
+
+def apply(model, cfg, run):
+    """--ac full / selective: each decoder block recomputed in backward."""
+    return apply_checkpointing(model, cfg.checkpointing)

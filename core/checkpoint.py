@@ -28,8 +28,24 @@ from pathlib import Path
 
 import torch
 
-from features import UserError, deepspeed_zero
-from features.distributed import Dist, barrier, broadcast_object, unwrap
+from core import UserError
+from core.distributed import Dist, barrier, broadcast_object, unwrap
+
+ENGINE_TAG = "deepspeed"  # the sub-directory of DeepSpeed's own files inside a step_<N> checkpoint
+
+
+def _is_engine(model) -> bool:
+    """--deepspeed (features/deepspeed_zero.py) wraps the model in DeepSpeed's engine, which saves and
+    loads its own partitioned format through its own methods."""
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def _load_engine(engine, path: Path) -> None:
+    loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_lr_scheduler_states=False,
+                                       load_module_strict=False)  # frozen weights come from --model
+    if loaded is None:
+        raise UserError(f"--resume {path}: no DeepSpeed checkpoint in it (it was not saved with --deepspeed)")
+
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -175,8 +191,8 @@ def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(d)
-    if deepspeed_zero.is_engine(model):  # --deepspeed: the engine's own format (ZeRO partitions)
-        deepspeed_zero.save(model, tmp)
+    if _is_engine(model):  # --deepspeed: the engine's own format (ZeRO partitions, frozen weights left out)
+        model.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
     else:
         optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_options())
         with warnings.catch_warnings():  # one process: DCP warns that it runs without a process group
@@ -203,8 +219,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = json.loads((path / "trainer_state.json").read_text())
-    if deepspeed_zero.is_engine(model):  # --deepspeed: the engine's own format (same world size)
-        deepspeed_zero.load(model, path)
+    if _is_engine(model):  # --deepspeed: the engine's own format (same world size)
+        _load_engine(model, path)
     else:
         optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_options())
         sd = {"model": _trainable(model), "optim": optim_sd}
@@ -242,4 +258,16 @@ def export_hf(model, tokenizer, out: Path, d: Dist) -> Path | None:
     with atomic_dir(out) as tmp:
         unwrap(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    return out
+
+
+def prepare_output_dir(output_dir: str | None, resume: str | None, d: Dist) -> Path:
+    """--output-dir (default runs/<date-time>, the same on every rank); refuses one that holds
+    checkpoints unless the run resumes."""
+    import time
+
+    out = Path(output_dir or broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"), d))
+    if checkpoints(out) and resume is None:
+        raise UserError(f"--output-dir {out} already holds checkpoints; pass --resume auto to continue "
+                        f"that run, or choose another --output-dir")
     return out

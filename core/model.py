@@ -8,7 +8,7 @@ Presets are architecture shapes with random weights, for tests and benchmarks; t
 tokenizer kept in `data/tokenizer` (their vocabulary is never smaller than its). Precision:
 `fp32`; `bf16` stores weights in bf16 (pure bf16 training, the memory-frugal choice);
 `bf16-mixed` keeps fp32 weights and runs matmuls under bf16 autocast (what HF Trainer's
-`bf16=True` does); `auto` is chosen by features/defaults.py (a frozen base in bf16 on a GPU).
+`bf16=True` does); `auto` is chosen by core/defaults.py (a frozen base in bf16 on a GPU).
 """
 
 import contextlib
@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import torch
 import tyro
 
-from features import UserError
+from core import UserError
 
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "tokenizer"
 
@@ -144,7 +144,7 @@ def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementati
         with torch.device(device):  # initialise on the target device: 8B on CPU takes minutes
             model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
         if quantization_config is not None:  # from_config takes no quantization config (transformers 5)
-            from features.lora import quantize_base
+            from core.quantize import quantize_base
 
             model = quantize_base(model, quantization_config)
     else:
@@ -156,6 +156,13 @@ def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementati
             raise UserError(f"could not load --model {cfg.path!r} ({_first_line(e)})") from e
     model.config.use_cache = False  # training never reuses the KV cache
     return model.train()
+
+
+def decoder_blocks(model) -> list[torch.nn.Module]:
+    """The decoder layers, in order (what activation checkpointing, offload and compile wrap one by one)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def check_vocab(config, tokenizer, path: str) -> None:

@@ -175,7 +175,7 @@ class MetricsLog:
         self.print(format_line(record, self.total) if "loss" in record else json.dumps(record))
 
     def add_sink(self, sink) -> None:
-        """Also send every record to `sink(record)` (and `sink.close()` at the end): W&B, see features/tracking.py."""
+        """Also send every record to `sink(record)` (and `sink.close()` at the end): W&B, see core/tracking.py."""
         self.sinks.append(sink)
 
     def advance(self, tokens_per_s: float) -> None:

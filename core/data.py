@@ -15,7 +15,7 @@ tokens of an assistant turn are exactly its content and its end-of-turn token (t
 token the template writes for the turn: ChatML's <|im_end|>, Llama 3's <|eot_id|>, Mistral's </s>);
 what the template writes after it (ChatML's newline) stays in input_ids but is not a target, since
 generation stops at the end-of-turn token and never produces it. A turn whose rendering has no
-special token is trained whole. Exact match (features/evaluate.py) scores that same span. Samples longer
+special token is trained whole. Exact match (core/evaluate.py) scores that same span. Samples longer
 than --seq-len are dropped (or cut with --truncation truncate) and counted; a malformed record
 (bad JSON or UTF-8, wrong types, missing fields, empty responses, unknown chat roles, strings with
 lone surrogates) stops the run with one line naming its file and line, or with --skip-bad-samples
@@ -29,7 +29,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from features import UserError
+from core import UserError
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -430,7 +430,7 @@ def every_sample_fits(longest: int | None) -> int:
 def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fits) -> tuple[Split, Split | None]:
     """Tokenized (train, validation) splits; validation is None with --val-dataset none. An unset
     --seq-len is set in place to `choose_seq_len(longest training sample's tokens, None for pretrain)`
-    (train.py passes features/defaults.py's choice)."""
+    (train.py passes core/defaults.py's choice)."""
     records = read_records(cfg.dataset, "--dataset", cfg.dataset_subset, cfg.dataset_split)
     fmt = cfg.dataset_format if cfg.dataset_format != "auto" else _detect(records, cfg.skip_bad_samples, cfg.dataset)
     val_source = _val_source(cfg)

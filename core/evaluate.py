@@ -6,19 +6,18 @@ Validation loss is token-weighted over the whole validation set (the same accoun
 training). Exact match greedily generates the response of the first N validation samples from
 their prompt and counts those whose tokens equal the reference: the trained span of the last
 response, its end-of-turn (or end-of-sequence) token included, so an answer that is right but
-does not stop is wrong (see features/data.py for the span). Generation stops at the tokenizer's
+does not stop is wrong (see core/data.py for the span). Generation stops at the tokenizer's
 eos and at the references' end-of-turn tokens. It is meaningful for tasks with one right answer,
 like the embedded dataset; set --eval-exact-match 0 for open-ended data.
 """
 
 import torch
 
-from features.attention import eval_attention
-from features.chunked_loss import real_logits
-from features.batches import eval_batches, to_device
-from features.data import Sample, special_ids
-from features.distributed import Dist, all_reduce_sum, is_sharded, unwrap
-from features.loss import count_targets, forward_loss_sum
+from core.attention import eval_attention
+from core.batches import eval_batches, to_device
+from core.data import Sample, special_ids
+from core.distributed import Dist, all_reduce_sum, is_sharded, unwrap
+from core.loss import real_logits, count_targets, forward_loss_sum
 
 
 @torch.no_grad()
@@ -76,3 +75,26 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
     net.train()
     hits = hits if sharded else all_reduce_sum(hits, d)
     return (hits[0] / hits[1]).item() if hits[1] > 0 else None
+
+
+def evaluate(model, val, cfg, tok, d: Dist, ctx, loss_fn, with_generation: bool) -> dict:
+    """Validation loss (and, `with_generation`, exact match) of a run (`cfg`: train.Config); {} without a
+    validation set."""
+    if val is None:
+        return {}
+    result = {"val_loss": validation_loss(model, val.samples, cfg.train.micro_batch_size,
+                                          tok.pad_token_id, d, ctx, loss_fn)}
+    if with_generation and cfg.train.eval_exact_match > 0:
+        em = exact_match(model, val.samples, cfg.train.eval_exact_match, tok, d, ctx)
+        if em is not None:
+            result["exact_match"] = em
+    return result
+
+
+def report(summary: dict) -> None:
+    """The run's last lines: validation loss and exact match, before -> after."""
+    before, after = summary.get("before", {}), summary
+    if "val_loss" in before and "val_loss" in after:
+        print(f"validation loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
+    if "exact_match" in before and "exact_match" in after:
+        print(f"held-out exact match {100 * before['exact_match']:.1f}% -> {100 * after['exact_match']:.1f}%")

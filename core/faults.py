@@ -32,9 +32,9 @@ import threading
 import torch
 import torch.distributed as dist
 
-from features import UserError
-from features.compat import field_value
-from features.distributed import Dist
+from core import UserError
+from core.compat import field_value
+from core.distributed import Dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

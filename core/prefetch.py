@@ -1,6 +1,6 @@
 """Prefetch: the next steps' micro-batches are prepared in a background thread while this step runs.
 
-Without it, every step ends with one host sync (features/faults.py StepGuard.update_ok), so on a GPU
+Without it, every step ends with one host sync (core/faults.py StepGuard.update_ok), so on a GPU
 the host waits for the step to finish and only then collates the next step's micro-batches (packing
 included), counts their targets, and copies them from pageable memory, which makes a
 `non_blocking=True` copy synchronous; meanwhile the GPU idles. `Prefetched` does the collation, the
@@ -33,7 +33,7 @@ import weakref
 
 import torch
 
-from features.loss import count_targets
+from core.loss import count_targets
 
 _POLL_S = 0.05  # how often a thread blocked on a full queue checks that it should stop
 

@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from features import UserError
+from core import UserError
 
 
 @dataclasses.dataclass
@@ -239,3 +239,8 @@ def apply_offload(model, cfg: OffloadConfig, device: torch.device):
     model.register_forward_pre_hook(enter, with_kwargs=True)
     model.register_forward_hook(leave, with_kwargs=True, always_call=True)
     return model
+
+
+def apply(model, cfg, run):
+    """--offload cpu / disk: each block's saved activations to host memory or disk."""
+    return apply_offload(model, cfg.offload, run.device)

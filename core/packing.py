@@ -11,7 +11,7 @@ documents unpacked. The first token of every document is excluded from the targe
 at the start of an unpacked row, so no document learns to predict its neighbour.
 
 Reference: "Efficient Sequence Packing without Cross-contamination" (Krell et al., 2021).
-Works with every --attn backend (see features/attention.py) and with --dataset-format pretrain
+Works with every --attn backend (see core/attention.py) and with --dataset-format pretrain
 (blocks are then already full, so packing changes nothing).
 """
 
@@ -20,7 +20,7 @@ import dataclasses
 
 import torch
 
-from features.data import Sample
+from core.data import Sample
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from features import UserError
+from core import UserError
 
 NATIVE = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention"}
 CUSTOM = ("nanotune_varlen", "nanotune_xformers")  # our registered implementations

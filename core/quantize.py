@@ -1,0 +1,74 @@
+"""A frozen base in 4 bits (NF4, --qlora) or 8 bits (LLM.int8, --lora-8bit), through bitsandbytes.
+
+`quantization_config` is what from_pretrained takes; presets, built by from_config (which takes
+none), are quantized in place by `quantize_base`, bit for bit the same (tests/test_lora.py).
+"""
+
+import torch
+
+from core import UserError
+
+
+def quantization_config(cfg, device: torch.device = torch.device("cpu")):
+    """transformers' BitsAndBytesConfig for --qlora / --lora-8bit (None otherwise; `cfg`: features.lora.LoraConfig).
+
+    Probes bitsandbytes on `device` first, so a missing or unusable install fails here with the fix
+    instead of deep inside from_pretrained.
+    """
+    if not (cfg.qlora or cfg.lora_8bit):
+        return None
+    _probe_bitsandbytes("--qlora" if cfg.qlora else "--lora-8bit", device)
+    from transformers import BitsAndBytesConfig
+
+    if cfg.qlora:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _probe_bitsandbytes(flag: str, device: torch.device) -> None:
+    try:
+        import bitsandbytes.functional as F
+
+        w = torch.randn(64, 64, device=device)
+        F.dequantize_4bit(*F.quantize_4bit(w, quant_type="nf4", compress_statistics=True))
+        F.int8_vectorwise_quant(w.half())
+    except Exception as e:  # ImportError, or a build without kernels for this device
+        raise UserError(f"{flag} needs bitsandbytes with kernels for {device.type} ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0]}); pip install -U bitsandbytes "
+                        f"(CUDA; CPU too, checked with 0.50.2), or use --lora") from e
+
+
+def quantize_base(model, qconfig):
+    """Swap the decoder's nn.Linear layers (not lm_head) for bitsandbytes 4/8-bit ones, in place.
+
+    For models built by from_config (presets); from_pretrained does the same given the config.
+    Each weight is quantized when moved to its device, as transformers' loader does.
+    """
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and module is not head:
+            model.set_submodule(name, _quantized_linear(bnb, module, qconfig))
+    setattr(model, "is_loaded_in_4bit" if qconfig.load_in_4bit else "is_loaded_in_8bit", True)  # peft reads these
+    return model
+
+
+def _quantized_linear(bnb, linear: torch.nn.Linear, qc):
+    w, device, bias = linear.weight.data, linear.weight.device, linear.bias is not None
+    if qc.load_in_4bit:  # quant_storage: bf16 under --fsdp (FSDP2 on torch 2.11 shards only float params)
+        storage = getattr(qc, "bnb_4bit_quant_storage", None) or torch.uint8
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias, qc.bnb_4bit_compute_dtype,
+                                compress_statistics=qc.bnb_4bit_use_double_quant,
+                                quant_type=qc.bnb_4bit_quant_type, quant_storage=storage, device="meta")
+        new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=qc.bnb_4bit_quant_type,
+                                       compress_statistics=qc.bnb_4bit_use_double_quant, quant_storage=storage,
+                                       module=new)
+    else:  # Int8Params quantizes only on a move away from the CPU, or to it (bitsandbytes 0.50.2)
+        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False,
+                                  threshold=qc.llm_int8_threshold, device="meta")
+        new.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+    if bias:
+        new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return new.to(device)  # quantizes
