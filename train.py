@@ -1,6 +1,6 @@
 """nanotune: fine-tune open LLMs with one readable PyTorch loop.
 
-    python train.py                                        # the embedded CPU demo (< 3 minutes)
+    python train.py                                        # the embedded CPU demo (a few minutes)
     python train.py --model meta-llama/Llama-3.1-8B --dataset my.jsonl --seq-len 4096
     torchrun --nproc_per_node 8 train.py --model llama3-8b --dataset my.jsonl
     python train.py --help                                 # every flag

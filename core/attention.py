@@ -92,8 +92,8 @@ def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> st
 
 def _fastest(device: torch.device, model_config, softcap) -> str:
     """--attn auto: the fastest backend that is installed and exact here. On packed rows the varlen
-    kernels skip the masked-out blocks that sdpa must compute through a dense mask (on the H100: FA4
-    507 TFLOP/s, torch varlen 305, sdpa with a document mask 12; benchmarks/results/2026-11-24-attention.md)."""
+    kernels skip the masked-out blocks that sdpa must compute through a dense mask, so they are many
+    times faster there (benchmarks/results/2026-11-24-attention.md)."""
     if device.type != "cuda":
         return "eager" if softcap else "sdpa"
     if softcap:

@@ -12,7 +12,7 @@ renamed when complete, so a run killed mid-save (even with SIGKILL) leaves the p
 intact. `--resume auto` takes the newest checkpoint whose files match its manifest and skips, with
 a warning, any that is truncated or corrupt (a disk error, a copy cut short). A save that fails
 (disk full) removes its partial directory, keeps every earlier checkpoint and stops the run with
-one line saying so. Hashing reads each saved file once more (about 1 GB/s on rank 0).
+one line saying so. Hashing reads each saved file once more, on rank 0.
 """
 
 import contextlib

@@ -25,7 +25,7 @@ from core import UserError
 
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "tokenizer"
 
-# tiny-*: ~1M parameters, sized so that the embedded demo learns on a 2-core CPU in ~2 minutes
+# tiny-*: ~1M parameters, sized so that the embedded demo learns on a 2-core CPU within minutes
 _TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 _LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,

@@ -7,10 +7,10 @@ Turns on, before the flags are validated, each part of the recipe the command li
 default: --tiled-mlp (auto tiles), --loss chunked (a hidden-state loss; --loss cce / liger are
 kept when chosen), --offload cpu (checkpointed block inputs to pinned host memory; --offload disk
 is kept), --ac full (--ac selective is kept), with an adapter that the fused kernels compute
---lora-kernels (peft's LoRA saves an fp32 copy of each projection's input: half of what a
-recomputed block saves, benchmarks/results/2026-11-29-alst-memory-cpu.md), and with --cp > 1
+--lora-kernels (peft's LoRA saves an fp32 copy of each projection's input: a large share of what
+a recomputed block saves, benchmarks/results/2026-11-29-alst-memory-cpu.md), and with --cp > 1
 Ulysses sequence parallel (--sp-mode ulysses; ring is kept). train.py logs the resulting recipe.
-Nothing is turned off. The 512K-token record on one H200 added --liger and --offload-keep-gib
+Nothing is turned off. For the longest rows on one GPU add --liger and --offload-keep-gib too
 (benchmarks/results/2026-11-29-long-context-h200.md).
 Reference: Bekman et al., "Arctic Long Sequence Training: Scalable and Efficient Training for
 Multi-Million Token Sequences" (2025, arXiv:2506.13996).

@@ -46,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             d_logits = d_logits.to(h.dtype)  # the GEMMs run in the inputs' dtype, as plain CE's backward does
             if grad_h is not None:
                 grad_h[start:start + chunk] = (d_logits @ weight.to(h.dtype)).to(grad_h.dtype)
-            if grad_w is not None:  # an fp32 GEMM here (CUDA SIMT) was 19% of an 8B full fine-tune step
+            if grad_w is not None:  # in fp32: slow SIMT cores (benchmarks/results/2026-11-29-fp8-h200.md)
                 grad_w += d_logits.T @ h  # summed across chunks in fp32
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has = (grad_h is not None, grad_w is not None)

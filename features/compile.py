@@ -5,27 +5,26 @@
 
 Every decoder block is compiled in place (`nn.Module.compile`), so parameter names, peft adapters,
 checkpoints and `save_pretrained` are unchanged. All blocks run the same code on parameters that
-dynamo treats as inputs, so one graph serves all of them: start-up costs one block's compile (tens
-of seconds on the 8B shape), not a whole model's. Inductor fuses what eager runs as separate
-memory-bound kernels: RMSNorm's fp32 upcast, square, mean and rescale, RoPE's rotate-half, the
-residual adds, SiLU * up; the fused LoRA Functions are traced into the same graph. FlashAttention
-(FA2/FA4) and xformers are registered as opaque calls (torch.compiler.disable): dynamo otherwise
-traces into FA4's Python launcher and splits each block into a dozen graph fragments, whose
-guards and launch gaps cost more host time than the fusion saves (measured: the idle gap, in
-benchmarks/results/2026-11-25-perf.md).
+dynamo treats as inputs, so one graph serves all of them: start-up costs one block's compile, not
+a whole model's. Inductor fuses what eager runs as separate memory-bound kernels: RMSNorm's fp32
+upcast, square, mean and rescale, RoPE's rotate-half, the residual adds, SiLU * up; the fused LoRA
+Functions are traced into the same graph. FlashAttention (FA2/FA4) and xformers are registered as
+opaque calls (torch.compiler.disable): dynamo otherwise traces into FA4's Python launcher and splits
+each block into a dozen graph fragments, whose guards and launch gaps cost more host time than the
+fusion saves (measured: the idle gap, in benchmarks/results/2026-11-25-perf.md).
 
-Order (DESIGN.md step 6): after adapters, fused LoRA kernels and activation checkpointing (the
-checkpoint wraps the compiled block), before sharding. Packed rows are padded to --seq-len, so
-shapes are static; the number of documents per row varies, which dynamo handles by marking the
-cu_seqlens length dynamic after the first recompile. Reference: PyTorch's regional compilation
-recipe (torch.compiler, "Reducing torch.compile cold start compilation time with regional
-compilation"); torchtitan's apply_compile.
+Order (train.py's docstring, step 10): after adapters, fused LoRA kernels and activation
+checkpointing (the checkpoint wraps the compiled block), before sharding. Packed rows are padded
+to --seq-len, so shapes are static; the number of documents per row varies, which dynamo handles
+by marking the cu_seqlens length dynamic after the first recompile. Reference: PyTorch's regional
+compilation recipe (torch.compiler, "Reducing torch.compile cold start compilation time with
+regional compilation"); torchtitan's apply_compile.
 
 The plain loss (--loss ce) is compiled too (compile_loss). Eager cross entropy upcasts the bf16
 logits to an fp32 copy and saves fp32 log-probabilities for backward: two tokens x vocabulary fp32
-tensors (16.8 GB at 16K tokens x 128K vocabulary) and 24 ms of memory-bound kernels a step on the
-8B shape (benchmarks/results/2026-11-29-perf-h200.md). Compiled, one pass reads the bf16 logits
-(fp32 in registers) and backward keeps only them plus two floats per token.
+tensors (16.8 GB at 16K tokens x 128K vocabulary) and a visible share of the 8B shape's step in
+memory-bound kernels (benchmarks/results/2026-11-29-perf-h200.md). Compiled, one pass reads the
+bf16 logits (fp32 in registers) and backward keeps only them plus two floats per token.
 
 Works with: every --attn backend, --lora / --qlora / --lora-kernels, --ac, --loss. On CPU it
 runs too (inductor's C++ backend, slow to compile: for tests use --compile-backend aot_eager).

@@ -20,17 +20,17 @@ With --ds-offload it cannot: DeepSpeed 0.19.8 takes bf16 masters offloaded only 
 DeepSpeedCPUAdam, so offload keeps fp32 master weights and AdamW states on the CPU (a mixed-precision
 update; a warning says so). LoRA under --precision bf16 keeps fp32 adapter masters and AdamW states
 as the plain run's fp32 adapters do (DeepSpeed casts every parameter of the module to bf16, and bf16
-adapter weights drop lr-sized updates: LoRA ZeRO-2/3 ran 0.04 off the plain loss by step 6 on 2
-H200s); they are a few MB, so DeepSpeed's plain bf16 mode costs nothing there. --precision
-bf16-mixed: fp32 weights and AdamW states, matmuls under the engine's bf16 autocast. fp32: fp32
-throughout. A json config's own bf16 / fp16 sections are kept as written (only the batch and
-clipping keys are set from the flags).
+adapter weights drop lr-sized updates, so the loss drifts off the plain run's:
+benchmarks/results/2026-11-29-scaling-2xh200.md); they are a few MB, so DeepSpeed's plain bf16 mode
+costs nothing there. --precision bf16-mixed: fp32 weights and AdamW states, matmuls under the
+engine's bf16 autocast. fp32: fp32 throughout. A json config's own bf16 / fp16 sections are kept
+as written (only the batch and clipping keys are set from the flags).
 
 ZeRO-3 gathers each decoder block whole (gather_blocks_whole), as FSDP2 does, and runs with
 DeepSpeed's overlap_comm (its all-gathers and reductions on a side stream; DeepSpeed's own default
-for stage 3): on 2 H200s, Llama-3.1-8B shape, 5.3% (full) and 4.1% (LoRA) faster than without, at
-the same peak memory (benchmarks/results/2026-11-30-scaling-2xh200.md). --ds-overlap-comm asks for
-it with ZeRO-1/2 too (off there by default, as in DeepSpeed; not measured).
+for stage 3): a little faster than without, full fine-tune and LoRA alike, at the same peak memory
+(benchmarks/results/2026-11-30-scaling-2xh200.md). --ds-overlap-comm asks for it with ZeRO-1/2 too
+(off there by default, as in DeepSpeed; not measured).
 
 Works with: LoRA, activation checkpointing, packing, bf16 / bf16-mixed. Refused with: --fsdp,
 --ddp, --tp, --cp (DeepSpeed owns data parallelism), --qlora (use --fsdp), --compile.
@@ -99,7 +99,7 @@ def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, m
         ds = {"zero_optimization": zero, "bf16": _bf16_section(precision, cfg.ds_offload, adapters),
               # bf16-mixed: the engine's forward turns an outer torch.autocast off unless its own
               # torch_autocast section is on (deepspeed 0.19.8 runtime/torch_autocast.py); without it
-              # fp32 activations reached FlashAttention on the H100 (results/2026-11-25-distributed-1gpu.md)
+              # fp32 activations reach FlashAttention (benchmarks/results/2026-11-25-distributed-1gpu.md)
               "torch_autocast": {"enabled": precision == "bf16-mixed", "dtype": "bfloat16"},
               # offload runs nanotune's torch AdamW on the CPU partitions (DeepSpeedCPUAdam would need a
               # compiled op); DeepSpeed 0.19.8 refuses a client optimizer there unless told
@@ -118,8 +118,8 @@ def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, m
 def _bf16_section(precision: str, offload: bool, adapters: bool) -> dict:
     """DeepSpeed's bf16 section for --precision. Its plain bf16 mode keeps fp32 master weights and
     gradient partitions and hands them to the optimizer (fp32 AdamW states): a mixed-precision update,
-    not the plain run's pure bf16 one, and fp32 copies of every partition (2 H200s, Llama-3.1-8B shape,
-    deepspeed 0.19.8: 93-98 GiB a GPU vs 70 with --fsdp, losses 0.48 off the plain run by step 6)."""
+    not the plain run's pure bf16 one, and fp32 copies of every partition: far more memory a GPU than
+    --fsdp, and losses that drift off the plain run's (benchmarks/results/2026-11-29-scaling-2xh200.md)."""
     bf16 = {"enabled": precision == "bf16"}
     if precision != "bf16":
         return bf16  # bf16-mixed: fp32 weights and optimizer under the engine's autocast, as without DeepSpeed
@@ -152,10 +152,9 @@ def gather_blocks_whole(model) -> None:
     """ZeRO-3 gathers and releases each decoder block as one unit (a "leaf module"), as FSDP2 does,
     instead of each of its submodules: about 13 hooked modules a block, 41 under peft's LoRA (lora.Linear
     + base_layer, dropout, lora_A, lora_B), each with forward and backward hooks that fetch, release
-    and keep ZeRO's trace. On CPU (2 gloo ranks, 16 tiny blocks, 4 micro-batches) a LoRA step ran
-    10,444 hook calls and 5.8 s of host time, 356 and 3.3 s as leaves (full fine-tune: 3,340 and
-    2.7 s, 332 and 2.3 s). On 2 H200s (8B shape, LoRA) ZeRO-3 went from 30% to 67% scaling
-    efficiency (benchmarks/results/2026-11-30-scaling-2xh200.md; FSDP2: 91%)."""
+    and keep ZeRO's trace. As leaves, a step makes far fewer hook calls and spends less host time
+    (most of all under LoRA), and ZeRO-3 scales much better, though still below FSDP2
+    (benchmarks/results/2026-11-30-scaling-2xh200.md)."""
     import deepspeed
 
     blocks = attention_blocks(model, "--deepspeed zero3")

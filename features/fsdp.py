@@ -15,10 +15,8 @@ Reference: PyTorch FSDP2 (torch.distributed.fsdp.fully_shard), torchtitan's appl
 
 --fsdp-keep-gathered trades memory (every block's full weights, from the first forward to the last
 backward of a step) for communication: each block is gathered once per optimizer step instead of
-twice per micro-batch (forward, then again for backward). On 2 H200s, 8B full fine-tune, 4
-micro-batches a step, scaling efficiency went from 84.4% to 92.8% (93.8% with --compile; the peer,
-HF Trainer + accelerate FSDP2, 89.3% in the same command), at 82.9 instead of 70.3 GiB a GPU
-(benchmarks/results/2026-11-30-scaling-2xh200.md).
+twice per micro-batch (forward, then again for backward). Gathering once a step scales better
+across GPUs at some memory cost (benchmarks/results/2026-11-30-scaling-2xh200.md).
 
 Works with: LoRA/QLoRA (the packed 4-bit base is sharded like any weight), --tp
 (2-D FSDP x TP), activation checkpointing, sequence parallel, DCP checkpoints (resume on another
@@ -63,7 +61,7 @@ def quantization_storage(qconfig, cfg: ShardingConfig):
     the packed bytes viewed as bf16), the dtype of the weights around it, as FSDP-QLoRA recipes do;
     a preset's base is quantized with the same storage (core/quantize.py). FSDP2 on torch 2.13 also
     shards uint8 storage, but torch 2.11's fully_shard refuses it ("only Tensors of floating point
-    dtype can require gradients", seen on the H200 run of 2026-11-29)."""
+    dtype can require gradients")."""
     if cfg.fsdp and qconfig is not None and getattr(qconfig, "load_in_4bit", False):
         qconfig.bnb_4bit_quant_storage = torch.bfloat16
     return qconfig
@@ -112,7 +110,7 @@ def apply_ddp(model, d: Dist):
 
 
 def apply_sharding(model, cfg: ShardingConfig, d: Dist, precision: str):
-    """Step 7 of train.py's order: FSDP2 when asked, else DDP when gradients need averaging."""
+    """Step 11 of train.py's order: FSDP2 when asked, else DDP when gradients need averaging."""
     if cfg.fsdp:
         return apply_fsdp(model, cfg, d, precision)
     if d.grad_ranks > 1 and d.size("tp") > 1:  # compat: --tp x data parallel without --fsdp

@@ -109,10 +109,10 @@ def _base_grad(dy: torch.Tensor, base, x: torch.Tensor) -> torch.Tensor:
 def _linear_plus(x, w, bias, c, d, s: float):
     """F.linear(x, w, bias) + s c d: the low-rank product c d is added into the base product's output
     by one GEMM with beta = 1 (addmm_), in place. Under torch.compile the same two calls go through
-    the custom op below: functionalization would turn addmm_ into an out-of-place addmm, which CUDA
-    runs as a full copy of its (tokens, out) input followed by the GEMM, a `Memcpy DtoD` per LoRA
-    linear in forward and backward: 14 per decoder block, 4.6% of the 8B-shape LoRA step
-    (benchmarks/results/2026-11-29-copies-cpu.md, torch 2.13). Eager calls skip the op's dispatch."""
+    the custom op below: functionalization (torch 2.13) would turn addmm_ into an out-of-place addmm,
+    which CUDA runs as a full copy of its (tokens, out) input followed by the GEMM, a `Memcpy DtoD` per
+    LoRA linear in forward and backward: 14 per decoder block, a measurable share of the 8B-shape LoRA
+    step (benchmarks/results/2026-11-29-copies-cpu.md). Eager calls skip the op's dispatch."""
     if torch.compiler.is_compiling():
         return torch.ops.nanotune.linear_plus(x, w, bias, c, d, float(s))
     return _linear_plus_eager(x, w, bias, c, d, s)

@@ -13,14 +13,14 @@ q, k and v together, once for gate and up), g on the o/down output (sum forward,
 backward). A block costs 2 all-reduces in forward and 2 in backward, and attention, RoPE and the
 activation run on plain tensors with heads / tp local heads.
 
-Why not torch's ColwiseParallel / RowwiseParallel (this module's plan up to 2026-11-29): each
+Why not torch's ColwiseParallel / RowwiseParallel (apply_tensor_parallel's `dtensor_styles`): each
 column-parallel projection all-reduces its own input gradient (5 all-reduces per block in
 backward instead of 2), and every projection runs as ~13 ops dispatched through DTensor (t, view,
 mm, ...: sharding propagation on the host for each), 2,912 per micro-batch at 32 layers; at
 micro-batch 1 a GPU step cannot hide that host time (CPU counts and timings: benchmarks/tp_comm.py,
 which runs both plans). Projections that are not plain nn.Linear (FP8's Float8Linear, QAT's
-fake-quantized linears) keep the DTensor styles (--qat --tp failed before this change too:
-"'IntxFakeQuantizer' object has no attribute 'weight'", CPU, 2026-11-29). Embeddings, norms and
+fake-quantized linears) keep the DTensor styles (--qat is refused with --tp: under them its
+quantizers fail, "'IntxFakeQuantizer' object has no attribute 'weight'"). Embeddings, norms and
 the head stay whole on every tp rank. The tp ranks of a dp rank read the same batch (see
 core/distributed.py). Reference: Shoeybi et al. 2019, Megatron-LM (section 3, f and g);
 gpt-fast's tp.py; torch.distributed.tensor.parallel.
@@ -32,10 +32,10 @@ its features: sum_partial_grads sums them over the tp ranks once a step, all in 
 all-reduce, before the norm and the update) and lora_B is split by rows; for a row-parallel one
 lora_A is split by columns (its r outputs summed: an all-reduce of tokens x r) and lora_B stays
 whole. The exported adapter is gathered whole, in peft's format. Why the r outputs get their own
-all-reduce rather than joining the base's partial outputs before its one (sum_i W_i x_i + B A_i x_i,
-tried in ceff887): in bf16 each rank's part of the small adapter update rounds away against its
-partial base output; on 2 H200s the 8B-shape loss ran 0.027 off the plain run by step 6 instead of
-0.003, and the row was no faster (tests/test_tp_plan.py's bf16 test fails on it).
+all-reduce rather than joining the base's partial outputs before its one (sum_i W_i x_i + B A_i x_i):
+in bf16 each rank's part of the small adapter update rounds away against its partial base output,
+so the loss drifts far further off the plain run's, for no speed gain
+(benchmarks/results/2026-11-30-scaling-2xh200.md; tests/test_tp_plan.py's bf16 test fails on it).
 
 Works with: --fsdp (FSDP shards the TP'd DTensors over the dp dims), --lora, packing, every
 attention backend (heads are local), activation checkpointing or --compile, --tiled-mlp, DCP
@@ -77,7 +77,7 @@ def validate(tp: int, model_config, lora_dropout: float = 0.0, ac: str = "none",
 
 def apply_tensor_parallel(model, d: Dist, dtensor_styles: bool = False):
     """Shard each decoder block's projections over the "tp" mesh dim (in place). dtensor_styles:
-    torch's ColwiseParallel / RowwiseParallel on every projection, the plan before 2026-11-29
+    torch's ColwiseParallel / RowwiseParallel on every projection, the plain DTensor plan
     (benchmarks/tp_comm.py measures both; train.py always uses the Megatron plan)."""
     mesh = d.sub("tp")
     for block in attention_blocks(model, "--tp"):
