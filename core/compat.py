@@ -8,11 +8,11 @@ needs (a CUDA GPU, one of some other flags), and the features it refuses, each w
 says the fix. `check` runs first in train.validate, before any model or data loads, so a
 combination that cannot work ends the run at once with one line. A pair that no row refuses works
 together: tests/test_compat.py builds every pair of rows and checks that train.validate accepts
-exactly the pairs this table accepts and refuses the others with this table's reason. Feature
-modules keep their own checks (they guard direct calls too); their refusals of flag pairs are
-mirrored here, marked `# compat:` there. Refusals that depend on the model or the number of
-processes (heads that --tp must divide, --tp with data parallelism but without --fsdp) stay in
-the module that knows them, and are listed in `NOTES`.
+exactly the pairs this table accepts and refuses the others with this table's reason. This is
+the only place a flag pair is refused: a module's `validate(cfg)` checks its own values only.
+Refusals that depend on the model or the number of processes (heads that --tp must divide, --tp
+with data parallelism but without --fsdp) stay in the module that knows them, and are listed in
+`NOTES`.
 
 Adding a feature: one `Feature(...)` line below; the docs table and the pair test follow.
 """

@@ -88,9 +88,9 @@ class Dist:
         return self.size("dp_cp")
 
 
-def validate(cfg: MeshConfig) -> None:
+def validate(cfg) -> None:
     for name in DIMS:
-        value = getattr(cfg, name)
+        value = getattr(cfg.mesh, name)
         if value < 1 and not (name == "dp_shard" and value == -1):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be >= 1" + (" or -1 (infer)" if name == "dp_shard" else "") +

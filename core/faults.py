@@ -45,9 +45,9 @@ class FaultsConfig:
     """Stop the run after this many steps in a row with a non-finite loss or gradient norm (each one is skipped, not applied)."""  # noqa: E501
 
 
-def validate(cfg: FaultsConfig) -> None:
-    if cfg.max_bad_steps < 1:
-        raise UserError(f"--max-bad-steps must be at least 1 (got {cfg.max_bad_steps})")
+def validate(cfg) -> None:
+    if cfg.faults.max_bad_steps < 1:
+        raise UserError(f"--max-bad-steps must be at least 1 (got {cfg.faults.max_bad_steps})")
 
 
 class StepGuard:

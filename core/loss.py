@@ -8,6 +8,7 @@ longer equal one big batch.
 
 import contextlib
 import dataclasses
+import importlib.util
 from typing import Literal
 
 import torch
@@ -25,6 +26,25 @@ class LossConfig:
     """Loss: ce (full logits); chunked (pure PyTorch), cce (Cut Cross Entropy) or liger (Liger's fused linear CE) never materialize tokens x vocabulary logits; cce and liger need CUDA. auto: chunked for LoRA/QLoRA on a CUDA GPU, else ce."""  # noqa: E501
     loss_chunk: int | None = None
     """Tokens per chunk for --loss chunked; unset: 256 with a frozen head (LoRA), 4096 when the head trains (fewer passes over its fp32 gradient)."""  # noqa: E501
+
+
+_FUSED_PACKAGES = {"cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger": ("liger_kernel", "liger-kernel")}
+
+
+def validate(cfg) -> None:
+    """--loss-chunk, and --loss cce / liger where their kernels cannot run (features/fused_loss.py)."""
+    loss = cfg.loss
+    if loss.loss_chunk is not None and loss.loss_chunk < 1:
+        raise UserError(f"--loss-chunk must be at least 1 (got {loss.loss_chunk})")
+    if loss.loss not in _FUSED_PACKAGES:
+        return
+    module, package = _FUSED_PACKAGES[loss.loss]
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        raise UserError(f"--loss {loss.loss} runs Triton kernels and needs a CUDA GPU; on CPU use --loss chunked "
+                        f"(exact, pure PyTorch)")
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"--loss {loss.loss} needs the {package} package: pip install {package} "
+                        f"(or use --loss chunked)")
 
 
 def count_targets(labels: torch.Tensor) -> int:

@@ -46,9 +46,10 @@ class TrackingConfig:
     """W&B tags, space-separated (launch/ablate.py adds the ablation name)."""
 
 
-def validate(cfg: TrackingConfig) -> None:
-    if not cfg.wandb:
-        if cfg.wandb_entity or cfg.wandb_group or cfg.wandb_tags or cfg.wandb_project != "nanotune":
+def validate(cfg) -> None:
+    t = cfg.tracking
+    if not t.wandb:
+        if t.wandb_entity or t.wandb_group or t.wandb_tags or t.wandb_project != "nanotune":
             warnings.warn("--wandb-project/--wandb-entity/--wandb-group/--wandb-tags do nothing without --wandb")
         return
     try:

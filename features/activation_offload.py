@@ -50,17 +50,18 @@ class OffloadConfig:
     """GiB of saved activations kept on the device, the first saved in each forward; only the rest leave (host RAM limits)."""  # noqa: E501
 
 
-def validate(cfg: OffloadConfig) -> None:
-    if cfg.offload_min_kib < 0:
-        raise UserError(f"--offload-min-kib must be >= 0 (got {cfg.offload_min_kib})")
-    if cfg.offload_keep_gib < 0:
-        raise UserError(f"--offload-keep-gib must be >= 0 (got {cfg.offload_keep_gib})")
-    if cfg.offload_keep_gib and cfg.offload == "none":
+def validate(cfg) -> None:
+    o = cfg.offload
+    if o.offload_min_kib < 0:
+        raise UserError(f"--offload-min-kib must be >= 0 (got {o.offload_min_kib})")
+    if o.offload_keep_gib < 0:
+        raise UserError(f"--offload-keep-gib must be >= 0 (got {o.offload_keep_gib})")
+    if o.offload_keep_gib and o.offload == "none":
         raise UserError("--offload-keep-gib is set but --offload is none; add --offload cpu or drop it")
-    if cfg.offload != "disk" and cfg.offload_dir is not None:
+    if o.offload != "disk" and o.offload_dir is not None:
         raise UserError("--offload-dir is for --offload disk; add --offload disk or drop --offload-dir")
-    if cfg.offload_dir is not None and not os.path.isdir(cfg.offload_dir):
-        raise UserError(f"--offload-dir {cfg.offload_dir}: not a directory; create it or pick another")
+    if o.offload_dir is not None and not os.path.isdir(o.offload_dir):
+        raise UserError(f"--offload-dir {o.offload_dir}: not a directory; create it or pick another")
 
 
 class _Store:
@@ -220,7 +221,6 @@ class Offloader:
 
 def apply_offload(model, cfg: OffloadConfig, device: torch.device):
     """Offload the activations autograd saves inside `model`'s forward; returns the model."""
-    validate(cfg)
     offloader = Offloader(cfg, torch.device(device))
     model._offloader = offloader  # tests and logging read copied_bytes; the store lives as long as the model
     state = {}

@@ -15,7 +15,6 @@ Does not work with final-logit soft-capping (Gemma 2): refused. --loss cce and -
 
 import torch
 
-from core import UserError
 from core.attention import model_inputs
 from core.loss import IGNORE, head_weight, hidden_head, next_token_targets, shifted_targets
 
@@ -77,6 +76,4 @@ def forward_chunked_loss_sum(model, batch: dict, attn_impl: str = "sdpa", chunk:
 def apply(model, cfg, run=None):
     """--loss chunked / cce / liger: the output head returns hidden states (its weight Parameter
     unchanged), for the loss to multiply a chunk at a time. Call before sharding wraps the model."""
-    if cfg.loss.loss_chunk is not None and cfg.loss.loss_chunk < 1:
-        raise UserError(f"--loss-chunk must be at least 1 (got {cfg.loss.loss_chunk})")
     return hidden_head(model, f"--loss {cfg.loss.loss}")

@@ -67,22 +67,17 @@ def enabled(cfg: DeepSpeedConfig) -> bool:
     return cfg.deepspeed is not None
 
 
-def validate(cfg: DeepSpeedConfig, others: dict[str, bool]) -> None:
-    """others: flag name -> whether that flag is on (the ones DeepSpeed cannot run with)."""
-    if not enabled(cfg):
-        if cfg.ds_offload or cfg.ds_overlap_comm:
-            raise UserError("--ds-offload / --ds-overlap-comm need --deepspeed zero1|zero2|zero3")
+def validate(cfg) -> None:
+    """The --deepspeed value (what it needs or cannot run with: core/compat.py)."""
+    ds = cfg.deepspeed
+    if not enabled(ds):
         return
-    if cfg.deepspeed not in STAGES and not (cfg.deepspeed.endswith(".json") and Path(cfg.deepspeed).is_file()):
-        raise UserError(f"--deepspeed {cfg.deepspeed!r}: pass zero1, zero2, zero3 or an existing .json config")
-    if cfg.deepspeed not in STAGES and (cfg.ds_offload or cfg.ds_overlap_comm):  # the json's own settings rule
-        flag = "--ds-offload" if cfg.ds_offload else "--ds-overlap-comm"
-        raise UserError(f"{flag} with --deepspeed {cfg.deepspeed}: a json config keeps its own zero_optimization; "
-                        f"set {'offload_optimizer / offload_param' if cfg.ds_offload else 'overlap_comm'} there")
-    clash = [flag for flag, on in others.items() if on]
-    if clash:  # compat: --deepspeed x --fsdp/--ddp/--tp/--cp/--qlora/--compile
-        raise UserError(f"--deepspeed cannot run with {', '.join(clash)}: DeepSpeed's engine owns data "
-                        f"parallelism and wraps the model; drop one of them (FSDP2 covers the others)")
+    if ds.deepspeed not in STAGES and not (ds.deepspeed.endswith(".json") and Path(ds.deepspeed).is_file()):
+        raise UserError(f"--deepspeed {ds.deepspeed!r}: pass zero1, zero2, zero3 or an existing .json config")
+    if ds.deepspeed not in STAGES and (ds.ds_offload or ds.ds_overlap_comm):  # the json's own settings rule
+        flag = "--ds-offload" if ds.ds_offload else "--ds-overlap-comm"
+        raise UserError(f"{flag} with --deepspeed {ds.deepspeed}: a json config keeps its own zero_optimization; "
+                        f"set {'offload_optimizer / offload_param' if ds.ds_offload else 'overlap_comm'} there")
 
 
 def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, max_grad_norm: float,

@@ -41,20 +41,13 @@ class Fp8Config:
     """Convert every decoder linear whose dims divide by 16, also the small ones where FP8 does not pay off."""
 
 
-def validate(cfg: Fp8Config, device: str, adapters: bool = False, qat: bool = False) -> None:
-    """Refuse FP8 where it cannot run, or with an adapter or --qat."""
-    if cfg.fp8 == "none":
-        if cfg.fp8_all_linears:
-            raise UserError("--fp8-all-linears set but --fp8 is none; add --fp8 tensorwise or rowwise")
+def validate(cfg) -> None:
+    """Refuse FP8 where this GPU cannot run it (an adapter, --qat, --fp8-all-linears alone: core/compat.py)."""
+    if cfg.fp8.fp8 == "none":
         return
-    if adapters or qat:
-        # compat: --fp8 x --lora / --qlora / --lora-8bit / --gptq / --qat refused
-        what = "an adapter (--lora / --qlora / --lora-8bit / --gptq)" if adapters else "--qat"
-        raise UserError(f"--fp8 with {what}: FP8 training here is for full fine-tuning "
-                        f"(a frozen base gains little, QAT fakes other numerics); drop one of them")
-    problem = hardware_problem(device)
+    problem = hardware_problem(cfg.train.device)
     if problem:
-        raise UserError(f"--fp8 {cfg.fp8}: {problem}; use --precision bf16 instead")
+        raise UserError(f"--fp8 {cfg.fp8.fp8}: {problem}; use --precision bf16 instead")
 
 
 def hardware_problem(device: str = "auto") -> str | None:

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from core import UserError
-from core.distributed import Dist, MeshConfig, attention_blocks
+from core.distributed import Dist, attention_blocks
 
 
 @dataclasses.dataclass
@@ -46,14 +46,11 @@ class ShardingConfig:
     """Dtype of the gradient reduce-scatter with --precision bf16-mixed."""
 
 
-def validate(cfg: ShardingConfig, mesh: MeshConfig) -> None:
-    if cfg.fsdp and cfg.ddp:  # compat: --fsdp x --ddp
-        raise UserError("--fsdp and --ddp are two ways to do data parallelism; pass one of them")
-    if cfg.ddp and (mesh.tp > 1 or mesh.cp > 1):  # compat: --ddp x --tp/--cp
-        raise UserError("--ddp replicates whole modules and cannot hold --tp/--cp shards; use --fsdp instead")
-    gathered_flags = cfg.fsdp_keep_gathered or cfg.fsdp_cpu_offload or cfg.fsdp_reduce_dtype != "fp32"
-    if gathered_flags and not cfg.fsdp:
-        raise UserError("--fsdp-keep-gathered / --fsdp-cpu-offload / --fsdp-reduce-dtype need --fsdp")
+def validate(cfg) -> None:
+    """FSDP's own settings (--fsdp with --ddp, --tp or --cp with --ddp, the --fsdp-* flags alone: core/compat.py)."""
+    s = cfg.sharding
+    if s.fsdp_reduce_dtype != "fp32" and not s.fsdp:
+        raise UserError(f"--fsdp-reduce-dtype {s.fsdp_reduce_dtype} needs --fsdp; add --fsdp or drop it")
 
 
 def quantization_storage(qconfig, cfg: ShardingConfig):

@@ -18,28 +18,10 @@ arXiv:2411.09009, github.com/apple/ml-cross-entropy); Hsu et al., "Liger Kernel"
 arXiv:2410.10989, github.com/linkedin/Liger-Kernel).
 """
 
-import importlib.util
-
 import torch
 
-from core import UserError
 from core.attention import model_inputs
-from core.loss import IGNORE, LossConfig, head_weight, next_token_targets, shifted_targets
-
-_PACKAGES = {"cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger": ("liger_kernel", "liger-kernel")}
-
-
-def validate(cfg: LossConfig, device: str) -> None:
-    """Refuse --loss cce / liger where the kernels cannot run (`device`: the --device flag)."""
-    if cfg.loss not in _PACKAGES:
-        return
-    module, package = _PACKAGES[cfg.loss]
-    if device == "cpu" or not torch.cuda.is_available():
-        raise UserError(f"--loss {cfg.loss} runs Triton kernels and needs a CUDA GPU; on CPU use --loss chunked "
-                        f"(exact, pure PyTorch)")
-    if importlib.util.find_spec(module) is None:
-        raise UserError(f"--loss {cfg.loss} needs the {package} package: pip install {package} "
-                        f"(or use --loss chunked)")
+from core.loss import IGNORE, head_weight, next_token_targets, shifted_targets
 
 
 def _cce(hidden, weight, targets):

@@ -44,22 +44,6 @@ class GptqConfig:
     """--model is a GPTQ checkpoint (4-bit, GPTQ format): train a LoRA adapter (--lora) on its frozen base."""
 
 
-def validate(cfg: GptqConfig, lora_cfg, kernels: bool = False, qat: bool = False) -> None:
-    if not cfg.gptq:
-        return
-    # compat: --gptq runs on CPU too (GPTQLinear; gptqmodel's kernels only when installed, on CUDA); it
-    # compat: needs --lora and refuses --qlora / --lora-8bit / --dora / --lora-kernels / --qat / --fp8
-    if kernels or qat:
-        raise UserError(f"--gptq with {'--lora-kernels' if kernels else '--qat'}: not for a GPTQ base (its "
-                        f"int4 layers are not nn.Linear); drop {'--lora-kernels' if kernels else '--qat'}")
-    if lora_cfg.qlora or lora_cfg.lora_8bit:
-        raise UserError("--gptq with --qlora/--lora-8bit: the GPTQ checkpoint is already quantized; use --gptq --lora")
-    if not lora_cfg.lora:
-        raise UserError("--gptq trains a LoRA adapter on the quantized base; add --lora")
-    if lora_cfg.dora:
-        raise UserError("--gptq with --dora: peft's GPTQ LoRA layer has no DoRA; drop --dora")
-
-
 # ---------------------------------------------------------------------------- the format
 
 

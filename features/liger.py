@@ -36,11 +36,10 @@ class LigerConfig:
     """Liger Triton kernels for RMSNorm, RoPE and SwiGLU/GeGLU (Llama, Mistral, Qwen2, Gemma; CUDA only)."""
 
 
-def validate(cfg: LigerConfig, device: str) -> None:
-    """`device`: the --device flag."""
-    if not cfg.liger:
+def validate(cfg) -> None:
+    if not cfg.liger.liger:
         return
-    if device == "cpu" or not torch.cuda.is_available():
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
         raise UserError("--liger runs Triton kernels and needs a CUDA GPU; drop --liger on CPU")
     if importlib.util.find_spec("liger_kernel") is None:
         raise UserError("--liger needs the liger-kernel package: pip install liger-kernel")

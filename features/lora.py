@@ -70,19 +70,17 @@ def enabled(cfg: LoraConfig) -> bool:
     return cfg.lora or cfg.qlora or cfg.lora_8bit
 
 
-def validate(cfg: LoraConfig) -> None:
-    """Refuse contradictory or meaningless settings, naming the flags and the fix."""
-    modes = [f for f, on in (("--lora", cfg.lora), ("--qlora", cfg.qlora), ("--lora-8bit", cfg.lora_8bit)) if on]
-    if len(modes) > 1:
-        raise UserError(f"{' and '.join(modes)} are alternatives (bf16/fp32, 4-bit or 8-bit base); pass one")
-    changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cfg)
-               if f.name not in ("lora", "qlora", "lora_8bit") and getattr(cfg, f.name) != f.default]
-    if changed and not modes:
+def validate(cfg) -> None:
+    """Refuse meaningless settings, naming the flags and the fix (two adapter modes: core/compat.py)."""
+    c = cfg.lora
+    changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(c)
+               if f.name not in ("lora", "qlora", "lora_8bit") and getattr(c, f.name) != f.default]
+    if changed and not enabled(c):
         raise UserError(f"{', '.join(changed)} set but no adapter is on; add --lora, --qlora or --lora-8bit")
-    checks = [(cfg.lora_rank >= 1, f"--lora-rank must be at least 1 (got {cfg.lora_rank})"),
-              (cfg.lora_alpha > 0, f"--lora-alpha must be positive (got {cfg.lora_alpha})"),
-              (0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})"),
-              (bool(_targets(cfg)), "--lora-targets is empty; pass module names like q_proj,v_proj or all-linear")]
+    checks = [(c.lora_rank >= 1, f"--lora-rank must be at least 1 (got {c.lora_rank})"),
+              (c.lora_alpha > 0, f"--lora-alpha must be positive (got {c.lora_alpha})"),
+              (0 <= c.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {c.lora_dropout})"),
+              (bool(_targets(c)), "--lora-targets is empty; pass module names like q_proj,v_proj or all-linear")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)

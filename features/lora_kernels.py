@@ -49,17 +49,11 @@ class LoraKernelsConfig:
     """Run peft's own LoRA layers, also on a CUDA GPU (where --lora-kernels is on by default)."""
 
 
-def validate(cfg: LoraKernelsConfig, lora_cfg) -> None:
-    """Refuse, before the model loads, the flags apply_lora_kernels would refuse after
-    (`lora_cfg`: features.lora.LoraConfig)."""
-    if not cfg.lora_kernels:
-        return
-    if getattr(lora_cfg, "lora_8bit", False) or not (lora_cfg.lora or lora_cfg.qlora):
-        raise UserError("--lora-kernels fuses a LoRA adapter on a bf16/fp32 or 4-bit base; add --lora or --qlora")
-    if lora_cfg.lora_dropout > 0:
-        raise UserError(_DROPOUT.format(lora_cfg.lora_dropout))
-    if lora_cfg.dora:
-        raise UserError(_DORA)
+def validate(cfg) -> None:
+    """Refuse, before the model loads, a value apply_lora_kernels would refuse after (the adapter
+    modes and --dora it needs or refuses: core/compat.py)."""
+    if cfg.lora_kernels.lora_kernels and cfg.lora.lora_dropout > 0:
+        raise UserError(_DROPOUT.format(cfg.lora.lora_dropout))
 
 
 _FIX = "; drop --lora-kernels or"

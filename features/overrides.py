@@ -32,14 +32,15 @@ class OverridesConfig:
     """A JSON object of Hugging Face config fields to set, e.g. '{"attention_dropout": 0.1}'."""
 
 
-def validate(cfg: OverridesConfig) -> None:
-    if cfg.rope_scaling != "none" and cfg.rope_factor <= 1:
-        raise UserError(f"--rope-scaling {cfg.rope_scaling} needs --rope-factor > 1 (got {cfg.rope_factor})")
-    if cfg.rope_scaling == "none" and (cfg.rope_factor != 1.0 or cfg.rope_original_context):
+def validate(cfg) -> None:
+    o = cfg.overrides
+    if o.rope_scaling != "none" and o.rope_factor <= 1:
+        raise UserError(f"--rope-scaling {o.rope_scaling} needs --rope-factor > 1 (got {o.rope_factor})")
+    if o.rope_scaling == "none" and (o.rope_factor != 1.0 or o.rope_original_context):
         raise UserError("--rope-factor / --rope-original-context set without --rope-scaling; add --rope-scaling TYPE")
-    if cfg.rope_original_context < 0:
-        raise UserError(f"--rope-original-context must be >= 0 (got {cfg.rope_original_context})")
-    _parse_overrides(cfg.config_overrides)
+    if o.rope_original_context < 0:
+        raise UserError(f"--rope-original-context must be >= 0 (got {o.rope_original_context})")
+    _parse_overrides(o.config_overrides)
 
 
 def _parse_overrides(text: str) -> dict:

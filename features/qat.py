@@ -53,20 +53,17 @@ class QatConfig:
     """Optimizer step from which the fake quantizers are on (earlier steps train in full precision)."""
 
 
-def validate(cfg: QatConfig, quantized_base: str | None = None) -> None:
-    """Refuse bad values, and QAT on an already-quantized base (`quantized_base`: the flag that made it)."""
-    changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cfg)
-               if f.name != "qat" and getattr(cfg, f.name) != f.default]
-    if changed and not cfg.qat:
+def validate(cfg) -> None:
+    """Refuse bad values (QAT on an already-quantized base: core/compat.py)."""
+    q = cfg.qat
+    changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(q)
+               if f.name != "qat" and getattr(q, f.name) != f.default]
+    if changed and not q.qat:
         raise UserError(f"{', '.join(changed)} set but --qat is off; add --qat")
-    if cfg.qat_group_size < 1 or cfg.qat_group_size & (cfg.qat_group_size - 1):
-        raise UserError(f"--qat-group-size must be a power of two like 32 or 128 (got {cfg.qat_group_size})")
-    if cfg.qat_start_step < 1:
-        raise UserError(f"--qat-start-step must be at least 1 (got {cfg.qat_start_step})")
-    if cfg.qat and quantized_base:
-        # compat: --qat x --qlora / --lora-8bit / --gptq refused
-        raise UserError(f"--qat with {quantized_base}: the base is already quantized, there is no "
-                        f"full-precision linear to fake-quantize; use --qat with --lora or without adapters")
+    if q.qat_group_size < 1 or q.qat_group_size & (q.qat_group_size - 1):
+        raise UserError(f"--qat-group-size must be a power of two like 32 or 128 (got {q.qat_group_size})")
+    if q.qat_start_step < 1:
+        raise UserError(f"--qat-start-step must be at least 1 (got {q.qat_start_step})")
 
 
 def _torchao():

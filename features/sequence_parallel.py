@@ -60,18 +60,6 @@ class SequenceParallelConfig:
     """Split each sequence over the --cp ranks: ulysses (all-to-all over heads, any --attn) or ring (K/V blocks passed around, zig-zag)."""  # noqa: E501
 
 
-def validate(cfg: SequenceParallelConfig, cp: int, tp: int = 1) -> None:
-    """Start-up checks that need only the flags (head counts are checked in apply_sequence_parallel)."""
-    if cfg.sp_mode != "none" and tp > 1:  # compat: --sp-mode with --tp > 1 refused
-        raise UserError(f"--sp-mode {cfg.sp_mode} with --tp {tp}: sequence parallel over tensor-parallel heads is "
-                        f"not supported yet; use --cp alone (or --tp alone)")
-    if cfg.sp_mode != "none" and cp < 2:  # compat: --sp-mode needs --cp >= 2
-        raise UserError(f"--sp-mode {cfg.sp_mode} splits sequences over the --cp ranks; pass --cp N (N >= 2) "
-                        f"with N dividing the number of processes")
-    if cfg.sp_mode == "none" and cp > 1:  # compat: --cp > 1 needs --sp-mode
-        raise UserError(f"--cp {cp} needs a sequence-parallel attention: add --sp-mode ulysses or --sp-mode ring")
-
-
 # ---------------------------------------------------------------------------- batches
 
 

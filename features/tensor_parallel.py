@@ -59,7 +59,8 @@ _PARTS = (("self_attn", ("q_proj", "k_proj", "v_proj"), ("o_proj",)),
           ("mlp", ("gate_proj", "up_proj"), ("down_proj",)))
 
 
-def validate(tp: int, model_config, lora_dropout: float = 0.0, ac: str = "none", compiled: bool = False) -> None:
+def check_model(tp: int, model_config, lora_dropout: float = 0.0, ac: str = "none", compiled: bool = False) -> None:
+    """What --tp N refuses once the model's config and the flags are known (not a config validator)."""
     if tp == 1:
         return
     if ac != "none" and compiled:  # found on CPU (torch 2.13, 2 and 4 gloo ranks), full fine-tune and LoRA alike
@@ -256,5 +257,5 @@ def _copy_input_hook(group):
 def apply(model, cfg, run):
     """--tp N: the decoder's projections as column/row-parallel DTensors over the "tp" ranks (the
     heads and flags it needs are checked here, once the model's config is known)."""
-    validate(run.d.size("tp"), run.model_config, cfg.lora.lora_dropout, cfg.checkpointing.ac, cfg.compile.compile)
+    check_model(run.d.size("tp"), run.model_config, cfg.lora.lora_dropout, cfg.checkpointing.ac, cfg.compile.compile)
     return apply_tensor_parallel(model, run.d)

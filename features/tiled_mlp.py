@@ -41,10 +41,11 @@ class TiledMLPConfig:
     """Tiles per sequence for --tiled-mlp; 0 = auto, ceil(seq_len / hidden_size)."""
 
 
-def validate(cfg: TiledMLPConfig) -> None:
-    if cfg.tiled_mlp_shards < 0:
-        raise UserError(f"--tiled-mlp-shards must be >= 0, 0 = auto (got {cfg.tiled_mlp_shards})")
-    if cfg.tiled_mlp_shards and not cfg.tiled_mlp:
+def validate(cfg) -> None:
+    t = cfg.tiled_mlp
+    if t.tiled_mlp_shards < 0:
+        raise UserError(f"--tiled-mlp-shards must be >= 0, 0 = auto (got {t.tiled_mlp_shards})")
+    if t.tiled_mlp_shards and not t.tiled_mlp:
         raise UserError("--tiled-mlp-shards is set but --tiled-mlp is off; add --tiled-mlp")
 
 
@@ -112,7 +113,6 @@ def decoder_mlps(model) -> list[tuple[str, torch.nn.Module]]:
 
 def apply_tiled_mlp(model, cfg: TiledMLPConfig):
     """Wrap every decoder MLP's current forward (peft's, --lora-kernels', or the model's own)."""
-    validate(cfg)
     mlps = decoder_mlps(model)
     if not mlps:
         raise UserError("--tiled-mlp: no gated decoder MLP (gate_proj/up_proj/down_proj) in this model; "

@@ -40,6 +40,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def config(**paths):
+    """A default train.Config with these fields set, not validated: dotted paths
+    (`config(**{"fp8.fp8": "tensorwise", "lora.lora": True})`) or whole configs (`config(lora=LoraConfig())`)."""
+    import train
+
+    cfg = train.Config()
+    for path, value in paths.items():
+        *parents, name = path.split(".")
+        owner = cfg
+        for parent in parents:
+            owner = getattr(owner, parent)
+        if not hasattr(owner, name):
+            raise AttributeError(f"train.Config has no field {path!r}")
+        setattr(owner, name, value)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def tok():
     from core.model import ModelConfig, load_tokenizer

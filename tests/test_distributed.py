@@ -17,7 +17,7 @@ import torch
 
 import dist_worker
 import ranks
-from conftest import read_metrics, run_train
+from conftest import config, read_metrics, run_train
 from core import UserError, quantize
 from core.distributed import MeshConfig, mesh_shape
 
@@ -213,20 +213,17 @@ def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
 @pytest.mark.parametrize("flags, message", [
     (dict(fsdp=True, ddp=True), "--fsdp and --ddp"),
     (dict(ddp=True, tp=2), "--ddp replicates whole modules"),
-    (dict(fsdp_cpu_offload=True), "need --fsdp"),
+    (dict(fsdp_cpu_offload=True), "--fsdp-cpu-offload needs --fsdp"),
+    (dict(fsdp_reduce_dtype="bf16"), "--fsdp-reduce-dtype bf16 needs --fsdp"),
     (dict(tp=0), "--tp must be >= 1"),
     (dict(dp_shard=-2), "--dp-shard must be >= 1 or -1"),
 ])
 def test_bad_flags_are_refused(flags, message):
-    from core import distributed
-    from features import fsdp
+    import train  # pairs through core/compat.py's matrix, values through core/distributed.py's and fsdp's validate
 
-    mesh = MeshConfig(**{k: v for k, v in flags.items() if k in ("tp", "dp_shard")})
-    sharding = fsdp.ShardingConfig(**{k: v for k, v in flags.items() if k not in ("tp", "dp_shard")})
+    cfg = config(**{("mesh." if k in ("tp", "dp_shard") else "sharding.") + k: v for k, v in flags.items()})
     with pytest.raises(UserError, match=message):
-        distributed.validate(mesh)
-        fsdp.validate(sharding, mesh)
-    import train  # and train.py refuses them at start-up (possibly through core/compat.py's matrix)
+        train.validate(cfg)
 
     argv = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     with pytest.raises(UserError):
@@ -234,6 +231,8 @@ def test_bad_flags_are_refused(flags, message):
 
 
 def test_deepspeed_config_from_flags_and_json(tmp_path):
+    import train
+    from core import compat
     from features.deepspeed_zero import DeepSpeedConfig, build_config, validate
 
     ds = build_config(DeepSpeedConfig("zero3", ds_offload=True), 4, 2, 1.0, "bf16", dp_size=8)
@@ -251,37 +250,38 @@ def test_deepspeed_config_from_flags_and_json(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e7},
                                 "train_batch_size": 999}))
-    validate(DeepSpeedConfig(str(user)), {})
+    validate(config(deepspeed=DeepSpeedConfig(str(user))))
     ds = build_config(DeepSpeedConfig(str(user)), 2, 1, 0.5, "fp32", dp_size=2)
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5e7}  # the user's own settings kept
     assert ds["train_batch_size"] == 4 and ds["gradient_clipping"] == 0.5  # the batch plan's keys win
     with pytest.raises(UserError, match="--ds-overlap-comm with --deepspeed .*ds.json: .* set overlap_comm there"):
-        validate(DeepSpeedConfig(str(user), ds_overlap_comm=True), {})
+        validate(config(deepspeed=DeepSpeedConfig(str(user), ds_overlap_comm=True)))
     with pytest.raises(UserError, match="--ds-offload with --deepspeed .*ds.json: .* offload_param there"):
-        validate(DeepSpeedConfig(str(user), ds_offload=True), {})
+        validate(config(deepspeed=DeepSpeedConfig(str(user), ds_offload=True)))
     with pytest.raises(UserError, match="pass zero1, zero2, zero3"):
-        validate(DeepSpeedConfig("zero4"), {})
-    with pytest.raises(UserError, match="--deepspeed cannot run with --fsdp"):
-        validate(DeepSpeedConfig("zero2"), {"--fsdp": True, "--tp": False})
-    with pytest.raises(UserError, match="--ds-offload / --ds-overlap-comm need --deepspeed"):
-        validate(DeepSpeedConfig(None, ds_offload=True), {})
+        validate(config(deepspeed=DeepSpeedConfig("zero4")))
+    # what --deepspeed cannot run with, or without: core/compat.py's matrix, as train.py checks it
+    with pytest.raises(UserError, match="--fsdp with --deepspeed: DeepSpeed's engine owns data parallelism"):
+        compat.check(config(**{"deepspeed.deepspeed": "zero2", "sharding.fsdp": True}), cuda=True)
+    with pytest.raises(UserError, match="--ds-offload needs --deepspeed"):
+        train.validate(config(**{"deepspeed.ds_offload": True}))
 
 
 def test_tp_refuses_indivisible_heads_lora_dropout_and_compiled_checkpoints():
     from core.model import ModelConfig, load_config, load_tokenizer
-    from features.tensor_parallel import validate
+    from features.tensor_parallel import check_model
 
     config = load_config(ModelConfig(path="tiny-llama"), load_tokenizer(ModelConfig()))
-    validate(4, config)  # 4 heads, 4 kv heads
-    validate(1, config, lora_dropout=0.1)  # no tp: nothing shared
+    check_model(4, config)  # 4 heads, 4 kv heads
+    check_model(1, config, lora_dropout=0.1)  # no tp: nothing shared
     with pytest.raises(UserError, match="--tp 3 must divide the attention heads"):
-        validate(3, config)
+        check_model(3, config)
     with pytest.raises(UserError, match="--lora-dropout 0.1 with --tp 2: .* use --lora-dropout 0 with --tp"):
-        validate(2, config, lora_dropout=0.1)
-    validate(2, config, ac="full")  # each alone works (checked on 4 ranks)
-    validate(2, config, compiled=True)
+        check_model(2, config, lora_dropout=0.1)
+    check_model(2, config, ac="full")  # each alone works (checked on 4 ranks)
+    check_model(2, config, compiled=True)
     with pytest.raises(UserError, match="--tp 2 with --ac selective and --compile: .* drop --compile or --ac"):
-        validate(2, config, ac="selective", compiled=True)
+        check_model(2, config, ac="selective", compiled=True)
 
 
 def test_deepspeed_bf16_mixed_keeps_autocast():

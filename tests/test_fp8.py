@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("torchao")
 
-from conftest import ROOT  # noqa: E402
-from core import UserError
+from conftest import ROOT, config  # noqa: E402
+from core import UserError, compat
 from features import fp8  # noqa: E402
 from core.model import ModelConfig, load_config, load_model  # noqa: E402
 
@@ -56,20 +56,21 @@ def test_small_model_refused_without_all_linears(tok):
 
 def test_refusals(monkeypatch):
     with pytest.raises(UserError, match="needs a CUDA GPU"):
-        fp8.validate(fp8.Fp8Config(fp8="tensorwise"), "cpu")
-    with pytest.raises(UserError, match="an adapter"):
-        fp8.validate(fp8.Fp8Config(fp8="rowwise"), "auto", adapters=True)
-    with pytest.raises(UserError, match="--qat"):
-        fp8.validate(fp8.Fp8Config(fp8="rowwise"), "auto", qat=True)
-    with pytest.raises(UserError, match="--fp8 is none"):
-        fp8.validate(fp8.Fp8Config(fp8_all_linears=True), "auto")
+        fp8.validate(config(**{"fp8.fp8": "tensorwise", "train.device": "cpu"}))
+    # with an adapter or --qat, --fp8-all-linears alone: core/compat.py's matrix refuses them (train.py, first)
+    with pytest.raises(UserError, match="--fp8 with --lora: FP8 training here is for full fine-tuning"):
+        compat.check(config(**{"fp8.fp8": "rowwise", "lora.lora": True}), cuda=True)
+    with pytest.raises(UserError, match="--qat with --fp8"):
+        compat.check(config(**{"fp8.fp8": "rowwise", "qat.qat": True}), cuda=True)
+    with pytest.raises(UserError, match="--fp8-all-linears needs --fp8"):
+        compat.check(config(**{"fp8.fp8_all_linears": True}), cuda=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
     with pytest.raises(UserError, match="A100 has compute capability 8.0"):
-        fp8.validate(fp8.Fp8Config(fp8="tensorwise"), "auto")
+        fp8.validate(config(**{"fp8.fp8": "tensorwise"}))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    fp8.validate(fp8.Fp8Config(fp8="tensorwise"), "auto")  # Hopper: accepted
+    fp8.validate(config(**{"fp8.fp8": "tensorwise"}))  # Hopper: accepted
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_same_grads, run_train
+from conftest import assert_same_grads, config, run_train
 from core import UserError
 from core.batches import collate_padded
-from core.loss import LossConfig, hidden_head
+from core.loss import hidden_head, validate
 from core.data import Sample
-from features.fused_loss import forward_fused_loss_sum, fused_cross_entropy_sum, validate
+from features.fused_loss import forward_fused_loss_sum, fused_cross_entropy_sum
 from core.loss import IGNORE, cross_entropy_sum, forward_loss_sum
 from core.model import ModelConfig, load_config, load_model
 
@@ -77,14 +77,16 @@ def test_glue_matches_plain_cross_entropy(tok, reference_kernels, kernel):
 
 
 def test_refused_on_cpu_and_without_the_package(monkeypatch):
-    validate(LossConfig(loss="chunked"), "cpu")
+    validate(config(**{"loss.loss": "chunked", "train.device": "cpu"}))
+    with pytest.raises(UserError, match=r"--loss-chunk must be at least 1 \(got 0\)"):
+        validate(config(**{"loss.loss": "chunked", "loss.loss_chunk": 0}))
     with pytest.raises(UserError,
                        match="--loss cce runs Triton kernels and needs a CUDA GPU; on CPU use --loss chunked"):
-        validate(LossConfig(loss="cce"), "cpu")
+        validate(config(**{"loss.loss": "cce", "train.device": "cpu"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install liger-kernel"):
-        validate(LossConfig(loss="liger"), "auto")
+        validate(config(**{"loss.loss": "liger"}))
 
 
 def test_train_py_refuses_cce_on_cpu(tmp_path, small_data, capsys):

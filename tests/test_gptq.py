@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import read_metrics, run_train
+from conftest import config, read_metrics, run_train
 from core import UserError
 from features import gptq
 from features.lora import LoraConfig
@@ -105,14 +105,14 @@ def test_lora_on_gptq_trains_only_the_adapter(checkpoint):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(UserError, match="add --lora"):
-        gptq.validate(gptq.GptqConfig(gptq=True), LoraConfig())
-    with pytest.raises(UserError, match="already quantized"):
-        gptq.validate(gptq.GptqConfig(gptq=True), LoraConfig(qlora=True))
-    with pytest.raises(UserError, match="--dora"):
-        gptq.validate(gptq.GptqConfig(gptq=True), LoraConfig(lora=True, dora=True))
-    with pytest.raises(UserError, match="--lora-kernels"):
-        gptq.validate(gptq.GptqConfig(gptq=True), LoraConfig(lora=True), kernels=True)
+    import train  # what --gptq needs and refuses: core/compat.py's matrix
+
+    for flags, match in ((dict(lora=LoraConfig()), "--gptq needs --lora"),
+                         (dict(lora=LoraConfig(qlora=True)), "already quantized"),
+                         (dict(lora=LoraConfig(lora=True, dora=True)), "--dora"),
+                         ({"lora.lora": True, "lora_kernels.lora_kernels": True}, "--lora-kernels")):
+        with pytest.raises(UserError, match=match):
+            train.validate(config(**{"gptq.gptq": True}, **flags))
     tok = load_tokenizer(ModelConfig())
     with pytest.raises(UserError, match="no GPTQ quantization_config"):
         gptq.load_model(ModelConfig("tiny-llama"), load_config(ModelConfig("tiny-llama"), tok), torch.device("cpu"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_same_grads, loss_and_grads, three_doc_batch, with_live_lora
+from conftest import assert_same_grads, config, loss_and_grads, three_doc_batch, with_live_lora
 
 from core import UserError
 from features.liger import LigerConfig, apply_liger, validate
@@ -87,7 +87,7 @@ def test_swaps_keep_names_loss_and_gradients(tok, reference_liger, preset, lora)
 
 def test_refused_on_cpu_and_for_other_architectures(tok, reference_liger):
     with pytest.raises(UserError, match="--liger runs Triton kernels and needs a CUDA GPU"):
-        validate(LigerConfig(liger=True), "cpu")
+        validate(config(**{"liger.liger": True, "train.device": "cpu"}))
     model = _model(tok, "tiny-llama")
     model.config.model_type = "gpt2"
     with pytest.raises(UserError, match="--liger supports llama, mistral, qwen2, gemma models, not gpt2"):

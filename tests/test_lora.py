@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_train
+from conftest import ROOT, config, read_metrics, run_train
 from core import UserError, quantize
 from features import lora
 from core.batches import StepBatches
@@ -52,7 +52,7 @@ def build_base(tok, preset="tiny-llama", precision="fp32", quant=None, device=CP
 def build(tok, preset="tiny-llama", precision="fp32", device=CPU, seed=0, **flags):
     """build_base + apply_lora, as train.py does with `--lora ...` flags (default: --lora)."""
     cfg = lora.LoraConfig(**({"lora": True} if not {"qlora", "lora_8bit"} & set(flags) else {}), **flags)
-    lora.validate(cfg)
+    lora.validate(config(lora=cfg))
     model = build_base(tok, preset, precision, quantize.quantization_config(cfg, device), device, seed)
     return lora.apply_lora(model, cfg)
 
@@ -364,9 +364,9 @@ def test_quantized_base_trains_on_cuda(tok, small_data, flags):
 # ---------------------------------------------------------------------------- refusals
 
 
-BAD = {
-    "two modes": (dict(lora=True, qlora=True), "--lora and --qlora are alternatives"),
-    "three modes": (dict(lora=True, qlora=True, lora_8bit=True), "--lora and --qlora and --lora-8bit"),
+BAD = {  # two adapter modes: core/compat.py's matrix; the rest: lora.validate (train.validate runs both)
+    "two modes": (dict(lora=True, qlora=True), "--lora with --qlora: they are alternatives"),
+    "three modes": (dict(lora=True, qlora=True, lora_8bit=True), "--lora with --qlora: they are alternatives"),
     "rank 0": (dict(lora=True, lora_rank=0), "--lora-rank must be at least 1"),
     "alpha 0": (dict(lora=True, lora_alpha=0), "--lora-alpha must be positive"),
     "dropout 1": (dict(lora=True, lora_dropout=1.0), r"--lora-dropout must be in \[0, 1\)"),
@@ -377,9 +377,12 @@ BAD = {
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_combinations_name_the_flags(name):
+    import train
+
     fields, message = BAD[name]
+    cfg = config(lora=lora.LoraConfig(**fields))
     with pytest.raises(UserError, match=message):
-        lora.validate(lora.LoraConfig(**fields))
+        (train.validate if "modes" in name else lora.validate)(cfg)
 
 
 def test_missing_bitsandbytes_says_how_to_install(monkeypatch):

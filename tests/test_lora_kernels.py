@@ -260,17 +260,20 @@ def test_refuses_an_8bit_base(tok):
 
 
 def test_validate_refuses_before_loading():
+    import train  # the adapter modes and --dora: core/compat.py's matrix; --lora-dropout: lora_kernels.validate
+    from conftest import config
     from features.lora import LoraConfig
     from features.lora_kernels import LoraKernelsConfig, validate
 
     on = LoraKernelsConfig(lora_kernels=True)
-    validate(on, LoraConfig(lora=True))
-    validate(LoraKernelsConfig(), LoraConfig(lora_dropout=0.1))  # kernels off: nothing to check
-    for lora, match in ((LoraConfig(), "add --lora or --qlora"), (LoraConfig(lora_8bit=True), "--qlora"),
+    train.validate(config(lora_kernels=on, lora=LoraConfig(lora=True)))
+    validate(config(lora=LoraConfig(lora_dropout=0.1)))  # kernels off: nothing to check
+    for lora, match in ((LoraConfig(), "--lora-kernels needs --lora or --qlora"),
+                        (LoraConfig(lora_8bit=True), "use --lora or --qlora"),
                         (LoraConfig(qlora=True, lora_dropout=0.05), "--lora-dropout 0"),
                         (LoraConfig(lora=True, dora=True), "--dora")):
         with pytest.raises(UserError, match=match):
-            validate(on, lora)
+            train.validate(config(lora_kernels=on, lora=lora))
 
 
 def test_compiles_per_block_without_graph_breaks(tok):

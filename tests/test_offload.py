@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import (assert_same_grads, assert_same_metrics, loss_and_grads, read_metrics, run_train,
+from conftest import (assert_same_grads, assert_same_metrics, config, loss_and_grads, read_metrics, run_train,
                       three_doc_batch, with_live_lora)
 from core import UserError
 from core.batches import collate_padded
@@ -109,11 +109,11 @@ def test_temp_dir_is_removed_with_the_model(tok, tmp_path):
 
 def test_bad_flags():
     with pytest.raises(UserError, match="--offload-dir is for --offload disk"):
-        validate(OffloadConfig(offload="cpu", offload_dir="/tmp"))
+        validate(config(offload=OffloadConfig(offload="cpu", offload_dir="/tmp")))
     with pytest.raises(UserError, match="--offload-min-kib must be >= 0"):
-        validate(OffloadConfig(offload="cpu", offload_min_kib=-1))
+        validate(config(offload=OffloadConfig(offload="cpu", offload_min_kib=-1)))
     with pytest.raises(UserError, match="not a directory"):
-        validate(OffloadConfig(offload="disk", offload_dir="/nonexistent/dir"))
+        validate(config(offload=OffloadConfig(offload="disk", offload_dir="/nonexistent/dir")))
 
 
 def test_train_py_offload_disk_with_checkpointing_matches_plain(tmp_path, small_data):

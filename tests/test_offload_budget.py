@@ -4,7 +4,7 @@ budget, the rest leave; the math is the same either way."""
 import pytest
 import torch
 
-from conftest import assert_same_grads, loss_and_grads, three_doc_batch
+from conftest import assert_same_grads, config, loss_and_grads, three_doc_batch
 from core import UserError
 from features.activation_checkpointing import CheckpointingConfig, apply_checkpointing
 from core.model import ModelConfig, load_config, load_model
@@ -48,6 +48,6 @@ def test_a_budget_of_one_block_input_keeps_exactly_that(tok):
 
 def test_the_budget_needs_offload():
     with pytest.raises(UserError, match="--offload-keep-gib"):
-        validate(OffloadConfig(offload_keep_gib=2.0))
+        validate(config(offload=OffloadConfig(offload_keep_gib=2.0)))
     with pytest.raises(UserError, match="--offload-keep-gib"):
-        validate(OffloadConfig(offload="cpu", offload_keep_gib=-1.0))
+        validate(config(offload=OffloadConfig(offload="cpu", offload_keep_gib=-1.0)))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import config as train_config
 from core import UserError
 from core.model import ModelConfig, load_config, load_model
 from features.overrides import OverridesConfig, apply_overrides, validate
@@ -11,7 +12,7 @@ from features.overrides import OverridesConfig, apply_overrides, validate
 @pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
 def test_rope_scaling_sets_the_config_and_a_long_input_runs(tok, kind):
     cfg = OverridesConfig(rope_scaling=kind, rope_factor=4.0, rope_original_context=64)
-    validate(cfg)
+    validate(train_config(overrides=cfg))
     config = apply_overrides(load_config(ModelConfig("tiny-llama"), tok), cfg)
     assert config.rope_parameters["rope_type"] == kind and config.rope_parameters["factor"] == 4.0
     assert config.max_position_embeddings == (64 if kind == "dynamic" else 256)
@@ -45,7 +46,7 @@ def test_config_overrides_set_fields_and_refuse_unknown_ones(tok):
 ])
 def test_bad_override_flags_are_refused(cfg, message):
     with pytest.raises(UserError, match=message):
-        validate(cfg)
+        validate(train_config(overrides=cfg))
 
 
 def test_train_py_with_rope_scaling(tmp_path, small_data):

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("torchao")
 
-from conftest import read_metrics, run_train  # noqa: E402
+import train  # noqa: E402
+from conftest import config, read_metrics, run_train  # noqa: E402
 from core import UserError
 from features import lora, qat  # noqa: E402
 from core.model import ModelConfig, load_config, load_model  # noqa: E402
@@ -122,9 +123,9 @@ def test_refusals(tok):
                      (qat.QatConfig(qat=True, qat_start_step=0), "--qat-start-step"),
                      ]:
         with pytest.raises(UserError, match=fix):
-            qat.validate(bad)
-    with pytest.raises(UserError, match="--qlora"):
-        qat.validate(qat.QatConfig(qat=True), quantized_base="--qlora")
+            qat.validate(config(qat=bad))
+    with pytest.raises(UserError, match="--qat with --qlora: the base is already quantized"):  # core/compat.py
+        train.validate(config(**{"qat.qat": True, "lora.qlora": True}))
     with pytest.raises(UserError, match="--qat-group-size 256 does not divide"):
         qat.apply_qat(tiny(tok), qat.QatConfig(qat=True, qat_group_size=256))  # hidden size 128
 

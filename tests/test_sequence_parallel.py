@@ -11,7 +11,7 @@ import torch
 
 import ranks
 import sp_worker
-from conftest import read_metrics, run_train
+from conftest import config as train_config, read_metrics, run_train
 from core import UserError
 from features import sequence_parallel as sp
 from core.loss import IGNORE, shifted_targets
@@ -59,13 +59,15 @@ def test_wrapper_names_are_accepted_by_transformers(attn_impl):
 
 
 def test_flags_and_head_counts_are_checked_at_start():
-    with pytest.raises(UserError, match="--cp"):
-        sp.validate(sp.SequenceParallelConfig("ulysses"), cp=1)
-    with pytest.raises(UserError, match="--sp-mode"):
-        sp.validate(sp.SequenceParallelConfig("none"), cp=2)
-    sp.validate(sp.SequenceParallelConfig("ring"), cp=4)
-    with pytest.raises(UserError, match="--tp"):
-        sp.validate(sp.SequenceParallelConfig("ring"), cp=2, tp=2)
+    import train  # the flags --sp-mode needs and refuses: core/compat.py's matrix
+
+    with pytest.raises(UserError, match="--sp-mode ulysses needs --cp N"):
+        train.validate(train_config(**{"sequence_parallel.sp_mode": "ulysses", "mesh.cp": 1}))
+    with pytest.raises(UserError, match="--cp 2 needs --sp-mode ulysses or --sp-mode ring"):
+        train.validate(train_config(**{"mesh.cp": 2}))
+    train.validate(train_config(**{"sequence_parallel.sp_mode": "ring", "mesh.cp": 4}))
+    with pytest.raises(UserError, match="--tp 2 with --cp 2: sequence parallel over tensor-parallel heads"):
+        train.validate(train_config(**{"sequence_parallel.sp_mode": "ring", "mesh.cp": 2, "mesh.tp": 2}))
     config = sp_worker.new_model("tiny-qwen2").config  # 4 attention heads, 2 key-value heads
     with pytest.raises(UserError, match="--sp-mode ulysses .* this model has 4; use a --cp that divides 4"):
         sp._check_heads(config, sp.SequenceParallelConfig("ulysses"), 3)

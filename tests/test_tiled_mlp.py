@@ -13,7 +13,7 @@ import torch
 
 import dist_worker
 import ranks
-from conftest import assert_same_grads, assert_same_metrics, read_metrics, run_train
+from conftest import assert_same_grads, assert_same_metrics, config, read_metrics, run_train
 from core import UserError
 from core.batches import collate_padded
 from features.activation_checkpointing import CheckpointingConfig, apply_checkpointing
@@ -89,9 +89,9 @@ def test_eval_and_auto_shards(tok):
 
 def test_bad_flags(tok):
     with pytest.raises(UserError, match="--tiled-mlp-shards must be >= 0"):
-        validate(TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=-1))
+        validate(config(tiled_mlp=TiledMLPConfig(tiled_mlp=True, tiled_mlp_shards=-1)))
     with pytest.raises(UserError, match="add --tiled-mlp"):
-        validate(TiledMLPConfig(tiled_mlp_shards=4))
+        validate(config(tiled_mlp=TiledMLPConfig(tiled_mlp_shards=4)))
 
 
 def test_train_py_tiled_mlp_matches_plain(tmp_path, small_data):
