@@ -13,8 +13,9 @@ this order, one `if` each; the reason for each place:
  1. attention backend, config overrides (--rope-scaling), load: both are load-time arguments, as is
     a 4-/8-bit or GPTQ base
  2. --liger, --qat, --fp8: module swaps of the plain model, before anything wraps its linears
- 3. --lora / --qlora / --lora-8bit (peft; --gptq: on the GPTQ linears): wrap the final linears
- 4. --lora-kernels: replace the adapted layers' forward, so they need the adapters
+ 3. --lora / --qlora / --lora-8bit (peft; --gptq: on the GPTQ linears): wrap the final linears;
+    --fp8-base then quantizes the base linears peft wrapped
+ 4. --lora-kernels: replace the adapted layers' forward, so they need the adapters (and their base)
  5. --tiled-mlp: tiles each MLP's forward as the adapters and kernels left it
  6. --loss chunked / cce / liger: the head returns hidden states; its weight must still be the
     model's own Parameter, before sharding wraps it
@@ -44,13 +45,12 @@ import core.evaluate
 import core.loss
 import core.model
 import core.quantize
-from core import (UserError, attention, batches, compat, defaults, distributed, faults, optim, optional, packing,
-                  runlog, tracking)
+from core import UserError, attention, batches, compat, defaults, distributed, faults, optim, packing, runlog, tracking
 from core.distributed import all_reduce_sum, global_count, sync_gradients, unwrap
 from core.run import Run
 from features import (activation_checkpointing, activation_offload, alst, chunked_loss, compile, deepspeed_zero,
-                      embedding_offload, fp8, fsdp, fused_loss, gptq, liger, lora, lora_kernels, overrides, qat,
-                      sequence_parallel, tensor_parallel, tiled_mlp)
+                      embedding_offload, fp8, fp8_base, fsdp, fused_loss, gptq, liger, lora, lora_kernels, overrides,
+                      qat, sequence_parallel, tensor_parallel, tiled_mlp)
 from core.prefetch import Prefetched
 
 
@@ -68,6 +68,7 @@ class Config:
     tiled_mlp: tiled_mlp.TiledMLPConfig = dataclasses.field(default_factory=tiled_mlp.TiledMLPConfig)
     qat: qat.QatConfig = dataclasses.field(default_factory=qat.QatConfig)
     fp8: fp8.Fp8Config = dataclasses.field(default_factory=fp8.Fp8Config)
+    fp8_base: fp8_base.Fp8BaseConfig = dataclasses.field(default_factory=fp8_base.Fp8BaseConfig)
     gptq: gptq.GptqConfig = dataclasses.field(default_factory=gptq.GptqConfig)
     checkpointing: activation_checkpointing.CheckpointingConfig = dataclasses.field(
         default_factory=activation_checkpointing.CheckpointingConfig)
@@ -133,6 +134,8 @@ def build_model(cfg: Config, run: Run):
         model = fp8.apply(model, cfg, run)
     if lora.enabled(cfg.lora):
         model = gptq.apply(model, cfg, run) if cfg.gptq.gptq else lora.apply(model, cfg, run)
+    if cfg.fp8_base.fp8_base:
+        model = fp8_base.apply(model, cfg, run)
     if cfg.lora_kernels.lora_kernels:
         model = lora_kernels.apply(model, cfg, run)
     if cfg.tiled_mlp.tiled_mlp:
@@ -194,10 +197,7 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else step_source.total_steps(cfg.train.epochs)
     defaults.resolve_run(cfg, total_steps, d, config)  # warm-up, precision, loss, embedding offload
     say("defaults: " + "; ".join(cfg.auto) if cfg.auto else "defaults: every value set by hand")
-    say(f"data: train {train_split.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set"))
-    say(f"data: {step_source.steps_in_epoch(0)} steps/epoch, {step_source.dropped(0)} samples/epoch left out to "
-        f"keep full batches on every rank; {total_steps} steps; {100 * step_source.efficiency(0):.1f}% of "
-        f"token slots hold real tokens" + (" (packed)" if cfg.packing.packing else " (padded)"))
+    say(core.data.describe(train_split, val) + "\n" + step_source.describe(total_steps))
 
     # ---- the model and its features, the loss
     run = Run(d, attention.resolve(cfg.attention, d.device, config), core.model.resolve_precision(cfg.model, d.device),
@@ -321,29 +321,8 @@ def save_final(model, cfg: Config, tok, out, d, say) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = None
-    try:
-        cfg = parse_config(argv)
-        with optional.keep_out(optional.unused(cfg)):  # what other libraries would import on their own
-            train(cfg)
-        return 0
-    except UserError as e:
-        return fail(f"error: {e}", 2)
-    except torch.OutOfMemoryError as e:  # one message with the sizes and the flags that save memory
-        return fail(f"error: {faults.oom_report(e, cfg)}", 3)
-    except RuntimeError as e:  # a collective broken by another rank's exit: that rank says why
-        if not distributed.peer_failure(e):
-            raise
-        return fail(f"error: {distributed.peer_failure(e)}", 1)
-    finally:
-        distributed.teardown()
-
-
-def fail(message: str, code: int) -> int:
-    """The run's one-line error, on stderr and in torchrun's failure summary."""
-    print(message, file=sys.stderr)
-    distributed.record_error(message)
-    return code
+    """Parse, train, and end in one line on a user error (exit 2), out of memory (3) or a lost peer (1)."""
+    return faults.run(lambda: parse_config(argv), lambda cfg: train(cfg))
 
 
 if __name__ == "__main__":

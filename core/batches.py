@@ -75,6 +75,12 @@ class StepBatches:
         used = self.rows(epoch)[: self.steps_in_epoch(epoch) * self.rows_per_step]
         return sum(len(self.samples[i].input_ids) for row in used for i in row) / max(1, len(used) * width)
 
+    def describe(self, total_steps: int) -> str:
+        """The run log's line on the steps and on how full the rows are."""
+        return (f"data: {self.steps_in_epoch(0)} steps/epoch, {self.dropped(0)} samples/epoch left out to keep full "
+                f"batches on every rank; {total_steps} steps; {100 * self.efficiency(0):.1f}% of token slots hold "
+                f"real tokens" + (" (packed)" if self.pack_to else " (padded)"))
+
     def dropped(self, epoch: int = 0) -> int:
         """Samples left out of an epoch so that every rank and step gets full micro-batches."""
         return sum(len(row) for row in self.rows(epoch)[self.steps_in_epoch(epoch) * self.rows_per_step:])

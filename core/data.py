@@ -450,3 +450,8 @@ def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fit
     val = build_split(val_records[: cfg.max_val_samples], fmt, tok, cfg, val_source or "held-out split") \
         if val_records else None
     return train, val
+
+
+def describe(train: Split, val: Split | None) -> str:
+    """The run log's lines on the splits."""
+    return f"data: train {train.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set")

@@ -27,6 +27,7 @@ is counted and stops the run after --max-bad-steps, but is not undone.
 import dataclasses
 import re
 import signal
+import sys
 import threading
 
 import torch
@@ -153,3 +154,34 @@ def oom_report(err: BaseException, cfg) -> str:
     advice = memory_advice(cfg) if cfg is not None else []
     return (f"out of memory ({'; '.join(sizes) or str(err).splitlines()[0]}) with {', '.join(run)}. "
             f"To use less memory: {'; '.join(advice) or 'a smaller --seq-len or model'}")
+
+
+def run(parse, train) -> int:
+    """train(parse()) with the clean ends a user meets: a UserError is one line and exit 2, out of
+    memory one line with the sizes and the flags that save memory (exit 3), a collective broken by
+    another rank's exit one line naming it (exit 1); every line also goes into torchrun's error file."""
+    from core import optional
+    from core.distributed import peer_failure, record_error, teardown
+
+    cfg = None
+
+    def fail(message: str, code: int) -> int:
+        print(message, file=sys.stderr)
+        record_error(message)
+        return code
+
+    try:
+        cfg = parse()
+        with optional.keep_out(optional.unused(cfg)):  # what other libraries would import on their own
+            train(cfg)
+        return 0
+    except UserError as e:
+        return fail(f"error: {e}", 2)
+    except torch.OutOfMemoryError as e:
+        return fail(f"error: {oom_report(e, cfg)}", 3)
+    except RuntimeError as e:  # a collective broken by another rank's exit: that rank says why
+        if not peer_failure(e):
+            raise
+        return fail(f"error: {peer_failure(e)}", 1)
+    finally:
+        teardown()

@@ -135,6 +135,10 @@ def _base_plus(x, base, c, d, s: float, transpose: bool = False) -> torch.Tensor
     instead of dequantizing again (it never recomputes a custom op such as bitsandbytes'): a bf16
     copy of every decoder weight held from forward to backward, more than a bf16 base's own memory."""
     bias = None if transpose or base.bias is None else base.bias.to(x.dtype)
+    if hasattr(base, "fp8_matmul"):  # --fp8-base: the two FP8 matmuls of features/fp8_base.py
+        y = base.fp8_grad_input(x) if transpose else base.fp8_matmul(x)
+        y = y if bias is None else y + bias
+        return y.addmm_(c, d, alpha=s)
     if _is_4bit(base) and torch.compiler.is_compiling():
         qs = base.weight.quant_state
         nested = qs.state2 is not None
@@ -339,8 +343,9 @@ def apply_lora_kernels(model):
 
     if not isinstance(model, peft.PeftModel):
         raise UserError("--lora-kernels fuses LoRA adapters; add --lora or --qlora")
+    linear = lambda base: isinstance(base, torch.nn.Linear) or hasattr(base, "fp8_matmul")  # noqa: E731 (--fp8-base)
     lora = {id(m): (n, m) for n, m in model.named_modules()  # linear ones: a LoRA'd embedding stays peft's
-            if isinstance(m, LoraLayer) and isinstance(m.base_layer, torch.nn.Linear)}
+            if isinstance(m, LoraLayer) and linear(m.base_layer)}
     if not lora:
         raise UserError("--lora-kernels: the model has no LoRA layers; check --lora-targets")
     for name, layer in lora.values():

@@ -1,0 +1,146 @@
+"""FP8 for the frozen base under LoRA: the base projections' matmuls in FP8, the adapters as before.
+
+    python train.py --lora --fp8-base          # a GPU with FP8 matmuls (Ada, Hopper, Blackwell)
+
+Under LoRA the base weights never change, so each is quantized once, to float8 e4m3 with one
+scale per row, and kept twice: W (out x in) for the forward, scaled per output row, and W^T for
+the input gradient, scaled per input column (torch._scaled_mm takes its second operand
+column-major, and each copy gets the scales its own matmul reduces over). Two FP8 copies take the
+memory of one bf16 weight. Every step quantizes the activations per row (e4m3, each row's absmax
+mapped to 448), so the forward y = x W^T and the input gradient dX = dY W are FP8 matmuls with bf16
+output; the weight gets no gradient. The adapters (lora_A, lora_B), their gradients, the norms,
+attention, embeddings and the head stay in their own precision. With --lora-kernels the fused
+Functions call the same two matmuls (features/lora_kernels.py).
+
+Lossy, by a stated tolerance (tests/test_fp8_base.py holds it): each matmul within 6% of the
+unquantized one (e4m3 keeps 3 mantissa bits), a short LoRA run's losses within 2% of the plain base's.
+Runs on CPU too (torch's CPU _scaled_mm), slowly: for tests. Works with: --lora (a bf16/fp32
+base), --lora-kernels, --compile (the FP8 copies are buffers, so the compiled graph sees their
+column-major views), --packing, activation checkpointing and offload. Refused with a
+base that is already quantized (--qlora, --lora-8bit, --gptq), with --fp8 (FP8 training of a full
+fine-tune), --qat, and with sharding (--fsdp, --tp, --deepspeed: they shard float weights).
+References: torch._scaled_mm rowwise scaling; torchao's float8 rowwise recipe (the scale layout).
+"""
+
+import dataclasses
+
+import torch
+
+from core import UserError
+
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+@dataclasses.dataclass
+class Fp8BaseConfig:
+    fp8_base: bool = False
+    """The frozen base's projections under --lora in FP8 (e4m3, rowwise scales); adapters unchanged. Lossy: each matmul within a few percent of bf16."""  # noqa: E501
+
+
+def validate(cfg) -> None:
+    """An FP8 GPU when training on CUDA (CPU runs the same ops, slowly)."""
+    if not cfg.fp8_base.fp8_base or not torch.cuda.is_available() or cfg.train.device == "cpu":
+        return
+    if torch.cuda.get_device_capability() < (8, 9):
+        raise UserError("--fp8-base needs FP8 matmuls: a GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); "
+                        "drop --fp8-base")
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale) in e4m3 and the fp32 scale of each row (rows of absmax 0 get scale 1)."""
+    amax = t.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x (..., k) times w8^T (w8: n x k in e4m3; w_scale: 1 x n, one per row of w8) in FP8, output in
+    x's compute dtype (the autocast dtype under autocast, as nn.Linear)."""
+    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    y = torch.ops.nanotune.fp8_rowwise_mm(x.reshape(-1, x.shape[-1]), w8, w_scale, _mm_dtype(out_dtype, x.device))
+    return y.to(out_dtype).reshape(*x.shape[:-1], w8.shape[0])
+
+
+# One opaque op under torch.compile: inductor's CPU lowering of _scaled_mm copies a transposed
+# (column-major) operand into row-major order, which _scaled_mm then refuses.
+@torch.library.custom_op("nanotune::fp8_rowwise_mm", mutates_args=())
+def _fp8_rowwise_mm(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    x8, x_scale = quantize_rows(x)
+    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+
+
+@_fp8_rowwise_mm.register_fake
+def _(x, w8, w_scale, out_dtype):
+    return x.new_empty((x.shape[0], w8.shape[0]), dtype=out_dtype)
+
+
+def _mm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The matmul's output dtype: CUDA's rowwise-scaled FP8 matmul writes bf16 only."""
+    return torch.bfloat16 if device.type == "cuda" or dtype not in (torch.float16, torch.float32) else dtype
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w8, w_scale, wt8, wt_scale, bias):
+        ctx.save_for_backward(wt8, wt_scale)  # the frozen FP8 copy: a reference, not a copy
+        y = _scaled(x, w8, w_scale)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        wt8, wt_scale = ctx.saved_tensors
+        return _scaled(dy, wt8, wt_scale), None, None, None, None, None
+
+
+class Fp8FrozenLinear(torch.nn.Module):
+    """A frozen nn.Linear whose matmuls run in FP8: W for x W^T (scaled per output row) and W^T for
+    dY W (scaled per input column), as buffers; the bf16 weight is dropped once quantized."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, linear.weight.dtype
+        w8, w_scale = quantize_rows(linear.weight.data)  # (out, in), (out, 1)
+        wt8, wt_scale = quantize_rows(linear.weight.data.t())  # (in, out), (in, 1)
+        for name, t in (("w8", w8), ("w_scale", w_scale.t().contiguous()), ("wt8", wt8),
+                        ("wt_scale", wt_scale.t().contiguous())):  # scales as _scaled_mm's scale_b: 1 x n
+            self.register_buffer(name, t, persistent=False)  # not in state dicts: the base loads from --model
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data, requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (what peft and checks read as `.weight`; training never does)."""
+        return (self.w8.float() * self.w_scale.t()).to(self.dtype)
+
+    def fp8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T (no bias), for the fused LoRA kernels' forward."""
+        return _scaled(x, self.w8, self.w_scale)
+
+    def fp8_grad_input(self, dy: torch.Tensor) -> torch.Tensor:
+        """dY W: the gradient of x W^T with respect to x."""
+        return _scaled(dy, self.wt8, self.wt_scale)
+
+    def forward(self, x):
+        return _Fp8Matmul.apply(x, self.w8, self.w_scale, self.wt8, self.wt_scale, self.bias)
+
+
+def _frozen_bases(model):
+    """(parent LoRA layer, its frozen nn.Linear base) for every peft LoRA linear of the decoder."""
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if type(base) is torch.nn.Linear and not base.weight.requires_grad and hasattr(module, "lora_A"):
+            yield module, base
+
+
+def apply(model, cfg, run):
+    """--fp8-base: every adapted base linear becomes an Fp8FrozenLinear (after peft wrapped it)."""
+    swapped = 0
+    for layer, base in list(_frozen_bases(model)):
+        if base.in_features % 16 or base.out_features % 16:
+            continue  # _scaled_mm needs both dims divisible by 16; such a small layer gains nothing anyway
+        layer.base_layer = Fp8FrozenLinear(base)
+        swapped += 1
+    if swapped == 0:
+        raise UserError("--fp8-base found no adapted bf16/fp32 linear to run in FP8; it needs --lora on a model "
+                        "whose projection sizes divide by 16")
+    run.say(f"fp8 base: {swapped} frozen projections in FP8 (e4m3, rowwise scales)")
+    return model

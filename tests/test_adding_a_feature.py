@@ -1,0 +1,71 @@
+"""README's "Adding a feature" is true: its toy feature, added the way it says, runs.
+
+The test copies the code into a temporary folder, writes the README's `features/embed_scale.py`
+verbatim, makes the README's edits (the import and the config line, one `if` in build_model, one
+matrix row), and trains with and without the flag.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split("## Adding a feature", 1)[1].split("\n## ", 1)[0]
+
+
+def _edit(path, anchor: str, new: str, before: bool = True) -> None:
+    text = path.read_text()
+    assert text.count(anchor) == 1, f"{path.name}: the anchor {anchor!r} is not there exactly once"
+    path.write_text(text.replace(anchor, new + anchor if before else anchor + new))
+
+
+def _add_toy_feature(repo) -> None:
+    section = _readme_section()
+    code = re.search(r"```python\n# features/embed_scale.py\n(.*?)```", section, re.S).group(1)
+    (repo / "features" / "embed_scale.py").write_text(code)
+    steps = re.findall(r"`([^`\n]+)`", section)  # the README's one-line edits, in its own words
+    config_line = next(s for s in steps if s.startswith("embed_scale: "))
+    if_line = next(s for s in steps if s.startswith("if cfg.embed_scale.embed_scale:"))
+    matrix_row = next(s for s in steps if s.startswith('Feature("--embed-scale"'))
+    train = repo / "train.py"
+    _edit(train, "from features import (", "embed_scale, ", before=False)
+    _edit(train, "    auto: tyro.conf.Suppress", f"    {config_line}\n")
+    cond, call = if_line.split(": ", 1)
+    _edit(train, "    if lora.enabled(cfg.lora):\n", f"    {cond}:\n        {call}\n")
+    _edit(repo / "core" / "compat.py", "FEATURES = [\n", f"    {matrix_row},\n", before=False)
+
+
+def _train(repo, out, *flags) -> subprocess.CompletedProcess:
+    args = [sys.executable, "train.py", "--max-steps", "3", "--log-every", "1", "--eval-exact-match", "0",
+            "--skip-export", "--output-dir", str(out), *flags]
+    return subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=600)
+
+
+def test_the_readme_toy_feature_runs(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "runs", "benchmarks", "docs", "__pycache__",
+                                                              "tests", ".stage"))
+    _add_toy_feature(repo)
+
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=repo, capture_output=True, text=True)
+    assert "--embed-scale" in help_text.stdout and "--embed-scale-factor" in help_text.stdout, help_text.stderr
+
+    plain, scaled = _train(repo, tmp_path / "plain"), _train(repo, tmp_path / "scaled", "--embed-scale",
+                                                             "--embed-scale-factor", "3")
+    assert plain.returncode == 0 and scaled.returncode == 0, scaled.stderr[-2000:]
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for run in ("plain", "scaled")]
+    assert losses[0][0] != losses[1][0], "the flag did not change the model"
+
+    refused = _train(repo, tmp_path / "bad", "--embed-scale", "--embed-scale-factor", "0")
+    assert refused.returncode == 2 and "error: --embed-scale-factor must be positive" in refused.stderr
+
+    table = subprocess.run([sys.executable, "-m", "core.compat", "--markdown"], cwd=repo, capture_output=True,
+                           text=True)
+    assert "--embed-scale" in table.stdout, table.stderr

@@ -1,0 +1,73 @@
+"""--fp8-base: the frozen base's matmuls in FP8 under LoRA, checked on CPU (torch's CPU _scaled_mm).
+
+Exact where it can be: each FP8 matmul equals the fp32 product of its quantized operands. Lossy by
+a stated tolerance against the unquantized base: each matmul within 6% (relative Frobenius error;
+e4m3 keeps 3 mantissa bits), and a short LoRA run's losses within 2% of the bf16/fp32 base's.
+"""
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_train
+from features.fp8_base import Fp8FrozenLinear, quantize_rows
+
+MATMUL_TOL = 0.06  # relative error of one FP8 matmul against the unquantized one
+RUN_TOL = 0.02  # relative difference of a LoRA run's losses
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_quantize_rows_maps_each_row_absmax_to_the_e4m3_max():
+    t = torch.randn(8, 64) * torch.logspace(-3, 3, 8)[:, None]
+    q, scale = quantize_rows(t)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (8, 1)
+    assert torch.allclose(q.float().abs().amax(-1), torch.full((8,), 448.0))
+    assert _rel(q.float() * scale, t) < 0.05
+    zero_q, zero_scale = quantize_rows(torch.zeros(2, 16))
+    assert zero_scale.eq(1).all() and zero_q.float().eq(0).all()
+
+
+def test_fp8_matmuls_are_the_products_of_their_quantized_operands():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=False)
+    x, dy = torch.randn(3, 7, 96), torch.randn(3, 7, 48)
+    f = Fp8FrozenLinear(linear)
+    x8, xs = quantize_rows(x.reshape(-1, 96))
+    expected = (x8.float() * xs) @ (f.w8.float() * f.w_scale.t()).t()
+    assert torch.allclose(f.fp8_matmul(x).reshape(-1, 48), expected, rtol=1e-5, atol=1e-6)
+    dy8, dys = quantize_rows(dy.reshape(-1, 48))
+    expected_dx = (dy8.float() * dys) @ (f.wt8.float() * f.wt_scale.t()).t()
+    assert torch.allclose(f.fp8_grad_input(dy).reshape(-1, 96), expected_dx, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(f.weight, linear.weight, rtol=0.07, atol=1e-3)  # the dequantized view
+
+
+def test_fp8_linear_is_within_tolerance_of_the_plain_one_and_trains_no_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=True).requires_grad_(False)
+    fp8 = Fp8FrozenLinear(linear)
+    x = torch.randn(4, 32, 128, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = fp8(x), linear(x_ref)
+    assert _rel(y, y_ref) < MATMUL_TOL
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert _rel(x.grad, x_ref.grad) < MATMUL_TOL
+    assert not any(p.requires_grad for p in fp8.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp8(x).dtype == torch.bfloat16  # the activations' compute dtype, as nn.Linear under autocast
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-kernels"], ["--lora-kernels", "--compile"]])
+def test_a_lora_run_with_an_fp8_base_tracks_the_plain_base(tmp_path, extra):
+    args = ["--lora", "--max-steps", "8", "--log-every", "1", "--val-dataset", "none", "--skip-export", *extra]
+    assert run_train(tmp_path / "plain", *args) == 0
+    assert run_train(tmp_path / "fp8", *args, "--fp8-base") == 0
+    plain, fp8 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fp8")
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(plain, fp8, strict=True) if "loss" in a]
+    assert len(pairs) == 8
+    worst = max(abs(b - a) / a for a, b in pairs)
+    assert worst < RUN_TOL, f"--fp8-base losses differ by up to {100 * worst:.2f}% from the plain base's"
+    assert any(a != b for a, b in pairs), "--fp8-base changed nothing: was the base swapped?"
