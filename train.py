@@ -25,8 +25,8 @@ this order, one `if` each; the reason for each place:
 10. --compile: per block, around every wrapper above, so they compile into one graph
 11. --fsdp / --ddp: last, around the final modules (its hooks stay outside the compiled graphs)
 12. --deepspeed: after the optimizer is built; its engine wraps both
-The step loop has no feature branches but DeepSpeed's own step; per-step work goes through
-optimizer hooks (--qat start, --fp8 scales).
+The step loop branches twice, both commented (DeepSpeed's engine steps itself; --tp sums lora_A's
+gradients once a step); other per-step work goes through optimizer hooks (--qat start, --fp8 scales).
 """
 
 from __future__ import annotations  # Config field names match their modules: annotations resolve at module level
