@@ -86,7 +86,7 @@ def test_every_module_imports_alone():
 
 def test_train_py_stays_short():
     lines = len((ROOT / "train.py").read_text().splitlines())
-    assert lines <= 330, f"train.py has {lines} lines; move what is not the story into core/ or features/"
+    assert lines <= 340, f"train.py has {lines} lines (about 300 is the aim); move what is not the story to core/"
 
 
 def test_readme_is_for_users():
