@@ -29,6 +29,9 @@
 #                  flex and sdpa vs padded sdpa (e2e_table.py; runs in $OUT/runs.tgz)
 #   fp8            bf16 vs FP8 tensorwise vs FP8 rowwise, full fine-tune of the 8B shape's 32 blocks, at
 #                  micro-batch 2 and 4 (fp8.py)
+#   fp8-base [DIR] --fp8-base under LoRA: 8B speed beside the bf16 base and the baseline (fp8_base.py
+#                  speed), then, given DIR (a real checkpoint in Hugging Face format), its 200-step LoRA
+#                  loss curve with and without --fp8-base (fp8_base.py curve)
 #   quant          GPU tests (FP8 loss parity incl. one-rank FSDP2 with FP8 all-gather, QAT on CUDA, LoRA on
 #                  a GPTQ checkpoint), then bf16 vs FP8 on a stack of LAYERS blocks (default 8; SEQ 4096,
 #                  MBS 2, STEPS 60, EXTRA "--attn flash")
@@ -48,7 +51,7 @@ OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 fast="--attn flash --lora-kernels --compile"
 sub=${1:-}; shift || true
-case " defaults lora qlora lora-variants full full-variants lean real-length attention fp8 quant profile " in
+case " defaults lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant profile " in
   *" $sub "*) ;;
   *) sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-; exit 2 ;;
 esac
@@ -166,6 +169,12 @@ fp8)
     rm -rf "$OUT"/fp8-32-mbs$mbs-runs/*/checkpoints
     cat "$OUT/fp8-32-mbs$mbs.md"
   done
+  ;;
+fp8-base)
+  table fp8-base-8b python benchmarks/fp8_base.py speed --model llama3-8b --logs "$OUT/fp8-base-8b-runs" \
+    --out "$OUT/fp8-base-8b.md"
+  [ -n "${1:-}" ] && table fp8-base-curve python benchmarks/fp8_base.py curve --model "$1" --steps 200 \
+    --logs "$OUT/fp8-base-curve-runs" --out "$OUT/fp8-base-curve.md"
   ;;
 quant)
   LAYERS=${LAYERS:-8}; SEQ=${SEQ:-4096}; MBS=${MBS:-2}; STEPS=${STEPS:-60}; EXTRA=${EXTRA:---attn flash}

@@ -1,0 +1,80 @@
+"""--fp8-base beside the bf16 base under LoRA: speed in one command, and a real checkpoint's loss curve.
+
+    python benchmarks/fp8_base.py speed --model llama3-8b --out fp8-base-8b.md          # GPU, random weights
+    python benchmarks/fp8_base.py curve --model path/to/SmolLM2-135M-Instruct --steps 200 --out curve.md
+
+speed: the Hugging Face Trainer + peft baseline (micro-batch 2), then `train.py --model M --lora
+--dataset X` with no other flag, and the same with --fp8-base (each row its own process; the rows,
+data and counting of benchmarks/defaults.py). curve: the same LoRA run of a real checkpoint on the
+repo's demo data (data/train.jsonl, 20,000 short instructions), with and without --fp8-base, the
+same seed and order; the table gives both losses at every logged step and their relative
+difference, the last line the largest one (the FP8 base's stated tolerance is 2%).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.defaults import chat_data, run_train, table  # noqa: E402
+from benchmarks.lora import run_peer  # noqa: E402
+
+
+def speed(args, logs: Path) -> str:
+    data = chat_data(logs / "chats.jsonl", 160, ROOT / "data" / "tokenizer")
+    rows = [("baseline", "micro-batch 2", run_peer(argparse.Namespace(model=args.model, seq_len=4096, steps=20),
+                                                   ["--liger", "--micro-batch-size", "2"], logs))]
+    for i, extra in enumerate(([], ["--fp8-base"])):
+        flags = ["--model", args.model, "--lora", *extra]
+        rows.append(("tuned" if not extra else "fp8 base", " ".join(flags), run_train(flags, data, logs / f"row{i}",
+                                                                                      args.steps)))
+        print(json.dumps({"row": rows[-1][0], **rows[-1][2]}), flush=True)
+    return table(rows).replace("vs tuned", "vs bf16 base")
+
+
+def losses(model: str, out: Path, steps: int, extra: list[str]) -> list[tuple[int, float]]:
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", model, "--lora", "--dataset", str(ROOT / "data" /
+           "train.jsonl"), "--val-dataset", "none", "--eval-exact-match", "0", "--max-steps", str(steps),
+           "--log-every", "10", "--skip-export", "--output-dir", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+
+
+def curve(args, logs: Path) -> str:
+    plain = losses(args.model, logs / "bf16-base", args.steps, args.flags)
+    fp8 = losses(args.model, logs / "fp8-base", args.steps, [*args.flags, "--fp8-base"])
+    lines = ["| step | bf16 base loss | FP8 base loss | relative difference |", "|---|---|---|---|"]
+    worst = 0.0
+    for (step, a), (_, b) in zip(plain, fp8, strict=True):
+        worst = max(worst, abs(b - a) / a)
+        lines.append(f"| {step} | {a:.4f} | {b:.4f} | {100 * (b - a) / a:+.2f}% |")
+    return "\n".join(lines + [f"\nlargest relative difference: {100 * worst:.2f}%"])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["speed", "curve"])
+    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--flags", nargs="*", default=[], help="more train.py flags for both curve runs")
+    p.add_argument("--logs", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    logs = Path(args.logs or tempfile.mkdtemp())
+    logs.mkdir(parents=True, exist_ok=True)
+    text = speed(args, logs) if args.what == "speed" else curve(args, logs)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
