@@ -322,7 +322,7 @@ def save_final(model, cfg: Config, tok, out, d, say) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and end in one line on a user error (exit 2), out of memory (3) or a lost peer (1)."""
-    return faults.run(lambda: parse_config(argv), lambda cfg: train(cfg))
+    return faults.run(lambda: parse_config(argv), train)
 
 
 if __name__ == "__main__":

@@ -122,16 +122,14 @@ def loss(cfg, device: torch.device, model_config) -> None:
     it is exact and lean (adapters on a CUDA GPU: the head is frozen, so each chunk needs only its
     hidden-state gradient), else ce."""
     if cfg.loss.loss == "auto":
-        value, why = "ce", "full logits"
-        if device.type == "cuda" and adapters_on(cfg.lora) and not getattr(model_config, "final_logit_softcapping",
-                                                                          None):
-            cfg.loss.loss = "chunked"
-            value, why = "chunked", "LoRA on CUDA, never the full logits; --loss ce turns it off"
-            if (reason := _matrix_problem(cfg)) is not None:
-                value, why = "ce", reason
-        cfg.loss.loss = value
+        cfg.loss.loss, why = "ce", "full logits"
+        softcapped = getattr(model_config, "final_logit_softcapping", None)
+        if device.type == "cuda" and adapters_on(cfg.lora) and not softcapped:
+            cfg.loss.loss, why = "chunked", "LoRA on CUDA, never the full logits; --loss ce turns it off"
+            if (reason := _matrix_problem(cfg)) is not None:  # the matrix reads the value under test
+                cfg.loss.loss, why = "ce", reason
         if device.type == "cuda":
-            cfg.auto.append(f"--loss {value} (auto: {why})")
+            cfg.auto.append(f"--loss {cfg.loss.loss} (auto: {why})")
     if cfg.loss.loss_chunk is None:
         frozen = adapters_on(cfg.lora)
         cfg.loss.loss_chunk = 256 if frozen else 4096

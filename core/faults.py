@@ -33,9 +33,9 @@ import threading
 import torch
 import torch.distributed as dist
 
-from core import UserError
+from core import UserError, optional
 from core.compat import field_value
-from core.distributed import Dist
+from core.distributed import Dist, peer_failure, record_error, teardown
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -160,9 +160,6 @@ def run(parse, train) -> int:
     """train(parse()) with the clean ends a user meets: a UserError is one line and exit 2, out of
     memory one line with the sizes and the flags that save memory (exit 3), a collective broken by
     another rank's exit one line naming it (exit 1); every line also goes into torchrun's error file."""
-    from core import optional
-    from core.distributed import peer_failure, record_error, teardown
-
     cfg = None
 
     def fail(message: str, code: int) -> int:

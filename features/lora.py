@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from core import UserError, optional
+from core.defaults import adapters_on
 
 # bitsandbytes 0.50.2 on an AVX512-BF16 CPU fetches a hub kernel for 4-bit inference at import and logs
 # when it cannot; training never runs that kernel (_work_around_bitsandbytes switches that path off)
@@ -66,8 +67,7 @@ class LoraConfig:
     """DoRA: learn a per-output magnitude on top of the low-rank direction update."""
 
 
-def enabled(cfg: LoraConfig) -> bool:
-    return cfg.lora or cfg.qlora or cfg.lora_8bit
+enabled = adapters_on  # LoRA, QLoRA or 8-bit LoRA is on (core/defaults.py decides with it too)
 
 
 def validate(cfg) -> None:
