@@ -59,21 +59,22 @@ def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.T
     """x (..., k) times w8^T (w8: n x k in e4m3; w_scale: 1 x n, one per row of w8) in FP8, output in
     x's compute dtype (the autocast dtype under autocast, as nn.Linear)."""
     out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    y = torch.ops.nanotune.fp8_rowwise_mm(x.reshape(-1, x.shape[-1]), w8, w_scale, _mm_dtype(out_dtype, x.device))
+    x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
+    y = torch.ops.nanotune.fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x.device))
     return y.to(out_dtype).reshape(*x.shape[:-1], w8.shape[0])
 
 
 # One opaque op under torch.compile: inductor's CPU lowering of _scaled_mm copies a transposed
 # (column-major) operand into row-major order, which _scaled_mm then refuses.
 @torch.library.custom_op("nanotune::fp8_rowwise_mm", mutates_args=())
-def _fp8_rowwise_mm(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    x8, x_scale = quantize_rows(x)
+def _fp8_rowwise_mm(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                    out_dtype: torch.dtype) -> torch.Tensor:
     return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
 
 
 @_fp8_rowwise_mm.register_fake
-def _(x, w8, w_scale, out_dtype):
-    return x.new_empty((x.shape[0], w8.shape[0]), dtype=out_dtype)
+def _(x8, x_scale, w8, w_scale, out_dtype):
+    return x8.new_empty((x8.shape[0], w8.shape[0]), dtype=out_dtype)
 
 
 def _mm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -79,3 +79,46 @@ def test_a_lora_run_with_an_fp8_base_tracks_the_plain_base(tmp_path, plain_losse
     worst = max(abs(b - a) / a for a, b in zip(plain_losses, fp8, strict=True))
     assert worst < RUN_TOL, f"--fp8-base losses differ by up to {100 * worst:.2f}% from the plain base's"
     assert fp8 != plain_losses, "--fp8-base changed nothing: was the base swapped?"
+
+
+# ---------------------------------------------------------------------------- GPU (FP8: Ada, Hopper, Blackwell)
+
+FP8_GPU = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                             reason="needs a CUDA GPU with FP8 matmuls")
+
+
+@pytest.mark.gpu
+@FP8_GPU
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_fp8_linear_is_within_tolerance_of_bf16(compiled):
+    """CUDA's rowwise _scaled_mm (bf16 out), eager and under torch.compile (the quantization traced)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 512, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    fp8 = Fp8FrozenLinear(linear)
+    call = torch.compile(fp8) if compiled else fp8
+    x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = call(x), linear(x_ref)
+    assert y.dtype == torch.bfloat16 and _rel(y, y_ref) < MATMUL_TOL
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert _rel(x.grad, x_ref.grad) < MATMUL_TOL
+    x8, xs = quantize_rows(x.detach().reshape(-1, 1024))
+    exact = ((x8.float() * xs) @ (fp8.w8.float() * fp8.w_scale.t()).t()).reshape(y.shape)
+    assert _rel(y, exact) < 0.01  # the FP8 product itself, up to its bf16 output
+
+
+@pytest.mark.gpu
+@FP8_GPU
+def test_gpu_lora_run_with_an_fp8_base_tracks_the_bf16_base(tmp_path):
+    """The CUDA defaults (bf16 base, LoRA kernels, compile) with and without --fp8-base, one preset."""
+    args = ["--model", "llama3.2-1b", "--packing", "--seq-len", "1024", "--micro-batch-size", "4",
+            "--max-steps", "20", "--log-every", "5", "--lr", "3e-4", "--warmup-steps", "5", "--val-dataset", "none",
+            "--skip-export"]
+    assert run_train(tmp_path / "bf16", "--lora", *args) == 0
+    assert run_train(tmp_path / "fp8", "--lora", "--fp8-base", *args) == 0
+    bf16, fp8 = ([m["loss"] for m in read_metrics(tmp_path / n) if "loss" in m] for n in ("bf16", "fp8"))
+    print("bf16 base:", [round(v, 4) for v in bf16], "\nfp8 base:", [round(v, 4) for v in fp8])
+    assert len(fp8) == len(bf16) == 4 and fp8 != bf16
+    assert max(abs(b - a) / a for a, b in zip(bf16, fp8, strict=True)) < RUN_TOL
