@@ -4,6 +4,7 @@
     python benchmarks/lora.py --qlora ...            # NF4 base on both sides
     python benchmarks/lora.py --full --model llama3.2-1b --peer-rows "--liger --micro-batch-size 4" \
         --rows "--attn flash --compile --micro-batch-size 4"   # full fine-tuning (6N FLOPs per token)
+    python benchmarks/lora.py --unsloth-rows "--micro-batch-size 2" ...   # Unsloth rows too (unsloth_peer.py)
 
 Both sides: the same preset shape with random weights, bf16 base, LoRA r=16 on every linear layer
 of the decoder, micro-batch 1, full-length rows (the peer: random token ids; nanotune: random
@@ -12,7 +13,8 @@ Throughput: the peer's median CUDA-synchronised step time after 5 warm-up steps;
 tokens/s over its last logging window (steps 11-20). MFU: model FLOPs (core/model.py
 train_flops: 4N per token for a frozen base, 6N when every weight trains,
 + attention 12 * layers * heads * head_dim * seq) against the 989 TFLOP/s datasheet peak and the
-783 TFLOP/s measured bf16 matmul ceiling.
+783 TFLOP/s measured bf16 matmul ceiling. Unsloth rows (LoRA and QLoRA only) count as peers in
+"vs best peer".
 """
 
 import argparse
@@ -34,9 +36,9 @@ def random_text(path: Path, docs: int, letters: int) -> Path:
     return path
 
 
-def run_peer(args, extra: list[str], tmp: Path) -> dict:
+def run_peer(args, extra: list[str], tmp: Path, script: str = "peer.py") -> dict:
     out = tmp / f"peer{len(list(tmp.glob('peer*')))}.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks/peer.py"), "--model", args.model, "--seq-len", str(args.seq_len),
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--model", args.model, "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -88,6 +90,8 @@ def main():
                    help="nanotune rows: extra train.py flags for each (a later --micro-batch-size wins)")
     p.add_argument("--peer-rows", nargs="+", default=["--gradient-checkpointing --liger", "--gradient-checkpointing"],
                    help="peer rows: extra benchmarks/peer.py flags for each")
+    p.add_argument("--unsloth-rows", nargs="+", default=[],
+                   help="Unsloth rows: extra benchmarks/unsloth_peer.py flags for each (none by default)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     data = random_text(tmp / "random.jsonl", docs=args.steps * 5, letters=args.seq_len + 64)
@@ -99,10 +103,14 @@ def main():
     for settings in ([] if args.skip_peer else args.peer_rows):
         rows.append(("peer", "SDPA " + settings + " ".join([""] + q), run_peer(args, [*settings.split(), *q], tmp)))
         print(rows[-1], flush=True)
+    for settings in ([] if args.skip_peer or args.full else args.unsloth_rows):
+        rows.append(("unsloth", settings + " ".join([""] + q), run_peer(args, [*settings.split(), *q], tmp,
+                                                                          "unsloth_peer.py")))
+        print(rows[-1], flush=True)
     for settings in (r.split() for r in args.rows):
         rows.append(("nanotune", " ".join(lora + settings), run_nanotune(args, lora + settings, data, tmp)))
         print(rows[-1], flush=True)
-    peers = [r["tokens_per_s"] for s, _, r in rows if s == "peer" and "tokens_per_s" in r]
+    peers = [r["tokens_per_s"] for s, _, r in rows if s in ("peer", "unsloth") and "tokens_per_s" in r]
     text = table(rows, max(peers) if peers else float("nan"))
     print(text)
     if args.out:
