@@ -184,8 +184,10 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def count_params(model) -> tuple[int, int]:
-    """(total, trainable) parameter counts, quantized weights counted as the matrices they stand for."""
+    """(total, trainable) parameter counts, quantized weights counted as the matrices they stand for,
+    also a frozen weight kept as buffers (a module's `buffered_weight_numel`, as --fp8-base's copies)."""
     total = sum(_numel(p) for p in model.parameters())
+    total += sum(getattr(m, "buffered_weight_numel", 0) for m in model.modules())
     return total, sum(_numel(p) for p in model.parameters() if p.requires_grad)
 
 

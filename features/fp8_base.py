@@ -69,7 +69,8 @@ def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.T
 @torch.library.custom_op("nanotune::fp8_rowwise_mm", mutates_args=())
 def _fp8_rowwise_mm(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
                     out_dtype: torch.dtype) -> torch.Tensor:
-    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+    # cuBLASLt multiplies only a row-major first operand by a column-major second one
+    return torch._scaled_mm(x8.contiguous(), w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
 
 
 @_fp8_rowwise_mm.register_fake
@@ -102,11 +103,12 @@ class Fp8FrozenLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, linear.weight.dtype
-        w8, w_scale = quantize_rows(linear.weight.data)  # (out, in), (out, 1)
-        wt8, wt_scale = quantize_rows(linear.weight.data.t())  # (in, out), (in, 1)
+        w8, w_scale = quantize_rows(linear.weight.data.contiguous())  # (out, in), (out, 1)
+        wt8, wt_scale = quantize_rows(linear.weight.data.t().contiguous())  # (in, out), (in, 1); row-major
         for name, t in (("w8", w8), ("w_scale", w_scale.t().contiguous()), ("wt8", wt8),
                         ("wt_scale", wt_scale.t().contiguous())):  # scales as _scaled_mm's scale_b: 1 x n
             self.register_buffer(name, t, persistent=False)  # not in state dicts: the base loads from --model
+        self.buffered_weight_numel = linear.weight.numel()  # core.model.count_params: FLOPs, MFU, the log
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data, requires_grad=False)
 
     @property

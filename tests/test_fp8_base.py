@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_train
+from core.model import count_params
 from features.fp8_base import Fp8FrozenLinear, quantize_rows
 
 MATMUL_TOL = 0.06  # relative error of one FP8 matmul against the unquantized one
@@ -56,6 +57,7 @@ def test_fp8_linear_is_within_tolerance_of_the_plain_one_and_trains_no_weight():
     y_ref.backward(g)
     assert _rel(x.grad, x_ref.grad) < MATMUL_TOL
     assert not any(p.requires_grad for p in fp8.parameters())
+    assert count_params(fp8) == count_params(linear)  # the FP8 copies stand for the weight (FLOPs, MFU)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fp8(x).dtype == torch.bfloat16  # the activations' compute dtype, as nn.Linear under autocast
 
@@ -120,5 +122,5 @@ def test_gpu_lora_run_with_an_fp8_base_tracks_the_bf16_base(tmp_path):
     assert run_train(tmp_path / "fp8", "--lora", "--fp8-base", *args) == 0
     bf16, fp8 = ([m["loss"] for m in read_metrics(tmp_path / n) if "loss" in m] for n in ("bf16", "fp8"))
     print("bf16 base:", [round(v, 4) for v in bf16], "\nfp8 base:", [round(v, 4) for v in fp8])
-    assert len(fp8) == len(bf16) == 4 and fp8 != bf16
+    assert len(fp8) == len(bf16) == 5 and fp8 != bf16  # steps 1, 5, 10, 15, 20
     assert max(abs(b - a) / a for a, b in zip(bf16, fp8, strict=True)) < RUN_TOL
