@@ -14,7 +14,10 @@ One command, one table, each row its own process on the same GPU:
   defaults  `train.py --model M --lora --dataset X`, no other flag but the harness's own (steps,
             output, no evaluation: generation over 4K-token answers is not training throughput);
   headline  `train.py --packing --attn flash --qlora --model M --dataset X` (the README's command line);
-            --headline-with "FLAGS" adds a headline row with FLAGS (an ablation of one default).
+            --headline-with "FLAGS" adds a headline row with FLAGS (an ablation of one default);
+  unsloth   Unsloth at micro-batch 2, its own best settings (benchmarks/unsloth_peer.py; its random
+            weights saved once to --unsloth-checkpoint-dir), or its error and versions;
+  fp8-base  the defaults row with --fp8-base (LoRA only: the frozen base's matmuls in FP8).
 X is a chat dataset (`messages`) of random-letter conversations of 3,900-4,090 tokens, so rows are
 full like the baseline's and the automatic --seq-len is 4096. Throughput: tokens/s over the
 last logging window (the baseline: its median synchronised step after warm-up); MFU from the
@@ -80,6 +83,10 @@ def rows_for(args) -> list[tuple[str, str, list[str]]]:
         "defaults": [("defaults", f"--model {args.model} {adapter}", ["--model", args.model, adapter])],
         "headline": [("headline", f"--packing --attn flash --qlora --model {args.model}",
                       ["--packing", "--attn", "flash", "--qlora", "--model", args.model])],
+        "unsloth": [("unsloth", "micro-batch 2", ["--micro-batch-size", "2", "--checkpoint-dir",
+                                                  args.unsloth_checkpoint_dir])],
+        "fp8-base": [("fp8 base", f"--model {args.model} --lora --fp8-base",
+                      ["--model", args.model, "--lora", "--fp8-base"])],
     }
     variants = [("headline", f"--packing --attn flash --qlora --model {args.model} {extra}",
                  ["--packing", "--attn", "flash", "--qlora", "--model", args.model, *extra.split()])
@@ -88,17 +95,22 @@ def rows_for(args) -> list[tuple[str, str, list[str]]]:
 
 
 def table(results: list[tuple[str, str, dict]]) -> str:
-    best = max((r["tokens_per_s"] for side, _, r in results if side == "tuned" and "tokens_per_s" in r), default=None)
-    lines = ["| row | command | tokens/s | vs tuned | peak GiB | MFU (989) | MFU (783) | last loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    def best(side: str) -> float | None:
+        return max((r["tokens_per_s"] for s, _, r in results if s == side and "tokens_per_s" in r), default=None)
+
+    def ratio(x: float, ref: float | None) -> str:
+        return f"{x / ref:.2f}" if ref else "-"
+
+    tuned, baseline = best("tuned"), best("baseline")
+    lines = ["| row | command | tokens/s | vs tuned | vs baseline | peak GiB | MFU (989) | MFU (783) | last loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for side, what, r in results:
         if "error" in r:
-            lines.append(f"| {side} | {what} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {side} | {what} | failed: {r['error']} | | | | | | |")
             continue
-        t = r["tflops"] * 1e12
-        ratio = f"{r['tokens_per_s'] / best:.2f}" if best else "-"
-        lines.append(f"| {side} | `{what}` | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} | "
-                     f"{100 * t / PEAK:.1f}% | {100 * t / MATMUL:.1f}% | {r.get('loss', '-')} |")
+        t, tps = r["tflops"] * 1e12, r["tokens_per_s"]
+        lines.append(f"| {side} | `{what}` | {tps:,.0f} | {ratio(tps, tuned)} | {ratio(tps, baseline)} | "
+                     f"{r['peak_gib']:.1f} | {100 * t / PEAK:.1f}% | {100 * t / MATMUL:.1f}% | {r.get('loss', '-')} |")
     return "\n".join(lines)
 
 
@@ -107,10 +119,12 @@ def main():
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--method", choices=["lora", "qlora"], default="lora")
     p.add_argument("--rows", nargs="+", default=["baseline", "tuned", "defaults", "headline"],
-                   choices=["baseline", "tuned", "defaults", "headline"])
+                   choices=["baseline", "unsloth", "tuned", "defaults", "headline", "fp8-base"])
     p.add_argument("--baseline-micro-batch", type=int, nargs="+", default=[2, 4])
     p.add_argument("--headline-with", nargs="*", default=[], metavar="FLAGS",
                    help='more headline rows, each with these flags added (e.g. "--loss ce")')
+    p.add_argument("--unsloth-checkpoint-dir", default="/tmp/unsloth-random-weights",
+                   help="where the unsloth row saves the random weights it loads (16 GB for 8B; not under --logs)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--samples", type=int, default=160)
     p.add_argument("--logs", default=None, help="folder for each row's log and run directory")
@@ -122,8 +136,11 @@ def main():
     peer_args = argparse.Namespace(model=args.model, seq_len=4096, steps=args.steps + 8)
     results = []
     for i, (side, what, flags) in enumerate(rows_for(args)):
+        qlora = args.method == "qlora"
         if side == "baseline":
-            r = run_peer(peer_args, flags + (["--qlora", "--no-kbit-prep"] if args.method == "qlora" else []), logs)
+            r = run_peer(peer_args, flags + (["--qlora", "--no-kbit-prep"] if qlora else []), logs)
+        elif side == "unsloth":
+            r = run_peer(peer_args, flags + (["--qlora"] if qlora else []), logs, "unsloth_peer.py")
         else:
             r = run_train(flags, data, logs / f"row{i}-{side}", args.steps)
         results.append((side, what, r))

@@ -55,8 +55,9 @@ MAX_NATS, TAIL_REL = 0.2, 0.03
 
 
 def curve(args, logs: Path) -> str:
-    plain = losses(args.model, logs / "bf16-base", args.steps, args.flags)
-    fp8 = losses(args.model, logs / "fp8-base", args.steps, [*args.flags, "--fp8-base"])
+    flags = ["--seq-len", str(args.seq_len)] if args.seq_len else []
+    plain = losses(args.model, logs / "bf16-base", args.steps, flags)
+    fp8 = losses(args.model, logs / "fp8-base", args.steps, [*flags, "--fp8-base"])
     lines = ["| step | bf16 base loss | FP8 base loss | difference (nats) | relative |", "|---|---|---|---|---|"]
     for (step, a), (_, b) in zip(plain, fp8, strict=True):
         lines.append(f"| {step} | {a:.4f} | {b:.4f} | {b - a:+.4f} | {100 * (b - a) / a:+.2f}% |")
@@ -76,7 +77,7 @@ def main():
     p.add_argument("what", choices=["speed", "curve"])
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--flags", nargs="*", default=[], help="more train.py flags for both curve runs")
+    p.add_argument("--seq-len", type=int, default=None, help="curve: the packed row length of both runs")
     p.add_argument("--logs", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -15,7 +15,8 @@ Functions call the same two matmuls (features/lora_kernels.py).
 Lossy, by a stated tolerance (tests/test_fp8_base.py holds it): each matmul within 6% of the
 unquantized one (e4m3 keeps 3 mantissa bits), and a random-weight preset's LoRA losses within 2% of
 the plain base's. A real checkpoint's curve can sit further above
-(benchmarks/results/2026-12-02-fp8-base-curve-cpu.md): compare yours before you keep it.
+(benchmarks/results/2026-12-02-fp8-base-curve-cpu.md): compare yours before you keep it. Speed on a
+GPU: benchmarks/results/2026-12-02-fp8-base-unsloth-h200.md.
 Runs on CPU too (torch's CPU _scaled_mm), slowly: for tests. Works with: --lora (a bf16/fp32
 base), --lora-kernels, --compile (the FP8 copies are buffers, so the compiled graph sees their
 column-major views), --packing, activation checkpointing and offload. Refused with a
