@@ -10,7 +10,7 @@ recipes do):
 | value | embedded demo (tiny-* presets) | LoRA / QLoRA / 8-bit | full fine-tune |
 |---|---|---|---|
 | --lr | 2e-3 | 2e-4 | 2e-5 |
-| --micro-batch-size x --grad-accum | 32 x 1 | 2 x 4 | 2 x 4 |
+| --micro-batch-size x --grad-accum | 32 x 1 | 2 x 4; on a GPU up to 8 x 1 (below) | same |
 | --epochs (without --max-steps) | 1.6 (minutes on a CPU) | 3 | 3 |
 | --seq-len | 512 | the longest sample, capped at the model's context (4096 at least when packing) | same |
 | --warmup-steps | 50 | 3% of the steps | same |
@@ -26,10 +26,13 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
                 whole tokens x vocabulary logits (exact)                            [--loss ce]
   --offload-embeddings  a frozen, untied input-embedding table (LoRA/QLoRA, one process) in CPU
                 memory; each micro-batch copies its rows       [--no-offload-embeddings]
+  --micro-batch-size  8 rows a step as peers use, but in micro-batches of 4 or 8 where the estimated
+                memory stays under 40% of the GPU's: at 2 rows a small model's step waits on kernel
+                launches (only when both --micro-batch-size and --grad-accum are unset; never below 2)
 A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
 reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
-`loss` and `embedding_offload` once the model's config is read, `seq_len` and `warmup_steps` once
-the data is tokenized. Every choice is printed on the run's `defaults:` line
+`loss` and `embedding_offload` once the model's config is read, `seq_len`, `micro_batch` and
+`warmup_steps` once the data is tokenized. Every choice is printed on the run's `defaults:` line
 (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
 
@@ -99,6 +102,45 @@ def resolve_run(cfg, total_steps: int, d, model_config) -> None:
     precision(cfg, d.device)
     loss(cfg, d.device, model_config)
     embedding_offload(cfg, d.device, model_config, d.world_size)
+
+
+GPU_SHARE = 0.4  # of the GPU's memory an automatic micro-batch may fill, by the estimate below
+
+
+def micro_batch(cfg, model_config, device: torch.device, gpu_bytes: int | None = None) -> None:
+    """On a CUDA GPU, with --micro-batch-size and --grad-accum both automatic (2 x 4): the largest
+    micro-batch of 4 or 8 rows (the step keeps its 8) whose estimated memory fits in GPU_SHARE of the
+    GPU. At 2 rows a 1B model's compiled step is bound by the host, not the GPU."""
+    auto = [i for i, a in enumerate(cfg.auto) if a.startswith(("--micro-batch-size ", "--grad-accum "))]
+    if device.type != "cuda" or is_demo(cfg) or len(auto) != 2:
+        return
+    gpu_bytes = gpu_bytes or torch.cuda.get_device_properties(device).total_memory
+    rows = cfg.train.micro_batch_size * cfg.train.grad_accum
+    fits = [m for m in (4, 8) if rows % m == 0 and estimate_bytes(cfg, model_config, m) <= GPU_SHARE * gpu_bytes]
+    if not fits:
+        return
+    t, why = cfg.train, f"a real model; {max(fits)} rows fit in {100 * GPU_SHARE:.0f}% of the GPU's memory"
+    t.micro_batch_size, t.grad_accum = max(fits), rows // max(fits)
+    cfg.auto[auto[0]] = f"--micro-batch-size {t.micro_batch_size} (auto: {why})"
+    cfg.auto[auto[1]] = f"--grad-accum {t.grad_accum} (auto: {t.micro_batch_size} x {t.grad_accum}, {rows} rows a step)"
+
+
+def estimate_bytes(cfg, c, micro_batch_size: int) -> float:
+    """Peak GPU bytes of a step, roughly: the weights (QLoRA 4-bit, 8-bit, bf16; a full fine-tune 16
+    bytes a parameter with its gradients and Adam moments) and each decoder layer's stored bf16
+    activations, 12 h + 6 intermediate bytes a token (norms, projections' inputs and outputs, the
+    MLP's three intermediates; FlashAttention stores no scores); a full fine-tune adds fp32 logits and
+    their gradient. It reads a few percent under the LoRA and QLoRA peaks measured on the 8B and 1B
+    shapes (benchmarks/results/2026-12-02-lean-defaults-h200.md); GPU_SHARE leaves the room."""
+    h, layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim
+    linear = layers * (2 * h * q + 2 * h * kv + 3 * h * inter)
+    tables = vocab * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    full = not adapters_on(cfg.lora)
+    per_weight = 16 if full else 0.53 if cfg.lora.qlora else 1 if cfg.lora.lora_8bit else 2
+    per_token = layers * (12 * h + 6 * inter) + (8 * vocab if full else 0)
+    return linear * per_weight + tables * (16 if full else 2) + micro_batch_size * cfg.data.seq_len * per_token
 
 
 def precision(cfg, device: torch.device) -> None:
