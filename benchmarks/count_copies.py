@@ -108,8 +108,9 @@ def unfix() -> None:
     lora_kernels._linear_plus = lora_kernels._linear_plus_eager
 
 
-def build(layers=2, hidden=256, intermediate=896, heads=4, kv_heads=2, vocab=1024):
-    """The small Llama with bf16 weights, fp32 LoRA r=16 on every linear, and the fused kernels."""
+def build(layers=2, hidden=256, intermediate=896, heads=4, kv_heads=2, vocab=1024, fp8_base=False):
+    """The small Llama with bf16 weights, fp32 LoRA r=16 on every linear, and the fused kernels
+    (fp8_base: over --fp8-base's FP8 copies of the base, as train.py applies them)."""
     import transformers
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -126,7 +127,12 @@ def build(layers=2, hidden=256, intermediate=896, heads=4, kv_heads=2, vocab=102
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                                           attn_implementation="count_opaque_sdpa")
     model.config.use_cache = False
-    model = apply_lora_kernels(apply_lora(model.train(), LoraConfig(lora=True, lora_rank=16)))
+    model = apply_lora(model.train(), LoraConfig(lora=True, lora_rank=16))
+    if fp8_base:
+        from features import fp8_base as fp8
+
+        model = fp8.apply(model, None, argparse.Namespace(say=lambda *a: None))
+    model = apply_lora_kernels(model)
     for name, p in model.named_parameters():  # peft's zero init would hide lora_A's gradient path
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)

@@ -56,13 +56,19 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, plus=None) -> torch.Tensor:
     """x (..., k) times w8^T (w8: n x k in e4m3; w_scale: 1 x n, one per row of w8) in FP8, output in
-    x's compute dtype (the autocast dtype under autocast, as nn.Linear)."""
+    x's compute dtype (the autocast dtype under autocast, as nn.Linear). plus = (c, d, s, bias):
+    bias + s c d added into the product inside the same opaque op (the LoRA kernels' low-rank path),
+    in c's dtype."""
     out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
-    y = torch.ops.nanotune.fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x.device))
-    return y.to(out_dtype).reshape(*x.shape[:-1], w8.shape[0])
+    if plus is None:
+        y = torch.ops.nanotune.fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x.device)).to(out_dtype)
+    else:
+        c, d, s, bias = plus
+        y = torch.ops.nanotune.fp8_rowwise_mm_plus(x8, x_scale, w8, w_scale, c, d, float(s), bias)
+    return y.reshape(*x.shape[:-1], w8.shape[0])
 
 
 # One opaque op under torch.compile: inductor's CPU lowering of _scaled_mm copies a transposed
@@ -77,6 +83,22 @@ def _fp8_rowwise_mm(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w
 @_fp8_rowwise_mm.register_fake
 def _(x8, x_scale, w8, w_scale, out_dtype):
     return x8.new_empty((x8.shape[0], w8.shape[0]), dtype=out_dtype)
+
+
+# The product plus s c d by one addmm_ in place. Traced, the addmm_ would be functionalized into an
+# out-of-place addmm: on CUDA a copy of the whole (tokens, out) product before the GEMM, in every
+# LoRA linear's forward and backward (features/lora_kernels.py's _linear_plus says the same).
+@torch.library.custom_op("nanotune::fp8_rowwise_mm_plus", mutates_args=())
+def _fp8_rowwise_mm_plus(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                         c: torch.Tensor, d: torch.Tensor, s: float, bias: torch.Tensor | None) -> torch.Tensor:
+    y = _fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(c.dtype, c.device)).to(c.dtype)
+    y = y if bias is None else y.add_(bias)
+    return y.addmm_(c, d, alpha=s)
+
+
+@_fp8_rowwise_mm_plus.register_fake
+def _(x8, x_scale, w8, w_scale, c, d, s, bias):
+    return x8.new_empty((x8.shape[0], w8.shape[0]), dtype=c.dtype)
 
 
 def _mm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -117,13 +139,13 @@ class Fp8FrozenLinear(torch.nn.Module):
         """The dequantized weight (what peft and checks read as `.weight`; training never does)."""
         return (self.w8.float() * self.w_scale.t()).to(self.dtype)
 
-    def fp8_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T (no bias), for the fused LoRA kernels' forward."""
-        return _scaled(x, self.w8, self.w_scale)
+    def fp8_matmul(self, x: torch.Tensor, plus=None) -> torch.Tensor:
+        """x W^T, for the fused LoRA kernels' forward; plus = (c, d, s, bias) adds bias + s c d."""
+        return _scaled(x, self.w8, self.w_scale, plus)
 
-    def fp8_grad_input(self, dy: torch.Tensor) -> torch.Tensor:
-        """dY W: the gradient of x W^T with respect to x."""
-        return _scaled(dy, self.wt8, self.wt_scale)
+    def fp8_grad_input(self, dy: torch.Tensor, plus=None) -> torch.Tensor:
+        """dY W: the gradient of x W^T with respect to x; plus = (c, d, s, None) adds s c d."""
+        return _scaled(dy, self.wt8, self.wt_scale, plus)
 
     def forward(self, x):
         return _Fp8Matmul.apply(x, self.w8, self.w_scale, self.wt8, self.wt_scale, self.bias)

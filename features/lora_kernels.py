@@ -135,10 +135,8 @@ def _base_plus(x, base, c, d, s: float, transpose: bool = False) -> torch.Tensor
     instead of dequantizing again (it never recomputes a custom op such as bitsandbytes'): a bf16
     copy of every decoder weight held from forward to backward, more than a bf16 base's own memory."""
     bias = None if transpose or base.bias is None else base.bias.to(x.dtype)
-    if hasattr(base, "fp8_matmul"):  # --fp8-base: the two FP8 matmuls of features/fp8_base.py
-        y = base.fp8_grad_input(x) if transpose else base.fp8_matmul(x)
-        y = y if bias is None else y + bias
-        return y.addmm_(c, d, alpha=s)
+    if hasattr(base, "fp8_matmul"):  # --fp8-base: the two FP8 matmuls of features/fp8_base.py, s c d inside
+        return base.fp8_grad_input(x, (c, d, s, None)) if transpose else base.fp8_matmul(x, (c, d, s, bias))
     if _is_4bit(base) and torch.compiler.is_compiling():
         qs = base.weight.quant_state
         nested = qs.state2 is not None

@@ -124,3 +124,35 @@ def test_gpu_lora_run_with_an_fp8_base_tracks_the_bf16_base(tmp_path):
     print("bf16 base:", [round(v, 4) for v in bf16], "\nfp8 base:", [round(v, 4) for v in fp8])
     assert len(fp8) == len(bf16) == 5 and fp8 != bf16  # steps 1, 5, 10, 15, 20
     assert max(abs(b - a) / a for a, b in zip(bf16, fp8, strict=True)) < RUN_TOL
+
+
+def test_the_lora_kernels_low_rank_sum_runs_inside_the_fp8_op():
+    """bias + s c d is added into the FP8 product (forward and input gradient), eager and traced."""
+    torch.manual_seed(0)
+    f = Fp8FrozenLinear(torch.nn.Linear(96, 48, bias=True))
+    x, dy, c, d = torch.randn(14, 96), torch.randn(14, 48), torch.randn(14, 8), torch.randn(8, 48)
+    want = f.fp8_matmul(x) + f.bias + 0.5 * c @ d
+    assert torch.allclose(f.fp8_matmul(x, (c, d, 0.5, f.bias)), want, rtol=1e-5, atol=1e-5)
+    traced = torch.compile(lambda x: f.fp8_matmul(x, (c, d, 0.5, f.bias)), backend="aot_eager", fullgraph=True)
+    assert torch.allclose(traced(x), want, rtol=1e-5, atol=1e-5)
+    c2, d2 = torch.randn(14, 8), torch.randn(8, 96)
+    want_dx = f.fp8_grad_input(dy) + 2.0 * c2 @ d2
+    assert torch.allclose(f.fp8_grad_input(dy, (c2, d2, 2.0, None)), want_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_over_an_fp8_base_copy_no_lora_outputs():
+    """Under --compile the LoRA kernels over FP8 base copies add s c d in place inside the op: no
+    (tokens, out) copy per LoRA linear (benchmarks/count_copies.py; tests/test_lora_kernels.py holds
+    the bf16 base to the same)."""
+    import torch._dynamo
+
+    from benchmarks import count_copies as cc
+
+    torch._dynamo.reset()
+    model, b = cc.build(2, fp8_base=True), cc.batch(1024)
+    cc.compile_blocks(model, cc._counting_backend())
+    copies = {k: n for k, n in cc.count(model, b, b["input_ids"].numel() * model.config.hidden_size).items()
+              if "cast" not in k[0]}
+    torch._dynamo.reset()
+    assert not [k for k in copies if k[0] == "addmm input copy" or k[1].startswith("features/")], copies
+    assert sum(copies.values()) <= 2 * 2, copies  # 2 blocks: RoPE's cat of q, the clone of q's gradient
