@@ -112,7 +112,7 @@ def micro_batch(cfg, model_config, device: torch.device, gpu_bytes: int | None =
     micro-batch of 4 or 8 rows (the step keeps its 8) whose estimated memory fits in GPU_SHARE of the
     GPU. At 2 rows a 1B model's compiled step is bound by the host, not the GPU."""
     auto = [i for i, a in enumerate(cfg.auto) if a.startswith(("--micro-batch-size ", "--grad-accum "))]
-    if device.type != "cuda" or is_demo(cfg) or len(auto) != 2:
+    if device.type != "cuda" or is_demo(cfg) or len(auto) != 2 or not _estimable(model_config):
         return
     gpu_bytes = gpu_bytes or torch.cuda.get_device_properties(device).total_memory
     rows = cfg.train.micro_batch_size * cfg.train.grad_accum
@@ -123,6 +123,14 @@ def micro_batch(cfg, model_config, device: torch.device, gpu_bytes: int | None =
     t.micro_batch_size, t.grad_accum = max(fits), rows // max(fits)
     cfg.auto[auto[0]] = f"--micro-batch-size {t.micro_batch_size} (auto: {why})"
     cfg.auto[auto[1]] = f"--grad-accum {t.grad_accum} (auto: {t.micro_batch_size} x {t.grad_accum}, {rows} rows a step)"
+
+
+def _estimable(c) -> bool:
+    """A dense decoder whose config names the sizes estimate_bytes reads (not a mixture of experts:
+    its expert count and routing are not in the formula)."""
+    sizes = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
+    experts = ("num_local_experts", "num_experts", "n_routed_experts")
+    return all(hasattr(c, f) for f in sizes) and not any(getattr(c, f, None) for f in experts)
 
 
 def estimate_bytes(cfg, c, micro_batch_size: int) -> float:

@@ -207,12 +207,16 @@ def test_micro_batch_grows_where_the_gpu_memory_allows(argv, gpu_bytes, want):
         assert f"--grad-accum {want[1]} (auto: {want[0]} x {want[1]}, 8 rows a step)" in cfg.auto
 
 
-def test_micro_batch_keeps_2_on_a_cpu_and_for_the_demo():
-    for argv, device in ((["--model", "llama3.2-1b", "--qlora"], "cpu"), ([], "cuda")):
+def test_micro_batch_keeps_2_on_a_cpu_for_the_demo_and_for_a_mixture_of_experts():
+    moe = _preset_config("llama3.2-1b")
+    moe.num_local_experts = 8  # the estimate knows dense decoders only
+    for argv, device, config in ((["--model", "llama3.2-1b", "--qlora"], "cpu", _preset_config("llama3.2-1b")),
+                                 ([], "cuda", _preset_config("llama3.2-1b")),
+                                 (["--model", "llama3.2-1b", "--qlora"], "cuda", moe)):
         cfg = _resolved(argv, cuda=device == "cuda")
         before = (cfg.train.micro_batch_size, cfg.train.grad_accum)
         cfg.data.seq_len = 512
-        defaults.micro_batch(cfg, _preset_config("llama3.2-1b"), torch.device(device), H200)
+        defaults.micro_batch(cfg, config, torch.device(device), H200)
         assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == before
 
 
