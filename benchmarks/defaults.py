@@ -18,8 +18,8 @@ One command, one table, each row its own process on the same GPU:
   unsloth   Unsloth at micro-batch 2, its own best settings (benchmarks/unsloth_peer.py; its random
             weights saved once to --unsloth-checkpoint-dir), or its error and versions;
   fp8-base  the defaults row with --fp8-base (LoRA only: the frozen base's matmuls in FP8).
-X is a chat dataset (`messages`) of random-letter conversations of 3,900-4,090 tokens, so rows are
-full like the baseline's and the automatic --seq-len is 4096. Throughput: tokens/s over the
+X is a chat dataset (`messages`) of random-letter conversations of exactly 4,096 tokens, so packed
+rows are full like the baseline's and the automatic --seq-len is 4096. Throughput: tokens/s over the
 last logging window (the baseline: its median synchronised step after warm-up); MFU from the
 same model FLOPs (core/model.py train_flops) against the 989 TFLOP/s datasheet peak and the
 783 TFLOP/s measured bf16 matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
@@ -40,20 +40,20 @@ from benchmarks.lora import MATMUL, PEAK, run_peer  # noqa: E402
 TUNED = "--precision bf16 --lora-kernels --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1"
 
 
-def chat_data(path: Path, n: int, tokenizer_dir: Path) -> Path:
-    """n conversations of random letters whose chat rendering is 3,900-4,090 tokens long."""
+def chat_data(path: Path, n: int, tokenizer_dir: Path, tokens: int = 4096) -> Path:
+    """n conversations of random letters whose chat rendering is exactly `tokens` long: one fills a
+    packed row, as full as the baselines' random rows (tokens/s counts real tokens only)."""
     from transformers import AutoTokenizer
 
     tok, rng = AutoTokenizer.from_pretrained(tokenizer_dir), random.Random(0)
     lines = []
     for _ in range(n):
-        target = rng.randint(3900, 4090)
         words = lambda k: " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=k))  # noqa: E731
-        messages = [{"role": "user", "content": words(target // 2)},
-                    {"role": "assistant", "content": words(target // 2)}]
-        while len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
-                      verbose=False)["input_ids"]) > target:
-            messages[1]["content"] = messages[1]["content"][:-40]
+        messages = [{"role": "user", "content": words(tokens // 2)},
+                    {"role": "assistant", "content": words(tokens // 2)}]
+        while (excess := len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
+                                 verbose=False)["input_ids"]) - tokens) > 0:
+            messages[1]["content"] = messages[1]["content"][:-2 * excess]  # a letter and its space: a token
         lines.append(json.dumps({"messages": messages}))
     path.write_text("\n".join(lines) + "\n")
     return path
