@@ -340,3 +340,31 @@ def test_cuda_bf16_autocast_and_qlora(tok, kw):
     if "quantize" in kw:
         pytest.importorskip("bitsandbytes")
     _compare(tok, TOL[torch.bfloat16], 5e-2, device="cuda", **kw)
+
+
+def test_compiled_mlp_saves_gate_and_up_only():
+    """Under --compile the fused MLP keeps two (tokens, intermediate) tensors from forward to
+    backward, gate and up; act(gate) * up is recomputed. inductor's min-cut partitioner decides what
+    is saved; it would keep the product too if the backward's recompute were the forward's node."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from benchmarks import count_copies as cc
+
+    forwards = []
+
+    def keep(gm, _):
+        forwards.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    model, b = cc.build(1, hidden=256, intermediate=896), cc.batch(1024)
+    cc.compile_blocks(model, aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                                          partition_fn=min_cut_rematerialization_partition))
+    cc.step(model, b)
+    torch._dynamo.reset()
+    tokens = b["input_ids"].numel()
+    saved = [v.meta["val"] for gm in forwards for v in next(n for n in gm.graph.nodes if n.op == "output").args[0]
+             if v.op != "placeholder" and getattr(v.meta.get("val"), "shape", None) == (tokens, 896)]
+    assert len(saved) == 2, [t.shape for t in saved]
