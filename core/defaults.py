@@ -139,7 +139,8 @@ def estimate_bytes(cfg, c, micro_batch_size: int) -> float:
     activations, 12 h + 6 intermediate bytes a token (norms, projections' inputs and outputs, the
     MLP's three intermediates; FlashAttention stores no scores); a full fine-tune adds fp32 logits and
     their gradient. It reads a few percent under the LoRA and QLoRA peaks measured on the 8B and 1B
-    shapes (benchmarks/results/2026-12-02-lean-defaults-h200.md); GPU_SHARE leaves the room."""
+    shapes (benchmarks/results/2026-12-02-lean-defaults-h200.md); GPU_SHARE leaves the room. The fused
+    LoRA MLP keeps two intermediates since those were measured, not three: for it the estimate errs high."""
     h, layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
     q, kv = c.num_attention_heads * head_dim, getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim
