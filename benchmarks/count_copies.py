@@ -172,6 +172,13 @@ def count(model, b, min_numel) -> collections.Counter:
     return log.counts
 
 
+def compiled_copies(model, b) -> dict:
+    """The large copies of one step with the blocks compiled (aot_eager graphs, counted); casts apart."""
+    compile_blocks(model, _counting_backend())
+    counts = count(model, b, b["input_ids"].numel() * model.config.hidden_size)
+    return {k: n for k, n in counts.items() if "cast" not in k[0]}  # casts are elementwise kernels, not copies
+
+
 def report(title, counts, layers) -> str:
     total = sum(counts.values())
     lines = [f"{title}: {total} large copies per step ({total / layers:.1f} per block if all are in blocks)"]
