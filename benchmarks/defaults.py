@@ -3,6 +3,7 @@
     python benchmarks/defaults.py --model llama3-8b --method lora  --out lora.md
     python benchmarks/defaults.py --model llama3-8b --method qlora --out qlora.md
     python benchmarks/defaults.py --model llama3.2-1b --method qlora --rows headline --out 1b.md
+    python benchmarks/defaults.py --model llama3.2-1b --method full --rows baseline defaults --out full.md
 
 One command, one table, each row its own process on the same GPU:
   baseline  the Hugging Face Trainer + peft baseline (benchmarks/peer.py: SDPA + Liger, no activation
@@ -11,13 +12,15 @@ One command, one table, each row its own process on the same GPU:
             at micro-batch 2, the default micro-batch of nanotune for a real model, and at 4;
   tuned     nanotune's tuned recipe, every speed flag by hand: --precision bf16 --lora-kernels
             --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1;
-  defaults  `train.py --model M --lora --dataset X`, no other flag but the harness's own (steps,
-            output, no evaluation: generation over 4K-token answers is not training throughput);
+  defaults  `train.py --model M --lora --dataset X` (no adapter flag for --method full), no other flag
+            but the harness's own (steps, output, no evaluation: generation over 4K-token answers is not
+            training throughput); --defaults-with "FLAGS" adds a defaults row with FLAGS;
   headline  `train.py --packing --attn flash --qlora --model M --dataset X` (the README's command line);
             --headline-with "FLAGS" adds a headline row with FLAGS (an ablation of one default);
   unsloth   Unsloth at micro-batch 2, its own best settings (benchmarks/unsloth_peer.py; its random
             weights saved once to --unsloth-checkpoint-dir), or its error and versions;
   fp8-base  the defaults row with --fp8-base (LoRA only: the frozen base's matmuls in FP8).
+--method full: a full fine-tune (no adapter), the baseline with --full; rows baseline and defaults only.
 X is a chat dataset (`messages`) of random-letter conversations of exactly 4,096 tokens, so packed
 rows are full like the baseline's and the automatic --seq-len is 4096. Throughput: tokens/s over the
 last logging window (the baseline: its median synchronised step after warm-up); MFU from the
@@ -75,12 +78,14 @@ def run_train(flags: list[str], data: Path, out: Path, steps: int) -> dict:
 
 
 def rows_for(args) -> list[tuple[str, str, list[str]]]:
-    adapter = "--qlora" if args.method == "qlora" else "--lora"
+    adapter = {"qlora": ["--qlora"], "lora": ["--lora"], "full": []}[args.method]
+    lr = "2e-5" if args.method == "full" else "2e-4"
+    model = ["--model", args.model, *adapter]
     rows = {
         "baseline": [("baseline", f"micro-batch {m}", ["--liger", "--micro-batch-size", str(m)])
                      for m in args.baseline_micro_batch],
-        "tuned": [("tuned", TUNED, ["--model", args.model, adapter, "--lr", "2e-4", *TUNED.split()])],
-        "defaults": [("defaults", f"--model {args.model} {adapter}", ["--model", args.model, adapter])],
+        "tuned": [("tuned", TUNED, [*model, "--lr", lr, *TUNED.split()])],
+        "defaults": [("defaults", " ".join(model), model)],
         "headline": [("headline", f"--packing --attn flash --qlora --model {args.model}",
                       ["--packing", "--attn", "flash", "--qlora", "--model", args.model])],
         "unsloth": [("unsloth", "micro-batch 2", ["--micro-batch-size", "2", "--checkpoint-dir",
@@ -91,6 +96,7 @@ def rows_for(args) -> list[tuple[str, str, list[str]]]:
     variants = [("headline", f"--packing --attn flash --qlora --model {args.model} {extra}",
                  ["--packing", "--attn", "flash", "--qlora", "--model", args.model, *extra.split()])
                 for extra in args.headline_with]
+    variants += [("defaults", f"{' '.join(model)} {extra}", [*model, *extra.split()]) for extra in args.defaults_with]
     return [row for name in args.rows for row in rows[name]] + variants
 
 
@@ -117,12 +123,14 @@ def table(results: list[tuple[str, str, dict]]) -> str:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama3-8b")
-    p.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
     p.add_argument("--rows", nargs="+", default=["baseline", "tuned", "defaults", "headline"],
                    choices=["baseline", "unsloth", "tuned", "defaults", "headline", "fp8-base"])
     p.add_argument("--baseline-micro-batch", type=int, nargs="+", default=[2, 4])
     p.add_argument("--headline-with", nargs="*", default=[], metavar="FLAGS",
                    help='more headline rows, each with these flags added (e.g. "--loss ce")')
+    p.add_argument("--defaults-with", nargs="*", default=[], metavar="FLAGS",
+                   help='more defaults rows, each with these flags added (e.g. "--loss chunked")')
     p.add_argument("--unsloth-checkpoint-dir", default="/tmp/unsloth-random-weights",
                    help="where the unsloth row saves the random weights it loads (16 GB for 8B; not under --logs)")
     p.add_argument("--steps", type=int, default=12)
@@ -130,6 +138,9 @@ def main():
     p.add_argument("--logs", default=None, help="folder for each row's log and run directory")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.method == "full" and {"tuned", "unsloth", "fp8-base", "headline"} & set(args.rows):
+        p.error("--method full: the tuned, unsloth, fp8-base and headline rows are adapter rows; drop them "
+                "(a tuned full fine-tune is a --defaults-with row)")
     logs = Path(args.logs or tempfile.mkdtemp())
     logs.mkdir(parents=True, exist_ok=True)
     data = chat_data(logs / "chats.jsonl", args.samples, ROOT / "data" / "tokenizer")
@@ -138,7 +149,8 @@ def main():
     for i, (side, what, flags) in enumerate(rows_for(args)):
         qlora = args.method == "qlora"
         if side == "baseline":
-            r = run_peer(peer_args, flags + (["--qlora", "--no-kbit-prep"] if qlora else []), logs)
+            method = {"qlora": ["--qlora", "--no-kbit-prep"], "full": ["--full"]}.get(args.method, [])
+            r = run_peer(peer_args, flags + method, logs)
         elif side == "unsloth":
             r = run_peer(peer_args, flags + (["--qlora"] if qlora else []), logs, "unsloth_peer.py")
         else:

@@ -22,10 +22,13 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
   --compile     per-block torch.compile and the compiled loss                       [--no-compile]
   --packing     no padding: samples packed into --seq-len rows, documents kept apart [--no-packing]
   --attn        the best installed kernel (core/attention.py)                   [--attn sdpa]
-  --loss        chunked for LoRA/QLoRA: the frozen head's loss 256 tokens at a time, never the
-                whole tokens x vocabulary logits (exact)                            [--loss ce]
-  --offload-embeddings  a frozen, untied input-embedding table (LoRA/QLoRA, one process) in CPU
-                memory; each micro-batch copies its rows       [--no-offload-embeddings]
+  --loss        the compiled full-logits cross entropy; for LoRA/QLoRA whose step would pass
+                LEAN_ABOVE of the GPU's memory with the logits, chunked instead: the frozen head's
+                loss 256 tokens at a time, never the tokens x vocabulary logits (exact, slower)
+                                                                        [--loss ce / --loss chunked]
+  --offload-embeddings  with the chunked loss above, also a frozen, untied input-embedding table
+                (LoRA/QLoRA, one process) in CPU memory; each micro-batch copies its rows
+                                                        [--no-offload-embeddings / --offload-embeddings]
   --micro-batch-size  8 rows a step as peers use, but in micro-batches of 4 or 8 where the estimated
                 memory stays under 40% of the GPU's: at 2 rows a small model's step waits on kernel
                 launches (only when both --micro-batch-size and --grad-accum are unset; never below 2)
@@ -104,6 +107,25 @@ def resolve_run(cfg, total_steps: int, d, model_config) -> None:
     embedding_offload(cfg, d.device, model_config, d.world_size)
 
 
+# The lean paths cost speed (the chunked loss about 4% of an 8B LoRA step, the CPU embedding table
+# about 2%: benchmarks/results/2026-12-02-lean-defaults-h200.md), so they are the default only where
+# the fast path's estimated peak would pass this share of the GPU's memory. The estimate reads up to
+# 15% low: the fast path then still ends under 90%.
+LEAN_ABOVE = 0.75
+
+
+def needs_lean(cfg, model_config, device: torch.device, gpu_bytes: int | None = None) -> str | None:
+    """Why a LoRA run on a CUDA GPU should take the lean paths (the reason, for the log), or None when
+    the full logits fit. A model the estimate cannot size (a mixture of experts) is taken as tight."""
+    if not _estimable(model_config):
+        return "a model whose memory the estimate cannot size"
+    gpu_bytes = gpu_bytes or torch.cuda.get_device_properties(device).total_memory
+    fast = estimate_bytes(cfg, model_config, cfg.train.micro_batch_size, logits=True)
+    if fast <= LEAN_ABOVE * gpu_bytes:
+        return None
+    return f"with the full logits the step would take ~{fast / 2**30:.0f} of {gpu_bytes / 2**30:.0f} GiB"
+
+
 GPU_SHARE = 0.4  # of the GPU's memory an automatic micro-batch may fill, by the estimate below
 
 
@@ -133,14 +155,16 @@ def _estimable(c) -> bool:
     return all(hasattr(c, f) for f in sizes) and not any(getattr(c, f, None) for f in experts)
 
 
-def estimate_bytes(cfg, c, micro_batch_size: int) -> float:
+def estimate_bytes(cfg, c, micro_batch_size: int, logits: bool = False) -> float:
     """Peak GPU bytes of a step, roughly: the weights (QLoRA 4-bit, 8-bit, bf16; a full fine-tune 16
     bytes a parameter with its gradients and Adam moments) and each decoder layer's stored bf16
     activations, 12 h + 6 intermediate bytes a token (norms, projections' inputs and outputs, the
     MLP's three intermediates; FlashAttention stores no scores); a full fine-tune adds fp32 logits and
     their gradient. It reads a few percent under the LoRA and QLoRA peaks measured on the 8B and 1B
     shapes (benchmarks/results/2026-12-02-lean-defaults-h200.md); GPU_SHARE leaves the room. The fused
-    LoRA MLP keeps two intermediates since those were measured, not three: for it the estimate errs high."""
+    LoRA MLP keeps two intermediates since those were measured, not three: for it the estimate errs high.
+    logits: a frozen head's full-logits loss keeps bf16 logits and their gradient, 4 bytes a token and
+    vocabulary entry (measured: 3.4, full logits against --loss-chunk 256 on the 8B shape)."""
     h, layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
     q, kv = c.num_attention_heads * head_dim, getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim
@@ -148,7 +172,7 @@ def estimate_bytes(cfg, c, micro_batch_size: int) -> float:
     tables = vocab * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
     full = not adapters_on(cfg.lora)
     per_weight = 16 if full else 0.53 if cfg.lora.qlora else 1 if cfg.lora.lora_8bit else 2
-    per_token = layers * (12 * h + 6 * inter) + (8 * vocab if full else 0)
+    per_token = layers * (12 * h + 6 * inter) + (8 * vocab if full else 4 * vocab if logits else 0)
     return linear * per_weight + tables * (16 if full else 2) + micro_batch_size * cfg.data.seq_len * per_token
 
 
@@ -168,17 +192,19 @@ def precision(cfg, device: torch.device) -> None:
     cfg.auto.append(f"--precision {value} (auto: {why})")
 
 
-def loss(cfg, device: torch.device, model_config) -> None:
-    """--loss auto and --loss-chunk, once the device and the model's config are known: chunked where
-    it is exact and lean (adapters on a CUDA GPU: the head is frozen, so each chunk needs only its
-    hidden-state gradient), else ce."""
+def loss(cfg, device: torch.device, model_config, gpu_bytes: int | None = None) -> None:
+    """--loss auto and --loss-chunk, once the device, the micro-batch and the model's config are known:
+    chunked where the full logits would crowd the GPU (needs_lean) and chunking is exact and lean
+    (adapters: the head is frozen, so each chunk needs only its hidden-state gradient), else ce."""
     if cfg.loss.loss == "auto":
         cfg.loss.loss, why = "ce", "full logits"
         softcapped = getattr(model_config, "final_logit_softcapping", None)
         if device.type == "cuda" and adapters_on(cfg.lora) and not softcapped:
-            cfg.loss.loss, why = "chunked", "LoRA on CUDA, never the full logits; --loss ce turns it off"
-            if (reason := _matrix_problem(cfg)) is not None:  # the matrix reads the value under test
-                cfg.loss.loss, why = "ce", reason
+            why = "the full logits fit; --loss chunked saves their memory"
+            if (tight := needs_lean(cfg, model_config, device, gpu_bytes)) is not None:
+                cfg.loss.loss, why = "chunked", f"{tight}; never the full logits; --loss ce turns it off"
+                if (reason := _matrix_problem(cfg)) is not None:  # the matrix reads the value under test
+                    cfg.loss.loss, why = "ce", reason
         if device.type == "cuda":
             cfg.auto.append(f"--loss {cfg.loss.loss} (auto: {why})")
     if cfg.loss.loss_chunk is None:
@@ -189,14 +215,17 @@ def loss(cfg, device: torch.device, model_config) -> None:
                             + ("a frozen head: the smallest buffer" if frozen else "the head trains") + ")")
 
 
-def embedding_offload(cfg, device: torch.device, model_config, world_size: int) -> None:
+def embedding_offload(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None = None) -> None:
     """--offload-embeddings, once the model's config and the process count are known: on for LoRA in
-    one process on a CUDA GPU when the input embeddings are frozen and not tied to the output head
-    (features/embedding_offload.py: about 1 GiB less GPU memory at 128K vocabulary)."""
+    one process on a CUDA GPU where the step is tight (needs_lean), the input embeddings are frozen and
+    not tied to the output head (features/embedding_offload.py: about 1 GiB less GPU memory at 128K
+    vocabulary)."""
     e = cfg.embedding_offload
     if e.offload_embeddings or e.no_offload_embeddings or device.type != "cuda" or not adapters_on(cfg.lora):
         return
     if world_size > 1 or getattr(model_config, "tie_word_embeddings", False) or "embed" in cfg.lora.lora_targets:
+        return
+    if needs_lean(cfg, model_config, device, gpu_bytes) is None:
         return
     e.offload_embeddings = True
     if (reason := _matrix_problem(cfg)) is not None:

@@ -23,7 +23,7 @@ IGNORE = -100
 @dataclasses.dataclass
 class LossConfig:
     loss: Literal["auto", "ce", "chunked", "cce", "liger"] = "auto"
-    """Loss: ce (full logits); chunked (pure PyTorch), cce (Cut Cross Entropy) or liger (Liger's fused linear CE) never materialize tokens x vocabulary logits; cce and liger need CUDA. auto: chunked for LoRA/QLoRA on a CUDA GPU, else ce."""  # noqa: E501
+    """Loss: ce (full logits); chunked (pure PyTorch), cce (Cut Cross Entropy) or liger (Liger's fused linear CE) never materialize tokens x vocabulary logits; cce and liger need CUDA. auto: ce, or chunked for LoRA/QLoRA on a CUDA GPU where the full logits would crowd its memory (core/defaults.py)."""  # noqa: E501
     loss_chunk: int | None = None
     """Tokens per chunk for --loss chunked; unset: 256 with a frozen head (LoRA), 4096 when the head trains (fewer passes over its fp32 gradient)."""  # noqa: E501
 

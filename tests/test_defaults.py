@@ -112,17 +112,38 @@ def test_precision_on_a_gpu(monkeypatch, argv, bf16, want):
     assert cpu.model.precision == "fp32"
 
 
-@pytest.mark.parametrize("argv, device, model_config, want", [
-    (["--model", "llama3-8b", "--qlora"], "cuda", {}, "chunked"),
-    (["--model", "llama3-8b", "--lora"], "cpu", {}, "ce"),  # the full-logits path is the CPU default
-    (["--model", "llama3-8b"], "cuda", {}, "ce"),  # a trained head: its weight gradient is its own GEMM
-    (["--model", "llama3-8b", "--lora"], "cuda", {"final_logit_softcapping": 30.0}, "ce"),  # Gemma 2
-    (["--model", "llama3-8b", "--lora", "--loss", "ce"], "cuda", {}, "ce"),  # set by hand
-    (["--model", "llama3-8b", "--lora", "--loss-chunk", "512"], "cuda", {}, "chunked"),
+H200, H100, L4 = 143.7e9, 85.0e9, 24.0e9  # bytes of GPU memory
+
+
+def _preset_config(name: str, **changes):
+    import transformers
+
+    from core.model import PRESETS
+    cls_name, fields = PRESETS[name]
+    return getattr(transformers, cls_name)(**{**fields, **changes})
+
+
+def _at(argv, cuda=True, seq_len=4096):
+    cfg = _resolved(argv, cuda=cuda)
+    cfg.data.seq_len = seq_len
+    return cfg
+
+
+@pytest.mark.parametrize("argv, device, gpu_bytes, changes, want", [
+    (["--model", "llama3-8b", "--qlora"], "cuda", H200, {}, "ce"),  # the full logits fit: the fast path
+    (["--model", "llama3-8b", "--lora"], "cuda", H100, {}, "ce"),  # ~58 of 79 GiB
+    (["--model", "llama3-8b", "--lora", "--micro-batch-size", "4"], "cuda", H100, {}, "chunked"),
+    (["--model", "llama3-8b", "--qlora"], "cuda", L4, {}, "chunked"),
+    (["--model", "llama3-8b", "--lora"], "cuda", H200, {"num_local_experts": 8}, "chunked"),  # not sized
+    (["--model", "llama3-8b", "--lora"], "cpu", None, {}, "ce"),  # the full-logits path is the CPU default
+    (["--model", "llama3-8b"], "cuda", L4, {}, "ce"),  # a trained head: its weight gradient is its own GEMM
+    (["--model", "llama3-8b", "--lora"], "cuda", L4, {"final_logit_softcapping": 30.0}, "ce"),  # Gemma 2
+    (["--model", "llama3-8b", "--lora", "--loss", "ce"], "cuda", L4, {}, "ce"),  # set by hand
+    (["--model", "llama3-8b", "--lora", "--loss-chunk", "512"], "cuda", L4, {}, "chunked"),
 ])
-def test_loss_auto(argv, device, model_config, want):
-    cfg = _resolved(argv, cuda=device == "cuda")
-    defaults.loss(cfg, torch.device(device), type("ModelConfig", (), model_config)())
+def test_loss_auto_is_fast_where_the_logits_fit_and_lean_where_not(argv, device, gpu_bytes, changes, want):
+    cfg = _at(argv, cuda=device == "cuda")
+    defaults.loss(cfg, torch.device(device), _preset_config("llama3-8b", **changes), gpu_bytes)
     assert cfg.loss.loss == want
     if "--loss" not in argv and device == "cuda":
         assert f"--loss {want} (auto:" in " ".join(cfg.auto)
@@ -130,18 +151,26 @@ def test_loss_auto(argv, device, model_config, want):
     assert cfg.loss.loss_chunk == (512 if "--loss-chunk" in argv else 256 if adapters else 4096)
 
 
-@pytest.mark.parametrize("argv, device, model_config, world, want", [
-    (["--model", "llama3-8b", "--qlora"], "cuda", {}, 1, True),
-    (["--model", "llama3-8b", "--qlora"], "cpu", {}, 1, False),
-    (["--model", "llama3-8b"], "cuda", {}, 1, False),  # the table trains
-    (["--model", "llama3-8b", "--lora"], "cuda", {"tie_word_embeddings": True}, 1, False),  # the head needs it
-    (["--model", "llama3-8b", "--lora"], "cuda", {}, 2, False),  # one process only
-    (["--model", "llama3-8b", "--lora", "--lora-targets", "q_proj,embed_tokens"], "cuda", {}, 1, False),
-    (["--model", "llama3-8b", "--lora", "--no-offload-embeddings"], "cuda", {}, 1, False),
+def test_the_lean_choice_says_how_much_memory_the_logits_would_take():
+    cfg = _at(["--model", "llama3-8b", "--qlora"])
+    defaults.loss(cfg, torch.device("cuda"), _preset_config("llama3-8b"), L4)
+    line = next(a for a in cfg.auto if a.startswith("--loss chunked"))
+    assert "the step would take ~" in line and "of 22 GiB" in line and "--loss ce turns it off" in line
+
+
+@pytest.mark.parametrize("argv, device, gpu_bytes, changes, world, want", [
+    (["--model", "llama3-8b", "--qlora"], "cuda", L4, {}, 1, True),
+    (["--model", "llama3-8b", "--qlora"], "cuda", H200, {}, 1, False),  # room to spare: the table stays
+    (["--model", "llama3-8b", "--qlora"], "cpu", None, {}, 1, False),
+    (["--model", "llama3-8b"], "cuda", L4, {}, 1, False),  # the table trains
+    (["--model", "llama3-8b", "--lora"], "cuda", L4, {"tie_word_embeddings": True}, 1, False),  # the head needs it
+    (["--model", "llama3-8b", "--lora"], "cuda", L4, {}, 2, False),  # one process only
+    (["--model", "llama3-8b", "--lora", "--lora-targets", "q_proj,embed_tokens"], "cuda", L4, {}, 1, False),
+    (["--model", "llama3-8b", "--lora", "--no-offload-embeddings"], "cuda", L4, {}, 1, False),
 ])
-def test_embedding_offload_auto(argv, device, model_config, world, want):
-    cfg = _resolved(argv, cuda=device == "cuda")
-    defaults.embedding_offload(cfg, torch.device(device), type("ModelConfig", (), model_config)(), world)
+def test_embedding_offload_auto(argv, device, gpu_bytes, changes, world, want):
+    cfg = _at(argv, cuda=device == "cuda")
+    defaults.embedding_offload(cfg, torch.device(device), _preset_config("llama3-8b", **changes), world, gpu_bytes)
     assert cfg.embedding_offload.offload_embeddings is want
     assert ("--offload-embeddings on (auto:" in " ".join(cfg.auto)) is want
 
@@ -174,17 +203,6 @@ def test_a_run_of_a_local_checkpoint_says_what_it_chose(tmp_path):
     assert saved["data"]["seq_len"] % 64 == 0 and saved["data"]["seq_len"] > longest
     assert any(line.startswith(f"--seq-len {saved['data']['seq_len']} (auto: longest sample") for line in saved["auto"])
     assert saved["model"]["precision"] == "fp32" and saved["optim"]["warmup_steps"] == 1
-
-
-H200, H100 = 143.7e9, 85.0e9  # bytes of GPU memory
-
-
-def _preset_config(name: str):
-    import transformers
-
-    from core.model import PRESETS
-    cls_name, fields = PRESETS[name]
-    return getattr(transformers, cls_name)(**fields)
 
 
 @pytest.mark.parametrize("argv, gpu_bytes, want", [
