@@ -148,6 +148,7 @@ def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementati
 
             model = quantize_base(model, quantization_config)
     else:
+        transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar in a run's log is noise
         try:  # a quantized model cannot be moved after loading: place it while loading
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 cfg.path, config=config, trust_remote_code=cfg.trust_remote_code, device_map={"": device},

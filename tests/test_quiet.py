@@ -52,3 +52,25 @@ def test_the_first_steps_print_only_nanotune_lines(tmp_path, data_with_a_long_sa
     lines = (proc.stdout + proc.stderr).splitlines()
     assert [line for line in lines if THIRD_PARTY.search(line)] == []
     assert any(line.startswith("step 2/2") for line in lines) and "saved the final model" in proc.stdout
+
+
+def test_a_local_checkpoint_loads_quietly(tmp_path, small_data):
+    """from_pretrained on a model directory (the path a real checkpoint takes) prints no loading bar."""
+    import transformers
+
+    from core.model import PRESETS, ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    cls_name, fields = PRESETS["tiny-llama"]
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**fields,
+                                                                                          vocab_size=len(tok)))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    cmd = [sys.executable, "train.py", "--model", str(tmp_path / "model"), "--lora", "--dataset", str(small_data),
+           "--val-dataset", "none", "--eval-exact-match", "0", "--max-steps", "1", "--skip-export",
+           "--output-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in lines if THIRD_PARTY.search(line)] == []
+    assert any(line.startswith("step 1/1") for line in lines)
