@@ -7,9 +7,10 @@
 #
 # Shapes: "8B" is the llama3-8b preset, "1B" llama3.2-1b (random weights), seq 4096; "fast" below is
 # --attn flash --lora-kernels --compile.
-#   defaults       no tuning flag vs the tuned recipe vs the baseline (defaults.py): 8B LoRA (baseline,
-#                  tuned, defaults), 8B QLoRA (baseline, tuned, headline, and the baseline without kbit
-#                  preparation), 1B QLoRA (baseline, headline)
+#   defaults       no tuning flag beside the baselines (defaults.py), one table per shape: 8B LoRA (baseline
+#                  at micro-batch 2 and 4, Unsloth, defaults, --fp8-base, the lean paths), 8B QLoRA
+#                  (baseline, Unsloth, headline, the lean paths), 1B full fine-tune (baseline, defaults,
+#                  pure bf16 + CCE at micro-batch 16); Unsloth's rows need unsloth installed
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -92,14 +93,16 @@ profile() {  # ROW...: one profiled train.py run per ROW; MODEL SEQ MBS ADAPTER 
 
 case $sub in
 defaults)
-  table defaults-lora-8b python benchmarks/defaults.py --model llama3-8b --method lora --rows baseline tuned defaults \
+  lean="--loss chunked --offload-embeddings"
+  table defaults-lora-8b python benchmarks/defaults.py --model llama3-8b --method lora \
+    --rows baseline unsloth defaults fp8-base --baseline-micro-batch 2 4 --defaults-with "$lean" \
     --logs "$OUT/defaults-lora-8b" --out "$OUT/defaults-lora-8b.md" "$@"
-  table defaults-qlora-8b python benchmarks/defaults.py --model llama3-8b --method qlora --rows baseline tuned headline \
+  table defaults-qlora-8b python benchmarks/defaults.py --model llama3-8b --method qlora \
+    --rows baseline unsloth headline --baseline-micro-batch 2 --headline-with "$lean" \
     --logs "$OUT/defaults-qlora-8b" --out "$OUT/defaults-qlora-8b.md" "$@"
-  table defaults-qlora-8b-baseline-no-kbit-prep python benchmarks/peer.py --model llama3-8b --qlora --no-kbit-prep \
-    --liger --micro-batch-size 2 --steps 16 --out "$OUT/defaults-qlora-8b-baseline-no-kbit-prep.json"
-  table defaults-qlora-1b python benchmarks/defaults.py --model llama3.2-1b --method qlora --rows baseline headline \
-    --logs "$OUT/defaults-qlora-1b" --out "$OUT/defaults-qlora-1b.md" "$@"
+  table defaults-full-1b python benchmarks/defaults.py --model llama3.2-1b --method full --rows baseline defaults \
+    --baseline-micro-batch 8 --defaults-with "--precision bf16 --loss cce --micro-batch-size 16 --grad-accum 1" \
+    --logs "$OUT/defaults-full-1b" --out "$OUT/defaults-full-1b.md" "$@"
   ;;
 lora)
   table lora-8b python benchmarks/lora.py --model llama3-8b --steps 20 --out "$OUT/lora-8b.md" \
