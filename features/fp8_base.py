@@ -181,8 +181,10 @@ def apply(model, cfg, run):
     (tests/test_fp8_base.py holds the real checkpoint to 0.1)."""
     swapped, keep = 0, _in_last_layers(model, cfg.fp8_base.fp8_base_keep_last)
     for layer, base in list(_frozen_bases(model)):
-        if base.in_features % 16 or base.out_features % 16 or id(layer) in keep:
+        if base.in_features % 16 or base.out_features % 16:
             continue  # _scaled_mm needs both dims divisible by 16; such a small layer gains nothing anyway
+        if id(layer) in keep:
+            continue
         layer.base_layer = Fp8FrozenLinear(base)
         swapped += 1
     if swapped == 0:
