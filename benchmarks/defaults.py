@@ -145,14 +145,14 @@ def main():
     logs.mkdir(parents=True, exist_ok=True)
     data = chat_data(logs / "chats.jsonl", args.samples, ROOT / "data" / "tokenizer")
     peer_args = argparse.Namespace(model=args.model, seq_len=4096, steps=args.steps + 8)
+    baseline_method = {"qlora": ["--qlora", "--no-kbit-prep"], "full": ["--full"]}.get(args.method, [])
+    unsloth_method = ["--qlora"] if args.method == "qlora" else []
     results = []
     for i, (side, what, flags) in enumerate(rows_for(args)):
-        qlora = args.method == "qlora"
         if side == "baseline":
-            method = {"qlora": ["--qlora", "--no-kbit-prep"], "full": ["--full"]}.get(args.method, [])
-            r = run_peer(peer_args, flags + method, logs)
+            r = run_peer(peer_args, flags + baseline_method, logs)
         elif side == "unsloth":
-            r = run_peer(peer_args, flags + (["--qlora"] if qlora else []), logs, "unsloth_peer.py")
+            r = run_peer(peer_args, flags + unsloth_method, logs, "unsloth_peer.py")
         else:
             r = run_train(flags, data, logs / f"row{i}-{side}", args.steps)
         results.append((side, what, r))

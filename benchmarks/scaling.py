@@ -231,7 +231,7 @@ def execute(run: Run, args, timeout: float) -> dict:
     with open(log, "w") as f:
         f.write(f"$ {cmd_text}\n")
         f.flush()
-        # a session of its own: on timeout the whole torchrun tree (this run's processes only) is killed
+        # its own process group: on timeout the whole torchrun tree (this run's processes only) is killed
         proc = subprocess.Popen(run.cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             rc = proc.wait(timeout=max(timeout, 1))

@@ -85,7 +85,7 @@ def plan_keep(args, mode: str, seq_len: int) -> tuple[float | None, str]:
 
 
 def _run_group(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tuple[int | None, float]:
-    """Run cmd in its own session; on timeout kill the whole group (torchrun AND its workers, which
+    """Run cmd in its own process group; on timeout kill the whole group (torchrun AND its workers, which
     would otherwise keep the GPUs' memory). Returns (exit status or None on timeout, seconds)."""
     start = time.perf_counter()
     with open(log_path, "w") as log:

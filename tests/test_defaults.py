@@ -216,8 +216,7 @@ def test_a_run_of_a_local_checkpoint_says_what_it_chose(tmp_path):
     (["--model", "llama3.2-1b", "--qlora", "--grad-accum", "8"], H200, (2, 8)),
 ])
 def test_micro_batch_grows_where_the_gpu_memory_allows(argv, gpu_bytes, want):
-    cfg = _resolved(argv, cuda=True)
-    cfg.data.seq_len = 4096
+    cfg = _at(argv)
     defaults.micro_batch(cfg, _preset_config(argv[1]), torch.device("cuda"), gpu_bytes)
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == want
     if want[0] > 2:
@@ -231,9 +230,8 @@ def test_micro_batch_keeps_2_on_a_cpu_for_the_demo_and_for_a_mixture_of_experts(
     for argv, device, config in ((["--model", "llama3.2-1b", "--qlora"], "cpu", _preset_config("llama3.2-1b")),
                                  ([], "cuda", _preset_config("llama3.2-1b")),
                                  (["--model", "llama3.2-1b", "--qlora"], "cuda", moe)):
-        cfg = _resolved(argv, cuda=device == "cuda")
+        cfg = _at(argv, cuda=device == "cuda", seq_len=512)
         before = (cfg.train.micro_batch_size, cfg.train.grad_accum)
-        cfg.data.seq_len = 512
         defaults.micro_batch(cfg, config, torch.device(device), H200)
         assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == before
 
@@ -245,7 +243,6 @@ def test_micro_batch_keeps_2_on_a_cpu_for_the_demo_and_for_a_mixture_of_experts(
 def test_the_memory_estimate_is_near_the_measured_peaks(name, method, micro_batch, measured_gib):
     """Peaks measured on an H200 (benchmarks/results/2026-12-02-lean-defaults-h200.md): the estimate
     may read low by up to 15%, which GPU_SHARE's 40% absorbs, and never high by more than 10%."""
-    cfg = _resolved(["--model", name, method], cuda=True)
-    cfg.data.seq_len = 4096
+    cfg = _at(["--model", name, method])
     estimate = defaults.estimate_bytes(cfg, _preset_config(name), micro_batch) / 2**30
     assert 0.85 * measured_gib <= estimate <= 1.1 * measured_gib
