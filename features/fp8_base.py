@@ -3,15 +3,17 @@
     python train.py --lora --fp8-base          # a GPU with FP8 matmuls (Ada, Hopper, Blackwell)
 
 Under LoRA the base weights never change, so each is quantized once, to float8 e4m3 with one
-scale per row, and kept twice: W (out x in) for the forward, scaled per output row, and W^T for
-the input gradient, scaled per input column (torch._scaled_mm takes its second operand
-column-major, and each copy gets the scales its own matmul reduces over). Two FP8 copies take the
-memory of one bf16 weight. Every step quantizes the activations per row (e4m3, each row's absmax
-mapped to 448), so the forward y = x W^T and the input gradient dX = dY W are FP8 matmuls with bf16
-output; the weight gets no gradient. The adapters (lora_A, lora_B), their gradients, the norms,
-attention, embeddings and the head stay in their own precision, and so do the last
---fp8-base-keep-last decoder layers (1 by default; see apply). With --lora-kernels the fused
-Functions call the same two matmuls (features/lora_kernels.py).
+scale per output row, and kept once: a byte per weight, half a bf16 base. Every step quantizes the
+activations per row (e4m3, each row's absmax mapped to 448), so the forward y = x W^T is an FP8
+matmul with bf16 output. The input gradient dX = dY W reuses the same quantized W: W's row scales
+are folded into dY's columns before dY is quantized per row (dY diag(s) Wq = dY W), so it is the
+gradient of the quantized forward. torch._scaled_mm takes its second operand column-major, so each
+backward transposes Wq (a byte per weight read and written); --fp8-base-transposed-copy keeps the
+transpose as a second buffer instead: no transpose per step, the memory of a bf16 weight. The
+weight gets no gradient. The adapters (lora_A, lora_B), their gradients, the norms, attention,
+embeddings and the head stay in their own precision, and so do the last --fp8-base-keep-last
+decoder layers (1 by default; see apply). With --lora-kernels the fused Functions call the same
+two matmuls (features/lora_kernels.py).
 
 Lossy, by a stated tolerance (tests/test_fp8_base.py holds it): each matmul within 6% of the
 unquantized one (e4m3 keeps 3 mantissa bits), a random-weight preset's LoRA losses within 2% of
@@ -41,12 +43,16 @@ class Fp8BaseConfig:
     """The frozen base's projections under --lora in FP8 (e4m3, rowwise scales); adapters unchanged. Lossy: each matmul within a few percent of bf16."""  # noqa: E501
     fp8_base_keep_last: int = 1
     """With --fp8-base: the last N decoder layers keep their projections in bf16 (their MLP writes the outliers the head reads); 0 converts every layer."""  # noqa: E501
+    fp8_base_transposed_copy: bool = False
+    """With --fp8-base: also keep each FP8 weight transposed for the input gradient (no transpose per backward; the memory of a bf16 base instead of half)."""  # noqa: E501
 
 
 def validate(cfg) -> None:
     """An FP8 GPU when training on CUDA (CPU runs the same ops, slowly)."""
     if cfg.fp8_base.fp8_base_keep_last < 0:
         raise UserError(f"--fp8-base-keep-last must be 0 or more (got {cfg.fp8_base.fp8_base_keep_last})")
+    if cfg.fp8_base.fp8_base_transposed_copy and not cfg.fp8_base.fp8_base:
+        raise UserError("--fp8-base-transposed-copy keeps a copy of --fp8-base's weights; add --fp8-base or drop it")
     if not cfg.fp8_base.fp8_base or not torch.cuda.is_available() or cfg.train.device == "cpu":
         return
     if torch.cuda.get_device_capability() < (8, 9):
@@ -61,12 +67,14 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, plus=None) -> torch.Tensor:
+def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, plus=None, out_dtype=None) -> torch.Tensor:
     """x (..., k) times w8^T (w8: n x k in e4m3; w_scale: 1 x n, one per row of w8) in FP8, output in
-    x's compute dtype (the autocast dtype under autocast, as nn.Linear). plus = (c, d, s, bias):
-    bias + s c d added into the product inside the same opaque op (the LoRA kernels' low-rank path),
-    in c's dtype."""
-    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out_dtype, by default x's compute dtype (the autocast dtype under autocast, as nn.Linear).
+    plus = (c, d, s, bias): bias + s c d added into the product inside the same opaque op (the LoRA
+    kernels' low-rank path), in c's dtype."""
+    if out_dtype is None:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
     if plus is None:
         y = torch.ops.nanotune.fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x.device)).to(out_dtype)
@@ -111,30 +119,43 @@ def _mm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" or dtype not in (torch.float16, torch.float32) else dtype
 
 
+def transposed(w8: torch.Tensor) -> torch.Tensor:
+    """w8^T in row-major order, copied as bytes (compiled CPU code has no float8 transpose)."""
+    return w8.view(torch.uint8).t().contiguous().view(w8.dtype)
+
+
+def grad_input(dy: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, wt8: torch.Tensor | None,
+               unit: torch.Tensor, plus=None) -> torch.Tensor:
+    """dY W for W = diag(w_scale) w8: w_scale folded into dY's columns, then one FP8 matmul with w8
+    (wt8: w8 already transposed, or None to transpose it here); unit: ones, w8's column scales."""
+    g = dy.float() * w_scale  # traced: torch.compile fuses it into dY's quantization
+    return _scaled(g, transposed(w8) if wt8 is None else wt8, unit, plus, out_dtype=dy.dtype)
+
+
 class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w8, w_scale, wt8, wt_scale, bias):
-        ctx.save_for_backward(wt8, wt_scale)  # the frozen FP8 copy: a reference, not a copy
+    def forward(ctx, x, w8, w_scale, wt8, unit, bias):
+        ctx.save_for_backward(w8, w_scale, wt8, unit)  # the frozen FP8 buffers: references, not copies
         y = _scaled(x, w8, w_scale)
         return y if bias is None else y + bias.to(y.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        wt8, wt_scale = ctx.saved_tensors
-        return _scaled(dy, wt8, wt_scale), None, None, None, None, None
+        return grad_input(dy, *ctx.saved_tensors), None, None, None, None, None
 
 
 class Fp8FrozenLinear(torch.nn.Module):
-    """A frozen nn.Linear whose matmuls run in FP8: W for x W^T (scaled per output row) and W^T for
-    dY W (scaled per input column), as buffers; the bf16 weight is dropped once quantized."""
+    """A frozen nn.Linear whose matmuls run in FP8: W once, scaled per output row, as buffers (and W
+    transposed with transposed_copy); the bf16 weight is dropped once quantized."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, transposed_copy: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, linear.weight.dtype
         w8, w_scale = quantize_rows(linear.weight.data.contiguous())  # (out, in), (out, 1)
-        wt8, wt_scale = quantize_rows(linear.weight.data.t().contiguous())  # (in, out), (in, 1); row-major
-        for name, t in (("w8", w8), ("w_scale", w_scale.t().contiguous()), ("wt8", wt8),
-                        ("wt_scale", wt_scale.t().contiguous())):  # scales as _scaled_mm's scale_b: 1 x n
+        buffers = {"w8": w8, "w_scale": w_scale.t().contiguous(),  # as _scaled_mm's scale_b: 1 x out
+                   "unit": torch.ones(1, self.in_features, device=w8.device),  # W^T's column scales, folded into dY
+                   "wt8": transposed(w8) if transposed_copy else None}
+        for name, t in buffers.items():
             self.register_buffer(name, t, persistent=False)  # not in state dicts: the base loads from --model
         self.buffered_weight_numel = linear.weight.numel()  # core.model.count_params: FLOPs, MFU, the log
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data, requires_grad=False)
@@ -150,10 +171,10 @@ class Fp8FrozenLinear(torch.nn.Module):
 
     def fp8_grad_input(self, dy: torch.Tensor, plus=None) -> torch.Tensor:
         """dY W: the gradient of x W^T with respect to x; plus = (c, d, s, None) adds s c d."""
-        return _scaled(dy, self.wt8, self.wt_scale, plus)
+        return grad_input(dy, self.w8, self.w_scale, self.wt8, self.unit, plus)
 
     def forward(self, x):
-        return _Fp8Matmul.apply(x, self.w8, self.w_scale, self.wt8, self.wt_scale, self.bias)
+        return _Fp8Matmul.apply(x, self.w8, self.w_scale, self.wt8, self.unit, self.bias)
 
 
 def _frozen_bases(model):
@@ -185,7 +206,7 @@ def apply(model, cfg, run):
             continue  # _scaled_mm needs both dims divisible by 16; such a small layer gains nothing anyway
         if id(layer) in keep:
             continue
-        layer.base_layer = Fp8FrozenLinear(base)
+        layer.base_layer = Fp8FrozenLinear(base, cfg.fp8_base.fp8_base_transposed_copy)
         swapped += 1
     if swapped == 0:
         raise UserError("--fp8-base found no adapted bf16/fp32 linear to run in FP8; it needs --lora on a model "
