@@ -22,11 +22,10 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
   --compile     per-block torch.compile and the compiled loss                       [--no-compile]
   --packing     no padding: samples packed into --seq-len rows, documents kept apart [--no-packing]
   --attn        the best installed kernel (core/attention.py)                   [--attn sdpa]
-  --loss        LoRA/QLoRA: the compiled full-logits cross entropy; where the step would pass
+  --loss        the compiled full-logits cross entropy; for LoRA/QLoRA whose step would pass
                 LEAN_ABOVE of the GPU's memory with the logits, chunked instead: the frozen head's
-                loss 256 tokens at a time, never the tokens x vocabulary logits (exact, slower).
-                A full fine-tune: Cut Cross Entropy where installed (no logits; gradients within
-                bf16 tolerance, below)                                  [--loss ce / --loss chunked]
+                loss 256 tokens at a time, never the tokens x vocabulary logits (exact, slower)
+                                                                        [--loss ce / --loss chunked]
   --offload-embeddings  with the chunked loss above, also a frozen, untied input-embedding table
                 (LoRA/QLoRA, one process) in CPU memory; each micro-batch copies its rows
                                                         [--no-offload-embeddings / --offload-embeddings]
@@ -40,7 +39,6 @@ reason in the log. `resolve_flags` runs right after parsing, `precision` once th
 (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
 
-import importlib.util
 import math
 
 import torch
@@ -195,18 +193,18 @@ def precision(cfg, device: torch.device) -> None:
 
 
 def loss(cfg, device: torch.device, model_config, gpu_bytes: int | None = None) -> None:
-    """--loss auto and --loss-chunk, once the device, the micro-batch and the model's config are known.
-    Adapters (a frozen head): chunked where the full logits would crowd the GPU (needs_lean), which is
-    exact and lean, as each chunk needs only its hidden-state gradient; else ce. A full fine-tune (the
-    head trains): Cut Cross Entropy where installed, else ce."""
+    """--loss auto and --loss-chunk, once the device, the micro-batch and the model's config are known:
+    chunked where the full logits would crowd the GPU (needs_lean) and chunking is exact and lean
+    (adapters: the head is frozen, so each chunk needs only its hidden-state gradient), else ce."""
     if cfg.loss.loss == "auto":
         cfg.loss.loss, why = "ce", "full logits"
         softcapped = getattr(model_config, "final_logit_softcapping", None)
-        if device.type == "cuda" and not softcapped:
-            cfg.loss.loss, why = _adapter_loss(cfg, model_config, device, gpu_bytes) if adapters_on(cfg.lora) \
-                else _full_fine_tune_loss()
-            if cfg.loss.loss != "ce" and (reason := _matrix_problem(cfg)) is not None:  # reads the value under test
-                cfg.loss.loss, why = "ce", reason
+        if device.type == "cuda" and adapters_on(cfg.lora) and not softcapped:
+            why = "the full logits fit; --loss chunked saves their memory"
+            if (tight := needs_lean(cfg, model_config, device, gpu_bytes)) is not None:
+                cfg.loss.loss, why = "chunked", f"{tight}; never the full logits; --loss ce turns it off"
+                if (reason := _matrix_problem(cfg)) is not None:  # the matrix reads the value under test
+                    cfg.loss.loss, why = "ce", reason
         if device.type == "cuda":
             cfg.auto.append(f"--loss {cfg.loss.loss} (auto: {why})")
     if cfg.loss.loss_chunk is None:
@@ -215,26 +213,6 @@ def loss(cfg, device: torch.device, model_config, gpu_bytes: int | None = None) 
         if cfg.loss.loss == "chunked":
             cfg.auto.append(f"--loss-chunk {cfg.loss.loss_chunk} (auto: "
                             + ("a frozen head: the smallest buffer" if frozen else "the head trains") + ")")
-
-
-def _adapter_loss(cfg, model_config, device, gpu_bytes) -> tuple[str, str]:
-    if (tight := needs_lean(cfg, model_config, device, gpu_bytes)) is not None:
-        return "chunked", f"{tight}; never the full logits; --loss ce turns it off"
-    return "ce", "the full logits fit; --loss chunked saves their memory"
-
-
-def installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def _full_fine_tune_loss() -> tuple[str, str]:
-    """CCE computes the loss and the head's gradients block by block, never the logits: faster than the
-    compiled ce on the 1B shape and leaner (benchmarks/results/2026-12-02-speed-defaults-fp8-base-h200.md).
-    It skips gradient blocks below bf16 precision: loss within 0.2% and gradients within 2% of ce
-    (tests/test_fused_loss.py)."""
-    if not installed("cut_cross_entropy"):
-        return "ce", "full logits; pip install cut-cross-entropy for the fused loss"
-    return "cce", "the head trains: Cut Cross Entropy, never the full logits; --loss ce turns it off"
 
 
 def embedding_offload(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None = None) -> None:

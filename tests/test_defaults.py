@@ -136,17 +136,12 @@ def _at(argv, cuda=True, seq_len=4096):
     (["--model", "llama3-8b", "--qlora"], "cuda", L4, {}, "chunked"),
     (["--model", "llama3-8b", "--lora"], "cuda", H200, {"num_local_experts": 8}, "chunked"),  # not sized
     (["--model", "llama3-8b", "--lora"], "cpu", None, {}, "ce"),  # the full-logits path is the CPU default
-    (["--model", "llama3-8b"], "cuda", L4, {}, "cce"),  # a trained head: Cut Cross Entropy, installed
-    (["--model", "llama3-8b"], "cuda", H200, {}, "cce"),
-    (["--model", "llama3-8b"], "cpu", None, {}, "ce"),
-    (["--model", "llama3-8b"], "cuda", H200, {"final_logit_softcapping": 30.0}, "ce"),  # CCE refuses Gemma 2's cap
+    (["--model", "llama3-8b"], "cuda", L4, {}, "ce"),  # a trained head: its weight gradient is its own GEMM
     (["--model", "llama3-8b", "--lora"], "cuda", L4, {"final_logit_softcapping": 30.0}, "ce"),  # Gemma 2
     (["--model", "llama3-8b", "--lora", "--loss", "ce"], "cuda", L4, {}, "ce"),  # set by hand
     (["--model", "llama3-8b", "--lora", "--loss-chunk", "512"], "cuda", L4, {}, "chunked"),
 ])
-def test_loss_auto_is_fast_where_the_logits_fit_and_lean_where_not(monkeypatch, argv, device, gpu_bytes, changes,
-                                                                   want):
-    monkeypatch.setattr(defaults, "installed", lambda module: True)
+def test_loss_auto_is_fast_where_the_logits_fit_and_lean_where_not(argv, device, gpu_bytes, changes, want):
     cfg = _at(argv, cuda=device == "cuda")
     defaults.loss(cfg, torch.device(device), _preset_config("llama3-8b", **changes), gpu_bytes)
     assert cfg.loss.loss == want
@@ -154,13 +149,6 @@ def test_loss_auto_is_fast_where_the_logits_fit_and_lean_where_not(monkeypatch, 
         assert f"--loss {want} (auto:" in " ".join(cfg.auto)
     adapters = "--lora" in argv or "--qlora" in argv
     assert cfg.loss.loss_chunk == (512 if "--loss-chunk" in argv else 256 if adapters else 4096)
-
-
-def test_a_full_fine_tune_without_cut_cross_entropy_keeps_ce_and_says_how_to_get_it(monkeypatch):
-    monkeypatch.setattr(defaults, "installed", lambda module: module != "cut_cross_entropy")
-    cfg = _at(["--model", "llama3-8b"])
-    defaults.loss(cfg, torch.device("cuda"), _preset_config("llama3-8b"), H200)
-    assert cfg.loss.loss == "ce" and "pip install cut-cross-entropy" in " ".join(cfg.auto)
 
 
 def test_the_lean_choice_says_how_much_memory_the_logits_would_take():
