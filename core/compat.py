@@ -171,6 +171,7 @@ SETTINGS = {
     "compile.compile_backend", "sharding.fsdp_reduce_dtype", "sharding.fsdp_quant_storage",
     "compile.no_compile", "packing.no_packing", "lora_kernels.no_lora_kernels",
     "embedding_offload.no_offload_embeddings",  # off switches of GPU defaults
+    "fp8_base.fp8_base_transposed_copy",  # --fp8-base's storage layout; its module refuses it alone
 }
 
 # Refusals that depend on the model or the process layout; their modules raise them when known.

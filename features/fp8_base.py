@@ -18,8 +18,8 @@ two matmuls (features/lora_kernels.py).
 Lossy, by a stated tolerance (tests/test_fp8_base.py holds it): each matmul within 6% of the
 unquantized one (e4m3 keeps 3 mantissa bits), a random-weight preset's LoRA losses within 2% of
 the plain base's, and a real checkpoint's first-step loss within 0.1 nats. A real checkpoint's curve
-can sit further above (benchmarks/results/2026-12-02-speed-defaults-fp8-base-h200.md, measured with
-every layer in FP8): compare yours before you keep it. Speed on a GPU: the same file.
+can sit a little above the plain base's all along (benchmarks/results/2026-12-02-fp8-base-one-copy-h200.md):
+compare yours before you keep it. Speed on a GPU: the same file.
 Runs on CPU too (torch's CPU _scaled_mm), slowly: for tests. Works with: --lora (a bf16/fp32
 base), --lora-kernels, --compile (the FP8 copies are buffers, so the compiled graph sees their
 column-major views), --packing, activation checkpointing and offload. Refused with a
