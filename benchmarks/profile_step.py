@@ -8,8 +8,9 @@
 
 Everything after `--` is train.py's own flags. Steps 5 and 6 are profiled (after warm-up and any
 compilation); the table splits their GPU kernel time into matmul (cuBLAS/CUTLASS GEMMs),
-attention, elementwise/reduction (norms, RoPE, activations, casts, adds, loss, optimizer) and
-copies, and reports idle = wall time with no kernel running (host overhead, syncs, launch gaps).
+attention, the fused loss kernels (--loss cce / liger: CCE computes the head's matmuls inside its
+own), elementwise/reduction (norms, RoPE, activations, casts, adds, loss, optimizer) and copies,
+and reports idle = wall time with no kernel running (host overhead, syncs, launch gaps).
 Communication (NCCL) kernels run on their own streams beside the compute: they are reported apart,
 in total and where nothing else runs (exposed: the GPU waits on the network). A second table lists
 the longest idle gaps with the host ops that overlap them: what the GPU was waiting for.
@@ -32,6 +33,8 @@ ANNOTATION = re.compile(r"^[A-Za-z_][\w.]*#")  # record_function ranges: Profile
 CATEGORIES = [  # first match wins; names as CUDA reports them (cuBLAS, CUTLASS, FA4, inductor, aten, NCCL)
     (COMM, r"nccl"),
     ("attention", r"flash|fmha|attn|attention"),
+    # CCE's and Liger's Triton loss kernels: the head's matmuls run inside CCE's, so they are not elementwise
+    ("fused loss", r"_cce_|indexed_neg_dot|cross_entropy_kernel"),
     ("matmul", r"gemm|nvjet|sm90_xmma|cutlass|matmul|splitk|cublas"),
     ("copy", r"memcpy|memset|copy_kernel|Memcpy|Memset"),
     ("triton (compiled)", r"^triton_"),

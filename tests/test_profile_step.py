@@ -23,3 +23,12 @@ def test_nccl_beside_compute_is_not_idle_and_only_its_bare_part_is_exposed():
     assert "| 0.0 | 20.0% |" in rows["communication alone (exposed)"]
     assert "| 0.0 | 10.0% |" in rows["idle (no kernel running)"]  # 60-70: nothing ran
     assert "| 0.0 | 40.0% |" in rows["matmul"] and "| 0.0 | 20.0% |" in rows["attention"]
+
+
+def test_the_fused_loss_kernels_are_their_own_category():
+    # CCE runs the head's matmuls inside its Triton kernels: counted as elementwise they hid a fifth of a step
+    assert profile_step.category("_cce_backward_kernel") == "fused loss"
+    assert profile_step.category("_cce_lse_forward_kernel") == "fused loss"
+    assert profile_step.category("liger_cross_entropy_kernel") == "fused loss"
+    assert profile_step.category("triton_per_fused_add_mul_0") == "triton (compiled)"
+    assert profile_step.category("vectorized_elementwise_kernel") == "elementwise/reduction"
