@@ -63,7 +63,7 @@ _TP_QUANT = "--tp shards float nn.Linear weights, not a quantized base; use --lo
 _TP_LORA_ONLY = "--tp shards plain LoRA (lora_A / lora_B beside the sharded weight); drop one of them"
 _NO_GPU_TRITON = "it runs Triton kernels; on CPU use --loss chunked (exact, pure PyTorch)"
 _FP8_ADAPTER = "--fp8 trains every weight in FP8 (full fine-tuning); for LoRA use --fp8-base (the frozen base in FP8)"
-_FP8_BASE = "--fp8-base quantizes a bf16/fp32 base once; this base is already quantized or sharded, drop one of them"
+_FP8_BASE = "--fp8-base runs a bf16/fp32 or NF4 base's matmuls in FP8; this base is int8, GPTQ or sharded, drop one"
 _SP_TP = "sequence parallel over tensor-parallel heads is not supported yet; use --cp alone (or --tp alone)"
 _GPTQ_QUANTIZED = "the GPTQ checkpoint is already quantized; use --gptq --lora"
 _ONE_PROCESS = "--offload-embeddings runs in one process (the wrappers expect every parameter on the GPU); drop one"
@@ -98,8 +98,8 @@ FEATURES = [
                      ("--gptq", _FP8_ADAPTER),
                      ("--qat", "QAT fakes int4/int8 numerics, FP8 computes in FP8; drop one of them"))),
     Feature("--fp8-all-linears", "fp8.fp8_all_linears", needs=("--fp8",)),
-    Feature("--fp8-base", "fp8_base.fp8_base", needs=("--lora",), refuses=(
-        ("--qlora", _FP8_BASE), ("--lora-8bit", _FP8_BASE), ("--gptq", _FP8_BASE), ("--fp8", _FP8_ADAPTER),
+    Feature("--fp8-base", "fp8_base.fp8_base", needs=("--lora", "--qlora"), refuses=(
+        ("--lora-8bit", _FP8_BASE), ("--gptq", _FP8_BASE), ("--fp8", _FP8_ADAPTER),
         ("--qat", "QAT fakes int4/int8 numerics, --fp8-base computes in FP8; drop one of them"),
         ("--dora", "DoRA reads the whole base weight every step; --fp8-base keeps it in FP8 only; drop one"),
         ("--fsdp", _FP8_BASE), ("--tp N", _FP8_BASE), ("--deepspeed", _FP8_BASE))),

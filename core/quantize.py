@@ -72,3 +72,32 @@ def _quantized_linear(bnb, linear: torch.nn.Linear, qc):
     if bias:
         new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
     return new.to(device)  # quantizes
+
+
+# ---- a 4-bit weight as plain tensors: what the opaque matmul ops of features/ take
+
+
+def is_4bit(base) -> bool:
+    return any(c.__name__ == "Linear4bit" for c in type(base).__mro__)  # bnb's, without importing it
+
+
+def packed_4bit(base) -> tuple:
+    """A bitsandbytes 4-bit weight as the opaque ops take it: (packed, absmax, code, absmax2, code2,
+    offset, blocksize, blocksize2, shape), the second level None / 0 without double quantization."""
+    qs = base.weight.quant_state
+    nested = qs.state2 is not None
+    return (base.weight, qs.absmax, qs.code, qs.state2.absmax if nested else None,
+            qs.state2.code if nested else None, qs.offset if nested else None, qs.blocksize,
+            qs.state2.blocksize if nested else 0, list(qs.shape))
+
+
+def dequantize_packed(packed, absmax, code, absmax2, code2, offset, blocksize: int, blocksize2: int,
+                      shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The dense (out, in) weight of packed_4bit's tuple, in dtype."""
+    import bitsandbytes.functional as bnbF
+
+    state2 = bnbF.QuantState(absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32) \
+        if absmax2 is not None else None
+    qs = bnbF.QuantState(absmax, shape=torch.Size(shape), code=code, blocksize=blocksize, quant_type="nf4",
+                         dtype=dtype, offset=offset, state2=state2)
+    return bnbF.dequantize_4bit(packed, qs).to(dtype)

@@ -1,6 +1,7 @@
 """FP8 for the frozen base under LoRA: the base projections' matmuls in FP8, the adapters as before.
 
     python train.py --lora --fp8-base          # a GPU with FP8 matmuls (Ada, Hopper, Blackwell)
+    python train.py --qlora --fp8-base         # the base stays NF4 in memory; its matmuls run in FP8
 
 Under LoRA the base weights never change, so each is quantized once, to float8 e4m3 with one
 scale per output row, and kept once: a byte per weight, half a bf16 base. Every step quantizes the
@@ -15,24 +16,31 @@ embeddings and the head stay in their own precision, and so do the last --fp8-ba
 decoder layers (1 by default; see apply). With --lora-kernels the fused Functions call the same
 two matmuls (features/lora_kernels.py).
 
+On a --qlora base the weight stays NF4 in memory (QLoRA's memory) and each matmul dequantizes it
+and quantizes it to e4m3 inside one opaque op, per output row for the forward and per input column
+for the input gradient, so no dense or FP8 copy lives beyond that op (Fp8Nf4Linear). It runs inside
+the fused LoRA kernels (on by default on a GPU).
+
 Lossy, by a stated tolerance (tests/test_fp8_base.py holds it): each matmul within 6% of the
 unquantized one (e4m3 keeps 3 mantissa bits), a random-weight preset's LoRA losses within 2% of
 the plain base's, and a real checkpoint's first-step loss within 0.1 nats. A real checkpoint's curve
 can sit a little above the plain base's all along (benchmarks/results/2026-12-02-fp8-base-one-copy-h200.md):
 compare yours before you keep it. Speed on a GPU: the same file.
 Runs on CPU too (torch's CPU _scaled_mm), slowly: for tests. Works with: --lora (a bf16/fp32
-base), --lora-kernels, --compile (the FP8 copies are buffers, so the compiled graph sees their
-column-major views), --packing, activation checkpointing and offload. Refused with a
-base that is already quantized (--qlora, --lora-8bit, --gptq), with --fp8 (FP8 training of a full
+base), --qlora (with --lora-kernels), --lora-kernels, --compile (the FP8 copies are buffers, so the
+compiled graph sees their column-major views), --packing, activation checkpointing and offload.
+Refused with an int8 or GPTQ base (--lora-8bit, --gptq), with --fp8 (FP8 training of a full
 fine-tune), --qat, and with sharding (--fsdp, --tp, --deepspeed: they shard float weights).
 References: torch._scaled_mm rowwise scaling; torchao's float8 rowwise recipe (the scale layout).
 """
 
 import dataclasses
+import functools
 
 import torch
 
 from core import UserError
+from core.quantize import dequantize_packed, is_4bit, packed_4bit
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
@@ -177,12 +185,102 @@ class Fp8FrozenLinear(torch.nn.Module):
         return _Fp8Matmul.apply(x, self.w8, self.w_scale, self.wt8, self.unit, self.bias)
 
 
+# ---- a QLoRA base (bitsandbytes NF4): NF4 in memory, FP8 inside each matmul
+
+
+@functools.cache
+def _compiled_quantize_rows():
+    return torch.compile(quantize_rows, dynamic=True)  # one fused kernel instead of six eager passes
+
+
+@torch.library.custom_op("nanotune::nf4_fp8_mm", mutates_args=())
+def _nf4_fp8_mm(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                code: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
+                offset: torch.Tensor | None, blocksize: int, blocksize2: int, shape: list[int], transpose: bool,
+                bias: torch.Tensor | None, c: torch.Tensor | None, d: torch.Tensor | None, s: float,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """x8 W^T (transpose: x8 W) for the NF4 weight W, dequantized and quantized to e4m3 per row of the
+    operand it is here (W, or W^T), inside the op: under torch.compile neither copy is a value of the
+    graph, so none is kept for backward (QLoRA's saving, as lora_kernels' linear4bit_plus); plus
+    c d s (and bias) as _fp8_rowwise_mm_plus."""
+    w = dequantize_packed(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, torch.bfloat16)
+    w = w.t() if transpose else w
+    w8, w_scale = (_compiled_quantize_rows() if w.is_cuda else quantize_rows)(w)
+    w_scale = w_scale.reshape(1, -1)  # as _scaled_mm's scale_b: 1 x n
+    if c is None:
+        y = _fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x8.device)).to(out_dtype)
+        return y if bias is None else y.add_(bias)
+    return _fp8_rowwise_mm_plus(x8, x_scale, w8, w_scale, c, d, s, bias)
+
+
+@_nf4_fp8_mm.register_fake
+def _(x8, x_scale, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, transpose, bias,
+      c, d, s, out_dtype):
+    return x8.new_empty((x8.shape[0], shape[1] if transpose else shape[0]), dtype=out_dtype if c is None else c.dtype)
+
+
+class _Fp8Nf4Matmul(torch.autograd.Function):
+    """x W^T + bias through an Fp8Nf4Linear, for peft's own forward (the LoRA kernels call the two
+    matmuls themselves)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.fp8_matmul(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return ctx.layer.fp8_grad_input(dy), None
+
+
+class Fp8Nf4Linear(torch.nn.Module):
+    """A frozen bitsandbytes NF4 linear (--qlora) whose matmuls run in FP8: the weight stays NF4 in
+    memory, and each matmul dequantizes it and quantizes it to e4m3, per output row for x W^T and
+    per input column for dY W (a fresh quantization of W^T: nothing to fold, nothing kept)."""
+
+    def __init__(self, nf4: torch.nn.Module):
+        super().__init__()
+        self.nf4 = nf4  # the Linear4bit: its packed weight and quantization state, unchanged
+        self.in_features, self.out_features, self.bias = nf4.in_features, nf4.out_features, nf4.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (what peft and checks read as `.weight`; training never does)."""
+        return dequantize_packed(*packed_4bit(self.nf4), torch.bfloat16)
+
+    def _mm(self, x: torch.Tensor, transpose: bool, plus) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
+        c, d, s, bias = plus if plus is not None else (None, None, 0.0, None if transpose else self.bias)
+        y = torch.ops.nanotune.nf4_fp8_mm(x8, x_scale, *packed_4bit(self.nf4), transpose, bias, c, d, float(s),
+                                          out_dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def fp8_matmul(self, x: torch.Tensor, plus=None) -> torch.Tensor:
+        """x W^T, for the fused LoRA kernels' forward; plus = (c, d, s, bias) adds bias + s c d."""
+        return self._mm(x, False, plus)
+
+    def fp8_grad_input(self, dy: torch.Tensor, plus=None) -> torch.Tensor:
+        """dY W; plus = (c, d, s, None) adds s c d."""
+        return self._mm(dy, True, plus)
+
+    def forward(self, x):
+        return _Fp8Nf4Matmul.apply(x, self)
+
+
 def _frozen_bases(model):
-    """(parent LoRA layer, its frozen nn.Linear base) for every peft LoRA linear of the decoder."""
+    """(parent LoRA layer, its frozen base) for every peft LoRA linear of the decoder: an nn.Linear, or
+    a bitsandbytes 4-bit Linear4bit (--qlora)."""
     for module in model.modules():
         base = getattr(module, "base_layer", None)
-        if type(base) is torch.nn.Linear and not base.weight.requires_grad and hasattr(module, "lora_A"):
+        linear = type(base) is torch.nn.Linear and not base.weight.requires_grad or is_4bit(base)
+        if linear and hasattr(module, "lora_A"):
             yield module, base
+
+
+def _fp8(base, cfg) -> torch.nn.Module:
+    return Fp8Nf4Linear(base) if is_4bit(base) else Fp8FrozenLinear(base, cfg.fp8_base.fp8_base_transposed_copy)
 
 
 def _in_last_layers(model, n: int) -> set[int]:
@@ -200,18 +298,22 @@ def apply(model, cfg, run):
     outlier channels, so a few percent of weight error there moves the head's input; with all 210
     projections in FP8 the first step's loss rose 0.26-0.31 nats, with the last layer kept 0.01-0.06
     (tests/test_fp8_base.py holds the real checkpoint to 0.1)."""
+    if cfg.lora.qlora and not cfg.lora_kernels.lora_kernels:
+        raise UserError("--fp8-base on a --qlora base runs inside the fused LoRA kernels; add --lora-kernels "
+                        "(on by default on a GPU; it needs --lora-dropout 0), or drop --fp8-base")
     swapped, keep = 0, _in_last_layers(model, cfg.fp8_base.fp8_base_keep_last)
     for layer, base in list(_frozen_bases(model)):
         if base.in_features % 16 or base.out_features % 16:
             continue  # _scaled_mm needs both dims divisible by 16; such a small layer gains nothing anyway
         if id(layer) in keep:
             continue
-        layer.base_layer = Fp8FrozenLinear(base, cfg.fp8_base.fp8_base_transposed_copy)
+        layer.base_layer = _fp8(base, cfg)
         swapped += 1
     if swapped == 0:
-        raise UserError("--fp8-base found no adapted bf16/fp32 linear to run in FP8; it needs --lora on a model "
+        raise UserError("--fp8-base found no adapted linear to run in FP8; it needs --lora or --qlora on a model "
                         "whose projection sizes divide by 16, with more decoder layers than --fp8-base-keep-last")
-    kept = cfg.fp8_base.fp8_base_keep_last
-    run.say(f"fp8 base: {swapped} frozen projections in FP8 (e4m3, rowwise scales)"
+    kept, nf4 = cfg.fp8_base.fp8_base_keep_last, cfg.lora.qlora
+    run.say(f"fp8 base: {swapped} frozen projections in FP8 (e4m3, rowwise scales"
+            + ("; NF4 in memory, quantized per matmul)" if nf4 else ")")
             + (f"; the last {kept} decoder layer{'s' * (kept > 1)} unquantized" if kept else ""))
     return model

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from core import UserError
+from core.quantize import dequantize_packed, is_4bit, packed_4bit
 
 _ACTS = {  # class name of transformers' act_fn -> (activation, its backward(grad, x)): aten ops
     "SiLUActivation": (F.silu, torch.ops.aten.silu_backward),
@@ -64,14 +65,10 @@ _DORA = "--lora-kernels computes plain LoRA, not DoRA" + _FIX + " drop --dora"
 # ---- the frozen base layer: a plain weight, or a bitsandbytes 4-bit one dequantized per call
 
 
-def _is_4bit(base) -> bool:
-    return any(c.__name__ == "Linear4bit" for c in type(base).__mro__)  # bnb's, without importing it
-
-
 def _weight(base) -> torch.Tensor:
     """The base layer's (out, in) weight. A 4-bit weight is dequantized on every call, so the dense
     copy lives for one matmul in forward and one in backward and is never saved (QLoRA's saving)."""
-    if not _is_4bit(base):
+    if not is_4bit(base):
         return base.weight
     import bitsandbytes.functional as bnbF
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
@@ -82,7 +79,7 @@ def _weight(base) -> torch.Tensor:
 
 def _compute_dtype(base, x: torch.Tensor) -> torch.dtype:
     """bnb's Linear4bit computes in its compute_dtype (set from the first input when unset)."""
-    return (getattr(base, "compute_dtype", None) or x.dtype) if _is_4bit(base) else x.dtype
+    return (getattr(base, "compute_dtype", None) or x.dtype) if is_4bit(base) else x.dtype
 
 
 def _base_linear(x: torch.Tensor, base) -> torch.Tensor:
@@ -137,13 +134,8 @@ def _base_plus(x, base, c, d, s: float, transpose: bool = False) -> torch.Tensor
     bias = None if transpose or base.bias is None else base.bias.to(x.dtype)
     if hasattr(base, "fp8_matmul"):  # --fp8-base: the two FP8 matmuls of features/fp8_base.py, s c d inside
         return base.fp8_grad_input(x, (c, d, s, None)) if transpose else base.fp8_matmul(x, (c, d, s, bias))
-    if _is_4bit(base) and torch.compiler.is_compiling():
-        qs = base.weight.quant_state
-        nested = qs.state2 is not None
-        return torch.ops.nanotune.linear4bit_plus(
-            x, base.weight, qs.absmax, qs.code, qs.state2.absmax if nested else None,
-            qs.state2.code if nested else None, qs.offset if nested else None, qs.blocksize,
-            qs.state2.blocksize if nested else 0, list(qs.shape), transpose, bias, c, d, float(s))
+    if is_4bit(base) and torch.compiler.is_compiling():
+        return torch.ops.nanotune.linear4bit_plus(x, *packed_4bit(base), transpose, bias, c, d, float(s))
     w = _weight(base).to(x.dtype)
     return _linear_plus(x, w.t() if transpose else w, bias, c, d, s)
 
@@ -153,13 +145,7 @@ def _linear4bit_plus_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Ten
                         absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
                         blocksize: int, blocksize2: int, shape: list[int], transpose: bool,
                         bias: torch.Tensor | None, c: torch.Tensor, d: torch.Tensor, s: float) -> torch.Tensor:
-    import bitsandbytes.functional as bnbF
-
-    state2 = bnbF.QuantState(absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32) \
-        if absmax2 is not None else None
-    qs = bnbF.QuantState(absmax, shape=torch.Size(shape), code=code, blocksize=blocksize, quant_type="nf4",
-                         dtype=x.dtype, offset=offset, state2=state2)
-    w = bnbF.dequantize_4bit(packed, qs).to(x.dtype)
+    w = dequantize_packed(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, x.dtype)
     return _linear_plus_eager(x, w.t() if transpose else w, bias, c, d, s)
 
 
@@ -196,7 +182,7 @@ def _lora_backward(dy, x, xa, A, B, base, s, dx=None, need_dx=True):
     dA = (dxa.t() @ x.to(dt)).to(A.dtype)
     if not need_dx:
         return None, dA, dB
-    if not _is_4bit(base) or _compute_dtype(base, x) == dt:  # dy W + dxa A in dt (_base_grad's dtype)
+    if not is_4bit(base) or _compute_dtype(base, x) == dt:  # dy W + dxa A in dt (_base_grad's dtype)
         g = _base_plus(dy.to(dt), base, dxa, A.to(dt), 1.0, transpose=True).to(x.dtype)
     else:
         g = _base_grad(dy, base, x).to(dt).addmm_(dxa, A.to(dt)).to(x.dtype)
@@ -312,7 +298,7 @@ def _check_layer(layer, name: str) -> None:
     if len(layer.active_adapters) != 1:
         raise UserError(f"--lora-kernels needs exactly one active adapter ({name} has {layer.active_adapters})")
     base = layer.base_layer
-    if not _is_4bit(base) and not base.weight.dtype.is_floating_point:  # Int8Params, GPTQ, ...
+    if not is_4bit(base) and not base.weight.dtype.is_floating_point:  # Int8Params, GPTQ, ...
         raise UserError(f"--lora-kernels supports a bf16/fp32 (--lora) or 4-bit (--qlora) base, not "
                         f"{type(base).__name__} ({name}; --lora-8bit){_FIX} use --lora or --qlora")
     if getattr(layer, "fan_in_fan_out", False) or base.bias is not None and base.bias.requires_grad:

@@ -99,6 +99,77 @@ def test_a_lora_run_with_an_fp8_base_tracks_the_plain_base(tmp_path, plain_losse
     assert fp8 != plain_losses, "--fp8-base changed nothing: was the base swapped?"
 
 
+QLORA = ["--qlora", "--lora-kernels"]
+
+
+@pytest.fixture(scope="module")
+def plain_qlora_losses(tmp_path_factory) -> list[float]:
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path_factory.mktemp("plain-qlora")
+    assert run_train(out, *ARGS[1:], *QLORA) == 0
+    return [m["loss"] for m in read_metrics(out) if "loss" in m]
+
+
+@pytest.mark.parametrize("extra", [[], ["--compile"]])
+def test_a_qlora_run_with_an_fp8_base_tracks_the_nf4_base(tmp_path, plain_qlora_losses, extra):
+    """--qlora --fp8-base: the NF4 weights dequantized and quantized to e4m3 inside each matmul's op."""
+    assert run_train(tmp_path / "fp8", *ARGS[1:], *QLORA, *extra, "--fp8-base") == 0
+    fp8 = [m["loss"] for m in read_metrics(tmp_path / "fp8") if "loss" in m]
+    assert len(fp8) == len(plain_qlora_losses) == 8
+    worst = max(abs(b - a) / a for a, b in zip(plain_qlora_losses, fp8, strict=True))
+    assert worst < RUN_TOL, f"--qlora --fp8-base losses differ by up to {100 * worst:.2f}% from NF4's"
+    assert fp8 != plain_qlora_losses, "--fp8-base changed nothing: was the base swapped?"
+
+
+def _nf4_linear(linear: torch.nn.Linear):
+    import bitsandbytes as bnb
+
+    nf4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, torch.float32,
+                            quant_type="nf4", device="meta")
+    nf4.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", module=nf4)
+    if linear.bias is not None:
+        nf4.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    nf4.support_avx512bf16_for_cpu = False
+    return nf4.to("cpu")  # quantizes
+
+
+def test_nf4_fp8_matmuls_are_the_products_of_their_quantized_operands():
+    pytest.importorskip("bitsandbytes")
+    from features.fp8_base import Fp8Nf4Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=True).requires_grad_(False)
+    nf4 = _nf4_linear(linear)
+    f = Fp8Nf4Linear(nf4)
+    w = f.weight.float()  # the NF4 weight, dequantized
+    x, dy = torch.randn(3, 7, 96), torch.randn(3, 7, 48)
+    x8, xs = quantize_rows(x.reshape(-1, 96))
+    w8, ws = quantize_rows(w)  # per output row for the forward
+    expected = (x8.float() * xs) @ (w8.float() * ws).t() + linear.bias
+    assert torch.allclose(f(x).reshape(-1, 48), expected, rtol=1e-5, atol=1e-5)
+    dy8, dys = quantize_rows(dy.reshape(-1, 48))
+    wt8, wts = quantize_rows(w.t())  # per input column for the input gradient
+    expected_dx = (dy8.float() * dys) @ (wt8.float() * wts).t()
+    assert torch.allclose(f.fp8_grad_input(dy).reshape(-1, 96), expected_dx, rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_(True)  # peft's own forward: the same two matmuls through autograd
+    f(xg).backward(dy)
+    assert torch.allclose(xg.grad.reshape(-1, 96), expected_dx, rtol=1e-5, atol=1e-5)
+    y_nf4 = nf4(x)  # within the FP8 tolerance of bitsandbytes' own NF4 matmul
+    assert _rel(f(x), y_nf4) < MATMUL_TOL
+
+
+def test_fp8_base_on_qlora_without_the_lora_kernels_is_refused():
+    from types import SimpleNamespace
+
+    from core import UserError
+    from features import fp8_base as fp8
+
+    cfg = SimpleNamespace(lora=SimpleNamespace(qlora=True), lora_kernels=SimpleNamespace(lora_kernels=False),
+                          fp8_base=fp8.Fp8BaseConfig(fp8_base=True))
+    with pytest.raises(UserError, match="add --lora-kernels"):
+        fp8.apply(torch.nn.Module(), cfg, None)
+
+
 REAL_ARGS = ["--lora", "--max-steps", "1", "--log-every", "1", "--val-dataset", "none", "--eval-exact-match", "0",
              "--skip-export", "--seq-len", "512", "--micro-batch-size", "4", "--grad-accum", "1", "--packing",
              "--device", "cpu"]
