@@ -35,7 +35,6 @@ References: torch._scaled_mm rowwise scaling; torchao's float8 rowwise recipe (t
 """
 
 import dataclasses
-import functools
 
 import torch
 
@@ -188,11 +187,6 @@ class Fp8FrozenLinear(torch.nn.Module):
 # ---- a QLoRA base (bitsandbytes NF4): NF4 in memory, FP8 inside each matmul
 
 
-@functools.cache
-def _compiled_quantize_rows():
-    return torch.compile(quantize_rows, dynamic=True)  # one fused kernel instead of six eager passes
-
-
 @torch.library.custom_op("nanotune::nf4_fp8_mm", mutates_args=())
 def _nf4_fp8_mm(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                 code: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
@@ -205,7 +199,7 @@ def _nf4_fp8_mm(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, a
     c d s (and bias) as _fp8_rowwise_mm_plus."""
     w = dequantize_packed(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, torch.bfloat16)
     w = w.t() if transpose else w
-    w8, w_scale = (_compiled_quantize_rows() if w.is_cuda else quantize_rows)(w)
+    w8, w_scale = quantize_rows(w)  # eager: a torch.compile(dynamic=True) of it failed here in inductor (torch 2.11)
     w_scale = w_scale.reshape(1, -1)  # as _scaled_mm's scale_b: 1 x n
     if c is None:
         y = _fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x8.device)).to(out_dtype)
