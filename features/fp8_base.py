@@ -47,7 +47,7 @@ E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 @dataclasses.dataclass
 class Fp8BaseConfig:
     fp8_base: bool = False
-    """The frozen base's projections under --lora in FP8 (e4m3, rowwise scales); adapters unchanged. Lossy: each matmul within a few percent of bf16."""  # noqa: E501
+    """The frozen base's projections under --lora or --qlora in FP8 (e4m3, rowwise scales); adapters unchanged. Lossy: each matmul within a few percent of bf16."""  # noqa: E501
     fp8_base_keep_last: int = 1
     """With --fp8-base: the last N decoder layers keep their projections in bf16 (their MLP writes the outliers the head reads); 0 converts every layer."""  # noqa: E501
     fp8_base_transposed_copy: bool = False
