@@ -131,7 +131,9 @@ def build(layers=2, hidden=256, intermediate=896, heads=4, kv_heads=2, vocab=102
     if fp8_base:
         from features import fp8_base as fp8
 
-        every_layer = argparse.Namespace(fp8_base=fp8.Fp8BaseConfig(fp8_base=True, fp8_base_keep_last=0))
+        every_layer = argparse.Namespace(fp8_base=fp8.Fp8BaseConfig(fp8_base=True, fp8_base_keep_last=0),
+                                         lora=argparse.Namespace(qlora=False),
+                                         lora_kernels=argparse.Namespace(lora_kernels=True))
         model = fp8.apply(model, every_layer, argparse.Namespace(say=lambda *a: None))
     model = apply_lora_kernels(model)
     for name, p in model.named_parameters():  # peft's zero init would hide lora_A's gradient path
