@@ -74,14 +74,18 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's compute dtype: the autocast dtype under autocast (as nn.Linear), else its own."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+
+
 def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, plus=None, out_dtype=None) -> torch.Tensor:
     """x (..., k) times w8^T (w8: n x k in e4m3; w_scale: 1 x n, one per row of w8) in FP8, output in
     out_dtype, by default x's compute dtype (the autocast dtype under autocast, as nn.Linear).
     plus = (c, d, s, bias): bias + s c d added into the product inside the same opaque op (the LoRA
     kernels' low-rank path), in c's dtype."""
-    if out_dtype is None:
-        autocast = torch.is_autocast_enabled(x.device.type)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    out_dtype = out_dtype or _compute_dtype(x)
     x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
     if plus is None:
         y = torch.ops.nanotune.fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x.device)).to(out_dtype)
@@ -243,12 +247,10 @@ class Fp8Nf4Linear(torch.nn.Module):
         return dequantize_packed(*packed_4bit(self.nf4), torch.bfloat16)
 
     def _mm(self, x: torch.Tensor, transpose: bool, plus) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled(x.device.type)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
         c, d, s, bias = plus if plus is not None else (None, None, 0.0, None if transpose else self.bias)
         y = torch.ops.nanotune.nf4_fp8_mm(x8, x_scale, *packed_4bit(self.nf4), transpose, bias, c, d, float(s),
-                                          out_dtype)
+                                          _compute_dtype(x))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def fp8_matmul(self, x: torch.Tensor, plus=None) -> torch.Tensor:
