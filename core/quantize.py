@@ -101,3 +101,13 @@ def dequantize_packed(packed, absmax, code, absmax2, code2, offset, blocksize: i
     qs = bnbF.QuantState(absmax, shape=torch.Size(shape), code=code, blocksize=blocksize, quant_type="nf4",
                          dtype=dtype, offset=offset, state2=state2)
     return bnbF.dequantize_4bit(packed, qs).to(dtype)
+
+
+def block_absmax(absmax, absmax2, code2, offset, blocksize2: int) -> torch.Tensor:
+    """The fp32 absmax of each 4-bit block: absmax itself, or its double quantization undone."""
+    if absmax2 is None:
+        return absmax.float()
+    import bitsandbytes.functional as bnbF
+
+    state2 = bnbF.QuantState(absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32)
+    return bnbF.dequantize_blockwise(absmax, state2).float() + offset

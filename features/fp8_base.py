@@ -17,8 +17,8 @@ decoder layers (1 by default; see apply). With --lora-kernels the fused Function
 two matmuls (features/lora_kernels.py).
 
 On a --qlora base the weight stays NF4 in memory (QLoRA's memory) and each matmul dequantizes it
-and quantizes it to e4m3 inside one opaque op, per output row for the forward and per input column
-for the input gradient, so no dense or FP8 copy lives beyond that op (Fp8Nf4Linear). It runs inside
+straight to e4m3 inside one opaque op (the row scales folded into the NF4 blocks' absmax once), so
+no dense or FP8 copy lives beyond that op (Fp8Nf4Linear). It runs inside
 the fused LoRA kernels (on by default on a GPU).
 
 Lossy, by a stated tolerance (tests/test_fp8_base.py holds it): each matmul within 6% of the
@@ -39,7 +39,7 @@ import dataclasses
 import torch
 
 from core import UserError
-from core.quantize import dequantize_packed, is_4bit, packed_4bit
+from core.quantize import block_absmax, dequantize_packed, is_4bit, packed_4bit
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
@@ -193,27 +193,25 @@ class Fp8FrozenLinear(torch.nn.Module):
 
 @torch.library.custom_op("nanotune::nf4_fp8_mm", mutates_args=())
 def _nf4_fp8_mm(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
-                code: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
-                offset: torch.Tensor | None, blocksize: int, blocksize2: int, shape: list[int], transpose: bool,
-                bias: torch.Tensor | None, c: torch.Tensor | None, d: torch.Tensor | None, s: float,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    """x8 W^T (transpose: x8 W) for the NF4 weight W, dequantized and quantized to e4m3 per row of the
-    operand it is here (W, or W^T), inside the op: under torch.compile neither copy is a value of the
-    graph, so none is kept for backward (QLoRA's saving, as lora_kernels' linear4bit_plus); plus
-    c d s (and bias) as _fp8_rowwise_mm_plus."""
-    w = dequantize_packed(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, torch.bfloat16)
-    w = w.t() if transpose else w
-    w8, w_scale = quantize_rows(w)  # eager: a torch.compile(dynamic=True) of it failed here in inductor (torch 2.11)
-    w_scale = w_scale.reshape(1, -1)  # as _scaled_mm's scale_b: 1 x n
+                code: torch.Tensor, blocksize: int, shape: list[int], row_scale: torch.Tensor | None,
+                scale_b: torch.Tensor, transpose: bool, bias: torch.Tensor | None, c: torch.Tensor | None,
+                d: torch.Tensor | None, s: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x8 W8^T (transpose: x8 W8) for W8 = W / row_scale in e4m3, W the NF4 weight: dequantized and
+    cast inside the op, so under torch.compile no dense or FP8 copy is a value of the graph and none
+    is kept for backward (QLoRA's saving, as lora_kernels' linear4bit_plus). absmax: the blocks'
+    absmax already divided by their row's scale (row_scale None), or as stored (row_scale: divide
+    here); scale_b as _scaled_mm's; plus c d s (and bias) as _fp8_rowwise_mm_plus."""
+    w = dequantize_packed(packed, absmax, code, None, None, None, blocksize, 0, shape, torch.bfloat16)
+    w8 = (w if row_scale is None else w.float() / row_scale).to(torch.float8_e4m3fn)  # rows peak at 448
+    w8 = transposed(w8) if transpose else w8
     if c is None:
-        y = _fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x8.device)).to(out_dtype)
+        y = _fp8_rowwise_mm(x8, x_scale, w8, scale_b, _mm_dtype(out_dtype, x8.device)).to(out_dtype)
         return y if bias is None else y.add_(bias)
-    return _fp8_rowwise_mm_plus(x8, x_scale, w8, w_scale, c, d, s, bias)
+    return _fp8_rowwise_mm_plus(x8, x_scale, w8, scale_b, c, d, s, bias)
 
 
 @_nf4_fp8_mm.register_fake
-def _(x8, x_scale, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, transpose, bias,
-      c, d, s, out_dtype):
+def _(x8, x_scale, packed, absmax, code, blocksize, shape, row_scale, scale_b, transpose, bias, c, d, s, out_dtype):
     return x8.new_empty((x8.shape[0], shape[1] if transpose else shape[0]), dtype=out_dtype if c is None else c.dtype)
 
 
@@ -233,24 +231,50 @@ class _Fp8Nf4Matmul(torch.autograd.Function):
 
 class Fp8Nf4Linear(torch.nn.Module):
     """A frozen bitsandbytes NF4 linear (--qlora) whose matmuls run in FP8: the weight stays NF4 in
-    memory, and each matmul dequantizes it and quantizes it to e4m3, per output row for x W^T and
-    per input column for dY W (a fresh quantization of W^T: nothing to fold, nothing kept)."""
+    memory, and each matmul dequantizes it straight to e4m3. W's row scales are fixed once, from the
+    NF4 blocks' absmax (a row's largest |weight| is its largest block absmax: NF4's code reaches +-1),
+    and folded into those absmax, so the dequantized values are W / scale, ready to cast. The input
+    gradient reuses them as Fp8FrozenLinear does: the scales go into dY, W8 is transposed."""
 
     def __init__(self, nf4: torch.nn.Module):
         super().__init__()
         self.nf4 = nf4  # the Linear4bit: its packed weight and quantization state, unchanged
         self.in_features, self.out_features, self.bias = nf4.in_features, nf4.out_features, nf4.bias
+        packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape = packed_4bit(nf4)
+        absmax = block_absmax(absmax, absmax2, code2, offset, blocksize2)
+        per_row = self.in_features % blocksize == 0  # else blocks straddle rows: the op divides W itself
+        row_amax = absmax.view(self.out_features, -1).amax(1) if per_row else \
+            dequantize_packed(*packed_4bit(nf4), torch.float32).abs().amax(1)
+        scale = torch.where(row_amax > 0, row_amax / E4M3_MAX, torch.ones_like(row_amax))
+        buffers = {"absmax": (absmax.view(self.out_features, -1) / scale[:, None]).flatten() if per_row else absmax,
+                   "row_scale": None if per_row else scale[:, None],
+                   "w_scale": scale[None, :].contiguous(),  # as _scaled_mm's scale_b: 1 x out
+                   "unit": torch.ones(1, self.in_features, device=scale.device),  # W8^T's column scales
+                   "code": code}
+        for name, t in buffers.items():
+            self.register_buffer(name, t, persistent=False)  # not in state dicts: derived from the NF4 weight
+        self.blocksize, self.shape = blocksize, shape
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (what peft and checks read as `.weight`; training never does)."""
         return dequantize_packed(*packed_4bit(self.nf4), torch.bfloat16)
 
+    def fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W8, its row scales as 1 x out): the e4m3 weight each matmul builds, W ~ diag(scale) W8."""
+        w = dequantize_packed(self.nf4.weight, self.absmax, self.code, None, None, None, self.blocksize, 0,
+                              self.shape, torch.bfloat16)
+        return (w if self.row_scale is None else w.float() / self.row_scale).to(torch.float8_e4m3fn), self.w_scale
+
     def _mm(self, x: torch.Tensor, transpose: bool, plus) -> torch.Tensor:
+        out_dtype = _compute_dtype(x)
+        if transpose:  # dY W = (dY diag(s)) W8: s folded into dY before it is quantized (traced: one kernel)
+            x = x.float() * self.w_scale
         x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
         c, d, s, bias = plus if plus is not None else (None, None, 0.0, None if transpose else self.bias)
-        y = torch.ops.nanotune.nf4_fp8_mm(x8, x_scale, *packed_4bit(self.nf4), transpose, bias, c, d, float(s),
-                                          _compute_dtype(x))
+        y = torch.ops.nanotune.nf4_fp8_mm(x8, x_scale, self.nf4.weight, self.absmax, self.code, self.blocksize,
+                                          self.shape, self.row_scale, self.unit if transpose else self.w_scale,
+                                          transpose, bias, c, d, float(s), out_dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def fp8_matmul(self, x: torch.Tensor, plus=None) -> torch.Tensor:

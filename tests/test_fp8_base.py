@@ -22,7 +22,7 @@ REAL_NATS = 0.1  # the real checkpoint's first-step loss (answer tokens, before 
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 def test_quantize_rows_maps_each_row_absmax_to_the_e4m3_max():
@@ -133,29 +133,35 @@ def _nf4_linear(linear: torch.nn.Linear):
     return nf4.to("cpu")  # quantizes
 
 
-def test_nf4_fp8_matmuls_are_the_products_of_their_quantized_operands():
+@pytest.mark.parametrize("in_features", [128, 96])  # 96: NF4 blocks of 64 straddle rows
+def test_nf4_fp8_matmuls_are_the_products_of_their_quantized_operands(in_features):
     pytest.importorskip("bitsandbytes")
+    from core.quantize import dequantize_packed, packed_4bit
     from features.fp8_base import Fp8Nf4Linear
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(96, 48, bias=True).requires_grad_(False)
+    linear = torch.nn.Linear(in_features, 48, bias=True).requires_grad_(False)
     nf4 = _nf4_linear(linear)
     f = Fp8Nf4Linear(nf4)
-    w = f.weight.float()  # the NF4 weight, dequantized
-    x, dy = torch.randn(3, 7, 96), torch.randn(3, 7, 48)
-    x8, xs = quantize_rows(x.reshape(-1, 96))
-    w8, ws = quantize_rows(w)  # per output row for the forward
-    expected = (x8.float() * xs) @ (w8.float() * ws).t() + linear.bias
+    w = dequantize_packed(*packed_4bit(nf4), torch.float32)  # the NF4 weight, exactly
+    w8, ws = f.fp8_weight()
+    assert torch.allclose(ws.t(), w.abs().amax(1, keepdim=True) / 448, rtol=1e-6)  # each row's absmax -> 448
+    assert torch.allclose(w8.float().abs().amax(1), torch.full((48,), 448.0))
+    assert _rel(w8.float() * ws.t(), w) < 0.05  # e4m3's rounding of the NF4 weight
+    x, dy = torch.randn(3, 7, in_features), torch.randn(3, 7, 48)
+    x8, xs = quantize_rows(x.reshape(-1, in_features))
+    expected = (x8.float() * xs) @ (w8.float() * ws.t()).t() + linear.bias
     assert torch.allclose(f(x).reshape(-1, 48), expected, rtol=1e-5, atol=1e-5)
-    dy8, dys = quantize_rows(dy.reshape(-1, 48))
-    wt8, wts = quantize_rows(w.t())  # per input column for the input gradient
-    expected_dx = (dy8.float() * dys) @ (wt8.float() * wts).t()
-    assert torch.allclose(f.fp8_grad_input(dy).reshape(-1, 96), expected_dx, rtol=1e-5, atol=1e-5)
+    g8, gs = quantize_rows(dy.reshape(-1, 48) * ws)  # W's row scales folded into dY, as Fp8FrozenLinear
+    expected_dx = (g8.float() * gs) @ w8.float()
+    assert torch.allclose(f.fp8_grad_input(dy).reshape(-1, in_features), expected_dx, rtol=1e-5, atol=1e-5)
     xg = x.clone().requires_grad_(True)  # peft's own forward: the same two matmuls through autograd
     f(xg).backward(dy)
-    assert torch.allclose(xg.grad.reshape(-1, 96), expected_dx, rtol=1e-5, atol=1e-5)
-    y_nf4 = nf4(x)  # within the FP8 tolerance of bitsandbytes' own NF4 matmul
-    assert _rel(f(x), y_nf4) < MATMUL_TOL
+    assert torch.allclose(xg.grad.reshape(-1, in_features), expected_dx, rtol=1e-5, atol=1e-5)
+    xr = x.clone().requires_grad_(True)  # within the FP8 tolerance of bitsandbytes' own NF4 matmul
+    y_nf4 = nf4(xr)
+    y_nf4.backward(dy)
+    assert _rel(f(x), y_nf4) < MATMUL_TOL and _rel(xg.grad, xr.grad) < MATMUL_TOL
 
 
 def test_fp8_base_on_qlora_without_the_lora_kernels_is_refused():
