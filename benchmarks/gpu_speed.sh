@@ -100,7 +100,7 @@ defaults)
     --defaults-with "--fp8-base --fp8-base-transposed-copy" "$lean" \
     --logs "$OUT/defaults-lora-8b" --out "$OUT/defaults-lora-8b.md" "$@"
   table defaults-qlora-8b python benchmarks/defaults.py --model llama3-8b --method qlora \
-    --rows baseline unsloth headline fp8-base --baseline-micro-batch 2 --headline-with "$lean" \
+    --rows baseline unsloth headline fp8-base --baseline-micro-batch 2 --headline-with "$lean" " --fp8-base" \
     --logs "$OUT/defaults-qlora-8b" --out "$OUT/defaults-qlora-8b.md" "$@"
   table defaults-full-1b python benchmarks/defaults.py --model llama3.2-1b --method full --rows baseline defaults \
     --baseline-micro-batch 8 --defaults-with "--precision bf16 --loss cce --micro-batch-size 16 --grad-accum 1" \

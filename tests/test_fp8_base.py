@@ -243,6 +243,35 @@ def test_gpu_fp8_linear_is_within_tolerance_of_bf16(compiled):
 
 @pytest.mark.gpu
 @FP8_GPU
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_nf4_fp8_linear_is_within_tolerance_of_bitsandbytes(compiled):
+    """--qlora --fp8-base on CUDA: bitsandbytes' CUDA dequantization straight to e4m3, eager and compiled."""
+    import bitsandbytes as bnb
+
+    from features.fp8_base import Fp8Nf4Linear
+
+    torch.manual_seed(0)
+    nf4 = bnb.nn.Linear4bit(1024, 512, False, torch.bfloat16, quant_type="nf4", device="meta")
+    nf4.weight = bnb.nn.Params4bit(torch.randn(512, 1024) / 32, requires_grad=False, quant_type="nf4", module=nf4)
+    nf4 = nf4.to("cuda")  # quantizes, with double quantization of the absmax
+    f = Fp8Nf4Linear(nf4)
+    call = torch.compile(f) if compiled else f
+    x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = call(x), nf4(x_ref)
+    assert y.dtype == torch.bfloat16 and _rel(y, y_ref) < MATMUL_TOL
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert _rel(x.grad, x_ref.grad) < MATMUL_TOL
+    w8, ws = f.fp8_weight()
+    x8, xs = quantize_rows(x.detach().reshape(-1, 1024))
+    exact = ((x8.float() * xs) @ (w8.float() * ws.t()).t()).reshape(y.shape)
+    assert _rel(y, exact) < 0.01  # the FP8 product itself, up to its bf16 output
+
+
+@pytest.mark.gpu
+@FP8_GPU
 def test_gpu_lora_run_with_an_fp8_base_tracks_the_bf16_base(tmp_path):
     """The CUDA defaults (bf16 base, LoRA kernels, compile) with and without --fp8-base, one preset."""
     args = ["--model", "llama3.2-1b", "--packing", "--seq-len", "1024", "--micro-batch-size", "4",
