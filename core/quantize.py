@@ -4,6 +4,8 @@
 none), are quantized in place by `quantize_base`, bit for bit the same (tests/test_lora.py).
 """
 
+import functools
+
 import torch
 
 from core import UserError
@@ -111,3 +113,46 @@ def block_absmax(absmax, absmax2, code2, offset, blocksize2: int) -> torch.Tenso
 
     state2 = bnbF.QuantState(absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32)
     return bnbF.dequantize_blockwise(absmax, state2).float() + offset
+
+
+def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int]) -> torch.Tensor:
+    """The (out, in) NF4 weight as float8 e4m3: code[nibble] * absmax of its block, rounded to bf16
+    and then to e4m3, as bitsandbytes' bf16 dequantization followed by a cast; absmax (fp32, one a
+    block) must keep every value within e4m3's range (|v| <= 448). One Triton pass on CUDA (reads
+    half a byte, writes one per weight), torch ops elsewhere (bitsandbytes packs the first of each
+    pair of weights in a byte's high nibble)."""
+    q = packed.view(torch.uint8).reshape(-1)
+    if q.is_cuda:
+        return _nf4_to_e4m3_cuda(q, absmax, code, blocksize, shape)
+    nibbles = torch.stack([q >> 4, q & 15], dim=-1).reshape(-1).long()
+    w = code.float()[nibbles] * absmax.float().repeat_interleave(blocksize)[:nibbles.numel()]
+    return w.to(torch.bfloat16).to(torch.float8_e4m3fn).reshape(shape)
+
+
+def _nf4_to_e4m3_cuda(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                      shape: list[int]) -> torch.Tensor:
+    out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=q.device)
+    n_bytes, block = q.numel(), 1024
+    _nf4_kernel()[(n_bytes + block - 1) // block,](q, absmax, code, out, n_bytes, blocksize, block)
+    return out
+
+
+@functools.cache
+def _nf4_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # one byte: two weights of the same block
+        mask = offs < n_bytes
+        byte = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_ptr + (offs * 2) // BLOCKSIZE, mask=mask, other=0.0)
+        hi = tl.load(code_ptr + (byte >> 4)) * scale
+        lo = tl.load(code_ptr + (byte & 15)) * scale
+        pair = tl.join(hi, lo).to(tl.bfloat16).to(tl.float32).to(tl.float8e4nv)  # (BLOCK, 2): weights 2i, 2i+1
+        out = tl.reshape(pair, (2 * BLOCK,))
+        out_offs = tl.program_id(0) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + out_offs, out, mask=out_offs < 2 * n_bytes)
+
+    return kernel

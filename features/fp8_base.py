@@ -39,7 +39,7 @@ import dataclasses
 import torch
 
 from core import UserError
-from core.quantize import block_absmax, dequantize_packed, is_4bit, packed_4bit
+from core.quantize import block_absmax, dequantize_packed, is_4bit, nf4_to_e4m3, packed_4bit
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
@@ -201,8 +201,7 @@ def _nf4_fp8_mm(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, a
     is kept for backward (QLoRA's saving, as lora_kernels' linear4bit_plus). absmax: the blocks'
     absmax already divided by their row's scale (row_scale None), or as stored (row_scale: divide
     here); scale_b as _scaled_mm's; plus c d s (and bias) as _fp8_rowwise_mm_plus."""
-    w = dequantize_packed(packed, absmax, code, None, None, None, blocksize, 0, shape, torch.bfloat16)
-    w8 = (w if row_scale is None else w.float() / row_scale).to(torch.float8_e4m3fn)  # rows peak at 448
+    w8 = _nf4_e4m3(packed, absmax, code, blocksize, shape, row_scale)
     w8 = transposed(w8) if transpose else w8
     if c is None:
         y = _fp8_rowwise_mm(x8, x_scale, w8, scale_b, _mm_dtype(out_dtype, x8.device)).to(out_dtype)
@@ -213,6 +212,15 @@ def _nf4_fp8_mm(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, a
 @_nf4_fp8_mm.register_fake
 def _(x8, x_scale, packed, absmax, code, blocksize, shape, row_scale, scale_b, transpose, bias, c, d, s, out_dtype):
     return x8.new_empty((x8.shape[0], shape[1] if transpose else shape[0]), dtype=out_dtype if c is None else c.dtype)
+
+
+def _nf4_e4m3(packed, absmax, code, blocksize: int, shape: list[int], row_scale) -> torch.Tensor:
+    """W8 = W / row scale in e4m3 (rows peak at 448): absmax holds the scales already (row_scale None),
+    or W is divided here, where blocks straddle rows."""
+    if row_scale is None:
+        return nf4_to_e4m3(packed, absmax, code, blocksize, shape)
+    w = dequantize_packed(packed, absmax, code, None, None, None, blocksize, 0, shape, torch.float32)
+    return (w / row_scale).to(torch.float8_e4m3fn)
 
 
 class _Fp8Nf4Matmul(torch.autograd.Function):
@@ -262,9 +270,8 @@ class Fp8Nf4Linear(torch.nn.Module):
 
     def fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W8, its row scales as 1 x out): the e4m3 weight each matmul builds, W ~ diag(scale) W8."""
-        w = dequantize_packed(self.nf4.weight, self.absmax, self.code, None, None, None, self.blocksize, 0,
-                              self.shape, torch.bfloat16)
-        return (w if self.row_scale is None else w.float() / self.row_scale).to(torch.float8_e4m3fn), self.w_scale
+        return _nf4_e4m3(self.nf4.weight, self.absmax, self.code, self.blocksize, self.shape, self.row_scale), \
+            self.w_scale
 
     def _mm(self, x: torch.Tensor, transpose: bool, plus) -> torch.Tensor:
         out_dtype = _compute_dtype(x)

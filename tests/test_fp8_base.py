@@ -164,6 +164,28 @@ def test_nf4_fp8_matmuls_are_the_products_of_their_quantized_operands(in_feature
     assert _rel(f(x), y_nf4) < MATMUL_TOL and _rel(xg.grad, xr.grad) < MATMUL_TOL
 
 
+def _nf4_parts(device: str, out_features: int = 48, in_features: int = 128):
+    """(packed, absmax scaled so the weight peaks at 448, code, blocksize, shape) of a random NF4 weight."""
+    from core.quantize import block_absmax, packed_4bit
+
+    nf4 = _nf4_linear(torch.nn.Linear(in_features, out_features, bias=False))
+    packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape = packed_4bit(nf4)
+    absmax = block_absmax(absmax, absmax2, code2, offset, blocksize2)
+    absmax = absmax * (448 / absmax.max()) * torch.rand_like(absmax).clamp_min(0.1)  # rows below 448 too
+    return [t.to(device) if torch.is_tensor(t) else t for t in (packed, absmax, code, blocksize, shape)]
+
+
+def test_nf4_to_e4m3_is_bitsandbytes_dequantization_cast_to_e4m3():
+    pytest.importorskip("bitsandbytes")
+    from core.quantize import dequantize_packed, nf4_to_e4m3
+
+    torch.manual_seed(0)
+    packed, absmax, code, blocksize, shape = _nf4_parts("cpu")
+    w8 = nf4_to_e4m3(packed, absmax, code, blocksize, shape)
+    bnb = dequantize_packed(packed, absmax, code, None, None, None, blocksize, 0, shape, torch.bfloat16)
+    assert w8.shape == tuple(shape) and torch.equal(w8.view(torch.uint8), bnb.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
 def test_fp8_base_on_qlora_without_the_lora_kernels_is_refused():
     from types import SimpleNamespace
 
@@ -268,6 +290,22 @@ def test_gpu_nf4_fp8_linear_is_within_tolerance_of_bitsandbytes(compiled):
     x8, xs = quantize_rows(x.detach().reshape(-1, 1024))
     exact = ((x8.float() * xs) @ (w8.float() * ws.t()).t()).reshape(y.shape)
     assert _rel(y, exact) < 0.01  # the FP8 product itself, up to its bf16 output
+
+
+@pytest.mark.gpu
+@FP8_GPU
+@pytest.mark.parametrize("out_features", [48, 1000])  # 1000 x 128: a last Triton block cut short
+def test_gpu_nf4_to_e4m3_kernel_is_the_torch_path_bit_for_bit(out_features):
+    from core.quantize import dequantize_packed, nf4_to_e4m3
+
+    torch.manual_seed(0)
+    packed, absmax, code, blocksize, shape = _nf4_parts("cpu", out_features)
+    cpu = nf4_to_e4m3(packed, absmax, code, blocksize, shape)
+    cuda_parts = [t.cuda() if torch.is_tensor(t) else t for t in (packed, absmax, code)]
+    gpu = nf4_to_e4m3(*cuda_parts, blocksize, shape)
+    assert torch.equal(gpu.view(torch.uint8).cpu(), cpu.view(torch.uint8))
+    bnb = dequantize_packed(*cuda_parts, None, None, None, blocksize, 0, shape, torch.bfloat16)  # bnb's CUDA kernel
+    assert torch.equal(gpu.view(torch.uint8), bnb.to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 @pytest.mark.gpu
