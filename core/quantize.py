@@ -115,25 +115,30 @@ def block_absmax(absmax, absmax2, code2, offset, blocksize2: int) -> torch.Tenso
     return bnbF.dequantize_blockwise(absmax, state2).float() + offset
 
 
-def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int]) -> torch.Tensor:
-    """The (out, in) NF4 weight as float8 e4m3: code[nibble] * absmax of its block, rounded to bf16
-    and then to e4m3, as bitsandbytes' bf16 dequantization followed by a cast; absmax (fp32, one a
-    block) must keep every value within e4m3's range (|v| <= 448). One Triton pass on CUDA (reads
-    half a byte, writes one per weight), torch ops elsewhere (bitsandbytes packs the first of each
-    pair of weights in a byte's high nibble)."""
+def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int],
+                transpose: bool = False) -> torch.Tensor:
+    """The (out, in) NF4 weight as float8 e4m3 (transpose: its (in, out) transpose, row-major):
+    code[nibble] * absmax of its block, rounded to bf16 and then to e4m3, as bitsandbytes' bf16
+    dequantization followed by a cast; absmax (fp32, one a block) must keep every value within
+    e4m3's range (|v| <= 448). One Triton pass on CUDA (reads half a byte, writes one per weight,
+    in either layout), torch ops elsewhere (bitsandbytes packs the first of each pair of weights in
+    a byte's high nibble)."""
     q = packed.view(torch.uint8).reshape(-1)
     if q.is_cuda:
-        return _nf4_to_e4m3_cuda(q, absmax, code, blocksize, shape)
+        return _nf4_to_e4m3_cuda(q, absmax, code, blocksize, shape, transpose)
     nibbles = torch.stack([q >> 4, q & 15], dim=-1).reshape(-1).long()
     w = code.float()[nibbles] * absmax.float().repeat_interleave(blocksize)[:nibbles.numel()]
-    return w.to(torch.bfloat16).to(torch.float8_e4m3fn).reshape(shape)
+    w8 = w.to(torch.bfloat16).to(torch.float8_e4m3fn).reshape(shape)
+    return w8.view(torch.uint8).t().contiguous().view(w8.dtype) if transpose else w8
 
 
 def _nf4_to_e4m3_cuda(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                      shape: list[int]) -> torch.Tensor:
-    out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=q.device)
-    n_bytes, block = q.numel(), 1024
-    _nf4_kernel()[(n_bytes + block - 1) // block,](q, absmax, code, out, n_bytes, blocksize, block)
+                      shape: list[int], transpose: bool) -> torch.Tensor:
+    rows, cols = shape
+    out = torch.empty((cols, rows) if transpose else (rows, cols), dtype=torch.float8_e4m3fn, device=q.device)
+    tile_rows, tile_cols = 64, 128
+    grid = ((rows + tile_rows - 1) // tile_rows, (cols + tile_cols - 1) // tile_cols)
+    _nf4_kernel()[grid](q, absmax, code, out, rows, cols, blocksize, tile_rows, tile_cols, transpose)
     return out
 
 
@@ -143,16 +148,22 @@ def _nf4_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # one byte: two weights of the same block
-        mask = offs < n_bytes
-        byte = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + (offs * 2) // BLOCKSIZE, mask=mask, other=0.0)
-        hi = tl.load(code_ptr + (byte >> 4)) * scale
-        lo = tl.load(code_ptr + (byte & 15)) * scale
-        pair = tl.join(hi, lo).to(tl.bfloat16).to(tl.float32).to(tl.float8e4nv)  # (BLOCK, 2): weights 2i, 2i+1
-        out = tl.reshape(pair, (2 * BLOCK,))
-        out_offs = tl.program_id(0) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + out_offs, out, mask=out_offs < 2 * n_bytes)
+    def kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, rows, cols, BLOCKSIZE: tl.constexpr, R: tl.constexpr,
+               C: tl.constexpr, TRANSPOSE: tl.constexpr):
+        r = tl.program_id(0) * R + tl.arange(0, R)  # a tile of R rows by C columns of W (rows x cols)
+        pair = tl.program_id(1) * (C // 2) + tl.arange(0, C // 2)  # its bytes: two weights each, one block
+        mask = (r[:, None] < rows) & (pair[None, :] < cols // 2)
+        byte = tl.load(q_ptr + r[:, None] * (cols // 2) + pair[None, :], mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_ptr + (r[:, None] * cols + 2 * pair[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
+        hi = tl.load(code_ptr + (byte >> 4)) * scale  # weights 2j
+        lo = tl.load(code_ptr + (byte & 15)) * scale  # weights 2j + 1
+        w = tl.reshape(tl.join(hi, lo), (R, C)).to(tl.bfloat16).to(tl.float32)
+        c = tl.program_id(1) * C + tl.arange(0, C)
+        if TRANSPOSE:  # W^T (cols x rows): the tile transposed in registers, stored row-major
+            keep = (c[:, None] < cols) & (r[None, :] < rows)
+            tl.store(out_ptr + c[:, None] * rows + r[None, :], tl.trans(w).to(tl.float8e4nv), mask=keep)
+        else:
+            keep = (r[:, None] < rows) & (c[None, :] < cols)
+            tl.store(out_ptr + r[:, None] * cols + c[None, :], w.to(tl.float8e4nv), mask=keep)
 
     return kernel

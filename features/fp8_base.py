@@ -201,8 +201,7 @@ def _nf4_fp8_mm(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, a
     is kept for backward (QLoRA's saving, as lora_kernels' linear4bit_plus). absmax: the blocks'
     absmax already divided by their row's scale (row_scale None), or as stored (row_scale: divide
     here); scale_b as _scaled_mm's; plus c d s (and bias) as _fp8_rowwise_mm_plus."""
-    w8 = _nf4_e4m3(packed, absmax, code, blocksize, shape, row_scale)
-    w8 = transposed(w8) if transpose else w8
+    w8 = _nf4_e4m3(packed, absmax, code, blocksize, shape, row_scale, transpose)
     if c is None:
         y = _fp8_rowwise_mm(x8, x_scale, w8, scale_b, _mm_dtype(out_dtype, x8.device)).to(out_dtype)
         return y if bias is None else y.add_(bias)
@@ -214,13 +213,15 @@ def _(x8, x_scale, packed, absmax, code, blocksize, shape, row_scale, scale_b, t
     return x8.new_empty((x8.shape[0], shape[1] if transpose else shape[0]), dtype=out_dtype if c is None else c.dtype)
 
 
-def _nf4_e4m3(packed, absmax, code, blocksize: int, shape: list[int], row_scale) -> torch.Tensor:
-    """W8 = W / row scale in e4m3 (rows peak at 448): absmax holds the scales already (row_scale None),
-    or W is divided here, where blocks straddle rows."""
+def _nf4_e4m3(packed, absmax, code, blocksize: int, shape: list[int], row_scale, transpose=False) -> torch.Tensor:
+    """W8 = W / row scale in e4m3 (rows peak at 448), or its transpose, row-major: absmax holds the
+    scales already (row_scale None: one pass on CUDA in either layout), or W is divided here, where
+    blocks straddle rows."""
     if row_scale is None:
-        return nf4_to_e4m3(packed, absmax, code, blocksize, shape)
+        return nf4_to_e4m3(packed, absmax, code, blocksize, shape, transpose)
     w = dequantize_packed(packed, absmax, code, None, None, None, blocksize, 0, shape, torch.float32)
-    return (w / row_scale).to(torch.float8_e4m3fn)
+    w8 = (w / row_scale).to(torch.float8_e4m3fn)
+    return transposed(w8) if transpose else w8
 
 
 class _Fp8Nf4Matmul(torch.autograd.Function):

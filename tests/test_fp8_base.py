@@ -184,6 +184,8 @@ def test_nf4_to_e4m3_is_bitsandbytes_dequantization_cast_to_e4m3():
     w8 = nf4_to_e4m3(packed, absmax, code, blocksize, shape)
     bnb = dequantize_packed(packed, absmax, code, None, None, None, blocksize, 0, shape, torch.bfloat16)
     assert w8.shape == tuple(shape) and torch.equal(w8.view(torch.uint8), bnb.to(torch.float8_e4m3fn).view(torch.uint8))
+    w8t = nf4_to_e4m3(packed, absmax, code, blocksize, shape, transpose=True)  # the input gradient's layout
+    assert w8t.is_contiguous() and torch.equal(w8t.view(torch.uint8), w8.view(torch.uint8).t())
 
 
 def test_fp8_base_on_qlora_without_the_lora_kernels_is_refused():
@@ -294,17 +296,19 @@ def test_gpu_nf4_fp8_linear_is_within_tolerance_of_bitsandbytes(compiled):
 
 @pytest.mark.gpu
 @FP8_GPU
-@pytest.mark.parametrize("out_features", [48, 1000])  # 1000 x 128: a last Triton block cut short
-def test_gpu_nf4_to_e4m3_kernel_is_the_torch_path_bit_for_bit(out_features):
+@pytest.mark.parametrize("shape", [(48, 128), (1000, 192)])  # 1000 x 192: Triton tiles cut short both ways
+def test_gpu_nf4_to_e4m3_kernel_is_the_torch_path_bit_for_bit(shape):
     from core.quantize import dequantize_packed, nf4_to_e4m3
 
     torch.manual_seed(0)
-    packed, absmax, code, blocksize, shape = _nf4_parts("cpu", out_features)
-    cpu = nf4_to_e4m3(packed, absmax, code, blocksize, shape)
+    packed, absmax, code, blocksize, shape = _nf4_parts("cpu", *shape)
     cuda_parts = [t.cuda() if torch.is_tensor(t) else t for t in (packed, absmax, code)]
-    gpu = nf4_to_e4m3(*cuda_parts, blocksize, shape)
-    assert torch.equal(gpu.view(torch.uint8).cpu(), cpu.view(torch.uint8))
+    for transpose in (False, True):
+        cpu = nf4_to_e4m3(packed, absmax, code, blocksize, shape, transpose)
+        gpu = nf4_to_e4m3(*cuda_parts, blocksize, shape, transpose)
+        assert torch.equal(gpu.view(torch.uint8).cpu(), cpu.view(torch.uint8)), f"transpose={transpose}"
     bnb = dequantize_packed(*cuda_parts, None, None, None, blocksize, 0, shape, torch.bfloat16)  # bnb's CUDA kernel
+    gpu = nf4_to_e4m3(*cuda_parts, blocksize, shape)
     assert torch.equal(gpu.view(torch.uint8), bnb.to(torch.float8_e4m3fn).view(torch.uint8))
 
 
