@@ -6,6 +6,7 @@
 #
 # SIGTERM / SIGUSR1 sent to this script reach every rank: train.py saves a checkpoint and exits 0
 # (torchrun itself then exits 1, as after any signal); rerun with --resume auto.
+# torchrun runs through launch/torchrun.py: a failed rank ends the run in one line, with its exit code.
 # Multi-node: launch/slurm.sbatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +18,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # torchrun forwards these to the workers (torch >= 2.8; older versions ignore the variable)
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}  # seconds to save before SIGKILL
-exec "${TORCHRUN:-torchrun}" --standalone --nproc_per_node "$NPROC" train.py "$@"
+if [[ -n "${TORCHRUN:-}" ]]; then launcher=("$TORCHRUN"); else launcher=("${PYTHON:-python}" launch/torchrun.py); fi
+exec "${launcher[@]}" --standalone --nproc_per_node "$NPROC" train.py "$@"

@@ -46,8 +46,9 @@ def fake_cluster(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "PYTHON": sys.executable,
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "sft", "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
            "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32", "SLURM_SUBMIT_DIR": str(ROOT)}
-    for key in ("RUN_DIR", "MASTER_PORT", "GPUS_PER_NODE", "OMP_NUM_THREADS", "NPROC", "TORCHRUN"):
+    for key in ("RUN_DIR", "MASTER_PORT", "GPUS_PER_NODE", "OMP_NUM_THREADS", "NPROC"):
         env.pop(key, None)
+    env["TORCHRUN"] = str(bin_dir / "torchrun")  # in place of launch/torchrun.py (the real torchrun)
     return env, log
 
 
@@ -156,3 +157,15 @@ def test_sweep_yaml_commands_parse(pick):
     assert cfg.packing.packing is params["packing"] and cfg.train.max_steps == params["max-steps"]
     assert cfg.train.micro_batch_size == params["micro-batch-size"]
     assert sweep["metric"]["name"] == "eval/val_loss"  # a key core/tracking.py logs
+
+
+def test_a_rank_killed_by_a_signal_ends_the_launcher_in_one_line():
+    """launch/torchrun.py without an error file (a rank killed, no line recorded): the signal's name, exit 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    from torchrun import failure_line
+
+    killed = ProcessFailure(local_rank=1, pid=4242, exitcode=-int(signal.SIGKILL), error_file="<N/A>")
+    line, code = failure_line(ChildFailedError("train.py", {1: killed}))
+    assert (line, code) == ("torchrun: train.py failed on rank 1 (SIGKILL)", 1)

@@ -1,0 +1,44 @@
+"""torchrun, ending a failed run in one line and the failed rank's exit code.
+
+    python launch/torchrun.py --standalone --nproc_per_node 8 train.py --lora ...   # torchrun's arguments
+
+torchrun reports a failed worker by raising ChildFailedError: a traceback of the launcher itself
+and a framed summary, then exit code 1 whatever the worker's was (3: out of memory, 2: bad input,
+see train.py). This runs the same launcher (torch.distributed.run) and ends instead with one line,
+the first failed rank and its error (the line train.py hands torchrun, core/distributed.py's
+record_error), and exits with that rank's code. A signal to the launcher ends in one line too.
+launch/torchrun.sh and launch/slurm.sbatch start training through it.
+"""
+
+import sys
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+
+def failure_line(err: ChildFailedError) -> tuple[str, int]:
+    """(the one line, the exit code) for torchrun's failure of the first failed rank."""
+    rank, failure = err.get_first_failure()
+    code = failure.exitcode
+    how = f"exit code {code}" if code > 0 else failure.signal_name()  # killed by a signal: exitcode -signum
+    recorded = failure.message.get("message", "") if isinstance(failure.message, dict) else ""  # an error file's
+    said = f": {recorded.splitlines()[0]}" if recorded.strip() else ""
+    return f"torchrun: {err.name} failed on rank {rank} ({how}){said}", code if code > 0 else 1
+
+
+def main(argv: list[str]) -> int:
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        line, code = failure_line(err)
+        print(line, file=sys.stderr, flush=True)
+        return code
+    except SignalException as err:  # the launcher's own SIGTERM/SIGINT: the ranks got it first
+        print(f"torchrun: stopped by {err.sigval.name}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
