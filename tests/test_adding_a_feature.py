@@ -49,8 +49,8 @@ def _train(repo, out, *flags) -> subprocess.CompletedProcess:
 
 def test_the_readme_toy_feature_runs(tmp_path):
     repo = tmp_path / "repo"
-    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "runs", "benchmarks", "docs", "__pycache__",
-                                                              "tests", ".stage"))
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".*", "runs", "benchmarks", "docs", "__pycache__",
+                                                              "tests"))
     _add_toy_feature(repo)
 
     help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=repo, capture_output=True, text=True)
