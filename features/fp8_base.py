@@ -176,6 +176,10 @@ class Fp8FrozenLinear(torch.nn.Module):
         """The dequantized weight (what peft and checks read as `.weight`; training never does)."""
         return (self.w8.float() * self.w_scale.t()).to(self.dtype)
 
+    def fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W8, its row scales as 1 x out): W ~ diag(scale) W8."""
+        return self.w8, self.w_scale
+
     def fp8_matmul(self, x: torch.Tensor, plus=None) -> torch.Tensor:
         """x W^T, for the fused LoRA kernels' forward; plus = (c, d, s, bias) adds bias + s c d."""
         return _scaled(x, self.w8, self.w_scale, plus)

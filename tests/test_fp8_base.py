@@ -245,6 +245,24 @@ FP8_GPU = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_dev
                              reason="needs a CUDA GPU with FP8 matmuls")
 
 
+def _check_on_gpu(fp8: torch.nn.Module, reference: torch.nn.Module, compiled: bool) -> None:
+    """An FP8 layer against its reference on CUDA (bf16 out): forward and input gradient within
+    MATMUL_TOL, and the forward the FP8 product of its quantized operands, up to its bf16 output."""
+    call = torch.compile(fp8) if compiled else fp8
+    x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = call(x), reference(x_ref)
+    assert y.dtype == torch.bfloat16 and _rel(y, y_ref) < MATMUL_TOL
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert _rel(x.grad, x_ref.grad) < MATMUL_TOL
+    w8, ws = fp8.fp8_weight()
+    x8, xs = quantize_rows(x.detach().reshape(-1, 1024))
+    exact = ((x8.float() * xs) @ (w8.float() * ws.t()).t()).reshape(y.shape)
+    assert _rel(y, exact) < 0.01
+
+
 @pytest.mark.gpu
 @FP8_GPU
 @pytest.mark.parametrize("compiled", [False, True])
@@ -252,26 +270,14 @@ def test_gpu_fp8_linear_is_within_tolerance_of_bf16(compiled):
     """CUDA's rowwise _scaled_mm (bf16 out), eager and under torch.compile (the quantization traced)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(1024, 512, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-    fp8 = Fp8FrozenLinear(linear)
-    call = torch.compile(fp8) if compiled else fp8
-    x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y, y_ref = call(x), linear(x_ref)
-    assert y.dtype == torch.bfloat16 and _rel(y, y_ref) < MATMUL_TOL
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    assert _rel(x.grad, x_ref.grad) < MATMUL_TOL
-    x8, xs = quantize_rows(x.detach().reshape(-1, 1024))
-    exact = ((x8.float() * xs) @ (fp8.w8.float() * fp8.w_scale.t()).t()).reshape(y.shape)
-    assert _rel(y, exact) < 0.01  # the FP8 product itself, up to its bf16 output
+    _check_on_gpu(Fp8FrozenLinear(linear), linear, compiled)
 
 
 @pytest.mark.gpu
 @FP8_GPU
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gpu_nf4_fp8_linear_is_within_tolerance_of_bitsandbytes(compiled):
-    """--qlora --fp8-base on CUDA: bitsandbytes' CUDA dequantization straight to e4m3, eager and compiled."""
+    """--qlora --fp8-base on CUDA (the Triton pass from NF4 to e4m3), eager and compiled."""
     import bitsandbytes as bnb
 
     from features.fp8_base import Fp8Nf4Linear
@@ -280,20 +286,7 @@ def test_gpu_nf4_fp8_linear_is_within_tolerance_of_bitsandbytes(compiled):
     nf4 = bnb.nn.Linear4bit(1024, 512, False, torch.bfloat16, quant_type="nf4", device="meta")
     nf4.weight = bnb.nn.Params4bit(torch.randn(512, 1024) / 32, requires_grad=False, quant_type="nf4", module=nf4)
     nf4 = nf4.to("cuda")  # quantizes, with double quantization of the absmax
-    f = Fp8Nf4Linear(nf4)
-    call = torch.compile(f) if compiled else f
-    x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y, y_ref = call(x), nf4(x_ref)
-    assert y.dtype == torch.bfloat16 and _rel(y, y_ref) < MATMUL_TOL
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    assert _rel(x.grad, x_ref.grad) < MATMUL_TOL
-    w8, ws = f.fp8_weight()
-    x8, xs = quantize_rows(x.detach().reshape(-1, 1024))
-    exact = ((x8.float() * xs) @ (w8.float() * ws.t()).t()).reshape(y.shape)
-    assert _rel(y, exact) < 0.01  # the FP8 product itself, up to its bf16 output
+    _check_on_gpu(Fp8Nf4Linear(nf4), nf4, compiled)
 
 
 @pytest.mark.gpu
