@@ -242,6 +242,21 @@ class _Fp8Nf4Matmul(torch.autograd.Function):
         return ctx.layer.fp8_grad_input(dy), None
 
 
+def _row_scaled_absmax(nf4) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(the fp32 absmax of each NF4 block divided by its row's scale, None, the row scales): each row's
+    largest |weight| mapped to 448. Where blocks straddle rows (in_features not a multiple of the
+    block size) the absmax stays as stored and the second item is the row scales, for the op to divide."""
+    _, absmax, _, absmax2, code2, offset, blocksize, blocksize2, _ = packed_4bit(nf4)
+    absmax = block_absmax(absmax, absmax2, code2, offset, blocksize2)
+    per_row = nf4.in_features % blocksize == 0
+    row_amax = absmax.view(nf4.out_features, -1).amax(1) if per_row else \
+        dequantize_packed(*packed_4bit(nf4), torch.float32).abs().amax(1)
+    scale = torch.where(row_amax > 0, row_amax / E4M3_MAX, torch.ones_like(row_amax))
+    if per_row:
+        return (absmax.view(nf4.out_features, -1) / scale[:, None]).flatten(), None, scale
+    return absmax, scale[:, None], scale
+
+
 class Fp8Nf4Linear(torch.nn.Module):
     """A frozen bitsandbytes NF4 linear (--qlora) whose matmuls run in FP8: the weight stays NF4 in
     memory, and each matmul dequantizes it straight to e4m3. W's row scales are fixed once, from the
@@ -253,20 +268,13 @@ class Fp8Nf4Linear(torch.nn.Module):
         super().__init__()
         self.nf4 = nf4  # the Linear4bit: its packed weight and quantization state, unchanged
         self.in_features, self.out_features, self.bias = nf4.in_features, nf4.out_features, nf4.bias
-        packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape = packed_4bit(nf4)
-        absmax = block_absmax(absmax, absmax2, code2, offset, blocksize2)
-        per_row = self.in_features % blocksize == 0  # else blocks straddle rows: the op divides W itself
-        row_amax = absmax.view(self.out_features, -1).amax(1) if per_row else \
-            dequantize_packed(*packed_4bit(nf4), torch.float32).abs().amax(1)
-        scale = torch.where(row_amax > 0, row_amax / E4M3_MAX, torch.ones_like(row_amax))
-        buffers = {"absmax": (absmax.view(self.out_features, -1) / scale[:, None]).flatten() if per_row else absmax,
-                   "row_scale": None if per_row else scale[:, None],
+        _, _, code, _, _, _, self.blocksize, _, self.shape = packed_4bit(nf4)
+        absmax, row_scale, scale = _row_scaled_absmax(nf4)
+        buffers = {"absmax": absmax, "row_scale": row_scale, "code": code,
                    "w_scale": scale[None, :].contiguous(),  # as _scaled_mm's scale_b: 1 x out
-                   "unit": torch.ones(1, self.in_features, device=scale.device),  # W8^T's column scales
-                   "code": code}
+                   "unit": torch.ones(1, self.in_features, device=scale.device)}  # W8^T's column scales
         for name, t in buffers.items():
             self.register_buffer(name, t, persistent=False)  # not in state dicts: derived from the NF4 weight
-        self.blocksize, self.shape = blocksize, shape
 
     @property
     def weight(self) -> torch.Tensor:
