@@ -139,7 +139,7 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "PYTHON": "true",
                "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": str(task),
                "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
-               "SLURM_SUBMIT_DIR": str(ROOT)}
+               "SLURM_SUBMIT_DIR": str(ROOT), "TORCHRUN": str(bin_dir / "torchrun")}
         proc = subprocess.run(["bash", str(tmp_path / "pk/array.sbatch")], env=env, capture_output=True,
                               text=True, timeout=60)
         if task == 4:  # past the end of the array
