@@ -45,6 +45,7 @@ def parse_cell(cell: str) -> tuple[float, float | None]:
     return num[0], num[1]
 
 
+@pytest.mark.slow
 def test_two_configs_two_seeds_end_to_end(tmp_path, small_data, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two runs at a time (--jobs 2), one core each

@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -47,6 +49,7 @@ def _train(repo, out, *flags) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_readme_toy_feature_runs(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".*", "runs", "benchmarks", "docs", "__pycache__",

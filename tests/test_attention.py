@@ -75,6 +75,7 @@ def test_no_attention_crosses_a_document(tok, impl):
         assert not torch.allclose(plain(docs[0]), plain(changed), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_flex_forward_matches_unpacked_on_cpu(tok):
     """FlexAttention has no CPU backward (torch 2.13): forward here, gradients in the GPU test."""
     docs = _docs()

@@ -28,6 +28,7 @@ def _has_deepspeed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
+@pytest.mark.slow
 def test_layouts_match_one_process(tmp_path):
     """4 gloo ranks; each layout's step (grad accumulation 2, packing) vs one process on the same rows.
     DeepSpeed ZeRO 1/2/3 run on CPU too (DeepSpeed 0.19.8's CPU accelerator over gloo)."""

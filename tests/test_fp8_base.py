@@ -112,6 +112,7 @@ def plain_qlora_losses(tmp_path_factory) -> list[float]:
     return [m["loss"] for m in read_metrics(out) if "loss" in m]
 
 
+@pytest.mark.slow
 def test_a_compiled_qlora_run_with_an_fp8_base_tracks_the_nf4_base(tmp_path, plain_qlora_losses):
     """--qlora --fp8-base: the NF4 weights dequantized and quantized to e4m3 inside each matmul's op, an
     opaque op in the compiled blocks (the eager op: test_nf4_fp8_matmuls_are_the_products_...)."""
@@ -215,6 +216,7 @@ def _first_loss(out, model, *extra) -> float:
     return next(m["loss"] for m in read_metrics(out) if "loss" in m)
 
 
+@pytest.mark.slow
 def test_a_real_checkpoint_keeps_its_loss_with_the_last_layer_unquantized(tmp_path, smollm2):
     """SmolLM2-135M-Instruct, one step of 2 packed 512-token rows of the demo data: the first step's
     loss is the quantized forward alone (the adapters start at zero). With every layer in FP8 it sits

@@ -285,6 +285,7 @@ def test_compiles_per_block_without_graph_breaks(tok):
     _assert_same(_step(ref, ids), _step(fused, ids), TOL[torch.float32])
 
 
+@pytest.mark.slow
 def test_compiled_blocks_copy_no_lora_outputs(monkeypatch):
     """Under --compile, no LoRA linear copies its (tokens, out) output (the addmm_ that adds the
     low-rank product would become an out-of-place addmm: a Memcpy DtoD on CUDA, 14 per block on the

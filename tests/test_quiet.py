@@ -42,6 +42,7 @@ def test_a_default_run_imports_no_optional_package(tmp_path, small_data):
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--lora"], ["--qlora"]], ids=["default", "lora", "qlora"])
 def test_the_first_steps_print_only_nanotune_lines(tmp_path, data_with_a_long_sample, flags):
     cmd = [sys.executable, "train.py", "--dataset", str(data_with_a_long_sample), "--val-size", "16",

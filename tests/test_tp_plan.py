@@ -38,6 +38,7 @@ def _counts(result: dict, phase: str) -> dict:
     return {c["kind"]: c["count"] for c in result["collectives"] if c["phase"] == phase}
 
 
+@pytest.mark.slow
 def test_tp2_runs_the_megatron_plan(tp_comm):
     r = tp_comm["tp2"]
     per_step = TINY_LAYERS * r["micro_batches"]  # blocks x micro-batches of one optimizer step
