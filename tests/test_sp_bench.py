@@ -99,22 +99,22 @@ def test_memory_plan_keeps_block_inputs_on_the_gpu_until_the_host_must_take_them
 @pytest.mark.slow
 def test_cpu_run_of_the_benchmark_with_two_gloo_ranks(tmp_path):
     """The real thing on CPU: torchrun with 2 gloo ranks per try, train.py --cp 2 on tiny-llama
-    (Ulysses and ring, --alst --fsdp), lengths 256 then 512; the table lists both rows."""
+    (Ulysses and ring, --alst --fsdp) at length 256; the table lists both rows. (The doubling search
+    over lengths: test_search_fits_the_budget_and_starts_from_the_predicted_record.)"""
     import json
     import subprocess
 
     out, logs = tmp_path / "sp.md", tmp_path / "sp.jsonl"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sequence_parallel.py"), "--device", "cpu",
-                           "--gpus", "2", "--start", "256", "--max-len", "512", "--budget-s", "500",
+                           "--gpus", "2", "--start", "256", "--max-len", "256", "--budget-s", "500",
                            "--out", str(out), "--logs", str(logs)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     tries = [json.loads(line) for line in logs.read_text().splitlines()]
-    assert [(t["mode"], t["seq_len"], t["status"]) for t in tries] == [
-        ("ulysses", 256, "ok"), ("ulysses", 512, "ok"), ("ring", 256, "ok"), ("ring", 512, "ok")], tries
+    assert [(t["mode"], t["seq_len"], t["status"]) for t in tries] == [("ulysses", 256, "ok"), ("ring", 256, "ok")]
     # the same tokens on both: one document, the same loss up to bf16 attention differences
-    assert tries[0]["loss"] == pytest.approx(tries[2]["loss"], rel=1e-3)
+    assert tries[0]["loss"] == pytest.approx(tries[1]["loss"], rel=1e-3)
     print(out.read_text())
     lines = out.read_text().splitlines()
     assert lines[0].startswith("| 2 CPU processes: settings")
-    assert lines[2].startswith("| Ulysses") and "**512** (512)" in lines[2] and "256 ok, 512 ok" in lines[2]
-    assert lines[3].startswith("| ring") and "**512** (512)" in lines[3]
+    assert lines[2].startswith("| Ulysses") and "**256** (256)" in lines[2] and "256 ok" in lines[2]
+    assert lines[3].startswith("| ring") and "**256** (256)" in lines[3]
