@@ -135,35 +135,21 @@ def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
 def _nf4_to_e4m3_cuda(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                       shape: list[int], transpose: bool) -> torch.Tensor:
     rows, cols = shape
-    out = torch.empty((cols, rows) if transpose else (rows, cols), dtype=torch.float8_e4m3fn, device=q.device)
+    kernels = _nf4_kernels()
+    if not transpose or cols % 2:  # odd rows: a byte straddles two of them, so only the flat pass applies
+        w8 = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=q.device)
+        n_bytes, block = q.numel(), 4096
+        kernels.flat[(-(-n_bytes // block),)](q, absmax, code, w8, n_bytes, blocksize, block)
+        return w8.view(torch.uint8).t().contiguous().view(w8.dtype) if transpose else w8
+    out = torch.empty((cols, rows), dtype=torch.float8_e4m3fn, device=q.device)
     tile_rows, tile_cols = 64, 128
-    grid = ((rows + tile_rows - 1) // tile_rows, (cols + tile_cols - 1) // tile_cols)
-    _nf4_kernel()[grid](q, absmax, code, out, rows, cols, blocksize, tile_rows, tile_cols, transpose)
+    grid = (-(-rows // tile_rows), -(-cols // tile_cols))
+    kernels.transposed[grid](q, absmax, code, out, rows, cols, blocksize, tile_rows, tile_cols)
     return out
 
 
 @functools.cache
-def _nf4_kernel():
-    import triton
-    import triton.language as tl
+def _nf4_kernels():
+    from core import nf4_kernels  # Triton: imported on CUDA only
 
-    @triton.jit
-    def kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, rows, cols, BLOCKSIZE: tl.constexpr, R: tl.constexpr,
-               C: tl.constexpr, TRANSPOSE: tl.constexpr):
-        r = tl.program_id(0) * R + tl.arange(0, R)  # a tile of R rows by C columns of W (rows x cols)
-        pair = tl.program_id(1) * (C // 2) + tl.arange(0, C // 2)  # its bytes: two weights each, one block
-        mask = (r[:, None] < rows) & (pair[None, :] < cols // 2)
-        byte = tl.load(q_ptr + r[:, None] * (cols // 2) + pair[None, :], mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + (r[:, None] * cols + 2 * pair[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
-        hi = tl.load(code_ptr + (byte >> 4)) * scale  # weights 2j
-        lo = tl.load(code_ptr + (byte & 15)) * scale  # weights 2j + 1
-        w = tl.reshape(tl.join(hi, lo), (R, C)).to(tl.bfloat16).to(tl.float32)
-        c = tl.program_id(1) * C + tl.arange(0, C)
-        if TRANSPOSE:  # W^T (cols x rows): the tile transposed in registers, stored row-major
-            keep = (c[:, None] < cols) & (r[None, :] < rows)
-            tl.store(out_ptr + c[:, None] * rows + r[None, :], tl.trans(w).to(tl.float8e4nv), mask=keep)
-        else:
-            keep = (r[:, None] < rows) & (c[None, :] < cols)
-            tl.store(out_ptr + r[:, None] * cols + c[None, :], w.to(tl.float8e4nv), mask=keep)
-
-    return kernel
+    return nf4_kernels
