@@ -6,13 +6,17 @@ from pathlib import Path
 # Before torch loads: OpenMP threads that spin while waiting steal the 2 cores from the other processes
 # a test starts (gloo ranks, train.py runs); passive ones sleep. Subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under `pytest -n N` the N workers share the cores: one thread each, not N threads on each core. The
+# processes a test starts inherit the setting (tests/fault_hooks.py matches the in-process runs' threads).
+THREADS = 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups

@@ -10,6 +10,7 @@ torch.OutOfMemoryError on rank 0 while the prefetch thread is busy inside torch 
 features/ reads these: the patches live here.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -109,7 +110,7 @@ def main(argv: list[str]) -> int:
         _oom_at_step(int(own[own.index("--oom-at-step") + 1]))
     import torch
 
-    torch.set_num_threads(2)  # as in conftest: the same float reduction order as the in-process runs
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # conftest's: the in-process runs' order
     import train
 
     return train.main(train_args)
