@@ -4,6 +4,7 @@
     python benchmarks/fp8_base.py curve --model path/to/SmolLM2-135M-Instruct --steps 200 --out curve.md
     python benchmarks/fp8_base.py curve --model path/to/SmolLM2-135M-Instruct --steps 200 --data docstrings \
         --micro-batch-size 1 --out curve-docstrings.md
+    python benchmarks/fp8_base.py curve ... --method qlora      # NF4 base vs NF4 base in FP8 (CPU too)
 
 speed: the Hugging Face Trainer + peft baseline (micro-batch 2), then `train.py --model M --lora
 --dataset X` with no other flag, and the same with --fp8-base (each row its own process; the rows,
@@ -14,6 +15,8 @@ difference, the last line the result against the stated tolerance (MAX_NATS, TAI
 The demo task is learned to a loss near 0.03, where a relative tail bound weighs a constant floor
 heavily; `--data docstrings` runs the same comparison on English text the model cannot learn in a
 few hundred steps: questions about this Python's standard library, answered by its docstrings.
+`--method qlora` compares `--qlora` with `--qlora --fp8-base` (both with `--lora-kernels`, which the
+FP8 path needs and a GPU run has by default).
 """
 
 import argparse
@@ -75,7 +78,7 @@ def docstring_chats(path: Path) -> Path:
 
 
 def losses(model: str, data: Path, out: Path, steps: int, extra: list[str]) -> list[tuple[int, float]]:
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model", model, "--lora", "--dataset", str(data),
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", model, "--dataset", str(data),
            "--val-dataset", "none", "--eval-exact-match", "0", "--max-steps", str(steps),
            "--log-every", "10", "--skip-export", "--output-dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -93,12 +96,14 @@ MAX_NATS, TAIL_REL = 0.2, 0.03
 
 
 def curve(args, logs: Path) -> str:
-    flags = ["--seq-len", str(args.seq_len)] if args.seq_len else []
+    flags = {"lora": ["--lora"], "qlora": ["--qlora", "--lora-kernels"]}[args.method]
+    flags += ["--seq-len", str(args.seq_len)] if args.seq_len else []
     flags += ["--micro-batch-size", str(args.micro_batch_size), "--grad-accum", "1"] if args.micro_batch_size else []
     data = docstring_chats(logs / "docstrings.jsonl") if args.data == "docstrings" else ROOT / "data" / "train.jsonl"
     plain = losses(args.model, data, logs / "bf16-base", args.steps, flags)
     fp8 = losses(args.model, data, logs / "fp8-base", args.steps, [*flags, "--fp8-base"])
-    lines = ["| step | bf16 base loss | FP8 base loss | difference (nats) | relative |", "|---|---|---|---|---|"]
+    base = {"lora": "bf16 base", "qlora": "NF4 base"}[args.method]
+    lines = [f"| step | {base} loss | FP8 base loss | difference (nats) | relative |", "|---|---|---|---|---|"]
     for (step, a), (_, b) in zip(plain, fp8, strict=True):
         lines.append(f"| {step} | {a:.4f} | {b:.4f} | {b - a:+.4f} | {100 * (b - a) / a:+.2f}% |")
     worst = max(abs(b - a) for (_, a), (_, b) in zip(plain, fp8))
@@ -108,7 +113,7 @@ def curve(args, logs: Path) -> str:
     ok = worst <= MAX_NATS and abs(tail_rel) <= TAIL_REL
     return "\n".join(lines + [
         f"\nlargest difference of a logged window: {worst:.4f} nats (tolerance {MAX_NATS}); mean over steps after "
-        f"{int(0.75 * args.steps)}: bf16 base {tail_plain:.4f}, FP8 base {tail_fp8:.4f}, {100 * tail_rel:+.2f}% "
+        f"{int(0.75 * args.steps)}: {base} {tail_plain:.4f}, FP8 base {tail_fp8:.4f}, {100 * tail_rel:+.2f}% "
         f"(tolerance {100 * TAIL_REL:.0f}%): {'within' if ok else 'OUTSIDE'} the stated tolerance"])
 
 
@@ -119,6 +124,7 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seq-len", type=int, default=None, help="curve: the packed row length of both runs")
     p.add_argument("--data", choices=["demo", "docstrings"], default="demo", help="curve: the task (see above)")
+    p.add_argument("--method", choices=["lora", "qlora"], default="lora", help="curve: the adapter on the base")
     p.add_argument("--micro-batch-size", type=int, default=None, help="curve: rows a step (no accumulation)")
     p.add_argument("--logs", default=None)
     p.add_argument("--out", default=None)
