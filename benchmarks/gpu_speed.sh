@@ -33,7 +33,8 @@
 #                  micro-batch 2 and 4 (fp8.py)
 #   fp8-base [DIR] --fp8-base under LoRA: 8B speed beside the bf16 base and the baseline (fp8_base.py
 #                  speed), then, given DIR (a real checkpoint in Hugging Face format), its 200-step LoRA
-#                  loss curve with and without --fp8-base (fp8_base.py curve)
+#                  loss curve with and without --fp8-base (fp8_base.py curve): on the demo data, then on
+#                  docstrings for LoRA and for QLoRA (the NF4 base against the NF4 base in FP8)
 #   quant          GPU tests (FP8 loss parity incl. one-rank FSDP2 with FP8 all-gather, QAT on CUDA, LoRA on
 #                  a GPTQ checkpoint), then bf16 vs FP8 on a stack of LAYERS blocks (default 8; SEQ 4096,
 #                  MBS 2, STEPS 60, EXTRA "--attn flash")
@@ -179,8 +180,14 @@ fp8-base)
   table fp8-base-8b python benchmarks/fp8_base.py speed --model llama3-8b --logs "$OUT/fp8-base-8b-runs" \
     --out "$OUT/fp8-base-8b.md"
   # 512-token rows: 200 steps of the default 4,096 would see the short demo samples ten times over
-  [ -n "${1:-}" ] && table fp8-base-curve python benchmarks/fp8_base.py curve --model "$1" --steps 200 --seq-len 512 \
+  [ -z "${1:-}" ] && exit 0
+  table fp8-base-curve python benchmarks/fp8_base.py curve --model "$1" --steps 200 --seq-len 512 \
     --logs "$OUT/fp8-base-curve-runs" --out "$OUT/fp8-base-curve.md"
+  for method in lora qlora; do  # English text, where the loss stays near 2.5
+    table "fp8-base-curve-docstrings-$method" python benchmarks/fp8_base.py curve --model "$1" --steps 200 \
+      --seq-len 512 --data docstrings --micro-batch-size 1 --method $method \
+      --logs "$OUT/fp8-base-curve-docstrings-$method-runs" --out "$OUT/fp8-base-curve-docstrings-$method.md"
+  done
   ;;
 quant)
   LAYERS=${LAYERS:-8}; SEQ=${SEQ:-4096}; MBS=${MBS:-2}; STEPS=${STEPS:-60}; EXTRA=${EXTRA:---attn flash}
