@@ -31,8 +31,8 @@ def flat(q_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BLOCKSIZE: tl.constexpr,
 def transposed(q_ptr, absmax_ptr, code_ptr, out_ptr, rows, cols, BLOCKSIZE: tl.constexpr, R: tl.constexpr,
                C: tl.constexpr):
     """W^T from tiles of R rows by C columns of W (C even, cols even: no byte straddles two rows).
-    About 4x slower per weight than `flat` on an H200 (a 2-D pass in Triton, whatever the tile), still
-    2.3x faster than `flat` followed by torch's byte transpose."""
+    Slower per weight than `flat`, faster than `flat` and a byte transpose after it (measured per
+    tile shape: benchmarks/results/2026-12-03-qlora-fp8-base-flat-pass-h200.md)."""
     r = tl.program_id(0) * R + tl.arange(0, R)
     pair = tl.program_id(1) * (C // 2) + tl.arange(0, C // 2)  # the tile's bytes, two weights each
     mask = (r[:, None] < rows) & (pair[None, :] < cols // 2)

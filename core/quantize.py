@@ -136,7 +136,7 @@ def _nf4_to_e4m3_cuda(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                       shape: list[int], transpose: bool) -> torch.Tensor:
     rows, cols = shape
     kernels = _nf4_kernels()
-    if not transpose or cols % 2:  # odd rows: a byte straddles two of them, so only the flat pass applies
+    if not transpose or cols % 2:  # rows of odd length share bytes: only the flat pass reads those
         w8 = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=q.device)
         n_bytes, block = q.numel(), 4096
         kernels.flat[(-(-n_bytes // block),)](q, absmax, code, w8, n_bytes, blocksize, block)

@@ -116,8 +116,8 @@ def plain_qlora_losses(tmp_path_factory) -> list[float]:
 def test_a_compiled_qlora_run_with_an_fp8_base_tracks_the_nf4_base(tmp_path, plain_qlora_losses):
     """--qlora --fp8-base: the NF4 weights dequantized and quantized to e4m3 inside each matmul's op, an
     opaque op in the compiled blocks (the eager op: test_nf4_fp8_matmuls_are_the_products_...). Traced
-    by aot_eager (the op's fake and autograd, the blocks' graphs) in a third of inductor's CPU build
-    time; inductor compiles the op on a GPU (test_gpu_nf4_fp8_linear_..., compiled)."""
+    by aot_eager (the op's fake and autograd, the blocks' graphs), which spares the minutes of
+    inductor's CPU build; inductor compiles the op on a GPU (test_gpu_nf4_fp8_linear_..., compiled)."""
     assert run_train(tmp_path / "fp8", *ARGS[1:], *QLORA, "--compile", "--compile-backend", "aot_eager",
                      "--fp8-base") == 0
     fp8 = [m["loss"] for m in read_metrics(tmp_path / "fp8") if "loss" in m]
