@@ -4,7 +4,6 @@
 none), are quantized in place by `quantize_base`, bit for bit the same (tests/test_lora.py).
 """
 
-import functools
 
 import torch
 
@@ -124,32 +123,33 @@ def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
     in either layout), torch ops elsewhere (bitsandbytes packs the first of each pair of weights in
     a byte's high nibble)."""
     q = packed.view(torch.uint8).reshape(-1)
-    if q.is_cuda:
-        return _nf4_to_e4m3_cuda(q, absmax, code, blocksize, shape, transpose)
-    nibbles = torch.stack([q >> 4, q & 15], dim=-1).reshape(-1).long()
-    w = code.float()[nibbles] * absmax.float().repeat_interleave(blocksize)[:nibbles.numel()]
-    w8 = w.to(torch.bfloat16).to(torch.float8_e4m3fn).reshape(shape)
+    if q.is_cuda and transpose and shape[1] % 2 == 0:  # odd rows share bytes: only the flat pass reads those
+        return _transposed_cuda(q, absmax, code, blocksize, shape)
+    w8 = _flat_cuda(q, absmax, code, blocksize, shape) if q.is_cuda else _flat_torch(q, absmax, code, blocksize, shape)
     return w8.view(torch.uint8).t().contiguous().view(w8.dtype) if transpose else w8
 
 
-def _nf4_to_e4m3_cuda(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                      shape: list[int], transpose: bool) -> torch.Tensor:
+def _flat_torch(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int]):
+    nibbles = torch.stack([q >> 4, q & 15], dim=-1).reshape(-1).long()
+    w = code.float()[nibbles] * absmax.float().repeat_interleave(blocksize)[:nibbles.numel()]
+    return w.to(torch.bfloat16).to(torch.float8_e4m3fn).reshape(shape)
+
+
+def _flat_cuda(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int]):
+    from core import nf4_kernels  # Triton: imported on CUDA only
+
+    w8 = torch.empty(shape, dtype=torch.float8_e4m3fn, device=q.device)
+    n_bytes, block = q.numel(), 4096
+    nf4_kernels.flat[(-(-n_bytes // block),)](q, absmax, code, w8, n_bytes, blocksize, block)
+    return w8
+
+
+def _transposed_cuda(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int]):
+    from core import nf4_kernels
+
     rows, cols = shape
-    kernels = _nf4_kernels()
-    if not transpose or cols % 2:  # rows of odd length share bytes: only the flat pass reads those
-        w8 = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=q.device)
-        n_bytes, block = q.numel(), 4096
-        kernels.flat[(-(-n_bytes // block),)](q, absmax, code, w8, n_bytes, blocksize, block)
-        return w8.view(torch.uint8).t().contiguous().view(w8.dtype) if transpose else w8
     out = torch.empty((cols, rows), dtype=torch.float8_e4m3fn, device=q.device)
     tile_rows, tile_cols = 64, 128
     grid = (-(-rows // tile_rows), -(-cols // tile_cols))
-    kernels.transposed[grid](q, absmax, code, out, rows, cols, blocksize, tile_rows, tile_cols)
+    nf4_kernels.transposed[grid](q, absmax, code, out, rows, cols, blocksize, tile_rows, tile_cols)
     return out
-
-
-@functools.cache
-def _nf4_kernels():
-    from core import nf4_kernels  # Triton: imported on CUDA only
-
-    return nf4_kernels
