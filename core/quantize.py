@@ -123,7 +123,7 @@ def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
     in either layout), torch ops elsewhere (bitsandbytes packs the first of each pair of weights in
     a byte's high nibble)."""
     q = packed.view(torch.uint8).reshape(-1)
-    if q.is_cuda and transpose and shape[1] % 2 == 0:  # odd rows share bytes: only the flat pass reads those
+    if q.is_cuda and transpose and shape[1] % 2 == 0:  # rows of odd length share bytes: flat pass only
         return _transposed_cuda(q, absmax, code, blocksize, shape)
     w8 = _flat_cuda(q, absmax, code, blocksize, shape) if q.is_cuda else _flat_torch(q, absmax, code, blocksize, shape)
     return w8.view(torch.uint8).t().contiguous().view(w8.dtype) if transpose else w8
