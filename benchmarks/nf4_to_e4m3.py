@@ -45,19 +45,16 @@ def tile_pass(q_ptr, absmax_ptr, code_ptr, out_ptr, rows, cols, BLOCKSIZE: tl.co
 
 
 @triton.jit
-def transposed_block_scales(q_ptr, absmax_ptr, code_ptr, out_ptr, rows, cols, BLOCKSIZE: tl.constexpr,
-                            R: tl.constexpr, C: tl.constexpr):
-    """W^T as core/nf4_kernels.py's `transposed`, but each row's absmax loaded once a block, (R, C / BLOCKSIZE),
-    and broadcast in registers: that kernel's per-weight absmax loads run in the store's layout, a warp
-    across 32 rows, so each load instruction touches 32 cache lines. Needs cols % BLOCKSIZE == 0."""
+def transposed_per_weight_scales(q_ptr, absmax_ptr, code_ptr, out_ptr, rows, cols, BLOCKSIZE: tl.constexpr,
+                                 R: tl.constexpr, C: tl.constexpr):
+    """W^T as core/nf4_kernels.py's `transposed`, but with an absmax load per weight (its earlier form):
+    the tile computes in the store's layout, a warp across 32 rows, so each such load touches 32 cache
+    lines."""
     r = tl.program_id(0) * R + tl.arange(0, R)
     pair = tl.program_id(1) * (C // 2) + tl.arange(0, C // 2)
     mask = (r[:, None] < rows) & (pair[None, :] < cols // 2)
     byte = tl.load(q_ptr + r[:, None] * (cols // 2) + pair[None, :], mask=mask, other=0).to(tl.int32)
-    blk = tl.program_id(1) * (C // BLOCKSIZE) + tl.arange(0, C // BLOCKSIZE)
-    in_rows = (r[:, None] < rows) & (blk[None, :] < cols // BLOCKSIZE)
-    per_block = tl.load(absmax_ptr + r[:, None] * (cols // BLOCKSIZE) + blk[None, :], mask=in_rows, other=0.0)
-    scale = tl.reshape(tl.broadcast_to(per_block[:, :, None], (R, C // BLOCKSIZE, BLOCKSIZE // 2)), (R, C // 2))
+    scale = tl.load(absmax_ptr + (r[:, None] * cols + 2 * pair[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
     w = tl.reshape(_decode(byte, scale, code_ptr), (R, C))
     c = tl.program_id(1) * C + tl.arange(0, C)
     keep = (c[:, None] < cols) & (r[None, :] < rows)
@@ -84,11 +81,11 @@ def tiles(parts, row_strides):
     return out
 
 
-def block_scales(parts):
+def per_weight_scales(parts):
     q, absmax, code, blocksize, (rows, cols) = parts
     out = torch.empty((cols, rows), dtype=torch.float8_e4m3fn, device=q.device)
-    transposed_block_scales[(triton.cdiv(rows, 64), triton.cdiv(cols, 128))](q, absmax, code, out, rows, cols,
-                                                                             blocksize, 64, 128)
+    transposed_per_weight_scales[(triton.cdiv(rows, 64), triton.cdiv(cols, 128))](q, absmax, code, out, rows, cols,
+                                                                                  blocksize, 64, 128)
     return out
 
 
@@ -106,8 +103,8 @@ CANDIDATES = {  # name: (layout, fn)
     "repo: flat pass (W)": ("W", lambda p: repo(p, False)),
     "2-D tiles 64x128 (W)": ("W", lambda p: tiles(p, False)),
     "2-D tiles 64x128, block index from row strides (W)": ("W", lambda p: tiles(p, True)),
-    "repo: 2-D tiles transposed in registers (W^T)": ("W^T", lambda p: repo(p, True)),
-    "2-D tiles transposed, absmax loaded a block at a time (W^T)": ("W^T", block_scales),
+    "repo: 2-D tiles transposed in registers, absmax loaded a block at a time (W^T)": ("W^T", lambda p: repo(p, True)),
+    "2-D tiles transposed, absmax loaded per weight (W^T)": ("W^T", per_weight_scales),
     "flat pass + Triton byte transpose 32x32 (W^T)": ("W^T", lambda p: flat_then_transpose(p, True)),
     "flat pass + torch byte transpose (W^T)": ("W^T", lambda p: flat_then_transpose(p, False)),
 }

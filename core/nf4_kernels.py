@@ -30,14 +30,18 @@ def flat(q_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BLOCKSIZE: tl.constexpr,
 @triton.jit
 def transposed(q_ptr, absmax_ptr, code_ptr, out_ptr, rows, cols, BLOCKSIZE: tl.constexpr, R: tl.constexpr,
                C: tl.constexpr):
-    """W^T from tiles of R rows by C columns of W (C even, cols even: no byte straddles two rows).
-    Slower per weight than `flat`, faster than `flat` and a byte transpose after it (measured per
-    tile shape: benchmarks/results/2026-12-03-qlora-fp8-base-flat-pass-h200.md)."""
+    """W^T from tiles of R rows by C columns of W (cols and C multiples of BLOCKSIZE: no block straddles
+    two rows). The tile computes in the store's layout, a warp across 32 rows, so each row's absmax is
+    loaded once a block and broadcast: loaded per weight, each load touched 32 cache lines (timed
+    against that form: benchmarks/nf4_to_e4m3.py)."""
     r = tl.program_id(0) * R + tl.arange(0, R)
     pair = tl.program_id(1) * (C // 2) + tl.arange(0, C // 2)  # the tile's bytes, two weights each
     mask = (r[:, None] < rows) & (pair[None, :] < cols // 2)
     byte = tl.load(q_ptr + r[:, None] * (cols // 2) + pair[None, :], mask=mask, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + (r[:, None] * cols + 2 * pair[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
+    blk = tl.program_id(1) * (C // BLOCKSIZE) + tl.arange(0, C // BLOCKSIZE)
+    in_rows = (r[:, None] < rows) & (blk[None, :] < cols // BLOCKSIZE)
+    per_block = tl.load(absmax_ptr + r[:, None] * (cols // BLOCKSIZE) + blk[None, :], mask=in_rows, other=0.0)
+    scale = tl.reshape(tl.broadcast_to(per_block[:, :, None], (R, C // BLOCKSIZE, BLOCKSIZE // 2)), (R, C // 2))
     w = tl.reshape(_decode(byte, scale, code_ptr), (R, C))
     c = tl.program_id(1) * C + tl.arange(0, C)
     keep = (c[:, None] < cols) & (r[None, :] < rows)

@@ -9,6 +9,8 @@ import torch
 
 from core import UserError
 
+TILE_ROWS, TILE_COLS = 64, 128  # the transposed NF4-to-e4m3 pass's tile of W
+
 
 def quantization_config(cfg, device: torch.device = torch.device("cpu")):
     """transformers' BitsAndBytesConfig for --qlora / --lora-8bit (None otherwise; `cfg`: features.lora.LoraConfig).
@@ -123,7 +125,8 @@ def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
     in either layout), torch ops elsewhere (bitsandbytes packs the first of each pair of weights in
     a byte's high nibble)."""
     q = packed.view(torch.uint8).reshape(-1)
-    if q.is_cuda and transpose and shape[1] % 2 == 0:  # rows of odd length share bytes: flat pass only
+    if q.is_cuda and transpose and shape[1] % blocksize == 0 and TILE_COLS % blocksize == 0:  # no block
+        # straddles two rows or two tiles: else the flat pass and a byte transpose
         return _transposed_cuda(q, absmax, code, blocksize, shape)
     w8 = _flat_cuda(q, absmax, code, blocksize, shape) if q.is_cuda else _flat_torch(q, absmax, code, blocksize, shape)
     return w8.view(torch.uint8).t().contiguous().view(w8.dtype) if transpose else w8
@@ -149,7 +152,6 @@ def _transposed_cuda(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, 
 
     rows, cols = shape
     out = torch.empty((cols, rows), dtype=torch.float8_e4m3fn, device=q.device)
-    tile_rows, tile_cols = 64, 128
-    grid = (-(-rows // tile_rows), -(-cols // tile_cols))
-    nf4_kernels.transposed[grid](q, absmax, code, out, rows, cols, blocksize, tile_rows, tile_cols)
+    grid = (-(-rows // TILE_ROWS), -(-cols // TILE_COLS))
+    nf4_kernels.transposed[grid](q, absmax, code, out, rows, cols, blocksize, TILE_ROWS, TILE_COLS)
     return out
