@@ -5,6 +5,7 @@
     python benchmarks/fp8_base.py curve --model path/to/SmolLM2-135M-Instruct --steps 200 --data docstrings \
         --micro-batch-size 1 --out curve-docstrings.md
     python benchmarks/fp8_base.py curve ... --method qlora      # the NF4 base vs the NF4 base in FP8
+    python benchmarks/fp8_base.py table --logs DIR [--method qlora]  # a curve's table from its runs' logs
 
 speed: the Hugging Face Trainer + peft baseline (micro-batch 2), then `train.py --model M --lora
 --dataset X` with no other flag, and the same with --fp8-base (each row its own process; the rows,
@@ -17,6 +18,8 @@ heavily; `--data docstrings` runs the same comparison on English text the model 
 few hundred steps: questions about this Python's standard library, answered by its docstrings.
 `--method qlora` compares `--qlora` with `--qlora --fp8-base` (both with `--lora-kernels`, which the
 FP8 path needs and a GPU run has by default; on 2 CPU cores, 16 s a step of SmolLM2-135M at 512 tokens).
+table: the same table from the runs a curve left in --logs, over the steps both logged (for a curve
+stopped early: the tail is then the last quarter of those steps).
 """
 
 import argparse
@@ -85,6 +88,10 @@ def losses(model: str, data: Path, out: Path, steps: int, extra: list[str]) -> l
     (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    return logged(out)
+
+
+def logged(out: Path) -> list[tuple[int, float]]:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(m["step"], m["loss"]) for m in metrics if "loss" in m]
 
@@ -95,30 +102,51 @@ def losses(model: str, data: Path, out: Path, steps: int, extra: list[str]) -> l
 MAX_NATS, TAIL_REL = 0.2, 0.03
 
 
+BASES = {"lora": (["--lora"], "bf16 base"), "qlora": (["--qlora", "--lora-kernels"], "NF4 base")}
+
+
+def run_dir(logs: Path, base: str) -> Path:
+    return logs / base.lower().replace(" ", "-")
+
+
 def curve(args, logs: Path) -> str:
-    flags, base = {"lora": (["--lora"], "bf16 base"), "qlora": (["--qlora", "--lora-kernels"], "NF4 base")}[args.method]
+    flags, base = BASES[args.method]
     flags += ["--seq-len", str(args.seq_len)] if args.seq_len else []
     flags += ["--micro-batch-size", str(args.micro_batch_size), "--grad-accum", "1"] if args.micro_batch_size else []
     data = docstring_chats(logs / "docstrings.jsonl") if args.data == "docstrings" else ROOT / "data" / "train.jsonl"
-    plain = losses(args.model, data, logs / base.lower().replace(" ", "-"), args.steps, flags)
+    plain = losses(args.model, data, run_dir(logs, base), args.steps, flags)
     fp8 = losses(args.model, data, logs / "fp8-base", args.steps, [*flags, "--fp8-base"])
+    return compare(plain, fp8, base)
+
+
+def curve_table(args, logs: Path) -> str:
+    base = BASES[args.method][1]
+    plain, fp8 = logged(run_dir(logs, base)), dict(logged(logs / "fp8-base"))
+    plain = [(step, loss) for step, loss in plain if step in fp8]
+    return compare(plain, [(step, fp8[step]) for step, _ in plain], base)
+
+
+def compare(plain: list[tuple[int, float]], fp8: list[tuple[int, float]], base: str) -> str:
+    """Both curves at each logged step, then the largest difference and the last quarter's mean
+    against the stated tolerance."""
     lines = [f"| step | {base} loss | FP8 base loss | difference (nats) | relative |", "|---|---|---|---|---|"]
     for (step, a), (_, b) in zip(plain, fp8, strict=True):
         lines.append(f"| {step} | {a:.4f} | {b:.4f} | {b - a:+.4f} | {100 * (b - a) / a:+.2f}% |")
     worst = max(abs(b - a) for (_, a), (_, b) in zip(plain, fp8))
-    tail = [i for i, (step, _) in enumerate(plain) if step > 0.75 * args.steps]
+    last = plain[-1][0]
+    tail = [i for i, (step, _) in enumerate(plain) if step > 0.75 * last]
     tail_plain, tail_fp8 = (sum(c[i][1] for i in tail) / len(tail) for c in (plain, fp8))
     tail_rel = (tail_fp8 - tail_plain) / tail_plain
     ok = worst <= MAX_NATS and abs(tail_rel) <= TAIL_REL
     return "\n".join(lines + [
         f"\nlargest difference of a logged window: {worst:.4f} nats (tolerance {MAX_NATS}); mean over steps after "
-        f"{int(0.75 * args.steps)}: {base} {tail_plain:.4f}, FP8 base {tail_fp8:.4f}, {100 * tail_rel:+.2f}% "
+        f"{int(0.75 * last)}: {base} {tail_plain:.4f}, FP8 base {tail_fp8:.4f}, {100 * tail_rel:+.2f}% "
         f"(tolerance {100 * TAIL_REL:.0f}%): {'within' if ok else 'OUTSIDE'} the stated tolerance"])
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["speed", "curve"])
+    p.add_argument("what", choices=["speed", "curve", "table"])
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seq-len", type=int, default=None, help="curve: the packed row length of both runs")
@@ -130,7 +158,7 @@ def main():
     args = p.parse_args()
     logs = Path(args.logs or tempfile.mkdtemp())
     logs.mkdir(parents=True, exist_ok=True)
-    text = speed(args, logs) if args.what == "speed" else curve(args, logs)
+    text = {"speed": speed, "curve": curve, "table": curve_table}[args.what](args, logs)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

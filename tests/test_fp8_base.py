@@ -358,3 +358,27 @@ def test_compiled_blocks_over_an_fp8_base_copy_no_lora_outputs():
     copies = {k: n for k, n in copies.items() if k[1] not in weight_transpose}
     assert not [k for k in copies if k[0] == "addmm input copy" or k[1].startswith("features/")], copies
     assert sum(copies.values()) <= 2 * 2, copies  # 2 blocks: RoPE's cat of q, the clone of q's gradient
+
+
+def test_curve_table_compares_the_steps_both_runs_logged(tmp_path):
+    """fp8_base.py table: a curve stopped early is judged on the steps both runs reached, its tail the
+    last quarter of those; a window beyond the tolerance in nats reads OUTSIDE."""
+    import json
+    from types import SimpleNamespace
+
+    from benchmarks import fp8_base as bench
+
+    def write(name, losses):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in losses) + '{"step": 0, "val_loss": 1}\n')
+
+    write("nf4-base", [(1, 3.0), (10, 2.0), (20, 1.0), (30, 1.0), (40, 1.0)])
+    write("fp8-base", [(1, 3.1), (10, 2.0), (20, 1.0), (30, 1.02)])  # stopped before step 40
+    text = bench.curve_table(SimpleNamespace(method="qlora"), tmp_path)
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()] == \
+        ["| 1", "| 10", "| 20", "| 30"]
+    assert "0.1000 nats" in text and "mean over steps after 22: NF4 base 1.0000, FP8 base 1.0200, +2.00%" in text
+    assert text.endswith("within the stated tolerance")
+    (tmp_path / "fp8-base" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.3}) + "\n")
+    assert bench.curve_table(SimpleNamespace(method="qlora"), tmp_path).endswith("OUTSIDE the stated tolerance")
