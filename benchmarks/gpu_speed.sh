@@ -8,10 +8,9 @@
 # Shapes: "8B" is the llama3-8b preset, "1B" llama3.2-1b (random weights), seq 4096; "fast" below is
 # --attn flash --lora-kernels --compile.
 #   defaults       no tuning flag beside the baselines (defaults.py), one table per shape: 8B LoRA (baseline
-#                  at micro-batch 2 and 4, Unsloth, defaults, --fp8-base with one copy and with the transposed
-#                  copy, the lean paths), 8B QLoRA (baseline, Unsloth, headline, --fp8-base at QLoRA's
-#                  memory, the lean paths), 1B full fine-tune (baseline, defaults,
-#                  pure bf16 + CCE at micro-batch 16); Unsloth's rows need unsloth installed
+#                  at micro-batch 2 and 4, Unsloth, defaults, --fp8-base), 8B QLoRA (baseline, Unsloth, the
+#                  headline, the headline with --fp8-base), 1B full fine-tune (baseline, defaults, pure bf16 +
+#                  CCE at micro-batch 16, CCE alone); Unsloth's rows need unsloth installed
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -95,17 +94,15 @@ profile() {  # ROW...: one profiled train.py run per ROW; MODEL SEQ MBS ADAPTER 
 
 case $sub in
 defaults)
-  lean="--loss chunked --offload-embeddings"
   table defaults-lora-8b python benchmarks/defaults.py --model llama3-8b --method lora \
     --rows baseline unsloth defaults fp8-base --baseline-micro-batch 2 4 \
-    --defaults-with "--fp8-base --fp8-base-transposed-copy" "$lean" \
     --logs "$OUT/defaults-lora-8b" --out "$OUT/defaults-lora-8b.md" "$@"
   table defaults-qlora-8b python benchmarks/defaults.py --model llama3-8b --method qlora \
-    --rows baseline unsloth headline fp8-base --baseline-micro-batch 2 --headline-with "$lean" " --fp8-base" \
+    --rows baseline unsloth headline --baseline-micro-batch 2 --headline-with " --fp8-base" \
     --logs "$OUT/defaults-qlora-8b" --out "$OUT/defaults-qlora-8b.md" "$@"
   table defaults-full-1b python benchmarks/defaults.py --model llama3.2-1b --method full --rows baseline defaults \
     --baseline-micro-batch 8 --defaults-with "--precision bf16 --loss cce --micro-batch-size 16 --grad-accum 1" \
-    --logs "$OUT/defaults-full-1b" --out "$OUT/defaults-full-1b.md" "$@"
+    "--loss cce" --logs "$OUT/defaults-full-1b" --out "$OUT/defaults-full-1b.md" "$@"
   ;;
 lora)
   table lora-8b python benchmarks/lora.py --model llama3-8b --steps 20 --out "$OUT/lora-8b.md" \
