@@ -11,8 +11,9 @@ speed: the Hugging Face Trainer + peft baseline (micro-batch 2), then `train.py 
 --dataset X` with no other flag, and the same with --fp8-base (each row its own process; the rows,
 data and counting of benchmarks/defaults.py). curve: the same LoRA run of a real checkpoint on the
 repo's demo data (data/train.jsonl, 20,000 short instructions), with and without --fp8-base, the
-same seed and order; the table gives both losses at every logged step and their relative
-difference, the last line the result against the stated tolerance (MAX_NATS, TAIL_REL below).
+same seed and order, the two processes side by side; the table gives both losses at every logged
+step and their relative difference, the last line the result against the stated tolerance
+(MAX_NATS, TAIL_REL below).
 The demo task is learned to a loss near 0.03, where a relative tail bound weighs a constant floor
 heavily; `--data docstrings` runs the same comparison on English text the model cannot learn in a
 few hundred steps: questions about this Python's standard library, answered by its docstrings.
@@ -29,6 +30,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,8 +116,9 @@ def curve(args, logs: Path) -> str:
     flags += ["--seq-len", str(args.seq_len)] if args.seq_len else []
     flags += ["--micro-batch-size", str(args.micro_batch_size), "--grad-accum", "1"] if args.micro_batch_size else []
     data = docstring_chats(logs / "docstrings.jsonl") if args.data == "docstrings" else ROOT / "data" / "train.jsonl"
-    plain = losses(args.model, data, run_dir(logs, base), args.steps, flags)
-    fp8 = losses(args.model, data, logs / "fp8-base", args.steps, [*flags, "--fp8-base"])
+    runs = [(run_dir(logs, base), flags), (logs / "fp8-base", [*flags, "--fp8-base"])]
+    with ThreadPoolExecutor(2) as pool:  # side by side: a small model's steps leave the GPU mostly idle
+        plain, fp8 = pool.map(lambda run: losses(args.model, data, run[0], args.steps, run[1]), runs)
     return compare(plain, fp8, base)
 
 
