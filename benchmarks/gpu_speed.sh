@@ -10,7 +10,8 @@
 #   defaults       no tuning flag beside the baselines (defaults.py), one table per shape: 8B LoRA (baseline
 #                  at micro-batch 2 and 4, Unsloth, defaults, --fp8-base), 8B QLoRA (baseline, Unsloth, the
 #                  headline, the headline with --fp8-base), 1B full fine-tune (baseline, defaults, pure bf16 +
-#                  CCE at micro-batch 16, CCE alone); Unsloth's rows need unsloth installed
+#                  CCE at micro-batch 16, CCE alone, and FP8 training on the defaults and on the fastest
+#                  row); Unsloth's rows need unsloth installed
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -102,7 +103,8 @@ defaults)
     --logs "$OUT/defaults-qlora-8b" --out "$OUT/defaults-qlora-8b.md" "$@"
   table defaults-full-1b python benchmarks/defaults.py --model llama3.2-1b --method full --rows baseline defaults \
     --baseline-micro-batch 8 --defaults-with "--precision bf16 --loss cce --micro-batch-size 16 --grad-accum 1" \
-    "--loss cce" --logs "$OUT/defaults-full-1b" --out "$OUT/defaults-full-1b.md" "$@"
+    "--loss cce" "--fp8 tensorwise" "--precision bf16 --loss cce --micro-batch-size 16 --grad-accum 1 --fp8 tensorwise" \
+    --logs "$OUT/defaults-full-1b" --out "$OUT/defaults-full-1b.md" "$@"
   ;;
 lora)
   table lora-8b python benchmarks/lora.py --model llama3-8b --steps 20 --out "$OUT/lora-8b.md" \
