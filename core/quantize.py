@@ -122,8 +122,8 @@ def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
     code[nibble] * absmax of its block, rounded to bf16 and then to e4m3, as bitsandbytes' bf16
     dequantization followed by a cast; absmax (fp32, one a block) must keep every value within
     e4m3's range (|v| <= 448). One Triton pass on CUDA (reads half a byte, writes one per weight,
-    in either layout), torch ops elsewhere (bitsandbytes packs the first of each pair of weights in
-    a byte's high nibble)."""
+    in either layout; W^T of rows that blocks straddle takes the flat pass and a byte transpose),
+    torch ops elsewhere (bitsandbytes packs the first of each pair of weights in a byte's high nibble)."""
     q = packed.view(torch.uint8).reshape(-1)
     if q.is_cuda and transpose and shape[1] % blocksize == 0 and TILE_COLS % blocksize == 0:  # no block
         # straddles two rows or two tiles: else the flat pass and a byte transpose
