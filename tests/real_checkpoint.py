@@ -73,8 +73,21 @@ def build(gguf_path: Path, out: Path) -> None:
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
+    _eos_from_gguf(tok, gguf_path)
     _check_chat_template(tok, gguf_path)
     tok.save_pretrained(out)
+
+
+def _eos_from_gguf(tok, gguf_path: Path) -> None:
+    """The end-of-turn token the GGUF names (tokenizer.ggml.eos_token_id): transformers 5.17 reads
+    <|im_start|> there, where the file and later releases say <|im_end|>."""
+    import gguf
+
+    fields = gguf.GGUFReader(gguf_path).fields
+    eos_id = int(fields["tokenizer.ggml.eos_token_id"].contents())
+    eos = fields["tokenizer.ggml.tokens"].contents(eos_id)
+    if tok.eos_token != eos:
+        tok.eos_token = eos
 
 
 def _check_chat_template(tok, gguf_path: Path) -> None:
