@@ -125,8 +125,8 @@ def nf4_to_e4m3(packed, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
     in either layout; W^T of rows that blocks straddle takes the flat pass and a byte transpose),
     torch ops elsewhere (bitsandbytes packs the first of each pair of weights in a byte's high nibble)."""
     q = packed.view(torch.uint8).reshape(-1)
-    if q.is_cuda and transpose and shape[1] % blocksize == 0 and TILE_COLS % blocksize == 0:  # no block
-        # straddles two rows or two tiles: else the flat pass and a byte transpose
+    # the transposed pass reads each block's absmax once, so no block may straddle two rows or two tiles
+    if q.is_cuda and transpose and shape[1] % blocksize == 0 and TILE_COLS % blocksize == 0:
         return _transposed_cuda(q, absmax, code, blocksize, shape)
     w8 = _flat_cuda(q, absmax, code, blocksize, shape) if q.is_cuda else _flat_torch(q, absmax, code, blocksize, shape)
     return w8.view(torch.uint8).t().contiguous().view(w8.dtype) if transpose else w8
