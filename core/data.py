@@ -20,7 +20,8 @@ than --seq-len are dropped (or cut with --truncation truncate) and counted; a ma
 (bad JSON or UTF-8, wrong types, missing fields, empty responses, unknown chat roles, strings with
 lone surrogates) stops the run with one line naming its file and line, or with --skip-bad-samples
 is skipped and counted (`skipped_bad` in the data stats, with the first reason as `first_bad`).
-tests/test_fuzz_data.py fuzzes this with hypothesis.
+tests/test_fuzz_data.py fuzzes this with hypothesis. Tokenized samples are cached for the next run
+with the same records, tokenizer and flags (core/data_cache.py; --data-cache none turns it off).
 """
 
 import dataclasses
@@ -29,7 +30,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from core import UserError
+from core import UserError, data_cache
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -61,6 +62,8 @@ class DataConfig:
     """What to do with samples longer than --seq-len: drop them or cut them (both are counted)."""
     skip_bad_samples: bool = False
     """Skip malformed records (bad JSON, wrong types, missing fields, unknown roles, ...) and count them, instead of stopping at the first."""  # noqa: E501
+    data_cache: str = "auto"
+    """Tokenized samples are kept here and reused by runs with the same records, tokenizer and data flags: 'auto' ($NANOTUNE_CACHE or ~/.cache/nanotune, /tokenized), a directory, or 'none'."""  # noqa: E501
 
 
 class BadRecord(UserError):
@@ -371,7 +374,11 @@ def _pretrain_blocks(records: list[Record], tok, seq_len: int, skip: bool) -> tu
 
 
 def _tokenized(records: list[Record], fmt: str, tok, cfg: DataConfig) -> tuple[list[Sample], list[str]]:
-    return _each(records, lambda r, w: tokenize(r, fmt, w, tok, cfg.train_on_inputs), cfg.skip_bad_samples)
+    def tokenize_all():
+        return _each(records, lambda r, w: tokenize(r, fmt, w, tok, cfg.train_on_inputs), cfg.skip_bad_samples)
+
+    settings = (fmt, cfg.train_on_inputs, cfg.skip_bad_samples)
+    return data_cache.cached(cfg.data_cache, records, settings, tok, tokenize_all, Sample)
 
 
 def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: str, tokenized=None) -> Split:

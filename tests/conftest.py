@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Before torch loads: OpenMP threads that spin while waiting steal the 2 cores from the other processes
@@ -10,6 +11,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # processes a test starts inherit the setting (tests/fault_hooks.py matches the in-process runs' threads).
 THREADS = 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
+# Tokenized samples (core/data_cache.py) go to a cache of the tests' own, shared by the workers and the
+# train.py runs they start, not the user's: the demo data is tokenized once, not once a run.
+os.environ.setdefault("NANOTUNE_CACHE", os.path.join(tempfile.gettempdir(), f"nanotune-tests-{os.getuid()}"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,6 +1,8 @@
 """Formats, masking, truncation counts and dataset sources."""
 
+import copy
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -178,3 +180,48 @@ def test_hub_dataset_failure_is_one_line(monkeypatch, tok):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UserError, match="--dataset 'someorg/qa': could not load from the hub .*ConnectionError"):
         load_splits(DataConfig(dataset="someorg/qa"), tok, 0)
+
+
+def _chat_records(n: int) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"answer {i}"}, {"role": "user", "content": "more"},
+                          {"role": "assistant", "content": f"more {i}"}]} for i in range(n)]
+
+
+def test_data_cache_returns_what_tokenizing_returns_and_keys_on_every_input(tmp_path, tok, monkeypatch):
+    """The second load reads the cache (tokenize is not called) and gives the same samples and skipped
+    records; another flag, chat template or record is tokenized anew; 'none' writes nothing."""
+    from core import data
+
+    path = write_jsonl(tmp_path / "chats.jsonl", _chat_records(30) + [{"messages": "not a list"}])
+    cfg = DataConfig(dataset=str(path), val_dataset="none", skip_bad_samples=True, data_cache=str(tmp_path / "c"))
+    fresh, _ = load_splits(dataclasses.replace(cfg, data_cache="none"), tok, 0)
+    assert not (tmp_path / "c").exists()
+    first, _ = load_splits(cfg, tok, 0)
+    calls = []
+    monkeypatch.setattr(data, "tokenize", lambda *a: calls.append(1) or tokenize(*a))
+    cached, _ = load_splits(cfg, tok, 0)
+    assert not calls and cached.samples == first.samples == fresh.samples
+    assert cached.stats == first.stats == fresh.stats and cached.stats["skipped_bad"] == 1
+    other_tok = copy.deepcopy(tok)
+    other_tok.chat_template += "{# the same rendering, another template #}"
+    for changed, t in ((dataclasses.replace(cfg, train_on_inputs=True), tok), (cfg, other_tok)):
+        calls.clear()
+        load_splits(changed, t, 0)
+        assert calls
+    write_jsonl(path, _chat_records(31))
+    calls.clear()
+    again, _ = load_splits(cfg, tok, 0)
+    assert calls and len(again.samples) == 31
+
+
+def test_data_cache_ignores_an_unreadable_file(tmp_path, tok):
+    from core import data_cache
+
+    path = write_jsonl(tmp_path / "chats.jsonl", _chat_records(5))
+    cfg = DataConfig(dataset=str(path), val_dataset="none", data_cache=str(tmp_path / "c"))
+    first, _ = load_splits(cfg, tok, 0)
+    [npz] = data_cache.cache_dir(cfg.data_cache).glob("*.npz")
+    npz.write_bytes(npz.read_bytes()[:100])  # cut short, as by a full disk
+    again, _ = load_splits(cfg, tok, 0)
+    assert again.samples == first.samples
