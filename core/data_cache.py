@@ -9,7 +9,8 @@ run of an ablation sweep (start-up before and after: benchmarks/results/2026-12-
 The key hashes everything the samples depend on: the records (their text and where they come from,
 since skipped records are reported by file and line), the format, --train-on-inputs,
 --skip-bad-samples, the tokenizer (its class, serialized vocabulary and rules, special tokens, chat
-template and init settings) and the source of core/data.py, so any change there tokenizes anew.
+template and init settings), the transformers and tokenizers releases, and the source of core/data.py,
+so any change there tokenizes anew.
 One .npz file a key, written to a temporary name and renamed, so ranks that tokenize side by side
 never read a partial file; an unreadable one is tokenized again. 'auto' is $NANOTUNE_CACHE/tokenized,
 by default ~/.cache/nanotune/tokenized. Pretrain documents are not cached.
@@ -62,10 +63,15 @@ def _key(records: list, settings: tuple, tok) -> str:
 
 
 def _tokenizer_fingerprint(tok) -> str:
+    import tokenizers
+    import transformers
+
     backend = getattr(tok, "backend_tokenizer", None)
     rules = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    # the releases too: chat templates render through transformers, tokens come from tokenizers
+    versions = [transformers.__version__, tokenizers.__version__]
     return json.dumps([type(tok).__name__, rules, tok.chat_template, sorted(map(str, tok.all_special_tokens)),
-                       tok.init_kwargs], sort_keys=True, default=str)  # init_kwargs: add_bos_token and the like
+                       tok.init_kwargs, versions], sort_keys=True, default=str)  # init_kwargs: add_bos_token, ...
 
 
 def _load(path: Path, sample_type):
