@@ -63,7 +63,7 @@ class DataConfig:
     skip_bad_samples: bool = False
     """Skip malformed records (bad JSON, wrong types, missing fields, unknown roles, ...) and count them, instead of stopping at the first."""  # noqa: E501
     data_cache: str = "auto"
-    """Tokenized samples are kept here and reused by runs with the same records, tokenizer and data flags: 'auto' ($NANOTUNE_CACHE or ~/.cache/nanotune, /tokenized), a directory, or 'none'."""  # noqa: E501
+    """Tokenized samples are kept here and reused by runs with the same records, tokenizer and data flags: 'auto' (~/.cache/nanotune/tokenized, or $NANOTUNE_CACHE/tokenized), a directory, or 'none'."""  # noqa: E501
 
 
 class BadRecord(UserError):

@@ -11,6 +11,7 @@ since skipped records are reported by file and line), the format, --train-on-inp
 --skip-bad-samples, the tokenizer (its class, serialized vocabulary and rules, special tokens, chat
 template and init settings), the transformers and tokenizers releases, and the source of core/data.py,
 so any change there tokenizes anew.
+
 One .npz file a key, written to a temporary name and renamed, so ranks that tokenize side by side
 never read a partial file; an unreadable one is tokenized again. 'auto' is $NANOTUNE_CACHE/tokenized,
 by default ~/.cache/nanotune/tokenized. Pretrain documents are not cached.
