@@ -4,7 +4,6 @@
 none), are quantized in place by `quantize_base`, bit for bit the same (tests/test_lora.py).
 """
 
-
 import torch
 
 from core import UserError
