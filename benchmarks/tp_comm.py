@@ -196,7 +196,7 @@ def worker(args) -> None:
                 (loss_sum * (d.grad_ranks / n_targets)).backward()
             total += loss_sum.detach()
         with phase("optimizer"):
-            norm = clip_grad_norm(model, 1.0)
+            norm = clip_grad_norm(list(model.parameters()), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return (all_reduce_sum(total, d) / n_targets).item(), float(norm)

@@ -65,7 +65,7 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
         refs = [s.input_ids[s.prompt_len:s.response_end] for s in group]
         stop = sorted({tokenizer.eos_token_id} | {ref[-1] for ref in refs if ref[-1] in special})
         ids, mask = _left_pad([s.input_ids[:s.prompt_len] for s in group], tokenizer.pad_token_id, d.device)
-        with autocast, eval_attention(net), real_logits(net):
+        with autocast, eval_attention(net), real_logits(net), eager_blocks():
             out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(map(len, refs)),
                                do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=stop)
@@ -75,6 +75,13 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
     net.train()
     hits = hits if sharded else all_reduce_sum(hits, d)
     return (hits[0] / hits[1]).item() if hits[1] > 0 else None
+
+
+def eager_blocks():
+    """Decoding runs --compile's blocks eagerly: the KV cache's per-layer state and the growing length
+    would recompile the one graph all blocks share for each layer and step, until dynamo's recompile
+    limit (a warning, and minutes of compiling for an evaluation that runs a few forwards)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def evaluate(model, val, cfg, tok, d: Dist, ctx, loss_fn, with_generation: bool) -> dict:

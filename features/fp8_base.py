@@ -35,6 +35,7 @@ References: torch._scaled_mm rowwise scaling; torchao's float8 rowwise recipe (t
 """
 
 import dataclasses
+import types
 
 import torch
 
@@ -87,37 +88,44 @@ def _scaled(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, plus=None,
     kernels' low-rank path), in c's dtype."""
     out_dtype = out_dtype or _compute_dtype(x)
     x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
+    ops = torch.ops.nanotune if torch.compiler.is_compiling() else _EAGER  # eager calls skip the ops' dispatch
     if plus is None:
-        y = torch.ops.nanotune.fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x.device)).to(out_dtype)
+        y = ops.fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(out_dtype, x.device)).to(out_dtype)
     else:
         c, d, s, bias = plus
-        y = torch.ops.nanotune.fp8_rowwise_mm_plus(x8, x_scale, w8, w_scale, c, d, float(s), bias)
+        y = ops.fp8_rowwise_mm_plus(x8, x_scale, w8, w_scale, c, d, float(s), bias)
     return y.reshape(*x.shape[:-1], w8.shape[0])
 
 
-# One opaque op under torch.compile: inductor's CPU lowering of _scaled_mm copies a transposed
-# (column-major) operand into row-major order, which _scaled_mm then refuses.
-@torch.library.custom_op("nanotune::fp8_rowwise_mm", mutates_args=())
-def _fp8_rowwise_mm(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+def _rowwise_mm(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
     # cuBLASLt multiplies only a row-major first operand by a column-major second one
     return torch._scaled_mm(x8.contiguous(), w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+
+
+def _rowwise_mm_plus(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                     c: torch.Tensor, d: torch.Tensor, s: float, bias: torch.Tensor | None) -> torch.Tensor:
+    y = _rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(c.dtype, c.device)).to(c.dtype)
+    y = y if bias is None else y.add_(bias)
+    return y.addmm_(c, d, alpha=s)
+
+
+# Each is one opaque op under torch.compile; inside an op (and in eager code) the plain functions
+# are called, since every dispatch through a custom op costs tens of microseconds of host time,
+# hundreds of times a step.
+# - fp8_rowwise_mm: inductor's CPU lowering of _scaled_mm copies a transposed (column-major)
+#   operand into row-major order, which _scaled_mm then refuses.
+# - fp8_rowwise_mm_plus: the product plus s c d by one addmm_ in place. Traced, the addmm_ would be
+#   functionalized into an out-of-place addmm: on CUDA a copy of the whole (tokens, out) product
+#   before the GEMM, in every LoRA linear's forward and backward (lora_kernels' _linear_plus says the same).
+_fp8_rowwise_mm = torch.library.custom_op("nanotune::fp8_rowwise_mm", _rowwise_mm, mutates_args=())
+_fp8_rowwise_mm_plus = torch.library.custom_op("nanotune::fp8_rowwise_mm_plus", _rowwise_mm_plus, mutates_args=())
+_EAGER = types.SimpleNamespace(fp8_rowwise_mm=_rowwise_mm, fp8_rowwise_mm_plus=_rowwise_mm_plus)
 
 
 @_fp8_rowwise_mm.register_fake
 def _(x8, x_scale, w8, w_scale, out_dtype):
     return x8.new_empty((x8.shape[0], w8.shape[0]), dtype=out_dtype)
-
-
-# The product plus s c d by one addmm_ in place. Traced, the addmm_ would be functionalized into an
-# out-of-place addmm: on CUDA a copy of the whole (tokens, out) product before the GEMM, in every
-# LoRA linear's forward and backward (features/lora_kernels.py's _linear_plus says the same).
-@torch.library.custom_op("nanotune::fp8_rowwise_mm_plus", mutates_args=())
-def _fp8_rowwise_mm_plus(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
-                         c: torch.Tensor, d: torch.Tensor, s: float, bias: torch.Tensor | None) -> torch.Tensor:
-    y = _fp8_rowwise_mm(x8, x_scale, w8, w_scale, _mm_dtype(c.dtype, c.device)).to(c.dtype)
-    y = y if bias is None else y.add_(bias)
-    return y.addmm_(c, d, alpha=s)
 
 
 @_fp8_rowwise_mm_plus.register_fake
@@ -195,21 +203,24 @@ class Fp8FrozenLinear(torch.nn.Module):
 # ---- a QLoRA base (bitsandbytes NF4): NF4 in memory, FP8 inside each matmul
 
 
-@torch.library.custom_op("nanotune::nf4_fp8_mm", mutates_args=())
-def _nf4_fp8_mm(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
-                code: torch.Tensor, blocksize: int, shape: list[int], row_scale: torch.Tensor | None,
-                scale_b: torch.Tensor, transpose: bool, bias: torch.Tensor | None, c: torch.Tensor | None,
-                d: torch.Tensor | None, s: float, out_dtype: torch.dtype) -> torch.Tensor:
+def _nf4_fp8(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+             code: torch.Tensor, blocksize: int, shape: list[int], row_scale: torch.Tensor | None,
+             scale_b: torch.Tensor, transpose: bool, bias: torch.Tensor | None, c: torch.Tensor | None,
+             d: torch.Tensor | None, s: float, out_dtype: torch.dtype) -> torch.Tensor:
     """x8 W8^T (transpose: x8 W8) for W8 = W / row_scale in e4m3, W the NF4 weight: dequantized and
     cast inside the op, so under torch.compile no dense or FP8 copy is a value of the graph and none
     is kept for backward (QLoRA's saving, as lora_kernels' linear4bit_plus). absmax: the blocks'
     absmax already divided by their row's scale (row_scale None), or as stored (row_scale: divide
-    here); scale_b as _scaled_mm's; plus c d s (and bias) as _fp8_rowwise_mm_plus."""
+    here); scale_b as _scaled_mm's; plus c d s (and bias) as _rowwise_mm_plus. Under torch.compile it
+    is one opaque op, nanotune::nf4_fp8_mm."""
     w8 = _nf4_e4m3(packed, absmax, code, blocksize, shape, row_scale, transpose)
     if c is None:
-        y = _fp8_rowwise_mm(x8, x_scale, w8, scale_b, _mm_dtype(out_dtype, x8.device)).to(out_dtype)
+        y = _rowwise_mm(x8, x_scale, w8, scale_b, _mm_dtype(out_dtype, x8.device)).to(out_dtype)
         return y if bias is None else y.add_(bias)
-    return _fp8_rowwise_mm_plus(x8, x_scale, w8, scale_b, c, d, s, bias)
+    return _rowwise_mm_plus(x8, x_scale, w8, scale_b, c, d, s, bias)
+
+
+_nf4_fp8_mm = torch.library.custom_op("nanotune::nf4_fp8_mm", _nf4_fp8, mutates_args=())
 
 
 @_nf4_fp8_mm.register_fake
@@ -292,9 +303,9 @@ class Fp8Nf4Linear(torch.nn.Module):
             x = x.float() * self.w_scale
         x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))  # traced: torch.compile fuses it into one kernel
         c, d, s, bias = plus if plus is not None else (None, None, 0.0, None if transpose else self.bias)
-        y = torch.ops.nanotune.nf4_fp8_mm(x8, x_scale, self.nf4.weight, self.absmax, self.code, self.blocksize,
-                                          self.shape, self.row_scale, self.unit if transpose else self.w_scale,
-                                          transpose, bias, c, d, float(s), out_dtype)
+        mm = torch.ops.nanotune.nf4_fp8_mm if torch.compiler.is_compiling() else _nf4_fp8  # eager: no dispatch
+        y = mm(x8, x_scale, self.nf4.weight, self.absmax, self.code, self.blocksize, self.shape, self.row_scale,
+               self.unit if transpose else self.w_scale, transpose, bias, c, d, float(s), out_dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def fp8_matmul(self, x: torch.Tensor, plus=None) -> torch.Tensor:

@@ -118,15 +118,15 @@ def apply_sharding(model, cfg: ShardingConfig, d: Dist, precision: str):
     return apply_ddp(model, d) if d.grad_ranks > 1 else model
 
 
-def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
-    """The global gradient norm (and clipping to max_norm; 0 = no clipping), also for DTensor
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global gradient norm of params (and clipping to max_norm; 0 = no clipping), also for DTensor
     gradients on several meshes (FSDP x TP leaves some on the 2-D mesh, some on the dp mesh),
     which torch's clip_grad_norm_ cannot stack (torch 2.13)."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
     groups: dict = {}
     for g in grads:
         groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
