@@ -124,8 +124,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
-    p.add_argument("--rows", nargs="+", default=["baseline", "tuned", "defaults", "headline"],
-                   choices=["baseline", "unsloth", "tuned", "defaults", "headline", "fp8-base"])
+    p.add_argument("--rows", nargs="*", default=["baseline", "tuned", "defaults", "headline"],
+                   choices=["baseline", "unsloth", "tuned", "defaults", "headline", "fp8-base"],
+                   help="none: only the --headline-with / --defaults-with rows")
     p.add_argument("--baseline-micro-batch", type=int, nargs="+", default=[2, 4])
     p.add_argument("--headline-with", nargs="*", default=[], metavar="FLAGS",
                    help='more headline rows, each with these flags added (e.g. "--loss ce")')
