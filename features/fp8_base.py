@@ -40,6 +40,7 @@ import types
 import torch
 
 from core import UserError
+from core.ops import opaque_op
 from core.quantize import block_absmax, dequantize_packed, is_4bit, nf4_to_e4m3, packed_4bit
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -110,27 +111,18 @@ def _rowwise_mm_plus(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, 
     return y.addmm_(c, d, alpha=s)
 
 
-# Each is one opaque op under torch.compile; inside an op (and in eager code) the plain functions
-# are called, since every dispatch through a custom op costs tens of microseconds of host time,
-# hundreds of times a step.
+# Each is one opaque op under torch.compile (core/ops.py); inside an op, and in eager code, the plain
+# functions are called: every dispatch costs host time, hundreds of times a micro-step.
 # - fp8_rowwise_mm: inductor's CPU lowering of _scaled_mm copies a transposed (column-major)
 #   operand into row-major order, which _scaled_mm then refuses.
 # - fp8_rowwise_mm_plus: the product plus s c d by one addmm_ in place. Traced, the addmm_ would be
 #   functionalized into an out-of-place addmm: on CUDA a copy of the whole (tokens, out) product
 #   before the GEMM, in every LoRA linear's forward and backward (lora_kernels' _linear_plus says the same).
-_fp8_rowwise_mm = torch.library.custom_op("nanotune::fp8_rowwise_mm", _rowwise_mm, mutates_args=())
-_fp8_rowwise_mm_plus = torch.library.custom_op("nanotune::fp8_rowwise_mm_plus", _rowwise_mm_plus, mutates_args=())
+opaque_op("fp8_rowwise_mm", _rowwise_mm,
+          lambda x8, x_scale, w8, w_scale, out_dtype: x8.new_empty((x8.shape[0], w8.shape[0]), dtype=out_dtype))
+opaque_op("fp8_rowwise_mm_plus", _rowwise_mm_plus,
+          lambda x8, x_scale, w8, w_scale, c, d, s, bias: x8.new_empty((x8.shape[0], w8.shape[0]), dtype=c.dtype))
 _EAGER = types.SimpleNamespace(fp8_rowwise_mm=_rowwise_mm, fp8_rowwise_mm_plus=_rowwise_mm_plus)
-
-
-@_fp8_rowwise_mm.register_fake
-def _(x8, x_scale, w8, w_scale, out_dtype):
-    return x8.new_empty((x8.shape[0], w8.shape[0]), dtype=out_dtype)
-
-
-@_fp8_rowwise_mm_plus.register_fake
-def _(x8, x_scale, w8, w_scale, c, d, s, bias):
-    return x8.new_empty((x8.shape[0], w8.shape[0]), dtype=c.dtype)
 
 
 def _mm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -220,12 +212,12 @@ def _nf4_fp8(x8: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, absm
     return _rowwise_mm_plus(x8, x_scale, w8, scale_b, c, d, s, bias)
 
 
-_nf4_fp8_mm = torch.library.custom_op("nanotune::nf4_fp8_mm", _nf4_fp8, mutates_args=())
-
-
-@_nf4_fp8_mm.register_fake
-def _(x8, x_scale, packed, absmax, code, blocksize, shape, row_scale, scale_b, transpose, bias, c, d, s, out_dtype):
+def _nf4_fp8_fake(x8, x_scale, packed, absmax, code, blocksize, shape, row_scale, scale_b, transpose, bias, c, d, s,
+                  out_dtype):
     return x8.new_empty((x8.shape[0], shape[1] if transpose else shape[0]), dtype=out_dtype if c is None else c.dtype)
+
+
+opaque_op("nf4_fp8_mm", _nf4_fp8, _nf4_fp8_fake)
 
 
 def _nf4_e4m3(packed, absmax, code, blocksize: int, shape: list[int], row_scale, transpose=False) -> torch.Tensor:

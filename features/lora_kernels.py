@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from core import UserError
+from core.ops import opaque_op
 from core.quantize import dequantize_packed, is_4bit, packed_4bit
 
 _ACTS = {  # class name of transformers' act_fn -> (activation, its backward(grad, x)): aten ops
@@ -100,28 +101,23 @@ def _base_grad(dy: torch.Tensor, base, x: torch.Tensor) -> torch.Tensor:
 def _linear_plus(x, w, bias, c, d, s: float):
     """F.linear(x, w, bias) + s c d: the low-rank product c d is added into the base product's output
     by one GEMM with beta = 1 (addmm_), in place. Under torch.compile the same two calls go through
-    the custom op below: functionalization (torch 2.13) would turn addmm_ into an out-of-place addmm,
-    which CUDA runs as a full copy of its (tokens, out) input followed by the GEMM, a `Memcpy DtoD` per
-    LoRA linear in forward and backward: 14 per decoder block, a measurable share of the 8B-shape LoRA
-    step (benchmarks/results/2026-11-29-copies-cpu.md). Eager calls skip the op's dispatch."""
+    the opaque op below (core/ops.py): functionalization (torch 2.13) would turn addmm_ into an
+    out-of-place addmm, which CUDA runs as a full copy of its (tokens, out) input followed by the GEMM,
+    a `Memcpy DtoD` per LoRA linear in forward and backward: 14 per decoder block, a measurable share
+    of the 8B-shape LoRA step (benchmarks/results/2026-11-29-copies-cpu.md). Eager calls skip the op's
+    dispatch."""
     if torch.compiler.is_compiling():
         return torch.ops.nanotune.linear_plus(x, w, bias, c, d, float(s))
     return _linear_plus_eager(x, w, bias, c, d, s)
 
 
-def _linear_plus_eager(x, w, bias, c, d, s):
+def _linear_plus_eager(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor,
+                       d: torch.Tensor, s: float) -> torch.Tensor:
     return F.linear(x, w, bias).addmm_(c, d, alpha=s)
 
 
-@torch.library.custom_op("nanotune::linear_plus", mutates_args=())
-def _linear_plus_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor,
-                    d: torch.Tensor, s: float) -> torch.Tensor:
-    return _linear_plus_eager(x, w, bias, c, d, s)
-
-
-@_linear_plus_op.register_fake
-def _(x, w, bias, c, d, s):
-    return x.new_empty((x.shape[0], w.shape[0]))  # mm/addmm outputs are contiguous
+opaque_op("linear_plus", _linear_plus_eager,
+          lambda x, w, bias, c, d, s: x.new_empty((x.shape[0], w.shape[0])))  # mm/addmm outputs are contiguous
 
 
 def _base_plus(x, base, c, d, s: float, transpose: bool = False) -> torch.Tensor:
@@ -140,18 +136,20 @@ def _base_plus(x, base, c, d, s: float, transpose: bool = False) -> torch.Tensor
     return _linear_plus(x, w.t() if transpose else w, bias, c, d, s)
 
 
-@torch.library.custom_op("nanotune::linear4bit_plus", mutates_args=())
-def _linear4bit_plus_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                        absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
-                        blocksize: int, blocksize2: int, shape: list[int], transpose: bool,
-                        bias: torch.Tensor | None, c: torch.Tensor, d: torch.Tensor, s: float) -> torch.Tensor:
+def _linear4bit_plus(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                     absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
+                     blocksize: int, blocksize2: int, shape: list[int], transpose: bool,
+                     bias: torch.Tensor | None, c: torch.Tensor, d: torch.Tensor, s: float) -> torch.Tensor:
     w = dequantize_packed(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, x.dtype)
     return _linear_plus_eager(x, w.t() if transpose else w, bias, c, d, s)
 
 
-@_linear4bit_plus_op.register_fake
-def _(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, transpose, bias, c, d, s):
+def _linear4bit_plus_fake(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, transpose,
+                          bias, c, d, s):
     return x.new_empty((x.shape[0], shape[1] if transpose else shape[0]))
+
+
+opaque_op("linear4bit_plus", _linear4bit_plus, _linear4bit_plus_fake)
 
 
 def _lora_forward(x, A, B, base, s):
