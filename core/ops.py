@@ -1,6 +1,6 @@
 """nanotune's opaque ops: one node each in a torch.compile graph, whatever runs inside them.
 
-    linear_plus = opaque_op("linear_plus", _linear_plus_eager, fake)   # then torch.ops.nanotune.linear_plus
+    opaque_op("linear_plus", _linear_plus_eager, fake)   # then torch.ops.nanotune.linear_plus(...)
 
 The LoRA kernels and the FP8 base call a few functions that inductor must not trace into (an
 in-place addmm_ it would copy around, a dequantized weight it would keep for backward, an FP8
@@ -10,9 +10,9 @@ through Python wrappers (an autograd wrapper, an output aliasing check) that cos
 dispatch itself, and these ops run hundreds of times a micro-step, where the host is what a step
 waits on (benchmarks/op_dispatch.py; benchmarks/results/2026-12-03-op-dispatch-cpu.md).
 
-They need no autograd formula: they are called only while torch.compile traces the bodies of
-autograd.Functions (the fused LoRA kernels, the FP8 matmuls), which write out their own backward.
-Eager code calls the plain functions, without a dispatch.
+They need no autograd formula: they appear only in the graphs torch.compile traces from the bodies
+of autograd.Functions (the fused LoRA kernels, the FP8 matmuls), which write out their own backward,
+so autograd never differentiates through them. Eager code calls the plain functions, no dispatch.
 """
 
 import torch
