@@ -140,9 +140,10 @@ def main():
     import train
     from core import runlog
 
-    schedule = torch.profiler.schedule(wait=args.first - 1, warmup=0, active=args.steps, repeat=1)
+    # one step of warm-up before the profiled ones, and events kept across the (single) cycle: torch warns otherwise
+    schedule = torch.profiler.schedule(wait=max(args.first - 2, 0), warmup=1, active=args.steps, repeat=1)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                              torch.profiler.ProfilerActivity.CUDA], schedule=schedule)
+                                              torch.profiler.ProfilerActivity.CUDA], schedule=schedule, acc_events=True)
     advance = runlog.MetricsLog.advance
 
     def advance_and_step(self, tokens_per_s):  # one profiler step per optimizer step
