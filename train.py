@@ -248,8 +248,6 @@ def train(cfg: Config) -> dict:
                              seen_tokens)
     step_batches = Prefetched(step_source, d.device)  # the next steps collated, counted (pinned on CUDA) in a thread
     guard = faults.StepGuard(cfg.faults, d)  # polled once per step: non-finite steps, stop signals (preemption)
-    # listed once: walking a peft model's modules every step leaves the GPU idle before the optimizer
-    trained = [p for p in model.parameters() if p.requires_grad]
     try:
         for step in range(start + 1, total_steps + 1):
             micro, targets = next(step_batches)  # targets counted on the host, before the copy
@@ -267,7 +265,7 @@ def train(cfg: Config) -> dict:
             else:
                 if d.size("tp") > 1:  # --tp --lora: lora_A's gradients, summed over tp once a step
                     tensor_parallel.sum_partial_grads(model)
-                grad_norm = fsdp.clip_grad_norm(trained, cfg.optim.max_grad_norm)
+                grad_norm = fsdp.clip_grad_norm(optim.trained_params(optimizer), cfg.optim.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             if guard.update_ok(step_loss, grad_norm, step):  # a non-finite step is skipped, counted, not logged
                 optimizer.step()

@@ -72,3 +72,9 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters the optimizer updates, read from its groups: a walk of a peft model's modules
+    each step (thousands of them) would leave the GPU idle before the optimizer."""
+    return [p for group in optimizer.param_groups for p in group["params"]]

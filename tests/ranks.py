@@ -1,7 +1,7 @@
 """Several gloo ranks on this CPU without torchrun, for the multi-process tests.
 
 Each rank is forked from one forkserver that imported torch, transformers, DeepSpeed and train.py
-once per test session: startup, not the math, dominates these tests. A torchrun launch imports
+once per pytest run: startup, not the math, dominates these tests. A torchrun launch imports
 everything afresh in every rank: a 3-step train.py run on 2 ranks took 8.6 s that way on 2 cores,
 2 s forked from the warm server (which itself starts once, in ~7 s). Each rank gets torchrun's
 environment variables, one thread, the caller's environment and the repository root as its working
