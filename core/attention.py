@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from core import UserError
+from core import UserError, optional
 
 NATIVE = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention"}
 CUSTOM = ("nanotune_varlen", "nanotune_xformers")  # our registered implementations
@@ -77,8 +77,10 @@ def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> st
         # aux_data argument is no JIT argument: a message for FA4's authors, not for a training run
         warnings.filterwarnings("ignore", r"Argument aux_data \(position \d+\) cannot be converted to a "
                                 r"JitArgument", UserWarning)
+        quiet_fp32_masters()
         return "flash_attention_4"
     if _importable("flash_attn"):
+        quiet_fp32_masters()
         return "flash_attention_2"
     if not _importable("torch.nn.attention.varlen"):
         raise UserError("--attn flash: no FlashAttention found (pip install flash-attn-4 on Hopper/Blackwell, "
@@ -88,6 +90,24 @@ def resolve(cfg: AttentionConfig, device: torch.device, model_config=None) -> st
                         f"varlen kernel lacks; pip install flash-attn-4 (Hopper) or use --attn flex")
     _register()
     return "nanotune_varlen"
+
+
+# transformers' notices for FlashAttention on fp32 weights, the --precision bf16-mixed case (by logger)
+FP32_NOTICES = {
+    "transformers.modeling_utils": tuple(f"Flash Attention {v} only supports torch.float16 and torch.bfloat16 dtypes"
+                                         for v in (2, 3, 4)),
+    "transformers.modeling_flash_attention_utils": ("Casting fp32 inputs back to ",),
+}
+
+
+@functools.cache
+def quiet_fp32_masters() -> None:
+    """Drop transformers' two notices about FlashAttention on fp32 weights. A full fine-tune keeps fp32
+    masters by design (--precision bf16-mixed): transformers reads the storage dtype and advises bf16
+    autocast, which the run already uses, and it casts the queries and keys back to bf16 once RoPE's
+    fp32 tables have promoted them, which is the cast wanted there. Both are noise in such a run's log."""
+    for logger, starts in FP32_NOTICES.items():
+        optional.drop_records(logger, *starts)
 
 
 def _fastest(device: torch.device, model_config, softcap) -> str:

@@ -1,5 +1,6 @@
 """A run prints nanotune's own lines only, and imports the heavy optional packages only for the flags that use them."""
 
+import inspect
 import json
 import re
 import subprocess
@@ -13,9 +14,10 @@ OPTIONAL = ["torchao", "deepspeed", "bitsandbytes", "liger_kernel", "cut_cross_e
             "kernels", "peft"]
 
 # third-party text: warnings (file:line: XWarning, warnings.warn( lines), deprecations, failed kernel loads,
-# tracebacks, glog-style torch log lines (W1202 ...), DeepSpeed's ([2026-...] [WARNING]), progress bars
+# tracebacks, glog-style torch log lines (W1202 ...), DeepSpeed's ([2026-...] [WARNING]), progress bars,
+# transformers' logger ([transformers] ...)
 THIRD_PARTY = re.compile(r"Warning|warn\(|deprecat|Failed to load|Traceback|terminate called|site-packages|"
-                         r"^[WEI]\d{4} |^\[\d{4}-\d\d-\d\d|it/s\]|Token indices|Setting accelerator")
+                         r"^[WEI]\d{4} |^\[\d{4}-\d\d-\d\d|it/s\]|Token indices|Setting accelerator|^\[transformers\]")
 
 
 @pytest.fixture
@@ -75,3 +77,21 @@ def test_a_local_checkpoint_loads_quietly(tmp_path, small_data):
     lines = (proc.stdout + proc.stderr).splitlines()
     assert [line for line in lines if THIRD_PARTY.search(line)] == []
     assert any(line.startswith("step 1/1") for line in lines)
+
+
+def test_flash_attention_notices_about_fp32_masters_are_dropped():
+    """A full fine-tune on a GPU keeps fp32 masters under bf16 autocast: transformers' FlashAttention notices about
+    fp32 weights are dropped from the log, other records of the same loggers are kept, and the dropped text is the
+    installed transformers' own (so a reworded notice fails here, not in a user's log)."""
+    import importlib
+    import logging
+
+    from core import attention
+
+    attention.quiet_fp32_masters()
+    for name, starts in attention.FP32_NOTICES.items():
+        logger, source = logging.getLogger(name), inspect.getsource(importlib.import_module(name))
+        for start in starts:
+            assert not logger.filter(logging.makeLogRecord({"msg": start + " (the rest)"}))
+            assert re.sub(r"^Flash Attention \d", "Flash Attention {flash_attn_version}", start) in source
+        assert logger.filter(logging.makeLogRecord({"msg": "Flash Attention does not support `output_attentions`"}))
