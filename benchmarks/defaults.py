@@ -155,7 +155,7 @@ def main():
         elif side == "unsloth":
             r = run_peer(peer_args, flags + unsloth_method, logs, "unsloth_peer.py")
         else:
-            r = run_train(flags, data, logs / f"row{i}-{side}", args.steps)
+            r = run_train(flags, data, logs / f"row{i}-{side.replace(' ', '-')}", args.steps)  # no spaces in paths
         results.append((side, what, r))
         print(json.dumps({"row": side, "what": what, **r}), flush=True)
     text = table(results)
