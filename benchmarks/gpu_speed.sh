@@ -88,7 +88,8 @@ profile() {  # ROW...: one profiled train.py run per ROW; MODEL SEQ MBS ADAPTER 
       --max-steps 14 --log-every 7 --warmup-steps 0 --lr 1e-4 --skip-export --output-dir $run $row > "$OUT/run$i.log" 2>&1
     echo "== row $i: $model $adapter micro-batch $mbs $row (exit $?)"
     grep -E "^per step|^\| (matmul|attention|fused loss|elementwise|copy|triton|communication|idle)" "$OUT/profile$i.md" 2>/dev/null || tail -5 "$OUT/run$i.log"
-    sed -n '/^Where the GPU waited/,$p' "$OUT/profile$i.md" 2>/dev/null | head -8
+    sed -n '/^Where the GPU waited/,/^Idle time by gap length/p' "$OUT/profile$i.md" 2>/dev/null | grep '^|' | head -6
+    sed -n '/^Idle time by gap length/,$p' "$OUT/profile$i.md" 2>/dev/null | grep '^|' | grep -v '^| gap length\|^| host op\|^|---' | head -12
     python -c "import json; m=[json.loads(l) for l in open('$run/metrics.jsonl')][-1]; print(f\"tokens/s {m['tokens_per_s']:,.0f}  mfu {100*m['mfu']:.1f}%  peak {m['peak_mem_gib']:.1f} GiB  loss {m['loss']:.3f}  grad_norm {m['grad_norm']:.3f}\")" 2>/dev/null
   done
 }

@@ -12,8 +12,9 @@ attention, the fused loss kernels (--loss cce / liger: CCE computes the head's m
 own), elementwise/reduction (norms, RoPE, activations, casts, adds, loss, optimizer) and copies,
 and reports idle = wall time with no kernel running (host overhead, syncs, launch gaps).
 Communication (NCCL) kernels run on their own streams beside the compute: they are reported apart,
-in total and where nothing else runs (exposed: the GPU waits on the network). A second table lists
-the longest idle gaps with the host ops that overlap them: what the GPU was waiting for.
+in total and where nothing else runs (exposed: the GPU waits on the network). Then the idle time:
+the longest gaps with the host ops that overlap them, all gaps by length (many short ones: launch-
+bound; a few long ones: syncs), and the host ops that overlapped the most idle time over all gaps.
 """
 
 import argparse
@@ -71,32 +72,80 @@ def cpu_events(events) -> list[tuple[str, float, float]]:
             if e.device_type == DeviceType.CPU and not e.name.startswith("ProfilerStep")]
 
 
-def idle_gaps(kernels: list[tuple[str, float, float]], host: list[tuple[str, float, float]],
+def gaps(kernels: list[tuple[str, float, float]]) -> list[tuple[float, float, str, str]]:
+    """(start, end, kernel before, kernel after) of every stretch with no kernel running, in order."""
+    found, end, last = [], None, None
+    for name, a, b in sorted(kernels, key=lambda k: k[1]):
+        if end is not None and a > end:
+            found.append((end, a, last, name))
+        if end is None or b > end:
+            end, last = b, name
+    return found
+
+
+def idle_gaps(idle: list[tuple[float, float, str, str]], host: list[tuple[str, float, float]],
               top: int = 8, min_us: float = 200) -> str:
     """The longest stretches with no kernel running, each with the kernels around it and the host ops
     that overlap it most: what the host was doing while the GPU waited (a sync, a launch-bound
     optimizer, data loading). Nested ops all overlap a gap, so an outer op and its inner ones show."""
-    gaps, end, last = [], None, None
-    for name, a, b in sorted(kernels, key=lambda k: k[1]):
-        if end is not None and a - end >= min_us:
-            gaps.append((a - end, end, a, last, name))
-        if end is None or b > end:
-            end, last = b, name
-    if not gaps:
+    long = sorted(((b - a, a, b, before, after) for a, b, before, after in idle if b - a >= min_us), reverse=True)
+    if not long:
         return f"no gap of {min_us / 1e3:g} ms or more without a kernel"
     lines = ["| idle gap (ms) | after kernel | before kernel | host ops overlapping it (ms) |", "|---|---|---|---|"]
-    for length, a, b, before, after in sorted(gaps, reverse=True)[:top]:
+    for length, a, b, before, after in long[:top]:
         overlap = sorted(((min(e, b) - max(s, a), n) for n, s, e in host if s < b and e > a), reverse=True)[:4]
         ops = ", ".join(f"`{n[:50]}` {t / 1e3:.1f}" for t, n in overlap) or "none recorded"
         lines.append(f"| {length / 1e3:.2f} | `{before[:40]}` | `{after[:40]}` | {ops} |")
     return "\n".join(lines)
 
 
+GAP_LENGTHS = [(0, 50, "under 0.05 ms"), (50, 500, "0.05-0.5 ms"), (500, 5000, "0.5-5 ms"),
+               (5000, float("inf"), "5 ms or more")]
+
+
+def idle_by_length(idle: list[tuple[float, float, str, str]], steps: int) -> str:
+    """Idle time by gap length: many short gaps are a host that launches slower than the GPU runs,
+    a few long ones are syncs or host work between phases of the step."""
+    lines = ["| gap length | gaps a step | idle ms a step |", "|---|---|---|"]
+    for low, high, label in GAP_LENGTHS:
+        inside = [b - a for a, b, *_ in idle if low <= b - a < high]
+        lines.append(f"| {label} | {len(inside) / steps:.0f} | {sum(inside) / steps / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def idle_by_host_op(idle: list[tuple[float, float, str, str]], host: list[tuple[str, float, float]],
+                    steps: int, top: int = 12) -> str:
+    """The idle time each host op overlapped, over every gap (nested ops each count theirs): the host
+    work the GPU waited on, summed where the longest-gaps table shows single gaps."""
+    if not idle or not host:
+        return "no idle time or no host ops recorded"
+    starts, ends = (torch.tensor(column, dtype=torch.float64) for column in list(zip(*idle))[:2])
+    before = torch.cat([torch.zeros(1, dtype=torch.float64), (ends - starts).cumsum(0)])
+
+    def idle_until(t: torch.Tensor) -> torch.Tensor:  # the idle time before each moment t
+        i = torch.searchsorted(starts, t, right=True)
+        still_open = (ends[(i - 1).clamp(min=0)] - t).clamp(min=0) * (i > 0)
+        return before[i] - still_open
+
+    names = [n for n, _, _ in host]
+    overlap = idle_until(torch.tensor([e for _, _, e in host], dtype=torch.float64)) - \
+        idle_until(torch.tensor([s for _, s, _ in host], dtype=torch.float64))
+    by_name = defaultdict(float)
+    for name, t in zip(names, overlap.tolist()):
+        by_name[name] += t
+    lines = ["| host op | idle ms a step it overlapped |", "|---|---|"]
+    for name, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| `{name[:70]}` | {t / steps / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
 def summarize(prof, steps: int) -> str:
     events = prof.events()
-    kernels = kernel_events(events)
-    return table(kernels, steps) + "\n\nWhere the GPU waited (longest gaps over all profiled steps):\n\n" + \
-        idle_gaps(kernels, cpu_events(events))
+    kernels, host = kernel_events(events), cpu_events(events)
+    idle = gaps(kernels)
+    return "\n\n".join([table(kernels, steps), "Where the GPU waited (longest gaps over all profiled steps):",
+                        idle_gaps(idle, host), "Idle time by gap length:", idle_by_length(idle, steps),
+                        "Idle time by the host ops that overlapped it:", idle_by_host_op(idle, host, steps)])
 
 
 def table(kernels: list[tuple[str, float, float]], steps: int) -> str:
