@@ -160,6 +160,10 @@ FEATURES = [
         ("--qat", "not for a GPTQ base (its int4 layers are not nn.Linear); drop --qat"))),
     # optimizer, run
     Feature("--optimizer adamw-8bit", "optim.optimizer", "adamw-8bit"),
+    Feature("--optimizer adamw-sr", "optim.optimizer", "adamw-sr", refuses=(
+        *((a, "adapters train in fp32, which stochastic rounding would not touch; use --optimizer adamw")
+          for a in _ADAPTERS),
+        ("--deepspeed", "DeepSpeed keeps its own fp32 master weights under bf16; drop --optimizer adamw-sr"))),
     Feature("--wandb", "tracking.wandb"),
 ]
 

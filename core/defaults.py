@@ -180,7 +180,9 @@ def precision(cfg, device: torch.device) -> None:
     """--precision auto, once the device is known."""
     if cfg.model.precision != "auto":
         return
-    if device.type != "cuda":
+    if cfg.optim.optimizer == "adamw-sr":
+        value, why = "bf16", "--optimizer adamw-sr trains bf16 weights"
+    elif device.type != "cuda":
         value, why = "fp32", "CPU"
     elif not torch.cuda.is_bf16_supported():
         value, why = "fp32", "this GPU has no bf16"

@@ -8,6 +8,14 @@ AdamW (block-wise quantized moments: 2 bytes of state per parameter instead of 8
 fine-tuning where the optimizer state is the largest piece of memory; Dettmers et al., "8-bit
 Optimizers via Block-wise Quantization", 2022). Only parameters that require grad are given to
 the optimizer, so a frozen base costs no optimizer memory or time.
+
+`--optimizer adamw-sr` is for a full fine-tune on bf16 weights (`--precision bf16`, which it picks
+under --precision auto). A bf16 weight near 0.02 moves in steps of 1.2e-4, so AdamW's updates at
+lr 2e-5 round to nothing and the model barely trains; fp32 masters (bf16-mixed) fix that with 4
+more bytes a weight. adamw-sr computes the update in fp32 (fp32 moments) and writes the weight back
+with stochastic rounding: up with the probability of the remainder, so small updates survive on
+average, at bf16's weight memory (Gupta et al., "Deep Learning with Limited Numerical Precision",
+2015; Zamirai et al., "Revisiting BFloat16 Training", 2020). On fp32 weights it is AdamW exactly.
 """
 
 import dataclasses
@@ -21,8 +29,8 @@ from core import UserError
 
 @dataclasses.dataclass
 class OptimConfig:
-    optimizer: Literal["adamw", "adamw-8bit"] = "adamw"
-    """adamw (torch; fused on CUDA) or adamw-8bit (bitsandbytes: 8-bit moments, a quarter of the state memory)."""
+    optimizer: Literal["adamw", "adamw-8bit", "adamw-sr"] = "adamw"
+    """adamw (torch; fused on CUDA), adamw-8bit (bitsandbytes: 8-bit moments, a quarter of the state memory) or adamw-sr (bf16 weights updated with stochastic rounding; full fine-tune)."""  # noqa: E501
     lr: float | None = None
     """Peak learning rate; unset: 2e-4 for LoRA/QLoRA, 2e-5 for full fine-tuning, 2e-3 for the demo."""
     min_lr_ratio: float = 0.1
@@ -43,7 +51,14 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 disables clipping; the norm is still logged)."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def validate(cfg) -> None:
+    """--optimizer adamw-sr rounds bf16 weights; a precision that keeps fp32 weights leaves it nothing to do."""
+    if cfg.optim.optimizer == "adamw-sr" and cfg.model.precision in ("fp32", "bf16-mixed"):
+        raise UserError(f"--optimizer adamw-sr updates bf16 weights, and --precision {cfg.model.precision} keeps "
+                        "them in fp32: use --precision bf16, or --optimizer adamw")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -55,8 +70,68 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         except ImportError as e:
             raise UserError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes") from e
         return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
+    if cfg.optimizer == "adamw-sr":
+        return StochasticRoundingAdamW(groups, **kwargs)
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, **kwargs, fused=fused, foreach=not fused)
+
+
+class StochasticRoundingAdamW(torch.optim.Optimizer):
+    """torch's AdamW (its single-tensor formula, fp32 moments) whose bf16 weights are updated in fp32
+    and written back with stochastic rounding; fp32 weights are updated as torch's AdamW does."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the moments stay fp32: torch casts every loaded state to its weight's dtype."""
+        super().load_state_dict(state_dict)
+        saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for i, p in zip(saved, (p for group in self.param_groups for p in group["params"])):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # moments like p (a DTensor's too, for sharded checkpoints), in fp32
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                _adamw_update(*map(_local, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])), state["step"], group)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter, gradient or moment's own shard; AdamW is elementwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _adamw_update(p, grad, exp_avg, exp_avg_sq, step: int, group: dict) -> None:
+    lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    grad = grad.float()
+    p32 = p if p.dtype == torch.float32 else p.float()
+    p32.mul_(1 - lr * decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    p32.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+    if p32 is not p:
+        p.copy_(stochastic_round(p32, p.dtype))
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x to bf16, rounded up (in magnitude) with probability the remainder over bf16's step there:
+    random bits added below bf16's 16 kept bits of the fp32 pattern, then those bits cleared."""
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    bits = x.view(torch.int32) + torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    return (bits & -(1 << 16)).view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

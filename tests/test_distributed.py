@@ -136,6 +136,23 @@ def test_fsdp_keep_gathered_trains_like_fsdp(tmp_path, small_data):
     assert sum("val_loss" in m for m in plain) >= 2 and sum("grad_norm" in m for m in plain) == 4
 
 
+def test_adamw_sr_on_fsdp_shards_resumes_exactly(tmp_path, small_data):
+    """--optimizer adamw-sr on 2 FSDP ranks: bf16 weight shards, fp32 moments that keep their dtype through the
+    DCP checkpoint, and after resuming at step 2 the same losses (each rank's rounding stream comes back with
+    its RNG state)."""
+    common = ["--dataset", str(small_data), *COMMON, "--micro-batch-size", "4", "--fsdp", "--optimizer", "adamw-sr",
+              "--skip-export"]
+    ranks.train(2, *common, "--save-every", "2", "--keep-checkpoints", "0", "--output-dir", str(tmp_path / "full"))
+    saved = tmp_path / "full" / "checkpoints" / "step_00000002"
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(saved, tmp_path / "cut" / "checkpoints" / saved.name)
+    ranks.train(2, *common, "--resume", "auto", "--output-dir", str(tmp_path / "cut"))
+    full, cut = ({m["step"]: m for m in read_metrics(tmp_path / run) if "loss" in m} for run in ("full", "cut"))
+    assert full[4]["loss"] < full[1]["loss"] and sorted(cut) == [3, 4]
+    for step in (3, 4):
+        assert cut[step]["loss"] == full[step]["loss"] and cut[step]["grad_norm"] == full[step]["grad_norm"], step
+
+
 def _deepspeed_cpu_refused() -> str | None:
     """core/compat.py's reason when its matrix marks --deepspeed CUDA-only (DeepSpeed 0.19.8 runs
     on CPU over gloo: the layouts test shows it), else None."""

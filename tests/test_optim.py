@@ -1,11 +1,15 @@
-"""--optimizer adamw-8bit: bitsandbytes' 8-bit AdamW trains, keeps 8-bit moments, and resumes exactly."""
+"""--optimizer adamw-8bit: bitsandbytes' 8-bit AdamW trains, keeps 8-bit moments, and resumes exactly.
+--optimizer adamw-sr: torch's AdamW on fp32 weights, unbiased stochastic rounding on bf16 weights, where
+plain AdamW's small updates round away."""
 
+import json
 import shutil
 
+import pytest
 import torch
 
 from conftest import read_metrics, run_train
-from core.optim import OptimConfig, build_optimizer
+from core.optim import OptimConfig, StochasticRoundingAdamW, build_optimizer, stochastic_round
 
 ARGS = ["--max-steps", "6", "--log-every", "1", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--seed", "3", "--optimizer", "adamw-8bit", "--skip-export"]
@@ -33,3 +37,96 @@ def test_trains_and_resumes_exactly(tmp_path, small_data):
     assert sorted(b) == [4, 5, 6]
     for step in b:  # the 8-bit state (moments, quantization maps, absmax) round-trips through the checkpoint
         assert b[step]["loss"] == a[step]["loss"] and b[step]["grad_norm"] == a[step]["grad_norm"], step
+
+
+def test_stochastic_rounding_keeps_bf16_values_and_rounds_up_with_the_remainders_probability():
+    torch.manual_seed(0)
+    exact = torch.tensor([0.0, 1.0, -3.5, 0.015625, 2.0**-130], dtype=torch.bfloat16).float()
+    assert torch.equal(stochastic_round(exact, torch.bfloat16).float(), exact)
+    step = 2.0**-7  # bf16's step between 1 and 2
+    for frac in (0.1, 0.25, 0.75):
+        for sign in (1, -1):
+            x = torch.full((40_000,), sign * (1 + frac * step))
+            r = stochastic_round(x, torch.bfloat16).float()
+            assert set(r.unique().tolist()) == {sign * 1.0, sign * (1 + step)}  # only the two neighbours
+            assert abs((r.abs() > 1).float().mean().item() - frac) < 0.01  # up with probability frac
+
+
+def _train_weights(dtype, optimizer, steps=200, lr=2e-5):
+    """Weights near 0.02 under a constant gradient: each AdamW update is about lr, under half bf16's step."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter((0.02 + 0.002 * torch.rand(4096)).to(dtype))
+    start = w.detach().float().clone()
+    opt = optimizer([w], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for _ in range(steps):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    return w.detach().float() - start
+
+
+def test_small_updates_survive_on_bf16_weights_with_stochastic_rounding():
+    fp32 = _train_weights(torch.float32, torch.optim.AdamW)  # the fp32-master reference: -200 * lr each
+    plain = _train_weights(torch.bfloat16, torch.optim.AdamW)
+    rounded = _train_weights(torch.bfloat16, StochasticRoundingAdamW)
+    assert abs(fp32.mean().item() + 200 * 2e-5) < 1e-5
+    assert plain.abs().max().item() == 0  # every update rounded away
+    assert abs(rounded.mean().item() / fp32.mean().item() - 1) < 0.02  # unbiased: the same drift on average
+
+
+def test_on_fp32_weights_it_is_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(64, 32)
+    b = torch.nn.Linear(64, 32)
+    b.load_state_dict(a.state_dict())
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ref = torch.optim.AdamW(a.parameters(), **kwargs, foreach=False)
+    ours = StochasticRoundingAdamW(b.parameters(), **kwargs)
+    for _ in range(5):
+        x = torch.randn(8, 64)
+        for model, opt in ((a, ref), (b, ours)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-7)
+
+
+def test_loading_a_state_keeps_the_moments_of_bf16_weights_in_fp32():
+    """torch's Optimizer.load_state_dict casts each state to its weight's dtype; the moments would drop to bf16."""
+    w = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+    opt = StochasticRoundingAdamW([w], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    again = StochasticRoundingAdamW([w], lr=1e-3)
+    again.load_state_dict(opt.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert again.state[w][key].dtype == torch.float32 and torch.equal(again.state[w][key], opt.state[w][key])
+
+
+SR = ["--max-steps", "6", "--log-every", "1", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
+      "--seed", "3", "--optimizer", "adamw-sr", "--skip-export"]
+
+
+def test_adamw_sr_picks_bf16_weights_trains_and_resumes_exactly(tmp_path, small_data):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_train(full, "--dataset", str(small_data), *SR, "--save-every", "3", "--keep-checkpoints", "0") == 0
+    config = json.loads((full / "config.json").read_text())
+    assert "--precision bf16 (auto: --optimizer adamw-sr trains bf16 weights)" in config["auto"]
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000003", cut / "checkpoints" / "step_00000003")
+    assert run_train(cut, "--dataset", str(small_data), *SR, "--save-every", "3", "--resume", "auto") == 0
+    a = {m["step"]: m for m in read_metrics(full) if "loss" in m}
+    b = {m["step"]: m for m in read_metrics(cut) if "loss" in m}
+    assert a[6]["loss"] < a[1]["loss"]
+    for step in b:  # moments and the rounding's random stream both come back from the checkpoint
+        assert b[step]["loss"] == a[step]["loss"] and b[step]["grad_norm"] == a[step]["grad_norm"], step
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--precision", "bf16-mixed"], "--optimizer adamw-sr updates bf16 weights, and --precision bf16-mixed keeps"),
+    (["--lora"], "adapters train in fp32"),
+])
+def test_adamw_sr_is_refused_where_no_weight_is_bf16(tmp_path, small_data, capsys, flags, says):
+    assert run_train(tmp_path, "--dataset", str(small_data), *SR, *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
