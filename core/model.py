@@ -6,7 +6,8 @@
 
 Presets are architecture shapes with random weights, for tests and benchmarks; they use the
 tokenizer kept in `data/tokenizer` (their vocabulary is never smaller than its). Precision:
-`fp32`; `bf16` stores weights in bf16 (pure bf16 training, the memory-frugal choice);
+`fp32`; `bf16` stores weights in bf16 (pure bf16 training, the memory-frugal choice; a full
+fine-tune's small updates round away, which `--optimizer adamw-sr` keeps on average);
 `bf16-mixed` keeps fp32 weights and runs matmuls under bf16 autocast (what HF Trainer's
 `bf16=True` does); `auto` is chosen by core/defaults.py (a frozen base in bf16 on a GPU).
 """
