@@ -51,8 +51,8 @@ def main():
     logs = Path(args.logs or tempfile.mkdtemp())
     logs.mkdir(parents=True, exist_ok=True)
     data = docstring_chats(logs / "docstrings.jsonl")
-    common = ["--seq-len", str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size), "--grad-accum", "1",
-              "--seed", "0"]
+    common = ["--seq-len", str(args.seq_len), "--truncation", "truncate", "--micro-batch-size",
+              str(args.micro_batch_size), "--grad-accum", "1", "--seed", "0"]  # long docstrings: cut, not dropped
     runs = [(f"fp32 weights ({args.reference})", ["--precision", args.reference]), *RUNS]
     curves = {name: losses(args.model, data, logs / f"run{i}", args.steps, common + flags)
               for i, (name, flags) in enumerate(runs)}
