@@ -48,7 +48,7 @@ def _rank(rank: int, world: int, port: int, env: dict, fn, args: tuple) -> None:
 
 def run(fn, world: int, *args, timeout: float = 300) -> None:
     """fn(*args) on `world` ranks; raises if a rank fails (its traceback is printed) or on a hang."""
-    mp.set_forkserver_preload(PRELOAD)  # takes effect when the session's forkserver starts
+    mp.set_forkserver_preload(PRELOAD)  # takes effect when the forkserver starts, once a pytest run
     ctx = mp.start_processes(_rank, args=(world, _free_port(), dict(os.environ), fn, args), nprocs=world,
                              join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
