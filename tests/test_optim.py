@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_train
-from core.optim import OptimConfig, StochasticRoundingAdamW, build_optimizer, stochastic_round
+from core.optim import OptimConfig, StochasticRoundingAdamW, _adamw_update, build_optimizer, stochastic_round
 
 ARGS = ["--max-steps", "6", "--log-every", "1", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--seed", "3", "--optimizer", "adamw-8bit", "--skip-export"]
@@ -101,6 +101,59 @@ def test_loading_a_state_keeps_the_moments_of_bf16_weights_in_fp32():
     again.load_state_dict(opt.state_dict())
     for key in ("exp_avg", "exp_avg_sq"):
         assert again.state[w][key].dtype == torch.float32 and torch.equal(again.state[w][key], opt.state[w][key])
+
+
+def _two_optimizers(device, backend):
+    """The same bf16 weights under eager adamw-sr and adamw-sr compiled with `backend`."""
+    torch.manual_seed(0)
+    weights = [torch.randn(shape, device=device).mul(0.02).bfloat16() for shape in ((96, 64), (64,))]
+    pairs = []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = StochasticRoundingAdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        if compiled:
+            opt.update = torch.compile(_adamw_update, dynamic=True, fullgraph=True, backend=backend)
+        pairs.append((params, opt))
+    return pairs
+
+
+def _step_both(pairs, grads, seed):
+    for params, opt in pairs:
+        for p, g in zip(params, grads):
+            p.grad = g.clone().to(p.dtype)
+        torch.manual_seed(seed)  # the same random bits for both
+        opt.step()
+
+
+def test_the_update_compiles_to_one_graph_with_the_eager_result():
+    """fullgraph=True: no graph break. aot_eager runs the traced (decomposed) ops with the same random bits:
+    the same weights, and moments equal to fp32 rounding (lerp decomposes differently)."""
+    (a, opt_a), (b, opt_b) = pairs = _two_optimizers("cpu", "aot_eager")
+    start = [p.detach().clone() for p in a]
+    for seed in range(3):
+        _step_both(pairs, [torch.randn(96, 64), torch.randn(64)], seed)
+    for p, q, p0 in zip(a, b, start):
+        assert not torch.equal(p, p0) and torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_b.state[q][key], opt_a.state[p][key], rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inductors_update_on_cuda_matches_eager_within_one_bf16_step():
+    """Inductor's kernel draws its own random bits: the moments agree to fp32 rounding, each weight lands
+    on one of the two bf16 neighbours of the fp32 update, and the mean drift matches."""
+    (a, opt_a), (b, opt_b) = pairs = _two_optimizers("cuda", "inductor")
+    start = [p.detach().float().clone() for p in a]
+    for seed in range(20):
+        _step_both(pairs, [torch.randn(96, 64, device="cuda"), torch.randn(64, device="cuda")], seed)
+    for p, q, p0 in zip(a, b, start):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_b.state[q][key], opt_a.state[p][key], rtol=1e-5, atol=1e-9)
+        step = torch.finfo(torch.bfloat16).eps * p.detach().float().abs().clamp_min(1e-6)
+        assert ((q.float() - p.float()).abs() <= 20 * step).all()
+        drift_a, drift_b = (p.float() - p0).mean().item(), (q.float() - p0).mean().item()
+        assert abs(drift_b - drift_a) < 0.1 * abs(drift_a) + 1e-6
 
 
 SR = ["--max-steps", "6", "--log-every", "1", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
