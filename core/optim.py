@@ -16,9 +16,10 @@ more bytes a weight. adamw-sr computes the update in fp32 (fp32 moments) and wri
 with stochastic rounding: up with the probability of the remainder, so small updates survive on
 average, at bf16's weight memory (Gupta et al., "Deep Learning with Limited Numerical Precision",
 2015; Zamirai et al., "Revisiting BFloat16 Training", 2020). On fp32 weights it is AdamW exactly.
-Under --compile (on by default on a CUDA GPU) each tensor's update is one compiled kernel: eager,
-it is about 15 memory-bound kernels a tensor that read and write some 150 bytes a weight, against
-22 fused (the bf16 weight and gradient, the two fp32 moments).
+Under --compile (on by default on a CUDA GPU) the whole step is one compiled graph, a fused kernel
+a tensor: eager, each tensor takes about 15 memory-bound kernels that move some 150 bytes a weight,
+against 22 fused; and one compiled call a tensor would leave the GPU idle behind dynamo's per-call
+host cost (measured in benchmarks/results/2026-12-03-adamw-sr-h200.md).
 """
 
 import dataclasses
@@ -84,13 +85,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
 class StochasticRoundingAdamW(torch.optim.Optimizer):
     """torch's AdamW (its single-tensor formula, fp32 moments) whose bf16 weights are updated in fp32
     and written back with stochastic rounding; fp32 weights are updated as torch's AdamW does.
-    `compiled`: each tensor's update is one torch.compile'd graph (dynamic shapes: one graph per
-    weight dtype and rank); the step's scalars travel as a tensor, so a new lr does not recompile."""
+    `compiled`: a group's update is one torch.compile'd graph over all its tensors; the step's
+    scalars travel as a tensor, so a new lr does not recompile."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  compiled: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.update = torch.compile(_adamw_update, dynamic=True, fullgraph=True) if compiled else _adamw_update
+        self.update = torch.compile(_adamw_updates, fullgraph=True) if compiled else _adamw_updates
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but the moments stay fp32: torch casts every loaded state to its weight's dtype."""
@@ -104,7 +105,7 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            scalars = {}  # per (step, device): one small host-to-device copy, not one per tensor
+            together = {}  # (step, device) -> [weights, gradients, first moments, second moments]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -114,11 +115,12 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-                p_, grad, exp_avg, exp_avg_sq = map(_local, (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
-                key = (state["step"], p_.device)
-                if key not in scalars:
-                    scalars[key] = _step_scalars(group, state["step"], p_.device)
-                self.update(p_, grad, exp_avg, exp_avg_sq, scalars[key], *group["betas"], group["eps"])
+                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                lists = together.setdefault((state["step"], tensors[0].device), [[], [], [], []])
+                for lst, t in zip(lists, tensors):
+                    lst.append(t)
+            for (step, device), lists in together.items():
+                self.update(*lists, _step_scalars(group, step, device), *group["betas"], group["eps"])
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -132,6 +134,11 @@ def _step_scalars(group: dict, step: int, device: torch.device) -> torch.Tensor:
     lr, (beta1, beta2) = group["lr"], group["betas"]
     factors = [1 - lr * group["weight_decay"], lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)]
     return torch.tensor(factors, dtype=torch.float32, device=device)
+
+
+def _adamw_updates(params, grads, exp_avgs, exp_avg_sqs, scalars, beta1: float, beta2: float, eps: float) -> None:
+    for p, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
+        _adamw_update(p, grad, exp_avg, exp_avg_sq, scalars, beta1, beta2, eps)
 
 
 def _adamw_update(p, grad, exp_avg, exp_avg_sq, scalars, beta1: float, beta2: float, eps: float) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_train
-from core.optim import OptimConfig, StochasticRoundingAdamW, _adamw_update, build_optimizer, stochastic_round
+from core.optim import OptimConfig, StochasticRoundingAdamW, _adamw_updates, build_optimizer, stochastic_round
 
 ARGS = ["--max-steps", "6", "--log-every", "1", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--seed", "3", "--optimizer", "adamw-8bit", "--skip-export"]
@@ -112,7 +112,7 @@ def _two_optimizers(device, backend):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
         opt = StochasticRoundingAdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
         if compiled:
-            opt.update = torch.compile(_adamw_update, dynamic=True, fullgraph=True, backend=backend)
+            opt.update = torch.compile(_adamw_updates, fullgraph=True, backend=backend)
         pairs.append((params, opt))
     return pairs
 
@@ -150,8 +150,9 @@ def test_inductors_update_on_cuda_matches_eager_within_one_bf16_step():
     for p, q, p0 in zip(a, b, start):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt_b.state[q][key], opt_a.state[p][key], rtol=1e-5, atol=1e-9)
-        step = torch.finfo(torch.bfloat16).eps * p.detach().float().abs().clamp_min(1e-6)
-        assert ((q.float() - p.float()).abs() <= 20 * step).all()
+        # each step rounds to a neighbour at most one bf16 spacing away; a weight moves at most ~lr a step
+        spacing = torch.finfo(torch.bfloat16).eps * (p0.abs() + 20 * 1e-3)
+        assert ((q.float() - p.float()).abs() <= 20 * spacing).all()
         drift_a, drift_b = (p.float() - p0).mean().item(), (q.float() - p0).mean().item()
         assert abs(drift_b - drift_a) < 0.1 * abs(drift_a) + 1e-6
 
