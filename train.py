@@ -214,7 +214,8 @@ def train(cfg: Config) -> dict:
         f"{run.precision} on {d.device}, world size {d.world_size}")
 
     # ---- optimizer, schedule, resume
-    optimizer = optim.build_optimizer(model, cfg.optim, d.device, compiled=cfg.compile.compile)
+    optimizer = optim.build_optimizer(model, cfg.optim, d.device,
+                                      cfg.compile.compile_backend if cfg.compile.compile else None)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps)
     if deepspeed_zero.enabled(cfg.deepspeed):
         model, optimizer = deepspeed_zero.apply(model, optimizer, cfg, run)

@@ -39,7 +39,8 @@ def time_step(shapes, optimizer: str, dtype, compiled: bool, steps: int, warmup:
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype) * 0.02) for s in shapes]
     model = torch.nn.Module()
     model.params = torch.nn.ParameterList(params)
-    opt = build_optimizer(model, OptimConfig(optimizer=optimizer, lr=2e-5), torch.device("cuda"), compiled=compiled)
+    opt = build_optimizer(model, OptimConfig(optimizer=optimizer, lr=2e-5), torch.device("cuda"),
+                          "inductor" if compiled else None)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     for _ in range(warmup):

@@ -63,8 +63,8 @@ def validate(cfg) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
-                    compiled: bool = False) -> torch.optim.Optimizer:
-    """`compiled`: adamw-sr's update as one torch.compile'd kernel a tensor (on CUDA)."""
+                    compile_backend: str | None = None) -> torch.optim.Optimizer:
+    """`compile_backend` (--compile's): on CUDA, adamw-sr's update compiled with it; None: eager."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -77,7 +77,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
             raise UserError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes") from e
         return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
     if cfg.optimizer == "adamw-sr":
-        return StochasticRoundingAdamW(groups, **kwargs, compiled=compiled and device.type == "cuda")
+        backend = compile_backend if device.type == "cuda" else None
+        return StochasticRoundingAdamW(groups, **kwargs, compile_backend=backend)
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, **kwargs, fused=fused, foreach=not fused)
 
@@ -85,13 +86,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
 class StochasticRoundingAdamW(torch.optim.Optimizer):
     """torch's AdamW (its single-tensor formula, fp32 moments) whose bf16 weights are updated in fp32
     and written back with stochastic rounding; fp32 weights are updated as torch's AdamW does.
-    `compiled`: a group's update is one torch.compile'd graph over all its tensors; the step's
-    scalars travel as a tensor, so a new lr does not recompile."""
+    `compile_backend`: a group's update is one graph over all its tensors, compiled with it (None:
+    eager); the step's scalars travel as a tensor, so a new lr does not recompile."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 compiled: bool = False):
+                 compile_backend: str | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.update = torch.compile(_adamw_updates, fullgraph=True) if compiled else _adamw_updates
+        self.update = torch.compile(_adamw_updates, fullgraph=True, backend=compile_backend) \
+            if compile_backend else _adamw_updates
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but the moments stay fp32: torch casts every loaded state to its weight's dtype."""
