@@ -213,6 +213,9 @@ def train(cfg: Config) -> dict:
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{run.precision} on {d.device}, world size {d.world_size}")
 
+    if notice := optim.rounding_notice(cfg, run.precision):
+        say(notice)
+
     # ---- optimizer, schedule, resume
     optimizer = optim.build_optimizer(model, cfg.optim, d.device,
                                       cfg.compile.compile_backend if cfg.compile.compile else None)

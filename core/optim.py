@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from core import UserError
+from core.defaults import adapters_on
 
 
 @dataclasses.dataclass
@@ -60,6 +61,18 @@ def validate(cfg) -> None:
     if cfg.optim.optimizer == "adamw-sr" and cfg.model.precision in ("fp32", "bf16-mixed"):
         raise UserError(f"--optimizer adamw-sr updates bf16 weights, and --precision {cfg.model.precision} keeps "
                         "them in fp32: use --precision bf16, or --optimizer adamw")
+
+
+def rounding_notice(cfg, precision: str) -> str | None:
+    """A line for the log where AdamW updates bf16 weights of a full fine-tune (--precision bf16):
+    updates under half a bf16 step round away, which leaves a fine-tune's loss well above fp32
+    masters' (measured: benchmarks/results/2026-12-03-adamw-sr-h200.md). DeepSpeed keeps its own fp32
+    masters; adapters train in fp32."""
+    if precision != "bf16" or cfg.optim.optimizer == "adamw-sr" or adapters_on(cfg.lora) or cfg.deepspeed.deepspeed:
+        return None
+    return (f"optimizer: {cfg.optim.optimizer} on bf16 weights rounds away updates under half a bf16 step (a "
+            "step is 1.2e-4 near 0.02); --optimizer adamw-sr keeps them on average, --precision bf16-mixed keeps "
+            "fp32 masters")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,

@@ -184,3 +184,20 @@ def test_adamw_sr_is_refused_where_no_weight_is_bf16(tmp_path, small_data, capsy
     assert run_train(tmp_path, "--dataset", str(small_data), *SR, *flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+
+
+NOTICE = "optimizer: adamw on bf16 weights rounds away updates under half a bf16 step"
+
+
+@pytest.mark.parametrize("flags, noticed", [
+    (["--precision", "bf16"], True),
+    (["--precision", "bf16", "--optimizer", "adamw-sr"], False),
+    (["--precision", "bf16-mixed"], False),
+    (["--precision", "bf16", "--lora"], False),
+])
+def test_adamw_on_bf16_weights_of_a_full_fine_tune_is_noticed(tmp_path, small_data, capsys, flags, noticed):
+    assert run_train(tmp_path, "--dataset", str(small_data), "--max-steps", "1", "--skip-export", *flags) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(NOTICE)]
+    assert len(lines) == noticed
+    if noticed:
+        assert "--optimizer adamw-sr keeps them on average, --precision bf16-mixed keeps fp32 masters" in lines[0]
