@@ -64,15 +64,14 @@ def validate(cfg) -> None:
 
 
 def rounding_notice(cfg, precision: str) -> str | None:
-    """A line for the log where AdamW updates bf16 weights of a full fine-tune (--precision bf16):
-    updates under half a bf16 step round away, which leaves a fine-tune's loss well above fp32
+    """A line for the log where torch's AdamW updates bf16 weights of a full fine-tune (--precision
+    bf16): updates under half a bf16 step round away, which leaves a fine-tune's loss well above fp32
     masters' (measured: benchmarks/results/2026-12-03-adamw-sr-h200.md). DeepSpeed keeps its own fp32
-    masters; adapters train in fp32."""
-    if precision != "bf16" or cfg.optim.optimizer == "adamw-sr" or adapters_on(cfg.lora) or cfg.deepspeed.deepspeed:
+    masters; adapters train in fp32; bitsandbytes' 8-bit AdamW is not measured on bf16 weights."""
+    if precision != "bf16" or cfg.optim.optimizer != "adamw" or adapters_on(cfg.lora) or cfg.deepspeed.deepspeed:
         return None
-    return (f"optimizer: {cfg.optim.optimizer} on bf16 weights rounds away updates under half a bf16 step (a "
-            "step is 1.2e-4 near 0.02); --optimizer adamw-sr keeps them on average, --precision bf16-mixed keeps "
-            "fp32 masters")
+    return ("optimizer: adamw on bf16 weights rounds away updates under half a bf16 step (a step is 1.2e-4 "
+            "near 0.02); --optimizer adamw-sr keeps them on average, --precision bf16-mixed keeps fp32 masters")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
