@@ -140,9 +140,9 @@ def test_the_update_compiles_to_one_graph_with_the_eager_result():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_inductors_update_on_cuda_matches_eager_within_one_bf16_step():
-    """Inductor's kernel draws its own random bits: the moments agree to fp32 rounding, each weight lands
-    on one of the two bf16 neighbours of the fp32 update, and the mean drift matches."""
+def test_inductors_update_on_cuda_matches_eager_within_the_roundings_spread():
+    """Inductor's kernel draws its own random bits: the moments agree to fp32 rounding, the weights stay
+    within a bf16 spacing a step of eager's, and the mean drift matches."""
     (a, opt_a), (b, opt_b) = pairs = _two_optimizers("cuda", "inductor")
     start = [p.detach().float().clone() for p in a]
     for seed in range(20):
