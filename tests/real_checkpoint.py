@@ -28,7 +28,7 @@ def cache_root() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """The cached directory, built on first use. It appears by a rename once complete, so a session
+    """The cached directory, built on first use. It appears by a rename once complete, so a test run
     killed mid-build leaves only a temporary directory behind, never a partial checkpoint."""
     out = cache_root() / NAME
     if out.is_dir():
