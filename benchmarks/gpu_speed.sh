@@ -7,11 +7,13 @@
 #
 # Shapes: "8B" is the llama3-8b preset, "1B" llama3.2-1b (random weights), seq 4096; "fast" below is
 # --attn flash --lora-kernels --compile.
-#   defaults       no tuning flag beside the baselines (defaults.py), one table per shape: 8B LoRA (baseline
-#                  at micro-batch 2 and 4, Unsloth, defaults, --fp8-base), 8B QLoRA (baseline, Unsloth, the
-#                  headline, the headline with --fp8-base), 1B full fine-tune (baseline, defaults, pure bf16 +
-#                  CCE at micro-batch 16, CCE alone, and FP8 training on the defaults and on the fastest
-#                  row); Unsloth's rows need unsloth installed
+#   defaults       the three tables below in a row: one command per shape, each row its own process (defaults.py);
+#                  Unsloth's rows need unsloth installed
+#   defaults-lora  8B LoRA: the baseline at its best micro-batch (4), Unsloth, no tuning flag, --fp8-base
+#   defaults-qlora 8B QLoRA: the baseline at its best micro-batch (2), Unsloth, the headline command line, the
+#                  headline with --fp8-base
+#   defaults-full  1B full fine-tune: the baseline at micro-batch 8, no tuning flag, and FP8 + CCE at 8 x 1 with
+#                  adamw-sr (the baseline's memory or less), with fp32 masters, and with adamw-sr at 16 x 1
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -42,8 +44,9 @@
 #                  steps 5-6 under torch.profiler (kernel time by category, idle gaps), steps 8-14 timed
 #                  without it; MODEL (llama3-8b), SEQ (4096), MBS (1), ADAPTER (--lora; --qlora; empty: full
 #                  fine-tune), GA (1), NPROC (1; more: torchrun over that many GPUs, NCCL time apart).
-#                  No ROW: fast 8B LoRA at micro-batch 2 and 4, fast 8B QLoRA at 2, 1B full at 8.
-# ARGS of defaults, lora, qlora, lora-variants, full, full-variants, lean and real-length go to each
+#                  No ROW: the fastest rows of the defaults tables, 8B LoRA and QLoRA with --fp8-base at
+#                  2 x 4, 1B full with adamw-sr, CCE and FP8 at 8 x 1.
+# ARGS of the defaults sub-commands, lora, qlora, lora-variants, full, full-variants, lean and real-length go to each
 # harness call (a later --rows, --peer-rows or --steps wins over the driver's), e.g.
 #   bash benchmarks/gpu_speed.sh lora --steps 10
 #   MBS=2 bash benchmarks/gpu_speed.sh profile "--attn flash --lora-kernels --compile"
@@ -54,7 +57,7 @@ OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 fast="--attn flash --lora-kernels --compile"
 sub=${1:-}; shift || true
-case " defaults lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant profile " in
+case " defaults defaults-lora defaults-qlora defaults-full lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant profile " in
   *" $sub "*) ;;
   *) sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-; exit 2 ;;
 esac
@@ -95,16 +98,21 @@ profile() {  # ROW...: one profiled train.py run per ROW; MODEL SEQ MBS ADAPTER 
 }
 
 case $sub in
-defaults)
+defaults-lora|defaults)
   table defaults-lora-8b python benchmarks/defaults.py --model llama3-8b --method lora \
-    --rows baseline unsloth defaults fp8-base --baseline-micro-batch 2 4 \
+    --rows baseline unsloth defaults fp8-base --baseline-micro-batch 4 \
     --logs "$OUT/defaults-lora-8b" --out "$OUT/defaults-lora-8b.md" "$@"
+  ;;&
+defaults-qlora|defaults)
   table defaults-qlora-8b python benchmarks/defaults.py --model llama3-8b --method qlora \
     --rows baseline unsloth headline --baseline-micro-batch 2 --headline-with " --fp8-base" \
     --logs "$OUT/defaults-qlora-8b" --out "$OUT/defaults-qlora-8b.md" "$@"
+  ;;&
+defaults-full|defaults)
+  fp8_cce="--loss cce --fp8 tensorwise --grad-accum 1"
   table defaults-full-1b python benchmarks/defaults.py --model llama3.2-1b --method full --rows baseline defaults \
-    --baseline-micro-batch 8 --defaults-with "--precision bf16 --loss cce --micro-batch-size 16 --grad-accum 1" \
-    "--loss cce" "--fp8 tensorwise" "--precision bf16 --loss cce --micro-batch-size 16 --grad-accum 1 --fp8 tensorwise" \
+    --baseline-micro-batch 8 --defaults-with "--optimizer adamw-sr $fp8_cce --micro-batch-size 8" \
+    "$fp8_cce --micro-batch-size 8" "--optimizer adamw-sr $fp8_cce --micro-batch-size 16" \
     --logs "$OUT/defaults-full-1b" --out "$OUT/defaults-full-1b.md" "$@"
   ;;
 lora)
@@ -203,10 +211,9 @@ profile)
   if [ $# -gt 0 ]; then
     profile "$@"
   else
-    OUT=$OUT/prof-lora-8b-mbs2 MBS=2 profile "$fast"
-    OUT=$OUT/prof-lora-8b-mbs4 MBS=4 profile "$fast"
-    OUT=$OUT/prof-qlora-8b-mbs2 MBS=2 ADAPTER=--qlora profile "$fast"
-    OUT=$OUT/prof-full-1b-mbs8 MODEL=llama3.2-1b ADAPTER= MBS=8 profile "--attn flash --compile --loss cce"
+    OUT=$OUT/prof-lora-8b MBS=2 GA=4 profile "--fp8-base"
+    OUT=$OUT/prof-qlora-8b MBS=2 GA=4 ADAPTER=--qlora profile "--fp8-base"
+    OUT=$OUT/prof-full-1b MODEL=llama3.2-1b ADAPTER= MBS=8 profile "--optimizer adamw-sr --loss cce --fp8 tensorwise"
   fi
   ;;
 esac
