@@ -78,10 +78,14 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def format_line(m: dict, total_steps: int) -> str:
-    """The one human line per logging step."""
-    parts = [f"step {m['step']}/{total_steps}", f"loss {m['loss']:.4f}"]
+    """The one human line per logged record: a training step's, or the evaluation before the first step."""
+    parts = [f"step {m['step']}/{total_steps}"] + ([f"loss {m['loss']:.4f}"] if "loss" in m else [])
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
+    if m.get("exact_match") is not None:
+        parts.append(f"exact match {100 * m['exact_match']:.1f}%")
+    if "loss" not in m:
+        return " | ".join(parts)
     parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]
     if m.get("mfu") is not None:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
@@ -172,7 +176,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         for sink in self.sinks:
             sink(record)
-        self.print(format_line(record, self.total) if "loss" in record else json.dumps(record))
+        self.print(format_line(record, self.total))
 
     def add_sink(self, sink) -> None:
         """Also send every record to `sink(record)` (and `sink.close()` at the end): W&B, see core/tracking.py."""

@@ -31,6 +31,12 @@ def test_format_line_names_every_number():
                     "mfu 41.2% | mem 3.2GiB | eta 2m05s")
 
 
+def test_format_line_of_the_evaluation_before_training():
+    assert format_line({"step": 0, "val_loss": 6.0348716, "exact_match": 0.125}, 20) == \
+        "step 0/20 | val 6.0349 | exact match 12.5%"
+    assert format_line({"step": 0, "val_loss": 2.5}, 20) == "step 0/20 | val 2.5000"
+
+
 def test_metrics_log_keeps_history_up_to_the_resumed_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(8)))
     log = MetricsLog(tmp_path, total_steps=10, start_step=4, enabled=True)
