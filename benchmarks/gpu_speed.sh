@@ -10,8 +10,8 @@
 #   defaults       the three tables below in a row: one command per shape, each row its own process (defaults.py);
 #                  Unsloth's rows need unsloth installed
 #   defaults-lora  8B LoRA: the baseline at its best micro-batch (4), Unsloth, no tuning flag, --fp8-base
-#   defaults-qlora 8B QLoRA: the baseline at its best micro-batch (2), Unsloth, the headline command line, the
-#                  headline with --fp8-base
+#   defaults-qlora 8B QLoRA: the baseline at micro-batch 2, Unsloth, the headline command line, the headline
+#                  with --fp8-base
 #   defaults-full  1B full fine-tune: the baseline at micro-batch 8, no tuning flag, and FP8 + CCE at 8 x 1 with
 #                  adamw-sr (the baseline's memory or less), with fp32 masters, and with adamw-sr at 16 x 1
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
@@ -46,8 +46,8 @@
 #                  fine-tune), GA (1), NPROC (1; more: torchrun over that many GPUs, NCCL time apart).
 #                  No ROW: the fastest rows of the defaults tables, 8B LoRA and QLoRA with --fp8-base at
 #                  2 x 4, 1B full with adamw-sr, CCE and FP8 at 8 x 1.
-# ARGS of the defaults sub-commands, lora, qlora, lora-variants, full, full-variants, lean and real-length go to each
-# harness call (a later --rows, --peer-rows or --steps wins over the driver's), e.g.
+# ARGS of the defaults sub-commands, lora, qlora, lora-variants, full, full-variants, lean and real-length go
+# to each harness call (a later --rows, --peer-rows or --steps wins over the driver's), e.g.
 #   bash benchmarks/gpu_speed.sh lora --steps 10
 #   MBS=2 bash benchmarks/gpu_speed.sh profile "--attn flash --lora-kernels --compile"
 #   NPROC=2 ADAPTER= GA=4 bash benchmarks/gpu_speed.sh profile "--fsdp" "--fsdp --tp 2"
