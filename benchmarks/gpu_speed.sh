@@ -92,7 +92,7 @@ profile() {  # ROW...: one profiled train.py run per ROW; MODEL SEQ MBS ADAPTER 
     echo "== row $i: $model $adapter micro-batch $mbs $row (exit $?)"
     grep -E "^per step|^\| (matmul|attention|fused loss|elementwise|copy|triton|communication|idle)" "$OUT/profile$i.md" 2>/dev/null || tail -5 "$OUT/run$i.log"
     sed -n '/^Where the GPU waited/,/^Idle time by gap length/p' "$OUT/profile$i.md" 2>/dev/null | grep '^|' | head -6
-    sed -n '/^Idle time by gap length/,$p' "$OUT/profile$i.md" 2>/dev/null | grep '^|' | grep -v '^| gap length\|^| host op\|^|---' | head -12
+    sed -n '/^Idle time by gap length/,$p' "$OUT/profile$i.md" 2>/dev/null | grep '^|' | grep -v '^| gap length\|^| kernel after\|^| host op\|^|---' | head -24
     python -c "import json; m=[json.loads(l) for l in open('$run/metrics.jsonl')][-1]; print(f\"tokens/s {m['tokens_per_s']:,.0f}  mfu {100*m['mfu']:.1f}%  peak {m['peak_mem_gib']:.1f} GiB  loss {m['loss']:.3f}  grad_norm {m['grad_norm']:.3f}\")" 2>/dev/null
   done
 }

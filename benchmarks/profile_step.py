@@ -14,7 +14,8 @@ and reports idle = wall time with no kernel running (host overhead, syncs, launc
 Communication (NCCL) kernels run on their own streams beside the compute: they are reported apart,
 in total and where nothing else runs (exposed: the GPU waits on the network). Then the idle time:
 the longest gaps with the host ops that overlap them, all gaps by length (many short ones: launch-
-bound; a few long ones: syncs), and the host ops that overlapped the most idle time over all gaps.
+bound; a few long ones: syncs), the kernels the gaps held up, and the host ops that overlapped the
+most idle time over all gaps.
 """
 
 import argparse
@@ -113,6 +114,23 @@ def idle_by_length(idle: list[tuple[float, float, str, str]], steps: int) -> str
     return "\n".join(lines)
 
 
+def idle_by_next_kernel(idle: list[tuple[float, float, str, str]], steps: int, min_us: float = 50,
+                        top: int = 10) -> str:
+    """Idle time of the gaps of min_us or more, by the kernel each one held up: the launch the GPU waited
+    for. Hundreds of gaps a step before one kernel point at the host path that launches it."""
+    by_kernel = defaultdict(lambda: [0.0, 0])
+    for a, b, _, after in idle:
+        if b - a >= min_us:
+            by_kernel[after][0] += b - a
+            by_kernel[after][1] += 1
+    if not by_kernel:
+        return f"no gap of {min_us / 1e3:g} ms or more without a kernel"
+    lines = ["| kernel after the gap | gaps a step | idle ms a step |", "|---|---|---|"]
+    for name, (t, n) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| `{name[:70]}` | {n / steps:.0f} | {t / steps / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
 def idle_by_host_op(idle: list[tuple[float, float, str, str]], host: list[tuple[str, float, float]],
                     steps: int, top: int = 12) -> str:
     """The idle time each host op overlapped, over every gap (nested ops each count theirs): the host
@@ -145,6 +163,8 @@ def summarize(prof, steps: int) -> str:
     idle = gaps(kernels)
     return "\n\n".join([table(kernels, steps), "Where the GPU waited (longest gaps over all profiled steps):",
                         idle_gaps(idle, host), "Idle time by gap length:", idle_by_length(idle, steps),
+                        "Idle time by the kernel each gap held up (gaps of 0.05 ms or more):",
+                        idle_by_next_kernel(idle, steps),
                         "Idle time by the host ops that overlapped it:", idle_by_host_op(idle, host, steps)])
 
 

@@ -55,3 +55,13 @@ def test_idle_time_is_split_by_gap_length_and_charged_to_the_host_ops_that_overl
                        "| 5 ms or more | 1 | 6.0 |"]
     rows = [line for line in idle_by_host_op(idle, host, steps=1).splitlines() if line.startswith("| `")]
     assert rows == ["| `outer` | 6.3 |", "| `cudaStreamSynchronize` | 5.9 |", "| `aten::all` | 0.1 |"]
+
+
+def test_idle_time_is_charged_to_the_kernel_each_gap_held_up():
+    from profile_step import gaps, idle_by_next_kernel
+
+    # gaps before "flat": 0.1 and 0.2 ms; before "gemm": 0.4 ms; one of 0.02 ms, left out
+    kernels = [("gemm", 0, 10), ("flat", 110, 120), ("gemm", 520, 530), ("flat", 730, 740), ("gemm", 760, 770)]
+    rows = [line for line in idle_by_next_kernel(gaps(kernels), steps=1).splitlines() if line.startswith("| `")]
+    assert rows == ["| `gemm` | 1 | 0.4 |", "| `flat` | 2 | 0.3 |"]
+    assert idle_by_next_kernel(gaps(kernels[:1]), steps=1).startswith("no gap of 0.05 ms")
