@@ -104,29 +104,20 @@ def convert(src: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
     model.save_pretrained(out)
-    _eos_from_gguf(tok, src)
-    _chat_template_from_gguf(tok, src)
+    _tokenizer_as_the_file_says(tok, src)
     tok.save_pretrained(out)
 
 
-def _fields(src: Path) -> dict:
+def _tokenizer_as_the_file_says(tok, src: Path) -> None:
+    """The end-of-turn token and the chat template from the file's metadata. transformers 5.17 read
+    SmolLM2's eos as <|im_start|> where the file says <|im_end|>, so generation would not stop; a
+    release that does not copy the chat template into the tokenizer would lose the chat format."""
     import gguf
 
-    return gguf.GGUFReader(src).fields
-
-
-def _eos_from_gguf(tok, src: Path) -> None:
-    """The end-of-turn token the file names (tokenizer.ggml.eos_token_id): transformers 5.17 read
-    SmolLM2's <|im_start|> there, where the file says <|im_end|>, and generation would not stop."""
-    fields = _fields(src)
+    fields = gguf.GGUFReader(src).fields
     if "tokenizer.ggml.eos_token_id" in fields:
         eos = fields["tokenizer.ggml.tokens"].contents(int(fields["tokenizer.ggml.eos_token_id"].contents()))
         if tok.eos_token != eos:
             tok.eos_token = eos
-
-
-def _chat_template_from_gguf(tok, src: Path) -> None:
-    """The file's chat template, where transformers did not copy it into the tokenizer."""
-    fields = _fields(src)
     if tok.chat_template is None and "tokenizer.chat_template" in fields:
         tok.chat_template = fields["tokenizer.chat_template"].contents()
