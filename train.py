@@ -220,8 +220,7 @@ def train(cfg: Config) -> dict:
         say(notice)
 
     # ---- optimizer, schedule, resume
-    optimizer = optim.build_optimizer(model, cfg.optim, d.device,
-                                      cfg.compile.compile_backend if cfg.compile.compile else None)
+    optimizer = optim.build_optimizer(model, cfg.optim, d.device, compile.backend(cfg.compile))
     scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps)
     if deepspeed_zero.enabled(cfg.deepspeed):
         model, optimizer = deepspeed_zero.apply(model, optimizer, cfg, run)

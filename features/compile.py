@@ -76,6 +76,11 @@ def compile_loss(cfg: CompileConfig):
     return torch.compile(cross_entropy_sum, backend=cfg.compile_backend, mode=_mode(cfg))
 
 
+def backend(cfg: CompileConfig) -> str | None:
+    """--compile-backend for what compiles outside the blocks (adamw-sr's update); None under --no-compile."""
+    return cfg.compile_backend if cfg.compile else None
+
+
 _OPAQUE = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "nanotune_xformers")
 
 
