@@ -22,14 +22,20 @@ One command, one table, each row its own process on the same GPU:
   fp8-base  the defaults row with --fp8-base (LoRA only: the frozen base's matmuls in FP8).
 --method full: a full fine-tune (no adapter), the baseline with --full; rows baseline and defaults only.
 X is a chat dataset (`messages`) of random-letter conversations of exactly 4,096 tokens, so packed
-rows are full like the baseline's and the automatic --seq-len is 4096. Throughput: tokens/s over the
-last logging window (the baseline: its median synchronised step after warm-up); MFU from the
-same model FLOPs (core/model.py train_flops) against the 989 TFLOP/s datasheet peak and the
-783 TFLOP/s measured bf16 matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
+rows are full like the baseline's and the automatic --seq-len is 4096. With --lengths instruction the
+conversations have instruction-tuning lengths (median 200 tokens) and the baseline trains the same
+ones, rendered by the chat template and padded per micro-batch (its mean step after warm-up); a
+local checkpoint directory as --model brings its tokenizer and its weights to every row:
+    python benchmarks/defaults.py --model DIR --rows baseline defaults --lengths instruction --samples 3000 \
+        --baseline-micro-batch 8 16 32 --baseline-with "--micro-batch-size 16 --group-by-length"
+Throughput: tokens/s over the last logging window (the baseline: its median synchronised step after
+warm-up); MFU from the same model FLOPs (core/model.py train_flops) against the 989 TFLOP/s datasheet
+peak and the 783 TFLOP/s measured bf16 matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
 """
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -43,23 +49,38 @@ from benchmarks.lora import MATMUL, PEAK, run_peer  # noqa: E402
 TUNED = "--precision bf16 --lora-kernels --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1"
 
 
-def chat_data(path: Path, n: int, tokenizer_dir: Path, tokens: int = 4096) -> Path:
-    """n conversations of random letters whose chat rendering is exactly `tokens` long: one fills a
-    packed row, as full as the baselines' random rows (tokens/s counts real tokens only)."""
+def chat_data(path: Path, n: int, tokenizer_dir: Path, tokens: int = 4096, lengths: str = "full") -> Path:
+    """n conversations of random letters. lengths "full": each chat rendering is exactly `tokens`
+    long, so one fills a packed row, as full as the baselines' random rows. "instruction": lognormal
+    lengths (median 200 tokens, mean about 275, cut to [64, tokens]), the shape of instruction-tuning
+    data, as benchmarks/real_length.py draws them. tokens/s counts real tokens only."""
     from transformers import AutoTokenizer
 
     tok, rng = AutoTokenizer.from_pretrained(tokenizer_dir), random.Random(0)
     lines = []
     for _ in range(n):
+        want = tokens if lengths == "full" else min(tokens, max(64, round(rng.lognormvariate(math.log(200), 0.8))))
         words = lambda k: " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=k))  # noqa: E731
-        messages = [{"role": "user", "content": words(tokens // 2)},
-                    {"role": "assistant", "content": words(tokens // 2)}]
+        messages = [{"role": "user", "content": words(want // 2)},
+                    {"role": "assistant", "content": words(want // 2)}]
         while (excess := len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
-                                 verbose=False)["input_ids"]) - tokens) > 0:
+                                 verbose=False)["input_ids"]) - want) > 0:
             messages[1]["content"] = messages[1]["content"][:-2 * excess]  # a letter and its space: a token
         lines.append(json.dumps({"messages": messages}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def rendered(chats: Path, tokenizer_dir: Path) -> Path:
+    """The same conversations as {"text"} records, each its chat-template rendering: what the
+    baseline trains with --data (padded to the longest of each micro-batch, the Trainer's way)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = chats.with_name("rendered.jsonl")
+    out.write_text("".join(json.dumps({"text": tok.apply_chat_template(json.loads(line)["messages"], tokenize=False)})
+                           + "\n" for line in chats.read_text().splitlines()))
+    return out
 
 
 def run_train(flags: list[str], data: Path, out: Path, steps: int) -> dict:
@@ -83,7 +104,8 @@ def rows_for(args) -> list[tuple[str, str, list[str]]]:
     model = ["--model", args.model, *adapter]
     rows = {
         "baseline": [("baseline", f"micro-batch {m}", ["--liger", "--micro-batch-size", str(m)])
-                     for m in args.baseline_micro_batch],
+                     for m in args.baseline_micro_batch]
+                    + [("baseline", extra, ["--liger", *extra.split()]) for extra in args.baseline_with],
         "tuned": [("tuned", TUNED, [*model, "--lr", lr, *TUNED.split()])],
         "defaults": [("defaults", " ".join(model), model)],
         "headline": [("headline", f"--packing --attn flash --qlora --model {args.model}",
@@ -135,7 +157,12 @@ def main():
     p.add_argument("--unsloth-checkpoint-dir", default="/tmp/unsloth-random-weights",
                    help="where the unsloth row saves the random weights it loads (16 GB for 8B; not under --logs)")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--samples", type=int, default=160)
+    p.add_argument("--samples", type=int, default=160, help="conversations (--lengths instruction: take 3000)")
+    p.add_argument("--lengths", choices=["full", "instruction"], default="full",
+                   help="full: every conversation 4,096 tokens, the baseline on random full rows; instruction: "
+                        "lognormal lengths, the baseline on the same conversations, padded")
+    p.add_argument("--baseline-with", nargs="*", default=[], metavar="FLAGS",
+                   help='more baseline rows (benchmarks/peer.py flags), e.g. "--micro-batch-size 16 --group-by-length"')
     p.add_argument("--logs", default=None, help="folder for each row's log and run directory")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -144,9 +171,12 @@ def main():
                 "(a tuned full fine-tune is a --defaults-with row)")
     logs = Path(args.logs or tempfile.mkdtemp())
     logs.mkdir(parents=True, exist_ok=True)
-    data = chat_data(logs / "chats.jsonl", args.samples, ROOT / "data" / "tokenizer")
+    tokenizer = Path(args.model) if Path(args.model).is_dir() else ROOT / "data" / "tokenizer"
+    data = chat_data(logs / "chats.jsonl", args.samples, tokenizer, lengths=args.lengths)
     peer_args = argparse.Namespace(model=args.model, seq_len=4096, steps=args.steps + 8)
     baseline_method = {"qlora": ["--qlora", "--no-kbit-prep"], "full": ["--full"]}.get(args.method, [])
+    if args.lengths == "instruction":  # the baseline trains the same conversations, padded
+        baseline_method += ["--data", str(rendered(data, tokenizer))]
     unsloth_method = ["--qlora"] if args.method == "qlora" else []
     results = []
     for i, (side, what, flags) in enumerate(rows_for(args)):

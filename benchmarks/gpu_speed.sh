@@ -14,6 +14,10 @@
 #                  with --fp8-base
 #   defaults-full  1B full fine-tune: the baseline at micro-batch 8, no tuning flag, and FP8 + CCE at 8 x 1 with
 #                  adamw-sr (the baseline's memory or less), with fp32 masters, and with adamw-sr at 16 x 1
+#   small DIR      small-lora DIR and small-full DIR in a row: a small real checkpoint (DIR, Hugging Face format)
+#                  on chats of instruction-tuning lengths (defaults.py --lengths instruction), LoRA or a full
+#                  fine-tune: the baseline padded at micro-batch 8, 16, 32 and length-grouped at 16, beside
+#                  nanotune with no tuning flag
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -57,7 +61,7 @@ OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 fast="--attn flash --lora-kernels --compile"
 sub=${1:-}; shift || true
-case " defaults defaults-lora defaults-qlora defaults-full lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant profile " in
+case " defaults defaults-lora defaults-qlora defaults-full small small-lora small-full lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant profile " in
   *" $sub "*) ;;
   *) sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-; exit 2 ;;
 esac
@@ -65,6 +69,12 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   >> "$OUT/gpu.txt" 2>&1
+
+if [[ $sub == small* ]]; then   # small, small-lora, small-full: DIR first
+  small_dir=${1:?$sub: give a checkpoint directory}; shift
+  small_rows="--rows baseline defaults --lengths instruction --samples 3000 --baseline-micro-batch 8 16 32"
+  set -- --baseline-with "--micro-batch-size 16 --group-by-length" "$@"
+fi
 
 table() {  # NAME COMMAND...: output in $OUT/NAME.log, then the table $OUT/NAME.md (or the log's tail)
   local name=$1; shift
@@ -114,6 +124,14 @@ defaults-full|defaults)
     --baseline-micro-batch 8 --defaults-with "--optimizer adamw-sr $fp8_cce --micro-batch-size 8" \
     "$fp8_cce --micro-batch-size 8" "--optimizer adamw-sr $fp8_cce --micro-batch-size 16" \
     --logs "$OUT/defaults-full-1b" --out "$OUT/defaults-full-1b.md" "$@"
+  ;;
+small-lora|small)
+  table small-lora python benchmarks/defaults.py --model "$small_dir" --method lora $small_rows \
+    --logs "$OUT/small-lora" --out "$OUT/small-lora.md" "$@"
+  ;;&
+small-full|small)
+  table small-full python benchmarks/defaults.py --model "$small_dir" --method full $small_rows \
+    --logs "$OUT/small-full" --out "$OUT/small-full.md" "$@"
   ;;
 lora)
   table lora-8b python benchmarks/lora.py --model llama3-8b --steps 20 --out "$OUT/lora-8b.md" \

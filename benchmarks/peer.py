@@ -3,12 +3,13 @@
     python benchmarks/peer.py --model llama3-8b --seq-len 4096 --micro-batch-size 1 --steps 20 \
         --gradient-checkpointing --liger [--qlora] --out peer.json
 
-Same shapes as nanotune's presets (core/model.py), base weights in bf16, `bf16=True`, SDPA,
-LoRA on every linear layer of the decoder, random token ids of full length (no padding). With
+Same shapes as nanotune's presets (core/model.py), or a local checkpoint directory's own weights;
+base weights in bf16, `bf16=True`, SDPA, LoRA on every linear layer of the decoder, random token ids
+of full length (no padding). With
 --qlora: the decoder linears in NF4 (double quantization, bf16 compute) and peft's
 prepare_model_for_kbit_training, the standard QLoRA recipe (--no-kbit-prep skips it). With --full: no adapter, every
 weight trains (bf16 weights, the Trainer's AdamW). With --data FILE (jsonl of {"text"}): those
-documents, tokenized by the presets' tokenizer, batched the Trainer's way (padded to the longest
+documents, tokenized by the model's tokenizer, batched the Trainer's way (padded to the longest
 of each micro-batch, optionally --group-by-length, or --padding-free: transformers'
 DataCollatorWithFlattening, its packing option); tokens/s then counts real tokens only. Step
 time is measured with CUDA synchronisation around each optimizer step, over the steps after
@@ -35,12 +36,15 @@ def build(args):
 
     from core.model import PRESETS, train_flops
 
-    cls_name, fields = PRESETS[args.model]
-    config = getattr(transformers, cls_name)(**fields)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                              attn_implementation="sdpa")
+    if args.model in PRESETS:
+        cls_name, fields = PRESETS[args.model]
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**fields),
+                                                                  dtype=torch.bfloat16, attn_implementation="sdpa")
+    else:  # a local checkpoint directory: its real weights
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16,
+                                                                  attn_implementation="sdpa", device_map="cuda")
     model.config.use_cache = False
     if args.qlora:  # NF4 + double quantization, bf16 compute: what from_pretrained does with this config
         from transformers import BitsAndBytesConfig
