@@ -149,7 +149,7 @@ def main():
     p.add_argument("--rows", nargs="*", default=["baseline", "tuned", "defaults", "headline"],
                    choices=["baseline", "unsloth", "tuned", "defaults", "headline", "fp8-base"],
                    help="none: only the --headline-with / --defaults-with rows")
-    p.add_argument("--baseline-micro-batch", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--baseline-micro-batch", type=int, nargs="*", default=[2, 4])
     p.add_argument("--headline-with", nargs="*", default=[], metavar="FLAGS",
                    help='more headline rows, each with these flags added (e.g. "--loss ce")')
     p.add_argument("--defaults-with", nargs="*", default=[], metavar="FLAGS",

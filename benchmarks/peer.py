@@ -150,8 +150,11 @@ def main():
     p.add_argument("--data", default=None, help="jsonl of {'text'}: real documents instead of random full rows")
     p.add_argument("--group-by-length", action="store_true", help="with --data: the Trainer's length-grouped sampler")
     p.add_argument("--padding-free", action="store_true", help="with --data: DataCollatorWithFlattening (packing)")
+    p.add_argument("--no-cudnn-sdpa", action="store_true", help="keep SDPA off its cuDNN backend")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     from transformers import Trainer, TrainingArguments
 
@@ -176,6 +179,7 @@ def main():
               "seq_len": args.seq_len,
               "micro_batch_size": args.micro_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
               "liger": args.liger, "qlora": args.qlora, "step_s": step, "tokens_per_s": tokens / step,
+              "step_times": [round(t, 4) for t in timer.times], "step_tokens": timer.tokens,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tflops": flops / step / 1e12,
               "first_losses": losses[:3], "grad_norms": norms[:3]}
     print(json.dumps(result))
