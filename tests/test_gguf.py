@@ -46,12 +46,21 @@ def test_an_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch):
         gguf.hf_dir(str(tmp_path / "m.gguf"))
 
 
+@pytest.fixture(scope="module")
+def converted(smollm2_gguf, tmp_path_factory):
+    """The tier's GGUF file converted once into a fresh cache: (cache root, directory, lines said)."""
+    root, lines = tmp_path_factory.mktemp("nanotune-cache"), []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOTUNE_CACHE", str(root))
+        path = gguf.hf_dir(str(smollm2_gguf), say=lines.append)
+    return root, path, lines
+
+
 @pytest.mark.slow
-def test_the_directory_holds_the_files_weights_and_is_made_once(smollm2_gguf, cache, monkeypatch):
+def test_the_directory_holds_the_files_weights_and_is_made_once(smollm2_gguf, converted, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lines = []
-    path = gguf.hf_dir(str(smollm2_gguf), say=lines.append)
+    root, path, lines = converted
     assert len(lines) == 1 and "converting SmolLM2-135M-Instruct.Q4_1.gguf" in lines[0] and path in lines[0]
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>assistant" in tok.chat_template
@@ -65,12 +74,15 @@ def test_the_directory_holds_the_files_weights_and_is_made_once(smollm2_gguf, ca
     def fail(*args):
         raise AssertionError("converted again")
 
+    monkeypatch.setenv("NANOTUNE_CACHE", str(root))
     monkeypatch.setattr(gguf, "convert", fail)
     assert gguf.hf_dir(str(smollm2_gguf), say=lines.append) == path and len(lines) == 1
 
 
 @pytest.mark.slow
-def test_train_takes_a_gguf_file_as_its_model(smollm2_gguf, smollm2, cache, tmp_path):
+def test_train_takes_a_gguf_file_as_its_model(smollm2_gguf, smollm2, converted, tmp_path, monkeypatch):
+    root, path, _ = converted
+    monkeypatch.setenv("NANOTUNE_CACHE", str(root))  # converted once already: the run finds it
     data = tmp_path / "chats.jsonl"
     write_jsonl(data, CHATS)
     common = ["--dataset", str(data), "--val-dataset", "none", "--lora", "--lora-rank", "4", "--seq-len", "64",
@@ -80,4 +92,4 @@ def test_train_takes_a_gguf_file_as_its_model(smollm2_gguf, smollm2, cache, tmp_
     assert run_train(tmp_path / "dir", "--model", str(smollm2), *common) == 0
     from_file, from_dir = ([m["loss"] for m in read_metrics(tmp_path / run) if "loss" in m] for run in ("gguf", "dir"))
     assert len(from_file) == 2 and from_file == from_dir  # the tier's directory is the same conversion
-    assert str(cache) in (tmp_path / "gguf" / "config.json").read_text()
+    assert path in (tmp_path / "gguf" / "config.json").read_text()
