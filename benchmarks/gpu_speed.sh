@@ -16,8 +16,8 @@
 #                  adamw-sr (the baseline's memory or less), with fp32 masters, and with adamw-sr at 16 x 1
 #   small DIR      small-lora DIR and small-full DIR in a row: a small real checkpoint (DIR, Hugging Face format)
 #                  on chats of instruction-tuning lengths (defaults.py --lengths instruction), LoRA or a full
-#                  fine-tune: the baseline padded at micro-batch 8, 16, 32, length-grouped at 16 and
-#                  padding-free at 16 and 32, beside nanotune with no tuning flag
+#                  fine-tune: the baseline padded and padding-free at micro-batch 16 and 32, each with and
+#                  without SDPA's cuDNN backend (slow on new lengths), beside nanotune with no tuning flag
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -72,9 +72,10 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 
 if [[ $sub == small* ]]; then   # small, small-lora, small-full: DIR first
   small_dir=${1:?$sub: give a checkpoint directory}; shift
-  small_rows="--rows baseline defaults --lengths instruction --samples 3000 --baseline-micro-batch 8 16 32"
-  set -- --baseline-with "--micro-batch-size 16 --group-by-length" "--micro-batch-size 16 --padding-free" \
-    "--micro-batch-size 32 --padding-free" "$@"
+  small_rows="--rows baseline defaults --lengths instruction --samples 3000 --baseline-micro-batch 16 32"
+  set -- --baseline-with "--micro-batch-size 16 --no-cudnn-sdpa" "--micro-batch-size 32 --no-cudnn-sdpa" \
+    "--micro-batch-size 16 --padding-free" "--micro-batch-size 32 --padding-free" \
+    "--micro-batch-size 16 --padding-free --no-cudnn-sdpa" "--micro-batch-size 32 --padding-free --no-cudnn-sdpa" "$@"
 fi
 
 table() {  # NAME COMMAND...: output in $OUT/NAME.log, then the table $OUT/NAME.md (or the log's tail)
