@@ -11,6 +11,8 @@ eos and at the references' end-of-turn tokens. It is meaningful for tasks with o
 like the embedded dataset; set --eval-exact-match 0 for open-ended data.
 """
 
+import time
+
 import torch
 
 from core.attention import eval_attention
@@ -89,12 +91,14 @@ def evaluate(model, val, cfg, tok, d: Dist, ctx, loss_fn, with_generation: bool)
     validation set."""
     if val is None:
         return {}
+    start = time.perf_counter()
     result = {"val_loss": validation_loss(model, val.samples, cfg.train.micro_batch_size,
                                           tok.pad_token_id, d, ctx, loss_fn)}
     if with_generation and cfg.train.eval_exact_match > 0:
         em = exact_match(model, val.samples, cfg.train.eval_exact_match, tok, d, ctx)
         if em is not None:
             result["exact_match"] = em
+    result["eval_s"] = time.perf_counter() - start  # the loss came back to the host: the GPU is done
     return result
 
 

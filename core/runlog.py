@@ -84,6 +84,8 @@ def format_line(m: dict, total_steps: int) -> str:
         parts.append(f"val {m['val_loss']:.4f}")
     if m.get("exact_match") is not None:
         parts.append(f"exact match {100 * m['exact_match']:.1f}%")
+    if "eval_s" in m:
+        parts.append(f"eval {_fmt_duration(m['eval_s'])}")
     if "loss" not in m:
         return " | ".join(parts)
     parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f} tok/s"]

@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from conftest import read_metrics, run_train
 from core.runlog import MetricsLog, StepMeter, format_line
 
 
@@ -35,6 +36,14 @@ def test_format_line_of_the_evaluation_before_training():
     assert format_line({"step": 0, "val_loss": 6.0348716, "exact_match": 0.125}, 20) == \
         "step 0/20 | val 6.0349 | exact match 12.5%"
     assert format_line({"step": 0, "val_loss": 2.5}, 20) == "step 0/20 | val 2.5000"
+    assert format_line({"step": 0, "val_loss": 2.5, "exact_match": 0.5, "eval_s": 83.4}, 20) == \
+        "step 0/20 | val 2.5000 | exact match 50.0% | eval 1m23s"
+
+
+def test_an_evaluation_reports_its_own_time(tmp_path, small_data):
+    assert run_train(tmp_path / "run", "--dataset", str(small_data), "--max-steps", "2", "--micro-batch-size", "4") == 0
+    evals = [m for m in read_metrics(tmp_path / "run") if "val_loss" in m]
+    assert [m["step"] for m in evals] == [0, 2] and all(m["eval_s"] > 0 for m in evals)
 
 
 def test_metrics_log_keeps_history_up_to_the_resumed_step(tmp_path):
