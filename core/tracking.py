@@ -5,7 +5,7 @@
 
 Every record that `core/runlog.py`'s MetricsLog writes goes to W&B too (rank 0 only), at the same
 step, with grouped keys: `train/loss`, `train/lr`, `train/grad_norm`; `perf/tokens_per_s`, `perf/mfu`,
-`perf/tokens`, `perf/eta_s`; `mem/peak_gib`; `eval/val_loss`, `eval/exact_match`. The W&B config is
+`perf/tokens`, `perf/eta_s`; `mem/peak_gib`; `eval/val_loss`, `eval/exact_match`, `eval/seconds`. The W&B config is
 the resolved nanotune config plus `run.json` (argv, git SHA, dirty flag, versions, device); the
 source (train.py, core/, features/, launch/) is logged as a code artifact and `git.diff` as a file.
 W&B's own environment variables apply (WANDB_MODE=offline|disabled, WANDB_API_KEY, WANDB_DIR).
@@ -27,7 +27,8 @@ _REPO = Path(__file__).resolve().parent.parent
 # metrics.jsonl key -> W&B key; a key not listed here goes under train/ with its own name
 WANDB_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
          "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "tokens": "perf/tokens", "eta_s": "perf/eta_s",
-         "peak_mem_gib": "mem/peak_gib", "val_loss": "eval/val_loss", "exact_match": "eval/exact_match"}
+         "peak_mem_gib": "mem/peak_gib", "val_loss": "eval/val_loss", "exact_match": "eval/exact_match",
+         "eval_s": "eval/seconds"}
 
 
 @dataclasses.dataclass
