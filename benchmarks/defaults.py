@@ -24,13 +24,14 @@ One command, one table, each row its own process on the same GPU:
 X is a chat dataset (`messages`) of random-letter conversations of exactly 4,096 tokens, so packed
 rows are full like the baseline's and the automatic --seq-len is 4096. With --lengths instruction the
 conversations have instruction-tuning lengths (median 200 tokens) and the baseline trains the same
-ones, rendered by the chat template and padded per micro-batch (its mean step after warm-up); a
-local checkpoint directory as --model brings its tokenizer and its weights to every row:
+ones, rendered by the chat template and padded per micro-batch; a local checkpoint directory as
+--model brings its tokenizer and its weights to every row:
     python benchmarks/defaults.py --model DIR --rows baseline defaults --lengths instruction --samples 3000 \
         --baseline-micro-batch 8 16 32 --baseline-with "--micro-batch-size 16 --group-by-length"
 Throughput: tokens/s over the last logging window (the baseline: its median synchronised step after
-warm-up); MFU from the same model FLOPs (core/model.py train_flops) against the 989 TFLOP/s datasheet
-peak and the 783 TFLOP/s measured bf16 matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
+warm-up, its mean with --lengths instruction, whose step lengths vary); MFU from the same model FLOPs
+(core/model.py train_flops) against the 989 TFLOP/s datasheet peak and the 783 TFLOP/s measured bf16
+matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
 """
 
 import argparse

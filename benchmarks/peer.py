@@ -3,18 +3,17 @@
     python benchmarks/peer.py --model llama3-8b --seq-len 4096 --micro-batch-size 1 --steps 20 \
         --gradient-checkpointing --liger [--qlora] --out peer.json
 
-Same shapes as nanotune's presets (core/model.py), or a local checkpoint directory's own weights;
-base weights in bf16, `bf16=True`, SDPA, LoRA on every linear layer of the decoder, random token ids
-of full length (no padding). With
---qlora: the decoder linears in NF4 (double quantization, bf16 compute) and peft's
-prepare_model_for_kbit_training, the standard QLoRA recipe (--no-kbit-prep skips it). With --full: no adapter, every
-weight trains (bf16 weights, the Trainer's AdamW). With --data FILE (jsonl of {"text"}): those
-documents, tokenized by the model's tokenizer, batched the Trainer's way (padded to the longest
-of each micro-batch, optionally --group-by-length, or --padding-free: transformers'
-DataCollatorWithFlattening, its packing option); tokens/s then counts real tokens only. Step
-time is measured with CUDA synchronisation around each optimizer step, over the steps after
-`--warmup` ones; the Trainer's own logged loss and grad norm are kept, so a run that does not
-train cannot pass for fast. Prints one JSON object (and writes it to --out).
+Same shapes as nanotune's presets (core/model.py), or a local checkpoint directory's own weights; base
+weights in bf16, `bf16=True`, SDPA, LoRA on every linear layer of the decoder, random token ids of full
+length (no padding). With --qlora: the decoder linears in NF4 (double quantization, bf16 compute) and
+peft's prepare_model_for_kbit_training, the standard QLoRA recipe (--no-kbit-prep skips it). With
+--full: no adapter, every weight trains (bf16 weights, the Trainer's AdamW). With --data FILE (jsonl of
+{"text"}): those documents, tokenized by the model's tokenizer, batched the Trainer's way (padded to the
+longest of each micro-batch, optionally --group-by-length, or --padding-free: transformers'
+DataCollatorWithFlattening, its packing option); tokens/s then counts real tokens only. Step time is
+measured with CUDA synchronisation around each optimizer step, over the steps after `--warmup` ones; the
+Trainer's own logged loss and grad norm are kept, so a run that does not train cannot pass for fast.
+Prints one JSON object (and writes it to --out).
 """
 
 import argparse

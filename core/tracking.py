@@ -3,12 +3,12 @@
     python train.py --wandb --wandb-project my-ablation --run-name lr3e-3 --wandb-tags lr,baseline
     WANDB_MODE=offline python train.py --wandb        # no network: `wandb sync runs/<dir>/wandb/...` later
 
-Every record that `core/runlog.py`'s MetricsLog writes goes to W&B too (rank 0 only), at the same
-step, with grouped keys: `train/loss`, `train/lr`, `train/grad_norm`; `perf/tokens_per_s`, `perf/mfu`,
-`perf/tokens`, `perf/eta_s`; `mem/peak_gib`; `eval/val_loss`, `eval/exact_match`, `eval/seconds`. The W&B config is
-the resolved nanotune config plus `run.json` (argv, git SHA, dirty flag, versions, device); the
-source (train.py, core/, features/, launch/) is logged as a code artifact and `git.diff` as a file.
-W&B's own environment variables apply (WANDB_MODE=offline|disabled, WANDB_API_KEY, WANDB_DIR).
+Every record that `core/runlog.py`'s MetricsLog writes goes to W&B too (rank 0 only), at the same step,
+with grouped keys: `train/loss`, `train/lr`, `train/grad_norm`; `perf/tokens_per_s`, `perf/mfu`,
+`perf/tokens`, `perf/eta_s`; `mem/peak_gib`; `eval/val_loss`, `eval/exact_match`, `eval/seconds`. The
+W&B config is the resolved nanotune config plus `run.json` (argv, git SHA, dirty flag, versions,
+device); the source (train.py, core/, features/, launch/) is logged as a code artifact and `git.diff` as
+a file. W&B's own environment variables apply (WANDB_MODE=offline|disabled, WANDB_API_KEY, WANDB_DIR).
 
 Reference: cleanrl's `--track` (vwxyzjn/cleanrl), W&B's `wandb.init` / `Run.log` / `Run.log_code`.
 Works with every other flag (it only reads the log). Needs `pip install wandb`.
