@@ -8,6 +8,7 @@ Sources: local .jsonl / .json / .parquet / .csv files, or a Hugging Face hub id.
 (`--dataset-format auto` picks by the keys of the first record):
   alpaca      {"instruction", "input"?, "output"}      prompt = ALPACA_PROMPT, trained = output + eos
   chat        {"messages": [{"role", "content"}]}      the tokenizer's chat template; assistant turns trained
+              (OpenAI-style text parts joined; an assistant's tool_calls and the record's tools rendered)
   completion  {"prompt", "completion"} or {"text"}     trained = completion + eos (or all of text + eos)
   pretrain    {"text"}                                  documents joined with eos, cut into --seq-len blocks
 Prompt tokens are masked from the loss (label -100) unless --train-on-inputs. In a chat, the trained
@@ -246,15 +247,50 @@ def _check_messages(record, where) -> list[dict]:
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
         raise BadRecord(f"{where}: chat records need a non-empty list 'messages'")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise BadRecord(f"{where}: messages[{i}] needs a string 'content'")
-        _encodable(m["content"], where, f"messages[{i}]['content']")
-        if m.get("role") not in CHAT_ROLES:
-            raise BadRecord(f"{where}: messages[{i}] has role {m.get('role')!r}; use one of {CHAT_ROLES}")
+    messages = [_message(m, where, f"messages[{i}]") for i, m in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(f"{where}: no assistant message, so nothing to train on")
     return messages
+
+
+def _message(m, where: str, name: str) -> dict:
+    """One message as the template takes it. OpenAI-style content, a list of text parts, is joined
+    into one string (as templates that take parts render them); an assistant message may carry
+    `tool_calls` and no content (an empty or null `tool_calls` is dropped)."""
+    if not isinstance(m, dict):
+        raise BadRecord(f"{where}: {name} needs a string 'content'")
+    m = {k: v for k, v in m.items() if k != "tool_calls" or v}
+    content = m.get("content")
+    if isinstance(content, list):
+        content = "".join(_text_part(part, f"{where}: {name}") for part in content)
+    elif content is None and m.get("role") == "assistant" and "tool_calls" in m:
+        content = ""
+    if not isinstance(content, str):
+        raise BadRecord(f"{where}: {name} needs a string 'content'")
+    _encodable(content, where, f"{name}['content']")
+    if m.get("role") not in CHAT_ROLES:
+        raise BadRecord(f"{where}: {name} has role {m.get('role')!r}; use one of {CHAT_ROLES}")
+    if "tool_calls" in m and not _named_calls(m["tool_calls"]):
+        raise BadRecord(f"{where}: {name}['tool_calls'] needs a list of "
+                        f'{{"function": {{"name": ..., "arguments": ...}}}}')
+    return {**m, "content": content}
+
+
+def _text_part(part, where: str) -> str:
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    raise BadRecord(f"{where} has a {kind!r} content part; nanotune trains text: "
+                    f'use {{"type": "text", "text": ...}} parts or a string')
+
+
+def _named_calls(calls) -> list[str]:
+    """The function names of a message's tool_calls; [] if they are not a list of named calls."""
+    try:
+        names = [call["function"]["name"] for call in calls]
+    except (TypeError, KeyError):
+        return []
+    return names if names and all(isinstance(n, str) and n for n in names) else []
 
 
 def special_ids(tok) -> set[int]:
@@ -285,11 +321,13 @@ def _tokenize_chat(record, where, tok) -> Sample:
     where the text of the conversation before it plus the generation prompt ends; it is found by
     character, since a tokenizer may split that boundary differently in context (the prompt alone
     can end in one "\n\n" token that becomes "\n", "\n" before the content)."""
-    messages = _check_messages(record, where)
+    messages, tools = _check_messages(record, where), record.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise BadRecord(f"{where}: 'tools' needs a list of function definitions")
 
     def render(msgs, gen_prompt=False) -> str:
         try:
-            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+            return tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen_prompt)
         except Exception as e:  # templates raise their own errors (jinja2's raise_exception: "roles must alternate")
             raise BadRecord(f"{where}: the tokenizer's chat template refuses this conversation ({e})") from None
 
@@ -303,6 +341,7 @@ def _tokenize_chat(record, where, tok) -> Sample:
         if not (text.startswith(through_turn) and through_turn.startswith(prompt)):
             raise UserError(f"{where}: the tokenizer's chat template rewrites earlier turns, so turn "
                             f"masks cannot be found; use --train-on-inputs or another --tokenizer")
+        _check_calls_rendered(m, through_turn[len(prompt):], f"{where}: messages[{i}]")
         turn = [k for k, (a, b) in enumerate(spans) if b > len(prompt) and a < len(through_turn)]
         if not turn:
             continue
@@ -310,6 +349,15 @@ def _tokenize_chat(record, where, tok) -> Sample:
         stop = start + _trained_len(ids[start:turn[-1] + 1], special)
         labels[start:stop], prompt_len, response_end = ids[start:stop], start, stop
     return Sample(ids, labels, prompt_len, response_end)
+
+
+def _check_calls_rendered(message: dict, turn: str, where: str) -> None:
+    """A template that does not know tool calls renders such a turn without them: refuse the record
+    rather than train an empty turn."""
+    for name in _named_calls(message.get("tool_calls") or []):
+        if name not in turn:
+            raise BadRecord(f"{where}: its tool call {name!r} is not in the chat template's rendering (this "
+                            f"tokenizer's template drops tool calls); pass a --tokenizer whose template has them")
 
 
 def tokenize(record: dict, fmt: str, where: str, tok, train_on_inputs: bool) -> Sample:
