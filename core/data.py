@@ -9,6 +9,7 @@ Sources: local .jsonl / .json / .parquet / .csv files, or a Hugging Face hub id.
   alpaca      {"instruction", "input"?, "output"}      prompt = ALPACA_PROMPT, trained = output + eos
   chat        {"messages": [{"role", "content"}]}      the tokenizer's chat template; assistant turns trained
               (OpenAI-style text parts joined; an assistant's tool_calls and the record's tools rendered)
+              or ShareGPT's {"conversations": [{"from", "value"}]} (human -> user, gpt -> assistant)
   completion  {"prompt", "completion"} or {"text"}     trained = completion + eos (or all of text + eos)
   pretrain    {"text"}                                  documents joined with eos, cut into --seq-len blocks
 Prompt tokens are masked from the loss (label -100) unless --train-on-inputs. In a chat, the trained
@@ -184,14 +185,15 @@ def _sibling_val_file(train: Path) -> Path | None:
 def detect_format(record: dict, where: str) -> str:
     if not isinstance(record, dict):
         raise BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
+    if "messages" in record or "conversations" in record:
         return "chat"
     if "instruction" in record and "output" in record:
         return "alpaca"
     if "text" in record or ("prompt" in record and "completion" in record):
         return "completion"
-    raise BadRecord(f"{where}: cannot tell the format from keys {sorted(record)}; expected messages, "
-                    f"instruction+output, prompt+completion or text (or pass --dataset-format)")
+    raise BadRecord(f"{where}: cannot tell the format from keys {sorted(record)}; expected messages (or "
+                    f"ShareGPT's conversations), instruction+output, prompt+completion or text (or pass "
+                    f"--dataset-format)")
 
 
 def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) -> str:
@@ -245,6 +247,8 @@ def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
 
 def _check_messages(record, where) -> list[dict]:
     messages = record.get("messages") if isinstance(record, dict) else None
+    if messages is None and isinstance(record, dict) and "conversations" in record:
+        messages = _from_sharegpt(record["conversations"], where)
     if not isinstance(messages, list) or not messages:
         raise BadRecord(f"{where}: chat records need a non-empty list 'messages'")
     messages = [_message(m, where, f"messages[{i}]") for i, m in enumerate(messages)]
@@ -274,6 +278,25 @@ def _message(m, where: str, name: str) -> dict:
         raise BadRecord(f"{where}: {name}['tool_calls'] needs a list of "
                         f'{{"function": {{"name": ..., "arguments": ...}}}}')
     return {**m, "content": content}
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool", "observation": "tool"}
+
+
+def _from_sharegpt(turns, where: str):
+    """ShareGPT's {"from", "value"} turns as messages: human -> user, gpt -> assistant."""
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord(f"{where}: ShareGPT records need a non-empty list 'conversations'")
+    messages = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES:
+            raise BadRecord(f"{where}: conversations[{i}] has from {speaker!r}; use one of {tuple(SHAREGPT_ROLES)}")
+        if not isinstance(turn.get("value"), str):
+            raise BadRecord(f"{where}: conversations[{i}] needs a string 'value'")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    return messages
 
 
 def _text_part(part, where: str) -> str:

@@ -81,3 +81,27 @@ def test_malformed_tool_calls_are_one_line_errors(tok, calls):
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": calls}]
     with pytest.raises(UserError, match=r"x:3: messages\[1\]\['tool_calls'\] needs a list of"):
         tokenize({"messages": messages}, "chat", "x:3", tok, False)
+
+
+def test_sharegpt_conversations_train_as_the_same_messages(tok, tmp_path):
+    from conftest import write_jsonl
+    from core.data import DataConfig, load_splits
+
+    turns = [("system", "Be brief."), ("human", "Add 2 and 3."), ("gpt", "5"), ("human", "And 4 more?"), ("gpt", "9")]
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    sharegpt = {"conversations": [{"from": f, "value": v} for f, v in turns]}
+    messages = {"messages": [{"role": roles[f], "content": v} for f, v in turns]}
+    a, b = (tokenize(r, "chat", "x:1", tok, False) for r in (messages, sharegpt))
+    assert (a.input_ids, a.labels, a.prompt_len) == (b.input_ids, b.labels, b.prompt_len)
+    write_jsonl(tmp_path / "train.jsonl", [sharegpt] * 4)  # --dataset-format auto finds it
+    train, _ = load_splits(DataConfig(dataset=str(tmp_path / "train.jsonl"), val_dataset="none"), tok, seed=0)
+    assert [s.input_ids for s in train.samples] == [a.input_ids] * 4
+
+
+@pytest.mark.parametrize("turn, message", [
+    ({"from": "bot", "value": "x"}, r"conversations\[1\] has from 'bot'; use one of"),
+    ({"from": "gpt", "value": None}, r"conversations\[1\] needs a string 'value'"),
+])
+def test_malformed_sharegpt_turns_are_one_line_errors(tok, turn, message):
+    with pytest.raises(UserError, match=r"x:5: " + message):
+        tokenize({"conversations": [{"from": "human", "value": "q"}, turn]}, "chat", "x:5", tok, False)
