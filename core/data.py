@@ -285,9 +285,12 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def _from_sharegpt(turns, where: str):
-    """ShareGPT's {"from", "value"} turns as messages: human -> user, gpt -> assistant."""
+    """ShareGPT's {"from", "value"} turns as messages: human -> user, gpt -> assistant. Turns that
+    are messages already ({"role", "content"} under "conversations") are taken as they are."""
     if not isinstance(turns, list) or not turns:
         raise BadRecord(f"{where}: ShareGPT records need a non-empty list 'conversations'")
+    if all(isinstance(turn, dict) and "role" in turn and "from" not in turn for turn in turns):
+        return turns
     messages = []
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None

@@ -93,6 +93,8 @@ def test_sharegpt_conversations_train_as_the_same_messages(tok, tmp_path):
     messages = {"messages": [{"role": roles[f], "content": v} for f, v in turns]}
     a, b = (tokenize(r, "chat", "x:1", tok, False) for r in (messages, sharegpt))
     assert (a.input_ids, a.labels, a.prompt_len) == (b.input_ids, b.labels, b.prompt_len)
+    c = tokenize({"conversations": messages["messages"]}, "chat", "x:1", tok, False)  # role/content turns
+    assert (a.input_ids, a.labels) == (c.input_ids, c.labels)
     write_jsonl(tmp_path / "train.jsonl", [sharegpt] * 4)  # --dataset-format auto finds it
     train, _ = load_splits(DataConfig(dataset=str(tmp_path / "train.jsonl"), val_dataset="none"), tok, seed=0)
     assert [s.input_ids for s in train.samples] == [a.input_ids] * 4
