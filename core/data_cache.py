@@ -10,7 +10,7 @@ The key hashes everything the samples depend on: the records (their text and whe
 since skipped records are reported by file and line), the format, --train-on-inputs,
 --skip-bad-samples, the tokenizer (its class, serialized vocabulary and rules, special tokens, chat
 template and init settings), the transformers and tokenizers releases, and the source of core/data.py,
-so any change there tokenizes anew.
+core/chat.py and core/records.py, so any change there tokenizes anew.
 
 One .npz file a key, written to a temporary name and renamed, so ranks that tokenize side by side
 never read a partial file; an unreadable one is tokenized again. 'auto' is $NANOTUNE_CACHE/tokenized,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_SOURCE = Path(__file__).with_name("data.py")
+DATA_SOURCES = [Path(__file__).with_name(name) for name in ("data.py", "chat.py", "records.py")]
 
 
 def cache_dir(setting: str) -> Path | None:
@@ -54,7 +54,7 @@ def cached(setting: str, records: list, settings: tuple, tok, tokenize, sample_t
 
 
 def _key(records: list, settings: tuple, tok) -> str:
-    h = hashlib.sha256(DATA_SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(source.read_bytes() for source in DATA_SOURCES))
     h.update(json.dumps([repr(s) for s in settings]).encode())
     h.update(_tokenizer_fingerprint(tok).encode())
     for record, where in records:

@@ -17,7 +17,8 @@ import torch
 
 from core.attention import eval_attention
 from core.batches import eval_batches, to_device
-from core.data import Sample, special_ids
+from core.chat import special_ids
+from core.records import Sample
 from core.distributed import Dist, all_reduce_sum, is_sharded, unwrap
 from core.loss import real_logits, count_targets, forward_loss_sum
 

@@ -1,6 +1,6 @@
-"""Chat records as exported from OpenAI-style tools: content as a list of text parts, assistant
-tool calls with their tool results (core/data.py). The presets' tokenizer; a tool-aware ChatML
-template stands in for Llama 3.1's or Qwen2.5's."""
+"""Chat records as users export them (core/chat.py): content as OpenAI-style text parts, assistant
+tool calls with their tool results, ShareGPT turns. The presets' tokenizer; a small tool-aware
+ChatML template stands in for a model whose template renders tool calls."""
 
 import copy
 

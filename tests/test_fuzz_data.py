@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, read_metrics, run_train  # noqa: F401  (conftest puts the repo on sys.path)
 from core import UserError
-from core.data import CHAT_ROLES, BadRecord, DataConfig, load_splits
+from core.chat import CHAT_ROLES
+from core.data import DataConfig, load_splits
+from core.records import BadRecord
 
 OUTCOMES = collections.Counter()  # error kind -> count, for the README table (see __main__)
 

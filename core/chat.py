@@ -1,0 +1,153 @@
+"""Chat records: their messages checked and normalized, rendered with the tokenizer's chat template,
+and every assistant turn masked in (core/data.py's module docstring says which tokens).
+
+Messages as users export them: {"role", "content"} (content a string, or OpenAI-style text parts,
+joined), an assistant's `tool_calls` with the record's `tools` (rendered by the template, trained),
+or ShareGPT's {"from", "value"} turns under "conversations".
+"""
+
+from core import UserError
+from core.records import BadRecord, Sample, encodable
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_messages(record, where) -> list[dict]:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if messages is None and isinstance(record, dict) and "conversations" in record:
+        messages = _from_sharegpt(record["conversations"], where)
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(f"{where}: chat records need a non-empty list 'messages'")
+    messages = [_message(m, where, f"messages[{i}]") for i, m in enumerate(messages)]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord(f"{where}: no assistant message, so nothing to train on")
+    return messages
+
+
+def _message(m, where: str, name: str) -> dict:
+    """One message as the template takes it. OpenAI-style content, a list of text parts, is joined
+    into one string (as templates that take parts render them); an assistant message may carry
+    `tool_calls` and no content (an empty or null `tool_calls` is dropped)."""
+    if not isinstance(m, dict):
+        raise BadRecord(f"{where}: {name} needs a string 'content'")
+    m = {k: v for k, v in m.items() if k != "tool_calls" or v}
+    content = m.get("content")
+    if isinstance(content, list):
+        content = "".join(_text_part(part, f"{where}: {name}") for part in content)
+    elif content is None and m.get("role") == "assistant" and "tool_calls" in m:
+        content = ""
+    if not isinstance(content, str):
+        raise BadRecord(f"{where}: {name} needs a string 'content'")
+    encodable(content, where, f"{name}['content']")
+    if m.get("role") not in CHAT_ROLES:
+        raise BadRecord(f"{where}: {name} has role {m.get('role')!r}; use one of {CHAT_ROLES}")
+    if "tool_calls" in m and not _named_calls(m["tool_calls"]):
+        raise BadRecord(f"{where}: {name}['tool_calls'] needs a list of "
+                        f'{{"function": {{"name": ..., "arguments": ...}}}}')
+    return {**m, "content": content}
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool", "observation": "tool"}
+
+
+def _from_sharegpt(turns, where: str):
+    """ShareGPT's {"from", "value"} turns as messages: human -> user, gpt -> assistant. Turns that
+    are messages already ({"role", "content"} under "conversations") are taken as they are."""
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord(f"{where}: ShareGPT records need a non-empty list 'conversations'")
+    if all(isinstance(turn, dict) and "role" in turn and "from" not in turn for turn in turns):
+        return turns
+    messages = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES:
+            raise BadRecord(f"{where}: conversations[{i}] has from {speaker!r}; use one of {tuple(SHAREGPT_ROLES)}")
+        if not isinstance(turn.get("value"), str):
+            raise BadRecord(f"{where}: conversations[{i}] needs a string 'value'")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    return messages
+
+
+def _text_part(part, where: str) -> str:
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    raise BadRecord(f"{where} has a {kind!r} content part; nanotune trains text: "
+                    f'use {{"type": "text", "text": ...}} parts or a string')
+
+
+def _named_calls(calls) -> list[str]:
+    """The function names of a message's tool_calls; [] if they are not a list of named calls."""
+    try:
+        names = [call["function"]["name"] for call in calls]
+    except (TypeError, KeyError):
+        return []
+    return names if names and all(isinstance(n, str) and n for n in names) else []
+
+
+def special_ids(tok) -> set[int]:
+    """Every special token id: the named ones (bos, eos, pad, ...) and the added tokens marked special."""
+    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+
+
+def _trained_len(turn: list[int], special: set[int]) -> int:
+    """How many tokens of an assistant turn are trained: through its end-of-turn token (the last
+    special token), or all of them when there is none. A special token opening the turn is a role
+    header that the generation prompt did not write, not an end of turn."""
+    ends = [k for k in range(1, len(turn)) if turn[k] in special]
+    return ends[-1] + 1 if ends else len(turn)
+
+
+def _token_spans(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of a rendered conversation and each token's character span in its text."""
+    try:  # the template writes its own special tokens; --seq-len, not model_max_length, is the limit
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except NotImplementedError:  # transformers' Python tokenizers keep no offsets
+        raise UserError("--dataset-format chat needs a fast (tokenizers) tokenizer to find the assistant "
+                        "turns; pass a --tokenizer with a tokenizer.json") from None
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def tokenize_chat(record, where, tok) -> Sample:
+    """Assistant turns are trained (the module docstring says which tokens). A turn's content starts
+    where the text of the conversation before it plus the generation prompt ends; it is found by
+    character, since a tokenizer may split that boundary differently in context (the prompt alone
+    can end in one "\n\n" token that becomes "\n", "\n" before the content)."""
+    messages, tools = _check_messages(record, where), record.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise BadRecord(f"{where}: 'tools' needs a list of function definitions")
+
+    def render(msgs, gen_prompt=False) -> str:
+        try:
+            return tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen_prompt)
+        except Exception as e:  # templates raise their own errors (jinja2's raise_exception: "roles must alternate")
+            raise BadRecord(f"{where}: the tokenizer's chat template refuses this conversation ({e})") from None
+
+    text, special = render(messages), special_ids(tok)
+    ids, spans = _token_spans(tok, text)
+    labels, prompt_len, response_end = [-100] * len(ids), 0, None
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, through_turn = render(messages[:i], gen_prompt=True), render(messages[: i + 1])
+        if not (text.startswith(through_turn) and through_turn.startswith(prompt)):
+            raise UserError(f"{where}: the tokenizer's chat template rewrites earlier turns, so turn "
+                            f"masks cannot be found; use --train-on-inputs or another --tokenizer")
+        _check_calls_rendered(m, through_turn[len(prompt):], f"{where}: messages[{i}]")
+        turn = [k for k, (a, b) in enumerate(spans) if b > len(prompt) and a < len(through_turn)]
+        if not turn:
+            continue
+        start = turn[0]
+        stop = start + _trained_len(ids[start:turn[-1] + 1], special)
+        labels[start:stop], prompt_len, response_end = ids[start:stop], start, stop
+    return Sample(ids, labels, prompt_len, response_end)
+
+
+def _check_calls_rendered(message: dict, turn: str, where: str) -> None:
+    """A template that does not know tool calls renders such a turn without them: refuse the record
+    rather than train an empty turn."""
+    for name in _named_calls(message.get("tool_calls") or []):
+        if name not in turn:
+            raise BadRecord(f"{where}: its tool call {name!r} is not in the chat template's rendering (this "
+                            f"tokenizer's template drops tool calls); pass a --tokenizer whose template has them")

@@ -1,0 +1,28 @@
+"""What a data record becomes, and how a bad one is reported: shared by the formats (core/data.py)
+and the chat format (core/chat.py)."""
+
+import dataclasses
+
+from core import UserError
+
+
+class BadRecord(UserError):
+    """One malformed record, named by file and line: stops the run, or is skipped with --skip-bad-samples."""
+
+
+@dataclasses.dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids (not shifted); -100 = not trained
+    prompt_len: int  # tokens before the last trained response (for exact-match generation)
+    response_end: int | None = None  # where that response's trained span ends; None: at the end of input_ids
+
+
+def encodable(text: str, where: str, what: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer encodes; name them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRecord(f"{where}: {what} holds invalid Unicode (a lone surrogate at character {e.start}); "
+                        f"fix the string") from None
+    return text
