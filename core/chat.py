@@ -10,6 +10,8 @@ from core import UserError
 from core.records import BadRecord, Sample, encodable
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool", "observation": "tool"}  # its "from" -> role
 
 
 def _check_messages(record, where) -> list[dict]:
@@ -45,10 +47,6 @@ def _message(m, where: str, name: str) -> dict:
         raise BadRecord(f"{where}: {name}['tool_calls'] needs a list of "
                         f'{{"function": {{"name": ..., "arguments": ...}}}}')
     return {**m, "content": content}
-
-
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "tool": "tool", "observation": "tool"}
 
 
 def _from_sharegpt(turns, where: str):
