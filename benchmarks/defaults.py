@@ -36,7 +36,6 @@ matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
 
 import argparse
 import json
-import math
 import random
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.lora import MATMUL, PEAK, run_peer  # noqa: E402
+from benchmarks.lora import MATMUL, PEAK, instruction_length, run_peer  # noqa: E402
 
 TUNED = "--precision bf16 --lora-kernels --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1"
 
@@ -60,7 +59,7 @@ def chat_data(path: Path, n: int, tokenizer_dir: Path, tokens: int = 4096, lengt
     tok, rng = AutoTokenizer.from_pretrained(tokenizer_dir), random.Random(0)
     lines = []
     for _ in range(n):
-        want = tokens if lengths == "full" else min(tokens, max(64, round(rng.lognormvariate(math.log(200), 0.8))))
+        want = tokens if lengths == "full" else instruction_length(rng, 64, tokens)
         words = lambda k: " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=k))  # noqa: E731
         messages = [{"role": "user", "content": words(want // 2)},
                     {"role": "assistant", "content": words(want // 2)}]

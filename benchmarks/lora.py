@@ -19,6 +19,7 @@ train_flops: 4N per token for a frozen base, 6N when every weight trains,
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -34,6 +35,11 @@ def random_text(path: Path, docs: int, letters: int) -> Path:
     path.write_text("".join(json.dumps({"text": " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=letters))})
                             + "\n" for _ in range(docs)))
     return path
+
+
+def instruction_length(rng: random.Random, low: int, high: int) -> int:
+    """A document length of instruction-tuning data: lognormal, median 200 tokens, cut to [low, high]."""
+    return min(high, max(low, round(rng.lognormvariate(math.log(200), 0.8))))
 
 
 def run_peer(args, extra: list[str], tmp: Path, script: str = "peer.py") -> dict:

@@ -14,7 +14,6 @@ padding earns nothing on either side.
 
 import argparse
 import json
-import math
 import random
 import sys
 import tempfile
@@ -22,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora import run_nanotune, run_peer, table  # noqa: E402  (the same harness as the LoRA table)
+from lora import instruction_length, run_nanotune, run_peer, table  # noqa: E402  (the same harness as the LoRA table)
 
 
 def instruction_like(path: Path, docs: int, seed: int = 0) -> dict:
     """Write `docs` records with lognormal lengths; returns their length statistics."""
     rng = random.Random(seed)
-    lengths = [min(4096, max(16, round(rng.lognormvariate(math.log(200), 0.8)))) for _ in range(docs)]
+    lengths = [instruction_length(rng, 16, 4096) for _ in range(docs)]
     path.write_text("".join(json.dumps({"text": " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=n))}) + "\n"
                             for n in lengths))
     lengths.sort()
