@@ -10,8 +10,9 @@ import pytest
 
 from conftest import ROOT
 
+# not `kernels` (Hugging Face's kernel hub): transformers 5.25 requires it and imports it with any model (quietly)
 OPTIONAL = ["torchao", "deepspeed", "bitsandbytes", "liger_kernel", "cut_cross_entropy", "flash_attn", "xformers",
-            "kernels", "peft"]
+            "peft"]
 
 # third-party text: warnings (file:line: XWarning, warnings.warn( lines), deprecations, failed kernel loads,
 # tracebacks, glog-style torch log lines (W1202 ...), DeepSpeed's ([2026-...] [WARNING]), progress bars,
