@@ -245,7 +245,7 @@ def train(cfg: Config) -> dict:
     evaluate = functools.partial(core.evaluate.evaluate, model, val, cfg, tok, d, ctx, loss_fn)
     summary = {"step": start}
     if start == 0:
-        summary["before"] = evaluate(with_generation=True)
+        summary["before"] = evaluate()
         if summary["before"]:  # nothing to show without a validation set
             log.log({"step": 0, **summary["before"]})
 
@@ -286,7 +286,7 @@ def train(cfg: Config) -> dict:
             if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save:
                 record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d)) | guard.metrics()
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
-                    record.update(evaluate(with_generation=is_last))
+                    record.update(evaluate())
                     meter.restart_clock()
                 log.log(record)
                 summary.update(record)

@@ -5,7 +5,6 @@ The CPU tests trace with aot_eager (the same dynamo graphs and autograd split th
 without C++ code generation, which takes minutes on 2 cores); the GPU test runs inductor.
 """
 
-import contextlib
 import copy
 
 import pytest
@@ -73,27 +72,6 @@ def test_one_graph_serves_every_block(tok):
     model(input_ids=ids, position_ids=pos)
     assert model.config.num_hidden_layers > 1
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # compiled once, reused by all blocks
-
-
-def test_exact_match_decodes_without_compiling(tok):
-    """Greedy decoding through compiled blocks would recompile their shared graph per layer and step (the
-    KV cache's state); evaluation's generate runs them eagerly, the compiled training graph stays."""
-    import torch._dynamo.utils as dynamo_utils
-
-    from core.data import Sample
-    from core.distributed import Dist
-    from core.evaluate import exact_match
-
-    torch._dynamo.reset()
-    model = apply_compile(_model(tok), CompileConfig(compile=True, compile_backend="aot_eager"))
-    ids, pos = _packed_batch(model.config.vocab_size)
-    model(input_ids=ids, position_ids=pos)  # the training graph
-    dynamo_utils.counters.clear()
-    samples = [Sample(list(range(5, 5 + n)), list(range(5, 5 + n)), n - 3) for n in (9, 12)]
-    assert exact_match(model, samples, 2, tok, Dist(), contextlib.nullcontext()) is not None
-    assert dynamo_utils.counters["stats"]["unique_graphs"] == 0
-    model(input_ids=ids, position_ids=pos)  # training still runs the compiled graph
-    assert dynamo_utils.counters["stats"]["unique_graphs"] == 0 and dynamo_utils.counters["frames"]["ok"] == 0
 
 
 def test_refuses_a_model_without_decoder_blocks():

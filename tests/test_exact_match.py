@@ -1,0 +1,82 @@
+"""Exact match, read off one teacher-forced forward, against greedy decoding with generate().
+
+The references are the model's own greedy answers, so decoding reproduces each one; a reference
+with one token changed, or with a stop token before its end, is one decoding cannot write."""
+
+import contextlib
+
+import pytest
+import torch
+
+from core.distributed import Dist
+from core.evaluate import exact_match
+from core.records import Sample
+
+
+def greedy_references(model, prompts: list[list[int]], new_tokens: int, eos: int) -> list[list[int]]:
+    """Each prompt's greedy answer by generate(), through its first eos (or `new_tokens` long)."""
+    refs = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        answer = out[0, len(prompt):].tolist()
+        refs.append(answer[:answer.index(eos) + 1] if eos in answer else answer)
+    return refs
+
+
+def samples_of(prompts, refs) -> list[Sample]:
+    return [Sample(p + r, [-100] * len(p) + r, len(p)) for p, r in zip(prompts, refs)]
+
+
+def changed(ref: list[int], vocab: int) -> list[int]:
+    """The reference with its first token replaced: the first step of decoding then cannot write it."""
+    return [(ref[0] + 1) % vocab, *ref[1:]]
+
+
+def score(model, samples, tok, micro_batch_size=3) -> float:
+    return exact_match(model, samples, len(samples), tok, Dist(), contextlib.nullcontext(), micro_batch_size)
+
+
+def test_own_greedy_answers_match_and_changed_ones_do_not(tok):
+    """The tiny model, eager and with --compile's blocks, over micro-batches of unequal prompts."""
+    from core.model import ModelConfig, load_config, load_model
+    from features.compile import CompileConfig, apply_compile
+
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = load_model(cfg, load_config(cfg, tok), torch.device("cpu"), "sdpa").eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, model.config.vocab_size, (n,), generator=g).tolist() for n in (4, 9, 6, 13, 7)]
+    refs = greedy_references(model, prompts, 6, tok.eos_token_id)
+    wrong = [changed(r, model.config.vocab_size) if i % 2 else r for i, r in enumerate(refs)]
+    assert score(model, samples_of(prompts, refs), tok) == 1.0
+    assert score(model, samples_of(prompts, wrong), tok) == pytest.approx(3 / 5)
+    compiled = apply_compile(model, CompileConfig(compile=True, compile_backend="aot_eager"))
+    assert score(compiled, samples_of(prompts, wrong), tok) == pytest.approx(3 / 5)
+
+
+@pytest.mark.slow
+def test_real_checkpoint_greedy_answers(smollm2):
+    """SmolLM2's chat prompts and its own answers, ended by its end-of-turn token <|im_end|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    questions = ["What is 2 + 3?", "Name a primary color.", "Say hello in French.", "Spell cat backwards.",
+                 "What is the capital of Italy?", "Reply with one word: yes or no."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       return_dict=True)["input_ids"] for q in questions]
+    refs = greedy_references(model, prompts, 32, tok.eos_token_id)
+    assert tok.eos_token == "<|im_end|>" and sum(r[-1] == tok.eos_token_id for r in refs) >= 3  # half stop
+    assert score(model, samples_of(prompts, refs), tok) == 1.0
+    wrong = [changed(r, len(tok)) if i < 2 else r for i, r in enumerate(refs)]
+    assert score(model, samples_of(prompts, wrong), tok) == pytest.approx(4 / 6)
+    # the model's own greedy tokens past its end of turn: decoding stops at <|im_end|>, so it never writes them
+    stopped = next(i for i, r in enumerate(refs) if r[-1] == tok.eos_token_id)
+    on = list(refs[stopped])
+    for _ in range(2):
+        with torch.no_grad():
+            on.append(int(model(torch.tensor([prompts[stopped] + on])).logits[0, -1].argmax()))
+    longer = [on if i == stopped else r for i, r in enumerate(refs)]
+    assert score(model, samples_of(prompts, longer), tok) == pytest.approx(5 / 6)
