@@ -12,6 +12,7 @@ meaningful for tasks with one right answer, like the embedded dataset; on open-e
 near 0, and --eval-exact-match 0 turns it off.
 """
 
+import inspect
 import time
 
 import torch
@@ -49,6 +50,13 @@ def _stop_ids(refs: list[list[int]], tokenizer) -> set[int]:
     return {tokenizer.eos_token_id} | {ref[-1] for ref in refs if ref[-1] in special}
 
 
+def _keep_kwarg(net, keep: int) -> dict:
+    """transformers' causal LMs compute the head's logits for the last `keep` positions only when asked
+    (logits_to_keep); a model of its own code (--trust-remote-code) may not take the argument."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
 @torch.no_grad()
 def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autocast,
                 micro_batch_size: int = 8) -> float | None:
@@ -71,8 +79,9 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
             group = mine[i:i + micro_batch_size]
             batch = to_device(collate_padded(group, tokenizer.pad_token_id), d.device)
             first = min(s.prompt_len for s in group) - 1  # the first position that predicts an answer token
+            keep = batch["input_ids"].shape[1] - first
             with autocast:  # logits for the positions from `first` on only
-                logits = net(**model_inputs(batch, impl), logits_to_keep=batch["input_ids"].shape[1] - first).logits
+                logits = net(**model_inputs(batch, impl), **_keep_kwarg(net, keep)).logits[:, -keep:]
             guesses = logits.argmax(-1).tolist()
             for row, s in enumerate(group):
                 ref = s.input_ids[s.prompt_len:s.response_end]

@@ -56,6 +56,33 @@ def test_own_greedy_answers_match_and_changed_ones_do_not(tok):
     assert score(compiled, samples_of(prompts, wrong), tok) == pytest.approx(3 / 5)
 
 
+class OwnCode(torch.nn.Module):
+    """A model whose forward takes no logits_to_keep (remote code): full logits for every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+
+def test_a_model_without_logits_to_keep(tok):
+    from core.model import ModelConfig, load_config, load_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = load_model(cfg, load_config(cfg, tok), torch.device("cpu"), "sdpa").eval()
+    prompts = [[7, 8, 9], [10, 11, 12, 13, 14]]
+    refs = greedy_references(model, prompts, 4, tok.eos_token_id)
+    assert score(OwnCode(model), samples_of(prompts, refs), tok) == 1.0
+    assert score(OwnCode(model), samples_of(prompts, [changed(refs[0], model.config.vocab_size), refs[1]]),
+                 tok) == pytest.approx(1 / 2)
+
+
 @pytest.mark.slow
 def test_real_checkpoint_greedy_answers(smollm2):
     """SmolLM2's chat prompts and its own answers, ended by its end-of-turn token <|im_end|>."""
