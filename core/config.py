@@ -31,7 +31,7 @@ class TrainConfig:
     eval_every: int = 0
     """Optimizer steps between validation passes; 0 = only before training and at the end."""
     eval_exact_match: int = 128
-    """Validation samples answered greedily and scored by exact match, before and after training."""
+    """Validation samples scored by exact match of their greedy answer at every evaluation (0 = off)."""
     save_every: int = 0
     """Optimizer steps between checkpoints (0 = none; with N > 0 the last step is saved too)."""
     keep_checkpoints: int = 2
