@@ -191,6 +191,7 @@ def train(cfg: Config) -> dict:
     core.model.check_vocab(config, tok, cfg.model.path)
     choose_seq_len = functools.partial(defaults.seq_len, cfg, context=getattr(config, "max_position_embeddings", None))
     train_split, val = core.data.load_splits(cfg.data, tok, cfg.train.seed, choose_seq_len)
+    defaults.eval_exact_match(cfg, val)  # on where the held-out answers are short
     defaults.micro_batch(cfg, config, d.device)  # larger micro-batches where the GPU's memory allows
     step_source = batches.StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                       cfg.train.seed, tok.pad_token_id, d.dp_rank, d.dp_size,

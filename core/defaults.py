@@ -14,6 +14,7 @@ recipes do):
 | --epochs (without --max-steps) | 1.6 (minutes on a CPU) | 3 | 3 |
 | --seq-len | 512 | the longest sample, capped at the model's context (4096 at least when packing) | same |
 | --warmup-steps | 50 | 3% of the steps | same |
+| --eval-exact-match | 128 samples where the held-out answers' median is at most 32 tokens, else 0 (off) | same | same |
 
 Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switch):
   --precision   a frozen base (LoRA/QLoRA) in bf16 where the GPU has bf16, adapters in fp32 as
@@ -34,8 +35,8 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
                 launches (only when both --micro-batch-size and --grad-accum are unset; never below 2)
 A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
 reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
-`loss` and `embedding_offload` once the model's config is read, `seq_len`, `micro_batch` and
-`warmup_steps` once the data is tokenized. Every choice is printed on the run's `defaults:` line
+`loss` and `embedding_offload` once the model's config is read, `seq_len`, `eval_exact_match`,
+`micro_batch` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's `defaults:` line
 (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
 
@@ -303,6 +304,30 @@ def seq_len(cfg, longest: int | None, context: int | None) -> int:
         want, why = context, f"{why}, capped at the model's context {context}"
     cfg.auto.append(f"--seq-len {want} (auto: {why})")
     return want
+
+
+# Exact match suits answers with one right form (a number, a label, a name). On open-ended answers it
+# reads about 0 at every evaluation, a figure that says nothing and looks like a fault.
+SHORT_ANSWER = 32  # tokens: held-out answers whose median is at most this get exact match
+EXACT_MATCH_SAMPLES = 128
+
+
+def eval_exact_match(cfg, val) -> None:
+    """--eval-exact-match when unset, once the validation set is tokenized: 128 samples where its
+    answers (the trained span of each sample's last response) have a median of at most SHORT_ANSWER
+    tokens, else 0 (off)."""
+    if cfg.train.eval_exact_match is not None or val is None:
+        return
+    answers = sorted(len(s.input_ids[s.prompt_len:s.response_end]) for s in val.samples
+                     if 0 < s.prompt_len < len(s.input_ids))
+    if not answers:  # no prompted sample (pretrain text): nothing to answer
+        cfg.train.eval_exact_match = 0
+        return
+    median = answers[len(answers) // 2]
+    short = median <= SHORT_ANSWER
+    cfg.train.eval_exact_match = EXACT_MATCH_SAMPLES if short else 0
+    why = f"held-out answers: median {median} tokens" + ("" if short else ", open-ended")
+    cfg.auto.append(f"--eval-exact-match {cfg.train.eval_exact_match} (auto: {why})")
 
 
 def warmup_steps(cfg, total_steps: int) -> None:

@@ -9,7 +9,7 @@ included, so an answer that is right but does not stop is wrong (see core/chat.p
 Greedy generation would stop at the tokenizer's eos and at the references' end-of-turn tokens. It
 is read off one forward per micro-batch (exact_match), so it costs about as much as the loss. It is
 meaningful for tasks with one right answer, like the embedded dataset; on open-ended data it reads
-near 0, and --eval-exact-match 0 turns it off.
+near 0, so unset it is on only where the held-out answers are short (core/defaults.py).
 """
 
 import inspect
@@ -100,7 +100,7 @@ def evaluate(model, val, cfg, tok, d: Dist, ctx, loss_fn) -> dict:
     start = time.perf_counter()
     result = {"val_loss": validation_loss(model, val.samples, cfg.train.micro_batch_size,
                                           tok.pad_token_id, d, ctx, loss_fn)}
-    if cfg.train.eval_exact_match > 0:
+    if cfg.train.eval_exact_match:  # unset (None) only without a validation set
         em = exact_match(model, val.samples, cfg.train.eval_exact_match, tok, d, ctx, cfg.train.micro_batch_size)
         if em is not None:
             result["exact_match"] = em

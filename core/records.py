@@ -14,7 +14,7 @@ class BadRecord(UserError):
 class Sample:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids (not shifted); -100 = not trained
-    prompt_len: int  # tokens before the last trained response (for exact-match generation)
+    prompt_len: int  # tokens before the last trained response (the exact-match prompt)
     response_end: int | None = None  # where that response's trained span ends; None: at the end of input_ids
 
 

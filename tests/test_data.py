@@ -54,7 +54,7 @@ def test_chat_trains_only_assistant_turns(tok):
     assert "first answer" in trained and "second answer" in trained
     for masked in ("Be terse.", "u1", "u2", "system", "user"):
         assert masked not in trained
-    # the prompt for exact-match generation ends right before the last answer
+    # the exact-match prompt ends right before the last answer
     assert tok.decode(s.input_ids[s.prompt_len:]).startswith("second answer")
 
 

@@ -1,6 +1,7 @@
 """core/defaults.py: unset values follow the model, the method and the machine; set values win."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -95,6 +96,38 @@ def test_warmup_is_three_percent_of_the_steps():
     demo = _resolved([], cuda=False)
     defaults.warmup_steps(demo, 1000)
     assert demo.optim.warmup_steps == 50
+
+
+def _held_out(answer_lengths: list[int], prompt: int = 6):
+    """A validation split whose samples answer `prompt` tokens with answers of these lengths."""
+    from core.records import Sample
+
+    return types.SimpleNamespace(samples=[Sample(list(range(prompt + n)), [-100] * prompt + list(range(n)), prompt)
+                                          for n in answer_lengths])
+
+
+@pytest.mark.parametrize("argv, answers, want", [
+    ([], [1, 3, 5, 8, 200], 128),  # short answers (median 5), a long one among them
+    ([], [30, 31, 32, 34, 400], 128),  # median 32 tokens: the bound
+    ([], [1, 30, 33, 33, 34], 0),  # median 33
+    ([], [40, 90, 180, 300, 700], 0),  # open-ended chats
+    (["--eval-exact-match", "16"], [40, 90, 180], 16),  # set by hand
+    (["--eval-exact-match", "0"], [1, 2, 3], 0),
+])
+def test_exact_match_where_the_held_out_answers_are_short(argv, answers, want):
+    cfg = _resolved(["--model", "llama3-8b", *argv], cuda=False)
+    defaults.eval_exact_match(cfg, _held_out(answers))
+    assert cfg.train.eval_exact_match == want
+    assert any(line.startswith(f"--eval-exact-match {want} (auto: held-out answers: median ") for line in cfg.auto) \
+        == ("--eval-exact-match" not in argv)
+
+
+def test_exact_match_is_off_without_prompted_samples_or_validation_set():
+    cfg = _resolved(["--model", "llama3-8b"], cuda=False)
+    defaults.eval_exact_match(cfg, None)  # no validation set: evaluation does not run
+    assert cfg.train.eval_exact_match is None
+    defaults.eval_exact_match(cfg, _held_out([5, 6], prompt=0))  # pretrain text: no prompt to answer
+    assert cfg.train.eval_exact_match == 0
 
 
 @pytest.mark.parametrize("argv, bf16, want", [

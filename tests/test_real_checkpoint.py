@@ -83,7 +83,7 @@ def test_chat_trains_each_assistant_turns_content_and_end_of_turn(smol_tok, layo
     assert trained_runs(tok, s) == answers
     # nothing is dropped from the input (ChatML's newline after <|im_end|> stays, untrained)
     assert tok.decode(s.input_ids) == tok.apply_chat_template(CONVERSATION, tokenize=False)
-    # exact match generates from the generation prompt and compares with the last trained span
+    # exact match answers the generation prompt and compares with the last trained span
     prompt = tok.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
     assert tok.decode(s.input_ids[:s.prompt_len]) == prompt
     assert tok.decode(s.input_ids[s.prompt_len:s.response_end]) == answers[-1]

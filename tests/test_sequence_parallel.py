@@ -110,7 +110,7 @@ def test_train_py_with_cp_2_matches_one_process(tmp_path, small_data):
     counts agree too. fp32: tolerance 1e-5."""
     common = ["--dataset", str(small_data), "--max-steps", "2", "--log-every", "1", "--seed", "5", "--device", "cpu",
               "--packing", "--seq-len", "256", "--micro-batch-size", "2", "--skip-export"]
-    assert run_train(tmp_path / "one", *common, "--eval-exact-match", "4") == 0  # generation runs unsharded too
+    assert run_train(tmp_path / "one", *common, "--eval-exact-match", "4") == 0  # exact match runs unsharded too
     one = read_metrics(tmp_path / "one")
     assert "exact_match" in one[0] and "exact_match" in one[-1] and "val_loss" in one[-1]
     for name, extra in (("ring", ["--sp-mode", "ring"]),
