@@ -36,8 +36,8 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
 A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
 reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
 `loss` and `embedding_offload` once the model's config is read, `seq_len`, `eval_exact_match`,
-`micro_batch` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's `defaults:` line
-(`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
+`micro_batch` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
+`defaults:` line (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
 
 import math

@@ -64,8 +64,8 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
     if there are none. Read off one teacher-forced forward, no decoding: greedy decoding writes the
     reference iff, at each of its positions, the logits' argmax given the prompt and the reference so
     far is the reference's token (by induction over the positions), and no stop token comes before
-    its end. The same answer as generate(), up to rounding at a near-tie, at the cost of the
-    validation loss (decoding an open-ended answer token by token took minutes)."""
+    its end. The same answer as generate(), up to rounding at a near-tie, at about the cost of the
+    validation loss (benchmarks/results/2026-12-04-exact-match-h200.md: decoding took minutes)."""
     chosen = [s for s in samples if 0 < s.prompt_len < len(s.input_ids)][:n]
     refs = [s.input_ids[s.prompt_len:s.response_end] for s in chosen]
     stop, net = _stop_ids(refs, tokenizer), unwrap(model)
