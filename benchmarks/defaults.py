@@ -13,8 +13,8 @@ One command, one table, each row its own process on the same GPU:
   tuned     nanotune's tuned recipe, every speed flag by hand: --precision bf16 --lora-kernels
             --compile --packing --attn flash --micro-batch-size 4 --grad-accum 1;
   defaults  `train.py --model M --lora --dataset X` (no adapter flag for --method full), no other flag
-            but the harness's own (steps, output, no evaluation: generation over 4K-token answers is not
-            training throughput); --defaults-with "FLAGS" adds a defaults row with FLAGS;
+            but the harness's own (steps, output, no evaluation: its seconds are not training
+            throughput); --defaults-with "FLAGS" adds a defaults row with FLAGS;
   headline  `train.py --packing --attn flash --qlora --model M --dataset X` (the README's command line);
             --headline-with "FLAGS" adds a headline row with FLAGS (an ablation of one default);
   unsloth   Unsloth at micro-batch 2, its own best settings (benchmarks/unsloth_peer.py; its random

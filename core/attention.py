@@ -145,10 +145,10 @@ def model_inputs(batch: dict, impl: str) -> dict:
 
 @contextlib.contextmanager
 def eval_attention(model):
-    """Evaluation (validation loss, generate()) runs on sdpa when training uses flex or one of our
-    registered kernels; yields the implementation to shape inputs for. Our kernels need document
-    boundaries that generate() does not pass, and compiled flex recompiles for every new short
-    shape (torch 2.11 failed to lower it for a 33-token padded batch: NoValidChoicesError)."""
+    """Evaluation (validation loss, exact match) runs its padded rows on sdpa when training uses flex
+    or one of our registered kernels, which take packed rows; yields the implementation to shape
+    inputs for. Compiled flex recompiles for every new short shape (torch 2.11 failed to lower it
+    for a 33-token padded batch: NoValidChoicesError)."""
     impl = model.config._attn_implementation
     # sequence-parallel attention (nanotune_sp_*) expects sharded batches: evaluation runs unsharded
     switch = impl in CUSTOM + ("flex_attention",) or impl.startswith("nanotune_sp_")
