@@ -1,6 +1,6 @@
 """The compatibility matrix: which features work together and on which hardware, as data.
 
-    python -m core.compat --markdown    # print the table; --docs rewrites docs/compatibility.md's (a test checks it)
+    python docs/compatibility.py        # rewrite docs/compatibility.md's table from this one (a test checks it)
     python train.py --qlora --qat           # error: --qat with --qlora: the base is already quantized ...
 
 One `Feature` row per feature: the flag, the config field (and value) that turns it on, what it
@@ -18,7 +18,6 @@ Adding a feature: one `Feature(...)` line below; the docs table and the pair tes
 """
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -301,7 +300,7 @@ def markdown(cfg) -> str:
 
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "compatibility.md"
-DOC_BEGIN = "<!-- compat:begin (python -m core.compat --markdown) -->\n"
+DOC_BEGIN = "<!-- compat:begin (python docs/compatibility.py) -->\n"
 DOC_END = "<!-- compat:end -->"
 
 
@@ -310,16 +309,3 @@ def update_doc(path: Path, table: str) -> None:
     text = path.read_text()
     head, rest = text.split(DOC_BEGIN)
     path.write_text(head + DOC_BEGIN + table + DOC_END + rest.split(DOC_END, 1)[1])
-
-
-if __name__ == "__main__":
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    import train
-
-    if sys.argv[1:] == ["--markdown"]:
-        print(markdown(train.Config()), end="")
-    elif sys.argv[1:] == ["--docs"]:
-        update_doc(DOC, markdown(train.Config()))
-    else:
-        sys.exit("usage: python -m core.compat --markdown (print the table) | --docs (rewrite docs/compatibility.md's)")

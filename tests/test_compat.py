@@ -183,7 +183,7 @@ def test_docs_table_is_current():
     assert begin in readme and end in readme, "docs/compatibility.md lost its compatibility-matrix markers"
     current = readme.split(begin)[1].split(end)[0]
     assert current == compat.markdown(train.Config()), \
-        "docs/compatibility.md's table is stale: regenerate it with `python -m core.compat --docs`"
+        "docs/compatibility.md's table is stale: regenerate it with `python docs/compatibility.py`"
 
 
 @pytest.mark.parametrize("argv, message", [
