@@ -1,4 +1,4 @@
-# The GPU box's runs, in order (each a separate call; OUT is the call's output folder).
+# The runs on the GPU, in order (each command a separate job; OUT is its output folder).
 # /tmp/smol: SmolLM2-135M-Instruct built from its GGUF (tests/real_checkpoint.build);
 # /tmp/chats.jsonl: benchmarks/defaults.chat_data(path, 3000, /tmp/smol, lengths="instruction").
 # /tmp/old: the same tree with core/evaluate.py and train.py as of 69ca0d4 (greedy decoding).
