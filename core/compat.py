@@ -14,7 +14,8 @@ Refusals that depend on the model or the number of processes (heads that --tp mu
 with data parallelism but without --fsdp) stay in the module that knows them, and are listed in
 `NOTES`.
 
-Adding a feature: one `Feature(...)` line below; the docs table and the pair test follow.
+Adding a feature: one `Feature(...)` line below; the pair test follows, and `python docs/compatibility.py`
+rewrites the docs table.
 """
 
 import dataclasses
