@@ -4,6 +4,7 @@ The references are the model's own greedy answers, so decoding reproduces each o
 with one token changed, or with a stop token before its end, is one decoding cannot write."""
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,26 +35,68 @@ def changed(ref: list[int], vocab: int) -> list[int]:
     return [(ref[0] + 1) % vocab, *ref[1:]]
 
 
-def score(model, samples, tok, micro_batch_size=3) -> float:
-    return exact_match(model, samples, len(samples), tok, Dist(), contextlib.nullcontext(), micro_batch_size)
+def score(model, samples, tok, micro_batch_size=3, d=None) -> float:
+    return exact_match(model, samples, len(samples), tok, d or Dist(), contextlib.nullcontext(), micro_batch_size)
 
 
-def test_own_greedy_answers_match_and_changed_ones_do_not(tok):
-    """The tiny model, eager and with --compile's blocks, over micro-batches of unequal prompts."""
+def tiny(tok):
     from core.model import ModelConfig, load_config, load_model
-    from features.compile import CompileConfig, apply_compile
 
     torch.manual_seed(0)
     cfg = ModelConfig()
-    model = load_model(cfg, load_config(cfg, tok), torch.device("cpu"), "sdpa").eval()
+    return load_model(cfg, load_config(cfg, tok), torch.device("cpu"), "sdpa").eval()
+
+
+def prompts_and_answers(model, tok):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, model.config.vocab_size, (n,), generator=g).tolist() for n in (4, 9, 6, 13, 7)]
     refs = greedy_references(model, prompts, 6, tok.eos_token_id)
     wrong = [changed(r, model.config.vocab_size) if i % 2 else r for i, r in enumerate(refs)]
+    return prompts, refs, wrong
+
+
+def test_own_greedy_answers_match_and_changed_ones_do_not(tok):
+    """The tiny model, eager and with --compile's blocks, over micro-batches of unequal prompts."""
+    from features.compile import CompileConfig, apply_compile
+
+    model = tiny(tok)
+    prompts, refs, wrong = prompts_and_answers(model, tok)
     assert score(model, samples_of(prompts, refs), tok) == 1.0
     assert score(model, samples_of(prompts, wrong), tok) == pytest.approx(3 / 5)
     compiled = apply_compile(model, CompileConfig(compile=True, compile_backend="aot_eager"))
     assert score(compiled, samples_of(prompts, wrong), tok) == pytest.approx(3 / 5)
+
+
+def sharded_worker(out: str) -> None:
+    """One of 2 gloo ranks: the tiny model sharded by FSDP2 (every forward a collective), each rank
+    scoring its share of the samples; rank 0 writes [right, wrong] scores."""
+    import json
+
+    from core.distributed import build_mesh, init_distributed, is_sharded
+    from core.model import ModelConfig, load_tokenizer
+    from features.fsdp import ShardingConfig, apply_sharding
+
+    d0 = init_distributed("cpu", need_group=True)
+    d = Dist(d0.rank, 0, d0.world_size, torch.device("cpu"), build_mesh("cpu", (1, d0.world_size, 1, 1)))
+    tok = load_tokenizer(ModelConfig())
+    prompts, refs, wrong = prompts_and_answers(tiny(tok), tok)
+    model = apply_sharding(tiny(tok), ShardingConfig(fsdp=True), d, "fp32")
+    assert is_sharded(model)
+    scores = [score(model, samples_of(prompts, r), tok, micro_batch_size=1, d=d) for r in (refs, wrong)]
+    if d.rank == 0:
+        Path(out).write_text(json.dumps(scores))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_ranks_split_the_samples(tmp_path):
+    """5 samples on 2 FSDP ranks: the first 4, 2 a rank (equal forwards, as collectives need), summed."""
+    import json
+
+    import ranks
+
+    ranks.run(sharded_worker, 2, str(tmp_path / "scores.json"))
+    assert json.loads((tmp_path / "scores.json").read_text()) == [1.0, pytest.approx(2 / 4)]
 
 
 class OwnCode(torch.nn.Module):
@@ -71,11 +114,7 @@ class OwnCode(torch.nn.Module):
 
 
 def test_a_model_without_logits_to_keep(tok):
-    from core.model import ModelConfig, load_config, load_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig()
-    model = load_model(cfg, load_config(cfg, tok), torch.device("cpu"), "sdpa").eval()
+    model = tiny(tok)
     prompts = [[7, 8, 9], [10, 11, 12, 13, 14]]
     refs = greedy_references(model, prompts, 4, tok.eos_token_id)
     assert score(OwnCode(model), samples_of(prompts, refs), tok) == 1.0
