@@ -31,8 +31,10 @@ def samples_of(prompts, refs) -> list[Sample]:
 
 
 def changed(ref: list[int], vocab: int) -> list[int]:
-    """The reference with its first token replaced: the first step of decoding then cannot write it."""
-    return [(ref[0] + 1) % vocab, *ref[1:]]
+    """The reference with its middle token replaced: decoding, having written the tokens before it,
+    writes the model's own token there instead."""
+    k = len(ref) // 2
+    return [*ref[:k], (ref[k] + 1) % vocab, *ref[k + 1:]]
 
 
 def score(model, samples, tok, micro_batch_size=3, d=None) -> float:
