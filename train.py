@@ -191,7 +191,6 @@ def train(cfg: Config) -> dict:
     core.model.check_vocab(config, tok, cfg.model.path)
     choose_seq_len = functools.partial(defaults.seq_len, cfg, context=getattr(config, "max_position_embeddings", None))
     train_split, val = core.data.load_splits(cfg.data, tok, cfg.train.seed, choose_seq_len)
-    defaults.eval_exact_match(cfg, val)  # on where the held-out answers are short
     defaults.micro_batch(cfg, config, d.device)  # larger micro-batches where the GPU's memory allows
     step_source = batches.StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                       cfg.train.seed, tok.pad_token_id, d.dp_rank, d.dp_size,
@@ -200,7 +199,7 @@ def train(cfg: Config) -> dict:
         raise UserError(f"--dataset {cfg.data.dataset}: {len(train_split.samples)} samples are fewer than one "
                         f"step takes ({d.dp_size} data-parallel ranks x --micro-batch-size x --grad-accum); lower them")
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else step_source.total_steps(cfg.train.epochs)
-    defaults.resolve_run(cfg, total_steps, d, config)  # warm-up, precision, loss, embedding offload
+    defaults.resolve_run(cfg, total_steps, d, config, val)  # exact match, warm-up, precision, loss, offload
     say("defaults: " + "; ".join(cfg.auto) if cfg.auto else "defaults: every value set by hand")
     say(core.data.describe(train_split, val) + "\n" + step_source.describe(total_steps))
 

@@ -35,8 +35,8 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
                 launches (only when both --micro-batch-size and --grad-accum are unset; never below 2)
 A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
 reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
-`loss` and `embedding_offload` once the model's config is read, `seq_len`, `eval_exact_match`,
-`micro_batch` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
+`loss` and `embedding_offload` once the model's config is read, `seq_len`, `micro_batch`,
+`eval_exact_match` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
 `defaults:` line (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
 
@@ -100,8 +100,9 @@ def _who(cfg) -> str:
     return "the demo" if is_demo(cfg) else "a real model"
 
 
-def resolve_run(cfg, total_steps: int, d, model_config) -> None:
-    """What is chosen once the steps, the processes and the model's config are known."""
+def resolve_run(cfg, total_steps: int, d, model_config, val) -> None:
+    """What is chosen once the data, the steps, the processes and the model's config are known."""
+    eval_exact_match(cfg, val)
     warmup_steps(cfg, total_steps)
     precision(cfg, d.device)
     loss(cfg, d.device, model_config)
@@ -318,8 +319,7 @@ def eval_exact_match(cfg, val) -> None:
     tokens, else 0 (off)."""
     if cfg.train.eval_exact_match is not None or val is None:
         return
-    answers = sorted(len(s.input_ids[s.prompt_len:s.response_end]) for s in val.samples
-                     if 0 < s.prompt_len < len(s.input_ids))
+    answers = sorted(len(s.answer) for s in val.samples if s.prompted)
     if not answers:  # no prompted sample (pretrain text): nothing to answer
         cfg.train.eval_exact_match = 0
         return

@@ -50,11 +50,11 @@ def _stop_ids(refs: list[list[int]], tokenizer) -> set[int]:
     return {tokenizer.eos_token_id} | {ref[-1] for ref in refs if ref[-1] in special}
 
 
-def _keep_kwarg(net, keep: int) -> dict:
-    """transformers' causal LMs compute the head's logits for the last `keep` positions only when asked
-    (logits_to_keep); a model of its own code (--trust-remote-code) may not take the argument."""
+def _takes_logits_to_keep(net) -> bool:
+    """transformers' causal LMs compute the head's logits for the last N positions only when asked
+    (logits_to_keep=N); a model of its own code (--trust-remote-code) may not take the argument."""
     base = net.get_base_model() if hasattr(net, "get_base_model") else net
-    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @torch.no_grad()
@@ -66,9 +66,9 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
     far is the reference's token (by induction over the positions), and no stop token comes before
     its end. The same answer as generate(), up to rounding at a near-tie, at about the cost of the
     validation loss (benchmarks/results/2026-12-04-exact-match-h200.md: decoding took minutes)."""
-    chosen = [s for s in samples if 0 < s.prompt_len < len(s.input_ids)][:n]
-    refs = [s.input_ids[s.prompt_len:s.response_end] for s in chosen]
-    stop, net = _stop_ids(refs, tokenizer), unwrap(model)
+    chosen = [s for s in samples if s.prompted][:n]
+    net = unwrap(model)
+    stop, keep_arg = _stop_ids([s.answer for s in chosen], tokenizer), _takes_logits_to_keep(net)
     if is_sharded(net):  # sharded (FSDP / TP) forwards are collective: equal batch counts per rank
         chosen = chosen[:len(chosen) - len(chosen) % d.dp_size]
     mine = chosen[d.dp_rank::d.dp_size]
@@ -81,12 +81,11 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
             first = min(s.prompt_len for s in group) - 1  # the first position that predicts an answer token
             keep = batch["input_ids"].shape[1] - first
             with autocast:  # logits for the positions from `first` on only
-                logits = net(**model_inputs(batch, impl), **_keep_kwarg(net, keep)).logits[:, -keep:]
-            guesses = logits.argmax(-1).tolist()
+                logits = net(**model_inputs(batch, impl), **({"logits_to_keep": keep} if keep_arg else {})).logits
+            guesses = logits[:, -keep:].argmax(-1).tolist()
             for row, s in enumerate(group):
-                ref = s.input_ids[s.prompt_len:s.response_end]
-                guess = guesses[row][s.prompt_len - 1 - first:s.prompt_len - 1 - first + len(ref)]
-                hits[0] += guess == ref and not stop.intersection(ref[:-1])
+                ref, start = s.answer, s.prompt_len - 1 - first  # start: where row's answer is predicted
+                hits[0] += guesses[row][start:start + len(ref)] == ref and not stop.intersection(ref[:-1])
             hits[1] += len(group)
     net.train()
     hits = all_reduce_sum(hits, d)

@@ -17,6 +17,16 @@ class Sample:
     prompt_len: int  # tokens before the last trained response (the exact-match prompt)
     response_end: int | None = None  # where that response's trained span ends; None: at the end of input_ids
 
+    @property
+    def prompted(self) -> bool:
+        """Has a prompt and an answer to it (pretrain text has neither)."""
+        return 0 < self.prompt_len < len(self.input_ids)
+
+    @property
+    def answer(self) -> list[int]:
+        """The last trained response's span: the reference exact match scores."""
+        return self.input_ids[self.prompt_len:self.response_end]
+
 
 def encodable(text: str, where: str, what: str) -> str:
     """JSON can carry lone surrogates (\\ud800) that no tokenizer encodes; name them here."""
