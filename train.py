@@ -222,6 +222,7 @@ def train(cfg: Config) -> dict:
     # ---- optimizer, schedule, resume
     optimizer = optim.build_optimizer(model, cfg.optim, d.device, compile.backend(cfg.compile))
     scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps)
+    set_to_none = compile.keep_grads(optim.trained_params(optimizer), cfg.compile)  # CUDA graphs: allocated once
     if deepspeed_zero.enabled(cfg.deepspeed):
         model, optimizer = deepspeed_zero.apply(model, optimizer, cfg, run)
     resume_from = core.checkpoint.resolve_resume(cfg.train.resume, out, d)
@@ -242,7 +243,8 @@ def train(cfg: Config) -> dict:
         tracking.apply_tracking(log, cfg, out)
     if resume_from:
         log.print(f"resumed from {resume_from} at step {start}")
-    evaluate = functools.partial(core.evaluate.evaluate, model, val, cfg, tok, d, ctx, loss_fn)
+    evaluate = compile.eager_during(functools.partial(core.evaluate.evaluate, model, val, cfg, tok, d, ctx, loss_fn),
+                                    cfg.compile)
     summary = {"step": start}
     if start == 0:
         summary["before"] = evaluate()
@@ -261,6 +263,7 @@ def train(cfg: Config) -> dict:
             step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
             for i, mb in enumerate(micro):
                 mb = batches.to_device(mb, d.device)
+                compile.step_begin()
                 with sync_gradients(model, sync=i == len(micro) - 1), ctx:
                     loss_sum = loss_fn(model, mb)
                 # DDP / FSDP average gradients over the dp x cp ranks: scale by them to get sum / global targets
@@ -278,7 +281,7 @@ def train(cfg: Config) -> dict:
                 scheduler.step()
                 meter.count(sum(targets), sum(map(batches.count_tokens, micro)), sum(mb["sum_sq_len"] for mb in micro))
                 meter.add_loss(step_loss)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=set_to_none)
             log.advance(meter.step_done())
 
             is_last = step == total_steps

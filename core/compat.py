@@ -68,6 +68,10 @@ _SP_TP = "sequence parallel over tensor-parallel heads is not supported yet; use
 _GPTQ_QUANTIZED = "the GPTQ checkpoint is already quantized; use --gptq --lora"
 _ONE_PROCESS = "--offload-embeddings runs in one process (the wrappers expect every parameter on the GPU); drop one"
 _DS = "DeepSpeed's engine owns data parallelism and wraps the model; drop one of them (FSDP2 covers the others)"
+_GRAPHS_ONE_PROCESS = ("CUDA graphs (--compile-mode reduce-overhead) run in one process only (FSDP2 would "
+                       "gather the weights into new memory every step); drop one")
+_GRAPHS_SAVED = ("CUDA graphs (--compile-mode reduce-overhead) are not supported under recompute or "
+                 "saved-tensor hooks; drop one")
 _gt1: Callable = lambda v: v > 1  # noqa: E731  (mesh dims: on when larger than one)
 
 FEATURES = [
@@ -121,6 +125,12 @@ FEATURES = [
         (other, _ONE_PROCESS) for other in ("--ddp", "--fsdp", "--dp-replicate N", "--tp N", "--cp N", "--deepspeed"))),
     # 6. compile
     Feature("--compile", "compile.compile"),
+    Feature("--compile-mode max-autotune-no-cudagraphs", "compile.compile_mode", "max-autotune-no-cudagraphs"),
+    Feature("--compile-mode reduce-overhead", "compile.compile_mode", "reduce-overhead",
+            cuda="CUDA graphs replay recorded CUDA kernels; drop it on CPU", refuses=(
+                *((other, _GRAPHS_SAVED) for other in ("--ac full", "--ac selective", "--offload cpu", "--offload disk")),
+                *((other, _GRAPHS_ONE_PROCESS)
+                  for other in ("--ddp", "--fsdp", "--dp-replicate N", "--tp N", "--cp N", "--deepspeed")))),
     # 7. parallelism and sharding
     Feature("--ddp", "sharding.ddp"),
     Feature("--fsdp", "sharding.fsdp", refuses=(("--ddp", "--fsdp and --ddp are two ways to do data parallelism; "
@@ -171,7 +181,7 @@ FEATURES = [
 # combines with every feature (a feature's own options are checked by its module).
 SETTINGS = {
     "model.precision", "model.trust_remote_code", "data.dataset_format", "data.train_on_inputs", "data.truncation",
-    "optim.lr_schedule", "train.device", "train.skip_export", "qat.qat_scheme", "compile.compile_mode",
+    "optim.lr_schedule", "train.device", "train.skip_export", "qat.qat_scheme",
     "compile.compile_backend", "sharding.fsdp_reduce_dtype", "sharding.fsdp_quant_storage",
     "compile.no_compile", "packing.no_packing", "lora_kernels.no_lora_kernels",
     "embedding_offload.no_offload_embeddings",  # off switches of GPU defaults

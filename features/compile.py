@@ -2,6 +2,7 @@
 
     python train.py --lora --lora-kernels --compile
     python train.py --compile --compile-mode max-autotune-no-cudagraphs   # slower start, tuned matmuls
+    python train.py --lora --compile-mode reduce-overhead                 # CUDA graphs: small models
 
 Every decoder block is compiled in place (`nn.Module.compile`), so parameter names, peft adapters,
 checkpoints and `save_pretrained` are unchanged. All blocks run the same code on parameters that
@@ -26,6 +27,14 @@ tensors (16.8 GB at 16K tokens x 128K vocabulary) and a visible share of the 8B 
 memory-bound kernels (benchmarks/results/2026-11-29-perf-h200.md). Compiled, one pass reads the
 bf16 logits (fp32 in registers) and backward keeps only them plus two floats per token.
 
+--compile-mode reduce-overhead replays each block's compiled graphs as CUDA graphs (inductor's
+CUDA graph trees): one launch instead of dozens of kernel launches and op dispatches, for a model
+small enough that the host, not the GPU, bounds the step. It paid on SmolLM2-135M with LoRA, and
+not on the 8B shape or a small full fine-tune (benchmarks/results/2026-12-04-cuda-graphs-h200.md),
+so it is a flag, not a default. The training loop marks each micro-step (step_begin), keeps the
+gradients allocated (keep_grads) and evaluates eagerly (eager_during). One process only, and not
+under --ac or --offload (core/compat.py).
+
 Works with: every --attn backend, --lora / --qlora / --lora-kernels, --ac, --loss. On CPU it
 runs too (inductor's C++ backend, slow to compile: for tests use --compile-backend aot_eager).
 """
@@ -46,10 +55,15 @@ class CompileConfig:
     """torch.compile each decoder block (regional compilation: one graph for all blocks, short start-up); on by default on a CUDA GPU."""  # noqa: E501
     no_compile: bool = False
     """Do not compile, also on a CUDA GPU (where --compile is on by default)."""
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
-    """Inductor mode; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes)."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
+    """Inductor mode; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes); reduce-overhead replays the blocks as CUDA graphs (host-bound small models)."""  # noqa: E501
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """inductor (fused kernels); aot_eager traces the same graphs without code generation (tests, debugging)."""
+
+
+def validate(cfg) -> None:
+    if cfg.compile.no_compile and cfg.compile.compile_mode != "default":
+        raise UserError(f"--compile-mode {cfg.compile.compile_mode} with --no-compile: nothing is compiled; drop one")
 
 
 def apply_compile(model, cfg: CompileConfig):
@@ -73,7 +87,43 @@ def _mode(cfg: CompileConfig) -> str | None:
 def compile_loss(cfg: CompileConfig):
     """cross_entropy_sum as one fused graph (shapes marked dynamic after the first new one: padded
     batches vary in length, evaluation runs its own no-grad graph)."""
-    return torch.compile(cross_entropy_sum, backend=cfg.compile_backend, mode=_mode(cfg))
+    mode = _mode(cfg)  # the loss is one graph a micro-step: CUDA graphs would save one launch's host time
+    return torch.compile(cross_entropy_sum, backend=cfg.compile_backend,
+                         mode=None if mode == "reduce-overhead" else mode)
+
+
+def cudagraphs(cfg: CompileConfig) -> bool:
+    """--compile-mode reduce-overhead: the blocks' compiled graphs replay as CUDA graphs."""
+    return cfg.compile and _mode(cfg) == "reduce-overhead"
+
+
+def step_begin() -> None:
+    """A new micro-step: CUDA graphs may reuse the previous one's output buffers."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def keep_grads(params, cfg: CompileConfig) -> bool:
+    """Under CUDA graphs each .grad is allocated once and zeroed in place (the return value: zero_grad's
+    set_to_none). Left to autograd, a first micro-step's gradient would be the backward graph's own
+    output buffer, which the next micro-step's replay overwrites before the accumulation reads it."""
+    if not cudagraphs(cfg):
+        return True
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    return False
+
+
+def eager_during(fn, cfg: CompileConfig):
+    """fn with the compiled code run eagerly, under CUDA graphs (evaluation): padded batches of many
+    shapes would record a graph each, and a no-grad replay of the graph all blocks share would
+    overwrite the previous block's output while the residual stream still holds it."""
+    if not cudagraphs(cfg):
+        return fn
+
+    def eager(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return fn(*args, **kwargs)
+    return eager
 
 
 def backend(cfg: CompileConfig) -> str | None:

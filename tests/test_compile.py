@@ -153,3 +153,88 @@ def test_train_uses_the_compiled_loss_under_compile(tmp_path, small_data, monkey
     assert run_train(tmp_path / "run", "--dataset", str(small_data), "--max-steps", "2", "--compile",
                      "--compile-backend", "aot_eager", "--val-dataset", "none", "--skip-export") == 0
     assert len(calls) == 2  # one micro-batch per step, both through the compiled loss
+
+
+def test_cuda_graph_mode_keeps_grads_and_evaluates_eagerly():
+    from torch._dynamo.testing import CompileCounter
+
+    from features import compile as compile_feature
+
+    graphs = CompileConfig(compile=True, compile_mode="reduce-overhead")
+    assert compile_feature.cudagraphs(graphs)
+    assert not compile_feature.cudagraphs(CompileConfig(compile=True))
+    assert not compile_feature.cudagraphs(CompileConfig(compile=True, compile_mode="reduce-overhead",
+                                                        compile_backend="aot_eager"))  # no inductor, no graphs
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    assert compile_feature.keep_grads(params, CompileConfig(compile=True)) is True  # zero_grad sets them to None
+    assert all(p.grad is None for p in params)
+    assert compile_feature.keep_grads(params, graphs) is False  # allocated once, zeroed in place
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    double = torch.compile(lambda x: x * 2, backend=counter)
+    assert compile_feature.eager_during(lambda: double(torch.ones(2)), graphs)().tolist() == [2.0, 2.0]
+    assert counter.frame_count == 0  # ran eagerly: evaluation records no graph
+    assert compile_feature.eager_during(lambda: double(torch.ones(2)), CompileConfig(compile=True))() is not None
+    assert counter.frame_count == 1
+
+
+def test_cuda_graph_mode_in_the_training_loop(tmp_path, small_data, monkeypatch):
+    """train.py's side of --compile-mode reduce-overhead, with the graphs themselves left out (they need
+    CUDA): gradients allocated once and zeroed in place, micro-steps marked, evaluation run eagerly.
+    Two steps of 2 accumulated micro-batches give the same losses and validation as the plain run."""
+    import json
+
+    import train
+    from features import compile as compile_feature
+
+    def run(name):
+        assert run_train(tmp_path / name, "--dataset", str(small_data), "--max-steps", "2", "--micro-batch-size", "2",
+                         "--grad-accum", "2", "--compile", "--compile-backend", "aot_eager", "--skip-export") == 0
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if "loss" in k or k == "grad_norm"} for line in lines]
+
+    plain = run("plain")
+    marks, zero_grads = [], []
+    monkeypatch.setattr(compile_feature, "cudagraphs", lambda cfg: cfg.compile)
+    monkeypatch.setattr(compile_feature, "step_begin", lambda: marks.append(1))
+    real_zero_grad = torch.optim.Optimizer.zero_grad
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad",
+                        lambda self, set_to_none=True: zero_grads.append(set_to_none) or real_zero_grad(self, set_to_none))
+    stances, real_stance = [], torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance, **kw: stances.append(stance) or real_stance(stance, **kw))
+    assert run("graphs") == pytest.approx(plain)
+    assert len(marks) == 4 and zero_grads == [False, False]  # each micro-step marked; grads kept
+    assert stances == ["force_eager", "force_eager"]  # the evaluations before and after training
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_accumulate_the_same_grads(tok):
+    """--compile-mode reduce-overhead on CUDA: three steps of two accumulated micro-batches (the graphs are
+    recorded on the early ones, replayed after) give the plain compiled blocks' loss and gradients."""
+    from features import compile as compile_feature
+
+    torch._dynamo.reset()
+    ref = apply_lora_kernels(apply_lora(_model(tok, "cuda", "bf16"), LoraConfig(lora=True, lora_rank=8)))
+    ids, pos = _packed_batch(ref.config.vocab_size, "cuda")
+
+    def last_step(cfg):
+        model = apply_compile(copy.deepcopy(ref), cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        set_to_none = compile_feature.keep_grads(params, cfg)
+        for _ in range(3):
+            model.zero_grad(set_to_none=set_to_none)
+            losses = []
+            for row in range(2):
+                compile_feature.step_begin()
+                logits = model(input_ids=ids[row:row + 1], position_ids=pos[row:row + 1]).logits.float()
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[row, 1:])
+                loss.backward()
+                losses.append(loss.detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return torch.stack(losses).sum(), grads
+
+    graphs = last_step(CompileConfig(compile=True, compile_mode="reduce-overhead"))
+    _assert_close(last_step(CompileConfig(compile=True)), graphs, 3e-2)
