@@ -128,7 +128,8 @@ FEATURES = [
     Feature("--compile-mode max-autotune-no-cudagraphs", "compile.compile_mode", "max-autotune-no-cudagraphs"),
     Feature("--compile-mode reduce-overhead", "compile.compile_mode", "reduce-overhead",
             cuda="CUDA graphs replay recorded CUDA kernels; drop it on CPU", refuses=(
-                *((other, _GRAPHS_SAVED) for other in ("--ac full", "--ac selective", "--offload cpu", "--offload disk")),
+                *((other, _GRAPHS_SAVED)
+                  for other in ("--ac full", "--ac selective", "--offload cpu", "--offload disk")),
                 *((other, _GRAPHS_ONE_PROCESS)
                   for other in ("--ddp", "--fsdp", "--dp-replicate N", "--tp N", "--cp N", "--deepspeed")))),
     # 7. parallelism and sharding

@@ -186,7 +186,6 @@ def test_cuda_graph_mode_in_the_training_loop(tmp_path, small_data, monkeypatch)
     Two steps of 2 accumulated micro-batches give the same losses and validation as the plain run."""
     import json
 
-    import train
     from features import compile as compile_feature
 
     def run(name):
@@ -199,11 +198,11 @@ def test_cuda_graph_mode_in_the_training_loop(tmp_path, small_data, monkeypatch)
     marks, zero_grads = [], []
     monkeypatch.setattr(compile_feature, "cudagraphs", lambda cfg: cfg.compile)
     monkeypatch.setattr(compile_feature, "step_begin", lambda: marks.append(1))
-    real_zero_grad = torch.optim.Optimizer.zero_grad
-    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad",
-                        lambda self, set_to_none=True: zero_grads.append(set_to_none) or real_zero_grad(self, set_to_none))
-    stances, real_stance = [], torch.compiler.set_stance
-    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance, **kw: stances.append(stance) or real_stance(stance, **kw))
+    real_zero_grad, real_stance, stances = torch.optim.Optimizer.zero_grad, torch.compiler.set_stance, []
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad", lambda self, set_to_none=True:
+                        zero_grads.append(set_to_none) or real_zero_grad(self, set_to_none))
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance, **kw:
+                        stances.append(stance) or real_stance(stance, **kw))
     assert run("graphs") == pytest.approx(plain)
     assert len(marks) == 4 and zero_grads == [False, False]  # each micro-step marked; grads kept
     assert stances == ["force_eager", "force_eager"]  # the evaluations before and after training
