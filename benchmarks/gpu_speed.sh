@@ -17,7 +17,8 @@
 #   small DIR      small-lora DIR and small-full DIR in a row: a small real checkpoint (DIR, Hugging Face format)
 #                  on chats of instruction-tuning lengths (defaults.py --lengths instruction), LoRA or a full
 #                  fine-tune: the baseline padded and padding-free at micro-batch 16 and 32, each with and
-#                  without SDPA's cuDNN backend (slow on new lengths), beside nanotune with no tuning flag
+#                  without SDPA's cuDNN backend (slow on new lengths), beside nanotune with no tuning flag and
+#                  with CUDA graphs (--compile-mode reduce-overhead); first the compile GPU tests
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -75,7 +76,9 @@ if [[ $sub == small* ]]; then   # small, small-lora, small-full: DIR first
   small_rows="--rows baseline defaults --lengths instruction --samples 3000 --baseline-micro-batch 16 32"
   set -- --baseline-with "--micro-batch-size 16 --no-cudnn-sdpa" "--micro-batch-size 32 --no-cudnn-sdpa" \
     "--micro-batch-size 16 --padding-free" "--micro-batch-size 32 --padding-free" \
-    "--micro-batch-size 16 --padding-free --no-cudnn-sdpa" "--micro-batch-size 32 --padding-free --no-cudnn-sdpa" "$@"
+    "--micro-batch-size 16 --padding-free --no-cudnn-sdpa" "--micro-batch-size 32 --padding-free --no-cudnn-sdpa" \
+    --defaults-with " --compile-mode reduce-overhead" "$@"
+  python -m pytest -q -m gpu tests/test_compile.py -p no:warnings 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 fi
 
 table() {  # NAME COMMAND...: output in $OUT/NAME.log, then the table $OUT/NAME.md (or the log's tail)
