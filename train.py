@@ -263,7 +263,7 @@ def train(cfg: Config) -> dict:
             step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
             for i, mb in enumerate(micro):
                 mb = batches.to_device(mb, d.device)
-                compile.step_begin()
+                compile.step_begin(cfg.compile)
                 with sync_gradients(model, sync=i == len(micro) - 1), ctx:
                     loss_sum = loss_fn(model, mb)
                 # DDP / FSDP average gradients over the dp x cp ranks: scale by them to get sum / global targets

@@ -97,9 +97,11 @@ def cudagraphs(cfg: CompileConfig) -> bool:
     return cfg.compile and _mode(cfg) == "reduce-overhead"
 
 
-def step_begin() -> None:
-    """A new micro-step: CUDA graphs may reuse the previous one's output buffers."""
-    torch.compiler.cudagraph_mark_step_begin()
+def step_begin(cfg: CompileConfig) -> None:
+    """A new micro-step: CUDA graphs may reuse the previous one's output buffers. (Only under them:
+    the call's first use imports inductor's CUDA graph module, seconds on a CPU run.)"""
+    if cudagraphs(cfg):
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def keep_grads(params, cfg: CompileConfig) -> bool:
