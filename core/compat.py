@@ -125,6 +125,7 @@ FEATURES = [
         (other, _ONE_PROCESS) for other in ("--ddp", "--fsdp", "--dp-replicate N", "--tp N", "--cp N", "--deepspeed"))),
     # 6. compile
     Feature("--compile", "compile.compile"),
+    Feature("--compile-mode default", "compile.compile_mode", "default"),  # no CUDA graphs: auto's off switch
     Feature("--compile-mode max-autotune-no-cudagraphs", "compile.compile_mode", "max-autotune-no-cudagraphs"),
     Feature("--compile-mode reduce-overhead", "compile.compile_mode", "reduce-overhead",
             cuda="CUDA graphs replay recorded CUDA kernels; drop it on CPU", refuses=(

@@ -30,12 +30,14 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
   --offload-embeddings  with the chunked loss above, also a frozen, untied input-embedding table
                 (LoRA/QLoRA, one process) in CPU memory; each micro-batch copies its rows
                                                         [--no-offload-embeddings / --offload-embeddings]
+  --compile-mode  reduce-overhead (CUDA graphs) for LoRA/QLoRA on a model under GRAPHS_BELOW
+                parameters in one process, where the host bounds the step     [--compile-mode default]
   --micro-batch-size  8 rows a step as peers use, but in micro-batches of 4 or 8 where the estimated
                 memory stays under 40% of the GPU's: at 2 rows a small model's step waits on kernel
                 launches (only when both --micro-batch-size and --grad-accum are unset; never below 2)
 A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
 reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
-`loss` and `embedding_offload` once the model's config is read, `seq_len`, `micro_batch`,
+`loss`, `embedding_offload` and `compile_mode` once the model's config is read, `seq_len`, `micro_batch`,
 `eval_exact_match` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
 `defaults:` line (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
@@ -107,6 +109,7 @@ def resolve_run(cfg, total_steps: int, d, model_config, val) -> None:
     precision(cfg, d.device)
     loss(cfg, d.device, model_config)
     embedding_offload(cfg, d.device, model_config, d.world_size)
+    compile_mode(cfg, d.device, model_config, d.world_size)
 
 
 # The lean paths cost speed (the chunked loss about 4% of an 8B LoRA step, the CPU embedding table
@@ -168,14 +171,62 @@ def estimate_bytes(cfg, c, micro_batch_size: int, logits: bool = False) -> float
     logits: a frozen head's full-logits loss keeps bf16 logits and their gradient, 4 bytes a token and
     vocabulary entry (measured: 3.4, full logits against --loss-chunk 256 on the 8B shape)."""
     h, layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
-    head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
-    q, kv = c.num_attention_heads * head_dim, getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim
-    linear = layers * (2 * h * q + 2 * h * kv + 3 * h * inter)
-    tables = vocab * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    linear, tables = _weights(c)
     full = not adapters_on(cfg.lora)
     per_weight = 16 if full else 0.53 if cfg.lora.qlora else 1 if cfg.lora.lora_8bit else 2
     per_token = layers * (12 * h + 6 * inter) + (8 * vocab if full else 4 * vocab if logits else 0)
     return linear * per_weight + tables * (16 if full else 2) + micro_batch_size * cfg.data.seq_len * per_token
+
+
+def _weights(c) -> tuple[int, int]:
+    """(the decoder's linear weights, the embedding tables' weights: the head counted once if tied)."""
+    h = c.hidden_size
+    head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim
+    linear = c.num_hidden_layers * (2 * h * q + 2 * h * kv + 3 * h * c.intermediate_size)
+    return linear, c.vocab_size * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+
+
+# CUDA graphs (--compile-mode reduce-overhead) replace a block's kernel launches with one replay. With
+# LoRA they paid 1.11-1.33x on models of 135M-494M parameters and nothing from 1.2B up, where the GPU,
+# not the host, bounds the step (benchmarks/results/2026-12-04-cuda-graphs-sizes-h200.md).
+GRAPHS_BELOW = 0.75e9  # parameters
+
+
+def compile_mode(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None = None) -> None:
+    """--compile-mode auto, once the device, the processes and the model's config are known:
+    reduce-overhead for LoRA/QLoRA on a model under GRAPHS_BELOW parameters, in one process, where
+    the step is not tight (needs_lean: graphs keep 1-2 GiB of their own) and the matrix accepts it
+    (not under --ac or --offload); default otherwise."""
+    c = cfg.compile
+    if c.compile_mode != "auto":
+        return
+    c.compile_mode = "default"
+    if device.type != "cuda" or not c.compile or c.compile_backend != "inductor":
+        return
+    why = _no_graphs(cfg, device, model_config, world_size, gpu_bytes)
+    if why is None:
+        c.compile_mode = "reduce-overhead"
+        why = _matrix_problem(cfg)
+        if why is not None:
+            c.compile_mode = "default"
+        else:
+            n = sum(_weights(model_config))
+            why = f"LoRA, {n / 1e6:.0f}M parameters: the host bounds the step; --compile-mode default turns it off"
+    cfg.auto.append(f"--compile-mode {c.compile_mode} (auto: {why})")
+
+
+def _no_graphs(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None) -> str | None:
+    """Why CUDA graphs stay off for this run, or None."""
+    if not adapters_on(cfg.lora):
+        return "full fine-tune: graphs measured no faster"
+    if world_size > 1:
+        return f"{world_size} processes: graphs run in one"
+    if not _estimable(model_config):
+        return "a model the estimate cannot size"
+    if (n := sum(_weights(model_config))) >= GRAPHS_BELOW:
+        return f"{n / 1e9:.1f}B parameters; CUDA graphs pay under {GRAPHS_BELOW / 1e9:g}B"
+    return needs_lean(cfg, model_config, device, gpu_bytes)
 
 
 def precision(cfg, device: torch.device) -> None:

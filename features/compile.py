@@ -2,7 +2,7 @@
 
     python train.py --lora --lora-kernels --compile
     python train.py --compile --compile-mode max-autotune-no-cudagraphs   # slower start, tuned matmuls
-    python train.py --lora --compile-mode reduce-overhead                 # CUDA graphs: small models
+    python train.py --lora --compile-mode default   # no CUDA graphs (auto: under 0.75B parameters)
 
 Every decoder block is compiled in place (`nn.Module.compile`), so parameter names, peft adapters,
 checkpoints and `save_pretrained` are unchanged. All blocks run the same code on parameters that
@@ -29,11 +29,12 @@ bf16 logits (fp32 in registers) and backward keeps only them plus two floats per
 
 --compile-mode reduce-overhead replays each block's compiled graphs as CUDA graphs (inductor's
 CUDA graph trees): one launch instead of dozens of kernel launches and op dispatches, for a model
-small enough that the host, not the GPU, bounds the step. It paid on SmolLM2-135M with LoRA, and
-not on the 8B shape or a small full fine-tune (benchmarks/results/2026-12-04-cuda-graphs-h200.md),
-so it is a flag, not a default. The training loop marks each micro-step (step_begin), keeps the
-gradients allocated (keep_grads) and evaluates eagerly (eager_during). One process only, and not
-under --ac or --offload (core/compat.py).
+small enough that the host, not the GPU, bounds the step. With LoRA it paid on models of 135M-494M
+parameters, and not from 1.2B up or for a small full fine-tune
+(benchmarks/results/2026-12-04-cuda-graphs-sizes-h200.md), so --compile-mode auto (the default) picks
+it for LoRA/QLoRA under 0.75B parameters (core/defaults.py compile_mode). The training loop marks
+each micro-step (step_begin), keeps the gradients allocated (keep_grads) and evaluates eagerly
+(eager_during). One process only, and not under --ac or --offload (core/compat.py).
 
 Works with: every --attn backend, --lora / --qlora / --lora-kernels, --ac, --loss. On CPU it
 runs too (inductor's C++ backend, slow to compile: for tests use --compile-backend aot_eager).
@@ -55,14 +56,14 @@ class CompileConfig:
     """torch.compile each decoder block (regional compilation: one graph for all blocks, short start-up); on by default on a CUDA GPU."""  # noqa: E501
     no_compile: bool = False
     """Do not compile, also on a CUDA GPU (where --compile is on by default)."""
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
-    """Inductor mode; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes); reduce-overhead replays the blocks as CUDA graphs (host-bound small models)."""  # noqa: E501
+    compile_mode: Literal["auto", "default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "auto"
+    """Inductor mode; auto: reduce-overhead for LoRA/QLoRA on a model under 0.75B parameters in one process on a CUDA GPU, else default; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes); reduce-overhead replays the blocks as CUDA graphs (host-bound small models)."""  # noqa: E501
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """inductor (fused kernels); aot_eager traces the same graphs without code generation (tests, debugging)."""
 
 
 def validate(cfg) -> None:
-    if cfg.compile.no_compile and cfg.compile.compile_mode != "default":
+    if cfg.compile.no_compile and cfg.compile.compile_mode not in ("auto", "default"):
         raise UserError(f"--compile-mode {cfg.compile.compile_mode} with --no-compile: nothing is compiled; drop one")
 
 
@@ -81,7 +82,8 @@ def apply_compile(model, cfg: CompileConfig):
 
 
 def _mode(cfg: CompileConfig) -> str | None:
-    return None if cfg.compile_mode == "default" or cfg.compile_backend != "inductor" else cfg.compile_mode
+    plain = cfg.compile_mode in ("auto", "default") or cfg.compile_backend != "inductor"  # auto: not resolved here
+    return None if plain else cfg.compile_mode
 
 
 def compile_loss(cfg: CompileConfig):

@@ -279,3 +279,40 @@ def test_the_memory_estimate_is_near_the_measured_peaks(name, method, micro_batc
     cfg = _at(["--model", name, method])
     estimate = defaults.estimate_bytes(cfg, _preset_config(name), micro_batch) / 2**30
     assert 0.85 * measured_gib <= estimate <= 1.1 * measured_gib
+
+
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("argv, changes, world, want, why", [
+    (["--lora"], SMOLLM2_135M, 1, "reduce-overhead", "LoRA, 134M parameters: the host bounds the step"),
+    (["--qlora"], SMOLLM2_135M, 1, "reduce-overhead", "LoRA, 134M parameters"),
+    (["--lora"], {}, 1, "default", "1.2B parameters; CUDA graphs pay under 0.75B"),  # the llama3.2-1b shape
+    ([], SMOLLM2_135M, 1, "default", "full fine-tune"),
+    (["--lora"], SMOLLM2_135M, 2, "default", "2 processes"),
+    (["--lora"], {**SMOLLM2_135M, "num_local_experts": 8}, 1, "default", "cannot size"),
+    (["--lora", "--ac", "full"], SMOLLM2_135M, 1, "default", "--ac full with --compile-mode reduce-overhead"),
+    (["--lora", "--micro-batch-size", "64"], SMOLLM2_135M, 1, "default", "the step would take ~"),  # tight: L4
+])
+def test_cuda_graphs_auto_for_small_adapter_models(argv, changes, world, want, why):
+    cfg = _at(["--model", "llama3.2-1b", *argv])
+    defaults.compile_mode(cfg, torch.device("cuda"), _preset_config("llama3.2-1b", **changes), world,
+                          L4 if "64" in argv else H200)
+    assert cfg.compile.compile_mode == want
+    line = next(a for a in cfg.auto if a.startswith("--compile-mode"))
+    assert line.startswith(f"--compile-mode {want} (auto: ") and why in line, line
+
+
+@pytest.mark.parametrize("argv", [["--compile-mode", "default"], ["--no-compile"], ["--compile-backend", "aot_eager"]])
+def test_cuda_graphs_stay_off_when_asked_or_not_compiled(argv):
+    cfg = _at(["--model", "llama3.2-1b", "--lora", *argv])
+    defaults.compile_mode(cfg, torch.device("cuda"), _preset_config("llama3.2-1b", **SMOLLM2_135M), 1, H200)
+    assert cfg.compile.compile_mode == "default"
+    assert not any(a.startswith("--compile-mode") for a in cfg.auto)
+
+
+def test_cuda_graphs_stay_off_on_a_cpu():
+    cfg = _at(["--model", "llama3.2-1b", "--lora"], cuda=False)
+    defaults.compile_mode(cfg, torch.device("cpu"), _preset_config("llama3.2-1b", **SMOLLM2_135M), 1)
+    assert cfg.compile.compile_mode == "default" and not any(a.startswith("--compile-mode") for a in cfg.auto)
