@@ -17,8 +17,8 @@
 #   small DIR      small-lora DIR and small-full DIR in a row: a small real checkpoint (DIR, Hugging Face format)
 #                  on chats of instruction-tuning lengths (defaults.py --lengths instruction), LoRA or a full
 #                  fine-tune: the baseline padded and padding-free at micro-batch 16 and 32, each with and
-#                  without SDPA's cuDNN backend (slow on new lengths), beside nanotune with no tuning flag and
-#                  with CUDA graphs (--compile-mode reduce-overhead); first the compile GPU tests
+#                  without SDPA's cuDNN backend (slow on new lengths), beside nanotune with no tuning flag (LoRA
+#                  under 0.75B parameters: CUDA graphs) and with --compile-mode default; first the compile GPU tests
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -77,7 +77,7 @@ if [[ $sub == small* ]]; then   # small, small-lora, small-full: DIR first
   set -- --baseline-with "--micro-batch-size 16 --no-cudnn-sdpa" "--micro-batch-size 32 --no-cudnn-sdpa" \
     "--micro-batch-size 16 --padding-free" "--micro-batch-size 32 --padding-free" \
     "--micro-batch-size 16 --padding-free --no-cudnn-sdpa" "--micro-batch-size 32 --padding-free --no-cudnn-sdpa" \
-    --defaults-with " --compile-mode reduce-overhead" "$@"
+    --defaults-with " --compile-mode default" "$@"
   python -m pytest -q -m gpu tests/test_compile.py -p no:warnings 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 fi
 
