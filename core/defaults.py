@@ -195,9 +195,9 @@ GRAPHS_BELOW = 0.75e9  # parameters
 
 def compile_mode(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None = None) -> None:
     """--compile-mode auto, once the device, the processes and the model's config are known:
-    reduce-overhead for LoRA/QLoRA on a model under GRAPHS_BELOW parameters, in one process, where
-    the step is not tight (needs_lean: graphs keep 1-2 GiB of their own) and the matrix accepts it
-    (not under --ac or --offload); default otherwise."""
+    reduce-overhead for LoRA/QLoRA on a model under GRAPHS_BELOW parameters, in one process, on rows
+    of one length (packed, or pretrain blocks), where the step is not tight (needs_lean: graphs keep
+    1-2 GiB of their own) and the matrix accepts it (not under --ac or --offload); default otherwise."""
     c = cfg.compile
     if c.compile_mode != "auto":
         return
@@ -222,6 +222,8 @@ def _no_graphs(cfg, device: torch.device, model_config, world_size: int, gpu_byt
         return "full fine-tune: graphs measured no faster"
     if world_size > 1:
         return f"{world_size} processes: graphs run in one"
+    if not (cfg.packing.packing or cfg.data.dataset_format == "pretrain"):
+        return "padded rows of many lengths: a graph recorded for each"
     if not _estimable(model_config):
         return "a model the estimate cannot size"
     if (n := sum(_weights(model_config))) >= GRAPHS_BELOW:

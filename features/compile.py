@@ -32,7 +32,8 @@ CUDA graph trees): one launch instead of dozens of kernel launches and op dispat
 small enough that the host, not the GPU, bounds the step. With LoRA it paid on models of 135M-494M
 parameters, and not from 1.2B up or for a small full fine-tune
 (benchmarks/results/2026-12-04-cuda-graphs-sizes-h200.md), so --compile-mode auto (the default) picks
-it for LoRA/QLoRA under 0.75B parameters (core/defaults.py compile_mode). The training loop marks
+it for LoRA/QLoRA under 0.75B parameters, on packed rows (core/defaults.py compile_mode): padded rows
+(--no-packing) vary in length, and each new length records a graph of its own. The training loop marks
 each micro-step (step_begin), keeps the gradients allocated (keep_grads) and evaluates eagerly
 (eager_during). One process only, and not under --ac or --offload (core/compat.py).
 

@@ -291,6 +291,8 @@ SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, intermediate_size=153
     (["--lora"], {}, 1, "default", "1.2B parameters; CUDA graphs pay under 0.75B"),  # the llama3.2-1b shape
     ([], SMOLLM2_135M, 1, "default", "full fine-tune"),
     (["--lora"], SMOLLM2_135M, 2, "default", "2 processes"),
+    (["--lora", "--no-packing"], SMOLLM2_135M, 1, "default", "padded rows of many lengths"),
+    (["--lora", "--no-packing", "--dataset-format", "pretrain"], SMOLLM2_135M, 1, "reduce-overhead", "134M"),
     (["--lora"], {**SMOLLM2_135M, "num_local_experts": 8}, 1, "default", "cannot size"),
     (["--lora", "--ac", "full"], SMOLLM2_135M, 1, "default", "--ac full with --compile-mode reduce-overhead"),
     (["--lora", "--micro-batch-size", "64"], SMOLLM2_135M, 1, "default", "the step would take ~"),  # tight: L4
