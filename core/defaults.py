@@ -188,8 +188,9 @@ def _weights(c) -> tuple[int, int]:
 
 
 # CUDA graphs (--compile-mode reduce-overhead) replace a block's kernel launches with one replay. With
-# LoRA they paid 1.11-1.33x on models of 135M-494M parameters and nothing from 1.2B up, where the GPU,
-# not the host, bounds the step (benchmarks/results/2026-12-04-cuda-graphs-sizes-h200.md).
+# LoRA they paid on the small models measured and not from the 1B shape up, where the GPU, not the
+# host, bounds the step; the limit lies between the two sizes measured on either side
+# (benchmarks/results/2026-12-04-cuda-graphs-sizes-h200.md).
 GRAPHS_BELOW = 0.75e9  # parameters
 
 

@@ -29,8 +29,8 @@ bf16 logits (fp32 in registers) and backward keeps only them plus two floats per
 
 --compile-mode reduce-overhead replays each block's compiled graphs as CUDA graphs (inductor's
 CUDA graph trees): one launch instead of dozens of kernel launches and op dispatches, for a model
-small enough that the host, not the GPU, bounds the step. With LoRA it paid on models of 135M-494M
-parameters, and not from 1.2B up or for a small full fine-tune
+small enough that the host, not the GPU, bounds the step. With LoRA it paid on the small models
+measured, and not from the 1B shape up or for a small full fine-tune
 (benchmarks/results/2026-12-04-cuda-graphs-sizes-h200.md), so --compile-mode auto (the default) picks
 it for LoRA/QLoRA under 0.75B parameters, on packed rows (core/defaults.py compile_mode): padded rows
 (--no-packing) vary in length, and each new length records a graph of its own. The training loop marks
