@@ -198,7 +198,8 @@ def compile_mode(cfg, device: torch.device, model_config, world_size: int, gpu_b
     """--compile-mode auto, once the device, the processes and the model's config are known:
     reduce-overhead for LoRA/QLoRA on a model under GRAPHS_BELOW parameters, in one process, on rows
     of one length (packed, or pretrain blocks), where the step is not tight (needs_lean: graphs keep
-    1-2 GiB of their own) and the matrix accepts it (not under --ac or --offload); default otherwise."""
+    1-2 GiB of their own), the matrix accepts it (not under --ac or --offload) and every feature on is
+    one graphs were measured with (GRAPHS_MEASURED); default otherwise."""
     c = cfg.compile
     if c.compile_mode != "auto":
         return
@@ -208,13 +209,28 @@ def compile_mode(cfg, device: torch.device, model_config, world_size: int, gpu_b
     why = _no_graphs(cfg, device, model_config, world_size, gpu_bytes)
     if why is None:
         c.compile_mode = "reduce-overhead"
-        why = _matrix_problem(cfg)
+        why = _matrix_problem(cfg) or _unmeasured(cfg)
         if why is not None:
             c.compile_mode = "default"
         else:
             n = sum(_weights(model_config))
             why = f"LoRA, {n / 1e6:.0f}M parameters: the host bounds the step; --compile-mode default turns it off"
     cfg.auto.append(f"--compile-mode {c.compile_mode} (auto: {why})")
+
+
+# The features automatic CUDA graphs were measured with, and those that run outside the graphed blocks
+# (data, the loss, the embedding table, the optimizer, logging). Under any other the default stays
+# plain until measured; --compile-mode reduce-overhead still asks for graphs by hand.
+GRAPHS_MEASURED = {
+    "--packing", "--skip-bad-samples", "--attn sdpa", "--attn flash", "--rope-scaling", "--fp8-base", "--lora",
+    "--qlora", "--rslora", "--lora-kernels", "--offload-embeddings", "--compile", "--compile-mode reduce-overhead",
+    "--loss ce", "--loss chunked", "--loss cce", "--loss liger", "--optimizer adamw-8bit", "--wandb",
+}
+
+
+def _unmeasured(cfg) -> str | None:
+    other = next((f.flag for f in compat.active(cfg) if f.flag not in GRAPHS_MEASURED), None)
+    return None if other is None else f"CUDA graphs are not measured with {other}"
 
 
 def _no_graphs(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None) -> str | None:

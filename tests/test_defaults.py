@@ -296,6 +296,10 @@ SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, intermediate_size=153
     (["--lora"], {**SMOLLM2_135M, "num_local_experts": 8}, 1, "default", "cannot size"),
     (["--lora", "--ac", "full"], SMOLLM2_135M, 1, "default", "--ac full with --compile-mode reduce-overhead"),
     (["--lora", "--micro-batch-size", "64"], SMOLLM2_135M, 1, "default", "the step would take ~"),  # tight: L4
+    (["--lora", "--fp8-base"], SMOLLM2_135M, 1, "reduce-overhead", "134M"),
+    (["--lora-8bit"], SMOLLM2_135M, 1, "default", "CUDA graphs are not measured with --lora-8bit"),
+    (["--lora", "--tiled-mlp"], SMOLLM2_135M, 1, "default", "CUDA graphs are not measured with --tiled-mlp"),
+    (["--lora", "--dora"], SMOLLM2_135M, 1, "default", "CUDA graphs are not measured with --dora"),
 ])
 def test_cuda_graphs_auto_for_small_adapter_models(argv, changes, world, want, why):
     cfg = _at(["--model", "llama3.2-1b", *argv])
@@ -318,3 +322,8 @@ def test_cuda_graphs_stay_off_on_a_cpu():
     cfg = _at(["--model", "llama3.2-1b", "--lora"], cuda=False)
     defaults.compile_mode(cfg, torch.device("cpu"), _preset_config("llama3.2-1b", **SMOLLM2_135M), 1)
     assert cfg.compile.compile_mode == "default" and not any(a.startswith("--compile-mode") for a in cfg.auto)
+
+
+def test_the_features_cuda_graphs_were_measured_with_are_matrix_rows():
+    from core import compat
+    assert defaults.GRAPHS_MEASURED <= {f.flag for f in compat.FEATURES}
