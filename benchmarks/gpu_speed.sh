@@ -19,6 +19,10 @@
 #                  fine-tune: the baseline padded and padding-free at micro-batch 16 and 32, each with and
 #                  without SDPA's cuDNN backend (slow on new lengths), beside nanotune with no tuning flag (LoRA
 #                  under 0.75B parameters: CUDA graphs) and with --compile-mode default; first the compile GPU tests
+#   graphs DIR     CUDA graphs by model size (the rule behind --compile-mode auto): LoRA with no tuning flag beside
+#                  --compile-mode reduce-overhead and --compile-mode default, on DIR (a small real checkpoint) and
+#                  random shapes of 360M and 0.5B parameters built with DIR's tokenizer (random_shape.py), on
+#                  chats of instruction-tuning lengths; then the 1B and 3B presets, LoRA, on 4,096-token chats
 #   lora           8B LoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, with and without
 #                  gradient checkpointing (lora.py)
 #   qlora          8B QLoRA: fast at micro-batch 2 and 4 vs the baseline with Liger, no kbit preparation
@@ -62,7 +66,7 @@ OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 fast="--attn flash --lora-kernels --compile"
 sub=${1:-}; shift || true
-case " defaults defaults-lora defaults-qlora defaults-full small small-lora small-full lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant profile " in
+case " defaults defaults-lora defaults-qlora defaults-full small small-lora small-full graphs lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant profile " in
   *" $sub "*) ;;
   *) sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-; exit 2 ;;
 esac
@@ -137,6 +141,23 @@ small-lora|small)
 small-full|small)
   table small-full python benchmarks/defaults.py --model "$small_dir" --method full $small_rows \
     --logs "$OUT/small-full" --out "$OUT/small-full.md" "$@"
+  ;;
+graphs)
+  dir=${1:?graphs: give a small checkpoint directory}; shift
+  both=(--defaults-with " --compile-mode reduce-overhead" " --compile-mode default")
+  weights=$(mktemp -d)   # the random checkpoints: not results
+  for shape in smollm2-360m qwen2.5-0.5b; do
+    python benchmarks/random_shape.py --shape $shape --tokenizer "$dir" --out "$weights/$shape"
+  done
+  for m in "$dir" "$weights/smollm2-360m" "$weights/qwen2.5-0.5b"; do
+    name=graphs-$(basename "$m")
+    table "$name" python benchmarks/defaults.py --model "$m" --method lora --rows defaults --lengths instruction \
+      --samples 3000 "${both[@]}" --logs "$OUT/$name" --out "$OUT/$name.md" "$@"
+  done
+  for m in llama3.2-1b llama3.2-3b; do
+    table graphs-$m python benchmarks/defaults.py --model $m --method lora --rows defaults "${both[@]}" \
+      --logs "$OUT/graphs-$m" --out "$OUT/graphs-$m.md" "$@"
+  done
   ;;
 lora)
   table lora-8b python benchmarks/lora.py --model llama3-8b --steps 20 --out "$OUT/lora-8b.md" \

@@ -58,7 +58,7 @@ class CompileConfig:
     no_compile: bool = False
     """Do not compile, also on a CUDA GPU (where --compile is on by default)."""
     compile_mode: Literal["auto", "default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "auto"
-    """Inductor mode; auto: reduce-overhead for LoRA/QLoRA on a model under 0.75B parameters in one process on a CUDA GPU, else default; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes); reduce-overhead replays the blocks as CUDA graphs (host-bound small models)."""  # noqa: E501
+    """Inductor mode; auto: reduce-overhead for LoRA/QLoRA on a model under 0.75B parameters, packed rows, one process, a CUDA GPU (core/defaults.py), else default; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes); reduce-overhead replays the blocks as CUDA graphs (host-bound small models)."""  # noqa: E501
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """inductor (fused kernels); aot_eager traces the same graphs without code generation (tests, debugging)."""
 

@@ -20,6 +20,7 @@ python benchmarks/defaults.py --model /tmp/smol --method lora --rows defaults --
   --defaults-with "$RO" " --no-lora-kernels" "$RO --no-lora-kernels" --logs $OUT/smol-lora --out $OUT/smol-lora.md
 
 # command 3 (5b981fe): random weights of two more small shapes, with SmolLM2's tokenizer and chat template
+# (benchmarks/random_shape.py, written after these runs, builds the same two: same configs, seed 0)
 python - <<'PY'
 import shutil, torch
 from pathlib import Path
