@@ -31,7 +31,8 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
                 (LoRA/QLoRA, one process) in CPU memory; each micro-batch copies its rows
                                                         [--no-offload-embeddings / --offload-embeddings]
   --compile-mode  reduce-overhead (CUDA graphs) for LoRA/QLoRA on a model under GRAPHS_BELOW
-                parameters in one process, where the host bounds the step     [--compile-mode default]
+                parameters, GRAPHS_MIN_STEPS steps or more, one process: the host bounds such steps
+                                                                        [--compile-mode default]
   --micro-batch-size  8 rows a step as peers use, but in micro-batches of 4 or 8 where the estimated
                 memory stays under 40% of the GPU's: at 2 rows a small model's step waits on kernel
                 launches (only when both --micro-batch-size and --grad-accum are unset; never below 2)
@@ -109,7 +110,7 @@ def resolve_run(cfg, total_steps: int, d, model_config, val) -> None:
     precision(cfg, d.device)
     loss(cfg, d.device, model_config)
     embedding_offload(cfg, d.device, model_config, d.world_size)
-    compile_mode(cfg, d.device, model_config, d.world_size)
+    compile_mode(cfg, d.device, model_config, d.world_size, total_steps)
 
 
 # The lean paths cost speed (the chunked loss about 4% of an 8B LoRA step, the CPU embedding table
@@ -192,11 +193,16 @@ def _weights(c) -> tuple[int, int]:
 # host, bounds the step; the limit lies between the two sizes measured on either side
 # (benchmarks/results/2026-12-04-cuda-graphs-sizes-h200.md).
 GRAPHS_BELOW = 0.75e9  # parameters
+# Recording the graphs costs seconds at start, paid back by the faster steps only in a long enough run
+# (the break-even, from the same runs' logged windows, is in the results file above).
+GRAPHS_MIN_STEPS = 200
 
 
-def compile_mode(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None = None) -> None:
-    """--compile-mode auto, once the device, the processes and the model's config are known:
-    reduce-overhead for LoRA/QLoRA on a model under GRAPHS_BELOW parameters, in one process, on rows
+def compile_mode(cfg, device: torch.device, model_config, world_size: int, total_steps: int,
+                 gpu_bytes: int | None = None) -> None:
+    """--compile-mode auto, once the device, the processes, the steps and the model's config are known:
+    reduce-overhead for LoRA/QLoRA on a model under GRAPHS_BELOW parameters, for GRAPHS_MIN_STEPS steps
+    or more, in one process, on rows
     of one length (packed, or pretrain blocks), where the step is not tight (needs_lean: graphs keep
     1-2 GiB of their own), the matrix accepts it (not under --ac or --offload) and every feature on is
     one graphs were measured with (GRAPHS_MEASURED); default otherwise."""
@@ -206,7 +212,7 @@ def compile_mode(cfg, device: torch.device, model_config, world_size: int, gpu_b
     c.compile_mode = "default"
     if device.type != "cuda" or not c.compile or c.compile_backend != "inductor":
         return
-    why = _no_graphs(cfg, device, model_config, world_size, gpu_bytes)
+    why = _no_graphs(cfg, device, model_config, world_size, total_steps, gpu_bytes)
     if why is None:
         c.compile_mode = "reduce-overhead"
         why = _matrix_problem(cfg) or _unmeasured(cfg)
@@ -233,10 +239,13 @@ def _unmeasured(cfg) -> str | None:
     return None if other is None else f"CUDA graphs are not measured with {other}"
 
 
-def _no_graphs(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None) -> str | None:
+def _no_graphs(cfg, device: torch.device, model_config, world_size: int, total_steps: int,
+               gpu_bytes: int | None) -> str | None:
     """Why CUDA graphs stay off for this run, or None."""
     if not adapters_on(cfg.lora):
         return "full fine-tune: graphs measured no faster"
+    if total_steps < GRAPHS_MIN_STEPS:
+        return f"{total_steps} steps: recording CUDA graphs pays back from about {GRAPHS_MIN_STEPS}"
     if world_size > 1:
         return f"{world_size} processes: graphs run in one"
     if not (cfg.packing.packing or cfg.data.dataset_format == "pretrain"):

@@ -32,10 +32,10 @@ CUDA graph trees): one launch instead of dozens of kernel launches and op dispat
 small enough that the host, not the GPU, bounds the step. With LoRA it paid on the small models
 measured, and not from the 1B shape up or for a small full fine-tune
 (benchmarks/results/2026-12-04-cuda-graphs-sizes-h200.md), so --compile-mode auto (the default) picks
-it for LoRA/QLoRA under 0.75B parameters, on packed rows (core/defaults.py compile_mode): padded rows
-(--no-packing) vary in length, and each new length records a graph of its own. The training loop marks
-each micro-step (step_begin), keeps the gradients allocated (keep_grads) and evaluates eagerly
-(eager_during). One process only, and not under --ac or --offload (core/compat.py).
+it for LoRA/QLoRA under 0.75B parameters, in runs of 200 steps or more (recording costs seconds at
+start), on packed rows (core/defaults.py compile_mode): padded rows (--no-packing) vary in length, and
+each new length records a graph of its own. The training loop marks each micro-step (step_begin),
+keeps the gradients allocated (keep_grads) and evaluates eagerly (eager_during). One process only, and not under --ac or --offload (core/compat.py).
 
 Works with: every --attn backend, --lora / --qlora / --lora-kernels, --ac, --loss. On CPU it
 runs too (inductor's C++ backend, slow to compile: for tests use --compile-backend aot_eager).
@@ -58,7 +58,7 @@ class CompileConfig:
     no_compile: bool = False
     """Do not compile, also on a CUDA GPU (where --compile is on by default)."""
     compile_mode: Literal["auto", "default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "auto"
-    """Inductor mode; auto: reduce-overhead for LoRA/QLoRA on a model under 0.75B parameters, packed rows, one process, a CUDA GPU (core/defaults.py), else default; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes); reduce-overhead replays the blocks as CUDA graphs (host-bound small models)."""  # noqa: E501
+    """Inductor mode; auto: reduce-overhead for LoRA/QLoRA on a model under 0.75B parameters, 200+ steps, packed rows, one process, a CUDA GPU (core/defaults.py), else default; max-autotune-no-cudagraphs benchmarks matmul/fusion choices at start (minutes); reduce-overhead replays the blocks as CUDA graphs (host-bound small models)."""  # noqa: E501
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """inductor (fused kernels); aot_eager traces the same graphs without code generation (tests, debugging)."""
 

@@ -297,13 +297,15 @@ SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, intermediate_size=153
     (["--lora", "--ac", "full"], SMOLLM2_135M, 1, "default", "--ac full with --compile-mode reduce-overhead"),
     (["--lora", "--micro-batch-size", "64"], SMOLLM2_135M, 1, "default", "the step would take ~"),  # tight: L4
     (["--lora", "--fp8-base"], SMOLLM2_135M, 1, "reduce-overhead", "134M"),
+    (["--lora", "--max-steps", "50"], SMOLLM2_135M, 1, "default", "50 steps: recording CUDA graphs pays back from"),
     (["--lora-8bit"], SMOLLM2_135M, 1, "default", "CUDA graphs are not measured with --lora-8bit"),
     (["--lora", "--tiled-mlp"], SMOLLM2_135M, 1, "default", "CUDA graphs are not measured with --tiled-mlp"),
     (["--lora", "--dora"], SMOLLM2_135M, 1, "default", "CUDA graphs are not measured with --dora"),
 ])
 def test_cuda_graphs_auto_for_small_adapter_models(argv, changes, world, want, why):
     cfg = _at(["--model", "llama3.2-1b", *argv])
-    defaults.compile_mode(cfg, torch.device("cuda"), _preset_config("llama3.2-1b", **changes), world,
+    steps = 50 if "--max-steps" in argv else 1000
+    defaults.compile_mode(cfg, torch.device("cuda"), _preset_config("llama3.2-1b", **changes), world, steps,
                           L4 if "64" in argv else H200)
     assert cfg.compile.compile_mode == want
     line = next(a for a in cfg.auto if a.startswith("--compile-mode"))
@@ -313,14 +315,14 @@ def test_cuda_graphs_auto_for_small_adapter_models(argv, changes, world, want, w
 @pytest.mark.parametrize("argv", [["--compile-mode", "default"], ["--no-compile"], ["--compile-backend", "aot_eager"]])
 def test_cuda_graphs_stay_off_when_asked_or_not_compiled(argv):
     cfg = _at(["--model", "llama3.2-1b", "--lora", *argv])
-    defaults.compile_mode(cfg, torch.device("cuda"), _preset_config("llama3.2-1b", **SMOLLM2_135M), 1, H200)
+    defaults.compile_mode(cfg, torch.device("cuda"), _preset_config("llama3.2-1b", **SMOLLM2_135M), 1, 1000, H200)
     assert cfg.compile.compile_mode == "default"
     assert not any(a.startswith("--compile-mode") for a in cfg.auto)
 
 
 def test_cuda_graphs_stay_off_on_a_cpu():
     cfg = _at(["--model", "llama3.2-1b", "--lora"], cuda=False)
-    defaults.compile_mode(cfg, torch.device("cpu"), _preset_config("llama3.2-1b", **SMOLLM2_135M), 1)
+    defaults.compile_mode(cfg, torch.device("cpu"), _preset_config("llama3.2-1b", **SMOLLM2_135M), 1, 1000)
     assert cfg.compile.compile_mode == "default" and not any(a.startswith("--compile-mode") for a in cfg.auto)
 
 
