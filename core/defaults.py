@@ -244,16 +244,16 @@ def _no_graphs(cfg, device: torch.device, model_config, world_size: int, total_s
     """Why CUDA graphs stay off for this run, or None."""
     if not adapters_on(cfg.lora):
         return "full fine-tune: graphs measured no faster"
+    if not _estimable(model_config):
+        return "a model the estimate cannot size"
+    if (n := sum(_weights(model_config))) >= GRAPHS_BELOW:
+        return f"{n / 1e9:.1f}B parameters; CUDA graphs pay under {GRAPHS_BELOW / 1e9:g}B"
     if total_steps < GRAPHS_MIN_STEPS:
         return f"{total_steps} steps: recording CUDA graphs pays back from about {GRAPHS_MIN_STEPS}"
     if world_size > 1:
         return f"{world_size} processes: graphs run in one"
     if not (cfg.packing.packing or cfg.data.dataset_format == "pretrain"):
         return "padded rows of many lengths: a graph recorded for each"
-    if not _estimable(model_config):
-        return "a model the estimate cannot size"
-    if (n := sum(_weights(model_config))) >= GRAPHS_BELOW:
-        return f"{n / 1e9:.1f}B parameters; CUDA graphs pay under {GRAPHS_BELOW / 1e9:g}B"
     return needs_lean(cfg, model_config, device, gpu_bytes)
 
 
