@@ -35,7 +35,8 @@ measured, and not from the 1B shape up or for a small full fine-tune
 it for LoRA/QLoRA under 0.75B parameters, in runs of 200 steps or more (recording costs seconds at
 start), on packed rows (core/defaults.py compile_mode): padded rows (--no-packing) vary in length, and
 each new length records a graph of its own. The training loop marks each micro-step (step_begin),
-keeps the gradients allocated (keep_grads) and evaluates eagerly (eager_during). One process only, and not under --ac or --offload (core/compat.py).
+keeps the gradients allocated (keep_grads) and evaluates eagerly (eager_during). One process only,
+and not under --ac or --offload (core/compat.py).
 
 Works with: every --attn backend, --lora / --qlora / --lora-kernels, --ac, --loss. On CPU it
 runs too (inductor's C++ backend, slow to compile: for tests use --compile-backend aot_eager).
