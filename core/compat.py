@@ -205,12 +205,17 @@ NOTES = [
 
 
 def field_value(cfg, path: str):
-    """(value, present): a feature whose module is not in this checkout is absent, not an error."""
-    for name in path.split("."):
-        if not hasattr(cfg, name):
-            return None, False
-        cfg = getattr(cfg, name)
-    return cfg, True
+    """(value, present): a feature whose config section is not in this Config (its module removed from a
+    fork) is absent, not an error; a section without the field is a mistyped path, and raises."""
+    section, *names = path.split(".")
+    if not hasattr(cfg, section):
+        return None, False
+    value = getattr(cfg, section)
+    for name in names:
+        if not hasattr(value, name):
+            raise AttributeError(f"core/compat.py: {path!r} names no field of {type(value).__name__}")
+        value = getattr(value, name)
+    return value, True
 
 
 def rows(cfg) -> list[Feature]:

@@ -33,8 +33,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from core import UserError, optional
-from core.compat import field_value
+from core import UserError, compat, optional
 from core.distributed import Dist, peer_failure, record_error, teardown
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -104,30 +103,45 @@ class StepGuard:
 
 # ---- out of memory
 
-# (config field path, "already on" test, advice): the flags that lower peak memory, cheapest first.
-# Paths missing from the Config (a feature not in this checkout) are skipped.
+# (config field path, "already on" test, advice, the matrix row it turns on): the flags that lower peak
+# memory, cheapest first. Paths missing from the Config (a feature not in this checkout) are skipped.
 _MEMORY_FLAGS = [
-    ("train.micro_batch_size", lambda v: v <= 1, "lower --micro-batch-size and raise --grad-accum (same global batch)"),
-    ("checkpointing.ac", lambda v: v != "none", "--ac full (recompute activations in backward)"),
-    ("loss.loss", lambda v: v not in ("ce", "auto"), "--loss chunked (never materializes the full logits)"),
-    ("lora_kernels.lora_kernels", bool, "--lora-kernels (fused LoRA, recomputes instead of saving)"),
-    ("lora.qlora", bool, "--qlora (4-bit base weights)"),
-    ("offload.offload", lambda v: v not in ("none", None, False), "--offload cpu (activations to host memory)"),
-    ("tiled_mlp.tiled_mlp", bool, "--tiled-mlp (MLP in sequence tiles)"),
+    ("train.micro_batch_size", lambda v: v <= 1, "lower --micro-batch-size and raise --grad-accum (same global batch)",
+     None),
+    ("checkpointing.ac", lambda v: v != "none", "--ac full (recompute activations in backward)", "--ac full"),
+    ("loss.loss", lambda v: v not in ("ce", "auto"), "--loss chunked (never materializes the full logits)",
+     "--loss chunked"),
+    ("lora_kernels.lora_kernels", bool, "--lora-kernels (fused LoRA, recomputes instead of saving)", "--lora-kernels"),
+    ("lora.qlora", bool, "--qlora in place of --lora (4-bit base weights)", "--qlora"),
+    ("offload.offload", lambda v: v not in ("none", None, False), "--offload cpu (activations to host memory)",
+     "--offload cpu"),
+    ("tiled_mlp.tiled_mlp", bool, "--tiled-mlp (MLP in sequence tiles)", "--tiled-mlp"),
     ("embedding_offload.offload_embeddings", bool,
-     "--offload-embeddings (a frozen input-embedding table in CPU memory)"),
-    ("sharding.fsdp", bool, "--fsdp with several GPUs (shards weights, grads and optimizer state)"),
+     "--offload-embeddings (a frozen input-embedding table in CPU memory)", "--offload-embeddings"),
+    ("sharding.fsdp", bool, "--fsdp with several GPUs (shards weights, grads and optimizer state)", "--fsdp"),
 ]
+_REPLACES = {"--qlora": "--lora"}  # advice that swaps a flag: --qlora is advised only in place of --lora
 
 
 def memory_advice(cfg) -> list[str]:
-    """The memory-saving flags this run does not use yet."""
+    """The memory-saving flags this run does not use yet and the compatibility matrix accepts with the
+    flags it does use (no --lora-kernels for a full fine-tune, no --ac under CUDA graphs)."""
+    present, on = {f.flag: f for f in compat.rows(cfg)}, compat.active(cfg)
     advice = []
-    for path, is_on, text in _MEMORY_FLAGS:
-        value, present = field_value(cfg, path)
-        if present and not is_on(value):
+    for path, is_on, text, flag in _MEMORY_FLAGS:
+        value, there = compat.field_value(cfg, path)
+        if there and not is_on(value) and (flag is None or _accepted(flag, on, present)):
             advice.append(text)
     return advice
+
+
+def _accepted(flag: str, on: list, present: dict) -> bool:
+    """Whether the matrix accepts `flag` beside the run's flags (the flag it would replace set aside)."""
+    row, replaced = present.get(flag), _REPLACES.get(flag)
+    if row is None or (replaced is not None and replaced not in {f.flag for f in on}):
+        return False
+    kept = [f for f in on if f.field != row.field and f.flag != replaced]
+    return compat.problem(kept + [row], torch.cuda.is_available(), list(present.values())) is None
 
 
 def _gib(n: float) -> str:
@@ -148,7 +162,7 @@ def oom_report(err: BaseException, cfg) -> str:
     run = []
     for flag, path in (("--model", "model.path"), ("--precision", "model.precision"), ("--seq-len", "data.seq_len"),
                        ("--micro-batch-size", "train.micro_batch_size")):
-        value, present = field_value(cfg, path)
+        value, present = compat.field_value(cfg, path)
         if present:
             run.append(f"{flag} {value}")
     advice = memory_advice(cfg) if cfg is not None else []

@@ -158,6 +158,17 @@ def test_refusals_and_needs_name_existing_rows():
         assert {other for other, _ in f.refuses} <= flags and set(f.needs) <= flags, f.flag
 
 
+def test_every_row_names_a_field_of_this_checkout():
+    """A row whose section is missing counts as a feature removed from a fork; in this checkout every
+    section is here, so a mistyped section would silently drop the row's refusals: none may be missing.
+    A mistyped field inside a section raises."""
+    cfg = train.Config()
+    assert [f.flag for f in compat.FEATURES if not compat.field_value(cfg, f.field)[1]] == []
+    assert compat.field_value(cfg, "no_such_section.lora") == (None, False)
+    with pytest.raises(AttributeError, match="'lora.lroa' names no field of LoraConfig"):
+        compat.field_value(cfg, "lora.lroa")
+
+
 def test_every_feature_flag_has_a_row():
     """A new bool or choice flag must get a matrix row, or be listed as a plain setting in compat.SETTINGS."""
     hints = typing.get_type_hints

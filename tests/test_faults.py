@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_metrics, run_train
-from core import faults
+from core import compat, faults
 from core.checkpoint import MANIFEST, checkpoints, resolve_resume, verify
 from core.distributed import Dist
 
@@ -290,6 +290,22 @@ def test_out_of_memory_is_one_message_with_sizes_and_memory_flags(tmp_path, smal
     assert len(err) == 1 and err[0].startswith("error: out of memory (tried to allocate 2.50 GiB"), err
     assert "--micro-batch-size 4" in err[0] and "--seq-len 512" in err[0]
     assert all(a in err[0] for a in advised) and not any(a in err[0] for a in not_advised), err[0]
+
+
+@pytest.mark.parametrize("argv, advised, not_advised", [
+    ([], ["--ac full", "--loss chunked"], ["--lora-kernels", "--qlora", "--offload-embeddings"]),  # full fine-tune
+    (["--lora"], ["--lora-kernels", "--qlora in place of --lora", "--offload-embeddings"], []),
+    (["--lora", "--dora"], ["--qlora in place of --lora"], ["--lora-kernels"]),  # the kernels refuse DoRA
+    (["--lora-8bit"], ["--offload-embeddings"], ["--qlora", "--lora-kernels"]),
+    (["--qlora", "--lora-kernels"], ["--ac full"], ["--qlora", "--lora-kernels"]),
+])
+def test_memory_advice_offers_only_flags_the_matrix_accepts_with_the_run(argv, advised, not_advised):
+    import train
+
+    cfg = train.parse_config(argv)
+    assert all(compat.field_value(cfg, path)[1] for path, *_ in faults._MEMORY_FLAGS)
+    advice = " ".join(faults.memory_advice(cfg))
+    assert all(a in advice for a in advised) and not any(a in advice for a in not_advised), advice
 
 
 def test_out_of_memory_with_the_prefetch_thread_busy_exits_3_cleanly(tmp_path, small_data):
