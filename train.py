@@ -29,7 +29,7 @@ The step loop branches twice, both commented (DeepSpeed's engine steps itself; -
 gradients once a step); other per-step work goes through optimizer hooks (--qat start, --fp8 scales).
 """
 
-from __future__ import annotations  # Config field names match their modules: annotations resolve at module level
+from __future__ import annotations  # fields named as their modules (lora: lora.LoraConfig) resolve at module level
 
 import dataclasses
 import functools
@@ -95,8 +95,8 @@ CLI = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagCreatePairsOff)  # --packing; --
 
 
 def validate(cfg: Config) -> None:
-    """One pass before anything loads: single values, then the compatibility matrix (the only place a
-    flag pair is refused), then each module's own values."""
+    """One pass before anything loads: single values, then the compatibility matrix (every pair of
+    feature flags is refused there), then each module's own values and settings."""
     core.config.check_values(cfg)
     defaults.validate(cfg)  # --x with --no-x
     compat.check(cfg, cuda=uses_cuda(cfg))
@@ -269,7 +269,7 @@ def train(cfg: Config) -> dict:
                 # DDP / FSDP average gradients over the dp x cp ranks: scale by them to get sum / global targets
                 (loss_sum * (d.grad_ranks / n_targets)).backward()
                 step_loss += loss_sum.detach()
-            if deepspeed_zero.is_engine(model):  # DeepSpeed's engine reduces, clips, updates (the one allowed branch)
+            if deepspeed_zero.is_engine(model):  # DeepSpeed's engine reduces, clips, updates (a documented branch)
                 grad_norm = deepspeed_zero.step(model)
             else:
                 if d.size("tp") > 1:  # --tp --lora: lora_A's gradients, summed over tp once a step

@@ -7,7 +7,7 @@ or ShareGPT's {"from", "value"} turns under "conversations".
 """
 
 from core import UserError
-from core.records import BadRecord, Sample, encodable
+from core.records import IGNORE, BadRecord, Sample, encodable
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -124,7 +124,7 @@ def tokenize_chat(record, where, tok) -> Sample:
 
     text, special = render(messages), special_ids(tok)
     ids, spans = _token_spans(tok, text)
-    labels, prompt_len, response_end = [-100] * len(ids), 0, None
+    labels, prompt_len, response_end = [IGNORE] * len(ids), 0, None
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue

@@ -9,13 +9,15 @@ says the fix. `check` runs first in train.validate, before any model or data loa
 combination that cannot work ends the run at once with one line. A pair that no row refuses works
 together: tests/test_compat.py builds every pair of rows and checks that train.validate accepts
 exactly the pairs this table accepts and refuses the others with this table's reason. This is
-the only place a flag pair is refused: a module's `validate(cfg)` checks its own values only.
+the only place two feature flags are refused together; a module's `validate(cfg)` checks its own
+values and their settings (adamw-sr with --precision fp32, --compile-mode with --no-compile).
 Refusals that depend on the model or the number of processes (heads that --tp must divide, --tp
 with data parallelism but without --fsdp) stay in the module that knows them, and are listed in
 `NOTES`.
 
 Adding a feature: one `Feature(...)` line below; the pair test follows, and `python docs/compatibility.py`
-rewrites the docs table.
+rewrites the docs table. While a new row is on, --compile-mode auto keeps CUDA graphs off until the
+row is measured with them and named in core/defaults.py `GRAPHS_MEASURED`.
 """
 
 import dataclasses
@@ -79,7 +81,7 @@ FEATURES = [
     Feature("--packing", "packing.packing"),
     Feature("--alst", "alst.alst"),
     Feature("--skip-bad-samples", "data.skip_bad_samples"),
-    # 1. model loading: attention backends (auto: flash on a CUDA GPU when installed, else sdpa)
+    # model loading: attention backends (auto: flash on a CUDA GPU when installed, else sdpa)
     Feature("--attn sdpa", "attention.attn", "sdpa"),
     Feature("--attn eager", "attention.attn", "eager"),
     Feature("--attn flex", "attention.attn", "flex",
@@ -91,7 +93,7 @@ FEATURES = [
             cuda="xformers kernels run on CUDA GPUs; use --attn sdpa on CPU"),
     Feature("--rope-scaling", "overrides.rope_scaling", lambda v: v != "none",
             example="--rope-scaling linear --rope-factor 2"),
-    # 2. module swaps
+    # module swaps
     Feature("--tiled-mlp", "tiled_mlp.tiled_mlp"),
     Feature("--qat", "qat.qat", refuses=(("--qlora", _QUANTIZED), ("--lora-8bit", _QUANTIZED), ("--gptq", _QUANTIZED))),
     Feature("--liger", "liger.liger", cuda="Liger's Triton kernels need a CUDA GPU; drop --liger on CPU"),
@@ -107,7 +109,7 @@ FEATURES = [
         ("--qat", "QAT fakes int4/int8 numerics, --fp8-base computes in FP8; drop one of them"),
         ("--dora", "DoRA reads the whole base weight every step; --fp8-base keeps it in FP8 only; drop one"),
         ("--fsdp", _FP8_BASE), ("--tp N", _FP8_BASE), ("--deepspeed", _FP8_BASE))),
-    # 3. adapters
+    # adapters
     Feature("--lora", "lora.lora", refuses=(("--qlora", _ALT), ("--lora-8bit", _ALT))),
     Feature("--qlora", "lora.qlora", refuses=(("--lora-8bit", _ALT),)),
     Feature("--lora-8bit", "lora.lora_8bit"),
@@ -116,14 +118,14 @@ FEATURES = [
     Feature("--lora-kernels", "lora_kernels.lora_kernels", needs=("--lora", "--qlora"), refuses=(
         ("--lora-8bit", "--lora-kernels fuses a bf16/fp32 or 4-bit base, not LLM.int8; use --lora or --qlora"),
         ("--dora", "--lora-kernels computes plain LoRA, not DoRA; drop --lora-kernels or --dora"))),
-    # 5. activation memory
+    # activation memory
     Feature("--ac full", "checkpointing.ac", "full"),
     Feature("--ac selective", "checkpointing.ac", "selective"),
     Feature("--offload cpu", "offload.offload", "cpu"),
     Feature("--offload disk", "offload.offload", "disk"),
     Feature("--offload-embeddings", "embedding_offload.offload_embeddings", needs=_ADAPTERS, refuses=tuple(
         (other, _ONE_PROCESS) for other in ("--ddp", "--fsdp", "--dp-replicate N", "--tp N", "--cp N", "--deepspeed"))),
-    # 6. compile
+    # compile
     Feature("--compile", "compile.compile"),
     Feature("--compile-mode default", "compile.compile_mode", "default"),  # no CUDA graphs: auto's off switch
     Feature("--compile-mode max-autotune-no-cudagraphs", "compile.compile_mode", "max-autotune-no-cudagraphs"),
@@ -133,7 +135,7 @@ FEATURES = [
                   for other in ("--ac full", "--ac selective", "--offload cpu", "--offload disk")),
                 *((other, _GRAPHS_ONE_PROCESS)
                   for other in ("--ddp", "--fsdp", "--dp-replicate N", "--tp N", "--cp N", "--deepspeed")))),
-    # 7. parallelism and sharding
+    # parallelism and sharding
     Feature("--ddp", "sharding.ddp"),
     Feature("--fsdp", "sharding.fsdp", refuses=(("--ddp", "--fsdp and --ddp are two ways to do data parallelism; "
                                                          "pass one of them"),)),
@@ -159,7 +161,7 @@ FEATURES = [
                 ("--qat", "DeepSpeed's engine would wrap QAT's fake-quantized model; use --fsdp with --qat"))),
     Feature("--ds-offload", "deepspeed.ds_offload", needs=("--deepspeed",)),
     Feature("--ds-overlap-comm", "deepspeed.ds_overlap_comm", needs=("--deepspeed",)),
-    # 8. loss
+    # loss
     Feature("--loss ce", "loss.loss", "ce"),  # the full logits (auto picks chunked for LoRA on a GPU)
     Feature("--loss chunked", "loss.loss", "chunked"),
     Feature("--loss cce", "loss.loss", "cce", cuda=_NO_GPU_TRITON),

@@ -15,9 +15,9 @@ from core import UserError
 @dataclasses.dataclass
 class TrainConfig:
     micro_batch_size: int | None = None
-    """Rows per forward/backward pass on each rank (samples, or packed --seq-len rows); unset: 2 (the demo: 32)."""
+    """Rows per forward/backward pass on each rank (samples, or packed --seq-len rows); unset: 2, or 4-8 on a GPU with room (core/defaults.py; the demo: 32)."""  # noqa: E501
     grad_accum: int | None = None
-    """Micro-batches per optimizer step (global batch = micro-batch-size x grad-accum x ranks); unset: 4 (demo: 1)."""
+    """Micro-batches per optimizer step (global batch = micro-batch-size x grad-accum x ranks); unset: 8 rows a step (demo: 1)."""  # noqa: E501
     max_steps: int = -1
     """Optimizer steps to run; -1 derives them from --epochs."""
     epochs: float | None = None

@@ -34,7 +34,7 @@ from typing import Literal
 
 from core import UserError, data_cache
 from core.chat import tokenize_chat
-from core.records import BadRecord, Sample, encodable
+from core.records import IGNORE, BadRecord, Sample, encodable
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -221,7 +221,7 @@ def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
     prompt_ids = _encode(tok, prompt, first=True) if prompt else []
     response_ids = _encode(tok, response, first=not prompt) + [tok.eos_token_id]
     ids = prompt_ids + response_ids
-    return Sample(ids, [-100] * len(prompt_ids) + response_ids, len(prompt_ids))
+    return Sample(ids, [IGNORE] * len(prompt_ids) + response_ids, len(prompt_ids))
 
 
 def tokenize(record: dict, fmt: str, where: str, tok, train_on_inputs: bool) -> Sample:
@@ -251,7 +251,7 @@ def _fit(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], dict]:
             stats["truncated"] += 1
             cut = cfg.seq_len
             s = Sample(s.input_ids[:cut], s.labels[:cut], min(s.prompt_len, cut), min(s.response_end or cut, cut))
-        if all(label == -100 for label in s.labels[1:]):  # the first token is never a target
+        if all(label == IGNORE for label in s.labels[1:]):  # the first token is never a target
             stats["dropped_untrained"] += 1
             continue
         kept.append(s)

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from core import UserError
 from core.attention import model_inputs
-
-IGNORE = -100
+from core.records import IGNORE
 
 
 @dataclasses.dataclass
@@ -32,16 +31,14 @@ _FUSED_PACKAGES = {"cce": ("cut_cross_entropy", "cut-cross-entropy"), "liger": (
 
 
 def validate(cfg) -> None:
-    """--loss-chunk, and --loss cce / liger where their kernels cannot run (features/fused_loss.py)."""
+    """--loss-chunk, and --loss cce / liger without their package (the compatibility matrix refuses them
+    on CPU first; features/fused_loss.py)."""
     loss = cfg.loss
     if loss.loss_chunk is not None and loss.loss_chunk < 1:
         raise UserError(f"--loss-chunk must be at least 1 (got {loss.loss_chunk})")
     if loss.loss not in _FUSED_PACKAGES:
         return
     module, package = _FUSED_PACKAGES[loss.loss]
-    if cfg.train.device == "cpu" or not torch.cuda.is_available():
-        raise UserError(f"--loss {loss.loss} runs Triton kernels and needs a CUDA GPU; on CPU use --loss chunked "
-                        f"(exact, pure PyTorch)")
     if importlib.util.find_spec(module) is None:
         raise UserError(f"--loss {loss.loss} needs the {package} package: pip install {package} "
                         f"(or use --loss chunked)")

@@ -161,7 +161,9 @@ def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementati
 
 
 def decoder_blocks(model) -> list[torch.nn.Module]:
-    """The decoder layers, in order (what activation checkpointing, offload and compile wrap one by one)."""
+    """The decoder layers, in order, found by transformers' layer class (what activation checkpointing,
+    --fp8-base and compile walk). Sharding finds its blocks by layout instead (core/distributed.py
+    attention_blocks: a ModuleList of layers with self_attn), which also serves remote-code models."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -39,7 +39,7 @@ class OptimConfig:
     lr: float | None = None
     """Peak learning rate; unset: 2e-4 for LoRA/QLoRA, 2e-5 for full fine-tuning, 2e-3 for the demo."""
     min_lr_ratio: float = 0.1
-    """The schedule ends at lr * min-lr-ratio."""
+    """The schedule decays toward lr * min-lr-ratio, reached as the last step ends."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
     warmup_steps: int | None = None

@@ -20,7 +20,7 @@ import dataclasses
 
 import torch
 
-from core.data import Sample
+from core.records import IGNORE, Sample
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ def collate_packed(rows: list[list[Sample]], pad_id: int, width: int | None = No
     """
     width = width or max(sum(len(s.input_ids) for s in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     lengths, real = [], 0
     for r, row in enumerate(rows):
@@ -73,7 +73,7 @@ def collate_packed(rows: list[list[Sample]], pad_id: int, width: int | None = No
         for s in row:
             n = len(s.input_ids)
             ids[r, at:at + n], labels[r, at:at + n] = torch.tensor(s.input_ids), torch.tensor(s.labels)
-            labels[r, at] = -100  # nothing before it in its document: never a target
+            labels[r, at] = IGNORE  # nothing before it in its document: never a target
             positions[r, at:at + n] = torch.arange(n)
             lengths.append(n)
             at += n

@@ -5,6 +5,8 @@ import dataclasses
 
 from core import UserError
 
+IGNORE = -100  # the label of a token that is not trained (torch's cross_entropy ignore_index)
+
 
 class BadRecord(UserError):
     """One malformed record, named by file and line: stops the run, or is skipped with --skip-bad-samples."""
@@ -13,7 +15,7 @@ class BadRecord(UserError):
 @dataclasses.dataclass
 class Sample:
     input_ids: list[int]
-    labels: list[int]  # aligned with input_ids (not shifted); -100 = not trained
+    labels: list[int]  # aligned with input_ids (not shifted); IGNORE = not trained
     prompt_len: int  # tokens before the last trained response (the exact-match prompt)
     response_end: int | None = None  # where that response's trained span ends; None: at the end of input_ids
 

@@ -22,17 +22,20 @@ import torch
 PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "tyro", "accelerate",
             "bitsandbytes", "flash-attn", "flash-attn-4", "torchao", "deepspeed", "liger-kernel",
             "cut-cross-entropy", "wandb")
-# Dense bf16 datasheet peaks (FLOP/s) by GPU name; MFU is reported against these.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12,
-             "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+# Dense bf16 datasheet peaks (FLOP/s) by GPU name; MFU is reported against these. The first name the
+# device's contains wins, so a variant comes before its family ("H100 PCIe" before "H100", the SXM part).
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+             "A100": 312e12, "B200": 2250e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
 _REPO = Path(__file__).resolve().parent.parent
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return peak_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_for(gpu_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its CUDA name ("NVIDIA H100 80GB HBM3"), or None when unknown."""
+    return next((v for k, v in PEAK_BF16.items() if k in gpu_name), None)
 
 
 def device_name(device: torch.device) -> str:

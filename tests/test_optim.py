@@ -1,18 +1,36 @@
 """--optimizer adamw-8bit: bitsandbytes' 8-bit AdamW trains, keeps 8-bit moments, and resumes exactly.
 --optimizer adamw-sr: torch's AdamW on fp32 weights, unbiased stochastic rounding on bf16 weights, where
-plain AdamW's small updates round away."""
+plain AdamW's small updates round away. The learning-rate schedules, value by value."""
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
 
 from conftest import read_metrics, run_train
-from core.optim import OptimConfig, StochasticRoundingAdamW, build_optimizer, stochastic_round
+from core.optim import OptimConfig, StochasticRoundingAdamW, build_optimizer, lr_factor, stochastic_round
 
 ARGS = ["--max-steps", "6", "--log-every", "1", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--seed", "3", "--optimizer", "adamw-8bit", "--skip-export"]
+
+
+@pytest.mark.parametrize("schedule, mid, last", [
+    ("cosine", 0.55, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9))),  # progress 0.5, then 0.9
+    ("linear", 0.55, 0.1 + 0.9 * 0.1),
+    ("constant", 1.0, 1.0),
+])
+def test_lr_schedule_warms_up_linearly_then_decays_toward_min_lr_ratio(schedule, mid, last):
+    """12 updates, 2 of warm-up: the update at step s runs at lr x lr_factor(s); decay spans steps 2-11
+    over 10 steps, so the last update runs at progress 0.9 (the Hugging Face schedulers' convention) and
+    lr x min-lr-ratio would be the next one's."""
+    cfg = OptimConfig(lr_schedule=schedule, warmup_steps=2, min_lr_ratio=0.1)
+    factors = [lr_factor(step, cfg, 12) for step in range(12)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert factors[7] == pytest.approx(mid) and factors[11] == pytest.approx(last)
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    assert lr_factor(12, cfg, 12) == pytest.approx(0.1 if schedule != "constant" else 1.0)
 
 
 def test_8bit_moments_for_matrices():

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import read_metrics, run_train
-from core.runlog import MetricsLog, StepMeter, format_line
+from core.runlog import MetricsLog, StepMeter, format_line, peak_for
 
 
 def test_step_meter_reduces_a_window_and_resets():
@@ -23,6 +24,14 @@ def test_step_meter_reduces_a_window_and_resets():
     assert record["eta_s"] >= 0 and record["tokens_per_s"] > 0
     again = meter.record(5, lr=1e-3, grad_norm=torch.tensor(1.0), reduce=lambda t: t)
     assert again["tokens"] == 116 and again["loss"] == 0.0  # the window was reset
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA T4", None),
+])
+def test_mfu_peak_by_gpu_name_takes_the_variant_before_its_family(name, peak):
+    assert peak_for(name) == peak
 
 
 def test_format_line_names_every_number():
