@@ -133,7 +133,7 @@ def build_model(cfg: Config, run: Run):
         model = qat.apply(model, cfg, run)
     if cfg.fp8.fp8 != "none":
         model = fp8.apply(model, cfg, run)
-    if lora.enabled(cfg.lora):
+    if core.config.adapters_on(cfg.lora):
         model = gptq.apply(model, cfg, run) if cfg.gptq.gptq else lora.apply(model, cfg, run)
     if cfg.fp8_base.fp8_base:
         model = fp8_base.apply(model, cfg, run)
@@ -319,7 +319,7 @@ def save_final(model, cfg: Config, tok, out, d, say) -> None:
         return
     # sharded weights (FSDP / TP / ZeRO-3) made whole on every rank for the export
     model = deepspeed_zero.gather_full(model) if deepspeed_zero.is_engine(model) else fsdp.gather_full(model, d)
-    if lora.enabled(cfg.lora):  # the adapter in peft's format (+ a preset's random base)
+    if core.config.adapters_on(cfg.lora):  # the adapter in peft's format (+ a preset's random base)
         final = lora.export(unwrap(model), tok, out / "final") if d.is_main else None
     else:
         final = core.checkpoint.export_hf(model, tok, out / "final", d)

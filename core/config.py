@@ -44,6 +44,11 @@ class TrainConfig:
     """Do not write the final model to <output-dir>/final (benchmarks; checkpoints still follow --save-every)."""
 
 
+def adapters_on(lora_cfg) -> bool:
+    """LoRA, QLoRA or 8-bit LoRA (`lora_cfg`: --lora's config): a frozen base under trained adapters."""
+    return bool(lora_cfg.lora or lora_cfg.qlora or lora_cfg.lora_8bit)
+
+
 def check_values(cfg) -> None:
     """Refuse values that cannot work, naming the flag and the fix (`cfg`: train.Config)."""
     t, o, d = cfg.train, cfg.optim, cfg.data

@@ -48,17 +48,13 @@ import math
 import torch
 
 from core import UserError, compat
+from core.config import adapters_on
 
 DEMO_PREFIX = "tiny-"  # the embedded demo's presets: ~1M parameters, sized for a CPU
 # the demo's epochs: about 1,000 steps, enough for exact match to climb well above zero within minutes on a CPU
 DEMO = dict(lr=2e-3, micro_batch_size=32, grad_accum=1, epochs=1.6, seq_len=512, warmup_steps=50)
 REAL = dict(lr_adapter=2e-4, lr_full=2e-5, micro_batch_size=2, grad_accum=4, epochs=3.0, warmup_ratio=0.03,
             packed_row=4096)
-
-
-def adapters_on(lora_cfg) -> bool:
-    """LoRA, QLoRA or 8-bit LoRA: a frozen base under trained adapters."""
-    return bool(lora_cfg.lora or lora_cfg.qlora or lora_cfg.lora_8bit)
 
 
 def is_demo(cfg) -> bool:

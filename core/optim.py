@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from core import UserError
-from core.defaults import adapters_on
+from core.config import adapters_on
 
 
 @dataclasses.dataclass

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from core import UserError, optional
-from core.defaults import adapters_on
+from core.config import adapters_on
 from core.distributed import attention_blocks
 
 # DeepSpeed 0.19.8 warns at import, on a machine without a GPU, that it runs on the CPU (as asked: gloo)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from core import UserError, optional
-from core.defaults import adapters_on
+from core.config import adapters_on
 
 # bitsandbytes 0.50.2 on an AVX512-BF16 CPU fetches a hub kernel for 4-bit inference at import and logs
 # when it cannot; training never runs that kernel (_work_around_bitsandbytes switches that path off)
@@ -67,15 +67,12 @@ class LoraConfig:
     """DoRA: learn a per-output magnitude on top of the low-rank direction update."""
 
 
-enabled = adapters_on  # LoRA, QLoRA or 8-bit LoRA is on (core/defaults.py decides with it too)
-
-
 def validate(cfg) -> None:
     """Refuse meaningless settings, naming the flags and the fix (two adapter modes: core/compat.py)."""
     c = cfg.lora
     changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(c)
                if f.name not in ("lora", "qlora", "lora_8bit") and getattr(c, f.name) != f.default]
-    if changed and not enabled(c):
+    if changed and not adapters_on(c):
         raise UserError(f"{', '.join(changed)} set but no adapter is on; add --lora, --qlora or --lora-8bit")
     checks = [(c.lora_rank >= 1, f"--lora-rank must be at least 1 (got {c.lora_rank})"),
               (c.lora_alpha > 0, f"--lora-alpha must be positive (got {c.lora_alpha})"),

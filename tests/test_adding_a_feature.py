@@ -39,7 +39,7 @@ def _add_toy_feature(repo) -> None:
     _edit(train, "from features import (", "embed_scale, ", before=False)
     _edit(train, "    auto: tyro.conf.Suppress", f"    {config_line}\n")
     cond, call = if_line.split(": ", 1)
-    _edit(train, "    if lora.enabled(cfg.lora):\n", f"    {cond}:\n        {call}\n")
+    _edit(train, "    if core.config.adapters_on(cfg.lora):\n", f"    {cond}:\n        {call}\n")
     _edit(repo / "core" / "compat.py", "FEATURES = [\n", f"    {matrix_row},\n", before=False)
 
 
