@@ -187,11 +187,12 @@ def train(cfg: Config) -> dict:
     if core.gguf.is_gguf(cfg.model.path):  # llama.cpp's format: from here on, the Hugging Face directory made of it
         cfg.model.path = core.gguf.hf_dir(cfg.model.path, say)
     tok = core.model.load_tokenizer(cfg.model)
-    config = overrides.apply_overrides(core.model.load_config(cfg.model, tok), cfg.overrides)
-    core.model.check_vocab(config, tok, cfg.model.path)
-    choose_seq_len = functools.partial(defaults.seq_len, cfg, context=getattr(config, "max_position_embeddings", None))
+    model_config = overrides.apply_overrides(core.model.load_config(cfg.model, tok), cfg.overrides)
+    core.model.check_vocab(model_config, tok, cfg.model.path)
+    context = getattr(model_config, "max_position_embeddings", None)
+    choose_seq_len = functools.partial(defaults.seq_len, cfg, context=context)
     train_split, val = core.data.load_splits(cfg.data, tok, cfg.train.seed, choose_seq_len)
-    defaults.micro_batch(cfg, config, d.device)  # larger micro-batches where the GPU's memory allows
+    defaults.micro_batch(cfg, model_config, d.device)  # larger micro-batches where the GPU's memory allows
     step_source = batches.StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                       cfg.train.seed, tok.pad_token_id, d.dp_rank, d.dp_size,
                                       pack_to=cfg.data.seq_len if cfg.packing.packing else None)
@@ -199,13 +200,13 @@ def train(cfg: Config) -> dict:
         raise UserError(f"--dataset {cfg.data.dataset}: {len(train_split.samples)} samples are fewer than one "
                         f"step takes ({d.dp_size} data-parallel ranks x --micro-batch-size x --grad-accum); lower them")
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else step_source.total_steps(cfg.train.epochs)
-    defaults.resolve_run(cfg, total_steps, d, config, val)  # exact match, warm-up, precision, loss, offload
+    defaults.resolve_run(cfg, total_steps, d, model_config, val)  # exact match, warm-up, precision, loss, offload
     say("defaults: " + "; ".join(cfg.auto) if cfg.auto else "defaults: every value set by hand")
     say(core.data.describe(train_split, val) + "\n" + step_source.describe(total_steps))
 
     # ---- the model and its features, the loss
-    run = Run(d, attention.resolve(cfg.attention, d.device, config), core.model.resolve_precision(cfg.model, d.device),
-              config, say)
+    run = Run(d, attention.resolve(cfg.attention, d.device, model_config),
+              core.model.resolve_precision(cfg.model, d.device), model_config, say)
     say(f"attention: {attention.describe(run.attn_impl)}")
     if cfg.alst.alst:
         say(alst.describe(cfg))
@@ -285,7 +286,7 @@ def train(cfg: Config) -> dict:
             log.advance(meter.step_done())
 
             is_last = step == total_steps
-            is_save = guard.stop or cfg.train.save_every > 0 and (step % cfg.train.save_every == 0 or is_last)
+            is_save = guard.stop or (cfg.train.save_every > 0 and (step % cfg.train.save_every == 0 or is_last))
             if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save:
                 record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d)) | guard.metrics()
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:

@@ -409,8 +409,9 @@ def warmup_steps(cfg, total_steps: int) -> None:
     """--warmup-steps when unset, once the number of steps is known."""
     if cfg.optim.warmup_steps is not None:
         return
-    if is_demo(cfg):
-        value, why = DEMO["warmup_steps"], "the demo"
+    if is_demo(cfg):  # its 50 steps, or a tenth of a shorter run's (--max-steps 30 would never leave warm-up)
+        value = min(DEMO["warmup_steps"], max(1, total_steps // 10))
+        why = "the demo" if value == DEMO["warmup_steps"] else f"the demo: a tenth of {total_steps} steps"
     else:
         value, why = max(1, round(REAL["warmup_ratio"] * total_steps)), f"3% of {total_steps} steps"
     cfg.optim.warmup_steps = value

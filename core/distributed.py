@@ -143,6 +143,8 @@ def init_distributed(device: str = "auto", mesh_cfg: MeshConfig | None = None, n
         return Dist(rank, local_rank, world, dev)
     if not dist.is_initialized():
         init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        # 30 minutes, not NCCL's 10: rank 0 alone writes and hashes a large checkpoint or final model
+        # while the others wait at the next collective
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
     return Dist(rank, local_rank, world, dev, build_mesh(dev.type, shape))

@@ -209,6 +209,6 @@ def train_flops(model) -> tuple[float, float]:
     emb = _numel(model.get_input_embeddings().weight)
     total, trainable = count_params(model)
     n = total - emb + (emb if getattr(cfg, "tie_word_embeddings", False) else 0)
-    per_param = 6 if trainable >= 0.5 * total else 4
+    per_param = 6 if trainable >= 0.5 * total else 4  # adapters train a few %, a full fine-tune all but buffers
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return per_param * n, 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim

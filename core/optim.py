@@ -43,7 +43,7 @@ class OptimConfig:
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
     warmup_steps: int | None = None
-    """Linear warmup from 0 over this many optimizer steps; unset: 3% of the steps (the demo: 50)."""
+    """Linear warmup from 0 over this many optimizer steps; unset: 3% of the steps (the demo: 50, at most a tenth)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay, on matrices only."""
     adam_beta1: float = 0.9

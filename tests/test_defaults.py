@@ -96,6 +96,9 @@ def test_warmup_is_three_percent_of_the_steps():
     demo = _resolved([], cuda=False)
     defaults.warmup_steps(demo, 1000)
     assert demo.optim.warmup_steps == 50
+    short_demo = _resolved([], cuda=False)
+    defaults.warmup_steps(short_demo, 30)
+    assert short_demo.optim.warmup_steps == 3 and short_demo.auto[-1].endswith("a tenth of 30 steps)")
 
 
 def _held_out(answer_lengths: list[int], prompt: int = 6):
