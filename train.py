@@ -141,7 +141,7 @@ def build_model(cfg: Config, run: Run):
         model = lora_kernels.apply(model, cfg, run)
     if cfg.tiled_mlp.tiled_mlp:
         model = tiled_mlp.apply(model, cfg, run)
-    if cfg.loss.loss != "ce":
+    if cfg.loss.loss != "ce":  # chunked, cce, liger: the head returns hidden states, the loss multiplies them
         model = chunked_loss.apply(model, cfg, run)
     if cfg.mesh.tp > 1:
         model = tensor_parallel.apply(model, cfg, run)

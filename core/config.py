@@ -1,7 +1,10 @@
 """The loop's own settings (TrainConfig) and the checks of single values every run makes.
 
 train.py composes TrainConfig with each module's config into one Config; `check_values` refuses a
-value that cannot work (a negative learning rate, zero steps), naming the flag.
+value that cannot work (a negative learning rate, zero steps), naming the flag. Where a new check
+goes: one value of the loop, the optimizer or the data, on its own, here; a value that depends on
+another setting (adamw-sr and --precision), in its module's `validate(cfg)`; two feature flags
+that cannot run together, in core/compat.py.
 """
 
 import dataclasses
