@@ -184,16 +184,21 @@ def swap_linears(model, group_size: int, chosen, device=None) -> list[str]:
     return names
 
 
+def apply(model, cfg, run):
+    """--gptq --lora: the adapters on the GPTQ linears (loaded by `load_model`)."""
+    return apply_lora(model, cfg.lora)
+
+
 def apply_lora(model, lora_cfg):
     """peft's LoRA on every quantized linear named by --lora-targets (all-linear: all of them)."""
     import peft
     from peft.tuners.lora.gptq import GPTQLoraLinear
 
-    from features.lora import _targets, peft_model
+    from features.lora import peft_model, target_modules
 
     quantized = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if isinstance(m, GPTQLinear) or hasattr(m, "qweight")})
-    targets = _targets(lora_cfg)
+    targets = target_modules(lora_cfg)
     targets = quantized if targets == "all-linear" else targets
     config = peft.LoraConfig(r=lora_cfg.lora_rank, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                              target_modules=targets, use_rslora=lora_cfg.rslora, bias="none", task_type="CAUSAL_LM")
@@ -335,8 +340,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def apply(model, cfg, run):
-    """--gptq --lora: the adapters on the GPTQ linears (loaded by `load_model`)."""
-    return apply_lora(model, cfg.lora)

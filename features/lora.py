@@ -77,13 +77,14 @@ def validate(cfg) -> None:
     checks = [(c.lora_rank >= 1, f"--lora-rank must be at least 1 (got {c.lora_rank})"),
               (c.lora_alpha > 0, f"--lora-alpha must be positive (got {c.lora_alpha})"),
               (0 <= c.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {c.lora_dropout})"),
-              (bool(_targets(c)), "--lora-targets is empty; pass module names like q_proj,v_proj or all-linear")]
+              (bool(target_modules(c)), "--lora-targets is empty; pass module names like q_proj,v_proj or all-linear")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
 
 
-def _targets(cfg: LoraConfig) -> str | list[str]:
+def target_modules(cfg: LoraConfig) -> str | list[str]:
+    """--lora-targets as peft takes it: "all-linear", or the list of module names."""
     if cfg.lora_targets.strip() == "all-linear":
         return "all-linear"  # peft's shorthand: every nn.Linear (bnb ones too) except the output layer
     return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
@@ -94,7 +95,7 @@ def apply_lora(model, cfg: LoraConfig):
     import peft
 
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=_targets(cfg), use_rslora=cfg.rslora, use_dora=cfg.dora,
+                             target_modules=target_modules(cfg), use_rslora=cfg.rslora, use_dora=cfg.dora,
                              bias="none", task_type="CAUSAL_LM")
     # No prepare_model_for_kbit_training: its fp32 upcast of every bf16 weight (embeddings included)
     # is for fp16 training, which we never do; freezing is get_peft_model's; checkpointing is not ours.
