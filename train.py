@@ -299,7 +299,7 @@ def train(cfg: Config) -> dict:
                                                        cfg.train.keep_checkpoints, tokens=meter.tokens)
                 log.print(f"saved {path}")
                 meter.restart_clock()  # evaluation and checkpoint time are not training throughput
-            if guard.stop:  # SIGTERM / SIGUSR1 (preemption): this step is saved; --resume auto continues it
+            if guard.stop:  # SIGTERM / SIGUSR1 (preemption), Ctrl-C: this step is saved; --resume auto continues it
                 log.print(guard.stop_message(path))
                 break
     finally:  # on every exit, errors too: a prefetch thread still inside a torch call aborts the interpreter's

@@ -8,7 +8,8 @@ Preemption: SLURM (`--signal=USR1@120`, or SIGTERM before a kill) and Kubernetes
 time before they kill a job. The handler only sets a flag; train.py polls `StepGuard.update_ok`
 once per step, so the current step finishes, a checkpoint is written and the run exits with status
 0 and a "resume with --resume auto" line. With several ranks the flags are summed over ranks, so
-every rank stops after the same step even when only one of them got the signal.
+every rank stops after the same step even when only one of them got the signal. Ctrl-C (SIGINT)
+stops the same way; a second Ctrl-C stops at once, unsaved, in one line (exit 130).
 
 Numerics: a step whose loss or gradient norm is inf/NaN is skipped (no optimizer or schedule step,
 the gradients are dropped), counted in metrics.jsonl as `skipped_steps`, and left out of the logged
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from core import UserError, compat, optional
 from core.distributed import Dist, peer_failure, record_error, teardown
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C, which a second one makes immediate
 
 
 @dataclasses.dataclass
@@ -63,6 +64,12 @@ class StepGuard:
             self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signal == "SIGINT":  # a second Ctrl-C: stop now, without saving (run() ends it in one line)
+                raise KeyboardInterrupt
+            if self.d.is_main:
+                print("Ctrl-C: finishing this step, then saving; press Ctrl-C again to stop at once, unsaved",
+                      file=sys.stderr, flush=True)
         self.signal = signal.Signals(signum).name  # only a flag: the step in flight finishes first
 
     def update_ok(self, step_loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
@@ -173,7 +180,8 @@ def oom_report(err: BaseException, cfg) -> str:
 def run(parse, train) -> int:
     """train(parse()) with the clean ends a user meets: a UserError is one line and exit 2, out of
     memory one line with the sizes and the flags that save memory (exit 3), a collective broken by
-    another rank's exit one line naming it (exit 1); every line also goes into torchrun's error file."""
+    another rank's exit one line naming it (exit 1), a second Ctrl-C (or one before training) one line
+    (exit 130); every line also goes into torchrun's error file."""
     cfg = None
 
     def fail(message: str, code: int) -> int:
@@ -190,6 +198,8 @@ def run(parse, train) -> int:
         return fail(f"error: {e}", 2)
     except torch.OutOfMemoryError as e:
         return fail(f"error: {oom_report(e, cfg)}", 3)
+    except KeyboardInterrupt:
+        return fail("stopped at once by Ctrl-C: nothing saved since the last checkpoint", 130)
     except RuntimeError as e:  # a collective broken by another rank's exit: that rank says why
         if not peer_failure(e):
             raise

@@ -53,17 +53,19 @@ def _by_step(run_dir) -> dict:
 # ---- preemption
 
 
-def test_sigterm_finishes_the_step_saves_exits_0_and_resume_matches(tmp_path, small_data):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C
+def test_a_stop_signal_finishes_the_step_saves_exits_0_and_resume_matches(tmp_path, small_data, stop):
     full, cut = tmp_path / "full", tmp_path / "cut"
     common = ["--dataset", str(small_data), "--max-steps", "8", "--val-dataset", "none", *ARGS]
     assert run_train(full, *common) == 0
     proc = _popen(cut, *common, hook=["--step-sleep", "0.25"])
     _wait_for(lambda: max(_logged_steps(cut), default=0) >= 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr
-    assert re.search(r"SIGTERM received: stopped after a complete step and saved .*step_\d+; resume with the "
+    assert re.search(rf"{stop.name} received: stopped after a complete step and saved .*step_\d+; resume with the "
                      r"same flags plus --resume auto", stdout), stdout
+    assert "Traceback" not in stderr, stderr
     [(stopped, path)] = checkpoints(cut)
     assert 2 <= stopped < 8 and verify(path) is None and not (cut / "final").exists()
 
@@ -89,6 +91,26 @@ def test_sigusr1_sets_the_stop_flag_and_handlers_are_restored():
     assert "SIGUSR1 received" in guard.stop_message("ckpt") and "--resume auto" in guard.stop_message("ckpt")
     guard.close()
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(capsys):
+    import train
+
+    guard = faults.StepGuard(faults.FaultsConfig(), Dist())
+    os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, then save
+    assert guard.update_ok(torch.tensor(1.0), torch.tensor(2.0), 1) and guard.stop and guard.signal == "SIGINT"
+    assert "press Ctrl-C again to stop at once" in capsys.readouterr().err
+
+    def interrupted_twice(cfg):
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("the second Ctrl-C did not stop the run")
+
+    try:
+        assert faults.run(lambda: train.parse_config([]), interrupted_twice) == 130
+    finally:
+        guard.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["stopped at once by Ctrl-C: nothing saved since the last checkpoint"], err
 
 
 def test_stop_and_skip_are_agreed_over_ranks(tmp_path):
