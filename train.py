@@ -251,6 +251,8 @@ def train(cfg: Config) -> dict:
         summary["before"] = evaluate()
         if summary["before"]:  # nothing to show without a validation set
             log.log({"step": 0, **summary["before"]})
+    else:  # resumed: the evaluation before training is in the kept history, for the closing lines
+        summary["before"] = log.record_at(0)
 
     # ---- the loop
     meter = runlog.StepMeter(d.device, d.world_size, core.model.train_flops(unwrap(model)), total_steps, start,

@@ -129,7 +129,11 @@ def _resolve(resume: str, output_dir: Path) -> tuple[Path | None, str | None]:
             if problem is None:
                 return path, None
             print(f"warning: skipping checkpoint {path}: {problem}; trying an older one", file=sys.stderr)
-        return None, None  # nothing (valid) yet: a fresh start (safe to requeue)
+        if (output_dir / "final").exists():
+            return None, (f"--resume auto: {output_dir} holds a finished run (final/) and no checkpoint to continue "
+                          f"from; choose another --output-dir (--save-every N keeps checkpoints)")
+        print(f"resume: no checkpoint in {output_dir} yet; starting from step 0")  # safe to requeue
+        return None, None
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         return None, (f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json); "
@@ -262,12 +266,15 @@ def export_hf(model, tokenizer, out: Path, d: Dist) -> Path | None:
 
 
 def prepare_output_dir(output_dir: str | None, resume: str | None, d: Dist) -> Path:
-    """--output-dir (default runs/<date-time>, the same on every rank); refuses one that holds
-    checkpoints unless the run resumes."""
+    """--output-dir (default runs/<date-time>, the same on every rank); refuses one that holds an
+    earlier run (checkpoints, metrics, a final model) unless the run resumes."""
     import time
 
     out = Path(output_dir or broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"), d))
-    if checkpoints(out) and resume is None:
+    if resume is None and checkpoints(out):
         raise UserError(f"--output-dir {out} already holds checkpoints; pass --resume auto to continue "
                         f"that run, or choose another --output-dir")
+    if resume is None and ((out / "final").exists() or (out / "metrics.jsonl").exists()):
+        raise UserError(f"--output-dir {out} holds an earlier run's results; choose another --output-dir, "
+                        f"or delete it to start over")
     return out

@@ -157,7 +157,8 @@ def peak_mem_gib(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl writer + console output. On resume, entries after the resumed step are cut."""
+    """metrics.jsonl writer + console output. On resume, entries after the resumed step are cut; a fresh
+    run starts the file empty."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled, self.total = enabled, total_steps
@@ -165,14 +166,22 @@ class MetricsLog:
         self.bar, self.sinks = None, []
         if not enabled:
             return
-        if self.path.exists():  # keep the history up to the step we resume from
+        keep = []  # a resumed run keeps the history up to its step; a fresh one starts the file anew
+        if start_step > 0 and self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        self.path.write_text("".join(line + "\n" for line in keep))
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def record_at(self, step: int) -> dict:
+        """The record logged at `step` (the history a resumed run kept), or {} (no such record, or not rank 0)."""
+        if not self.enabled or not self.path.exists():
+            return {}
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return next((r for r in records if r.get("step") == step), {})
 
     def log(self, record: dict) -> None:
         if not self.enabled:

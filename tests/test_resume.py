@@ -12,18 +12,22 @@ ARGS = ["--max-steps", "8", "--log-every", "1", "--micro-batch-size", "4", "--sa
         "--warmup-steps", "3", "--seed", "11", "--eval-every", "4"]
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path, small_data):
+def test_resume_reproduces_uninterrupted_losses(tmp_path, small_data, capsys):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run_train(full, "--dataset", str(small_data), *ARGS, "--keep-checkpoints", "0") == 0
-    # the interrupted run: the same job whose process died after the step-4 checkpoint
+    # the interrupted run: the same job whose process died after the step-4 checkpoint, its log beyond it
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step_00000004", cut / "checkpoints" / "step_00000004")
+    shutil.copy(full / "metrics.jsonl", cut / "metrics.jsonl")
+    capsys.readouterr()
     assert run_train(cut, "--dataset", str(small_data), *ARGS, "--resume", "auto") == 0
 
     a = {m["step"]: m for m in read_metrics(full)}
     b = {m["step"]: m for m in read_metrics(cut)}
-    assert sorted(b) == [5, 6, 7, 8]
-    for step in b:  # bit-exact on CPU: same data position, RNG, optimizer and schedule state
+    assert sorted(b) == list(range(9))  # the history up to step 4 kept, steps 5-8 written again
+    # the closing line reads the evaluation before training from the kept history
+    assert f"validation loss {a[0]['val_loss']:.4f} -> {b[8]['val_loss']:.4f}" in capsys.readouterr().out
+    for step in range(5, 9):  # bit-exact on CPU: same data position, RNG, optimizer and schedule state
         assert b[step]["loss"] == a[step]["loss"], step
         assert b[step]["lr"] == a[step]["lr"] and b[step]["grad_norm"] == a[step]["grad_norm"]
         assert b[step]["tokens"] == a[step]["tokens"]
@@ -60,6 +64,21 @@ def test_existing_checkpoints_need_resume(tmp_path, small_data, capsys):
     assert run_train(out, *common) == 2
     assert "--resume auto" in capsys.readouterr().err
     assert run_train(out, *common, "--resume", "auto") == 0  # already finished: nothing to redo
+
+
+def test_an_earlier_runs_directory_is_refused_unless_it_can_be_continued(tmp_path, small_data, capsys):
+    out = tmp_path / "run"
+    common = ["--dataset", str(small_data), "--max-steps", "2", "--micro-batch-size", "4"]
+    assert run_train(out, *common) == 0  # finished, no checkpoint kept
+    capsys.readouterr()
+    assert run_train(out, *common) == 2
+    assert "holds an earlier run's results; choose another --output-dir" in capsys.readouterr().err
+    assert run_train(out, *common, "--resume", "auto") == 2
+    assert "holds a finished run (final/) and no checkpoint to continue from" in capsys.readouterr().err
+    shutil.rmtree(out / "final")  # a run that died before its first checkpoint: a requeue starts it again
+    assert run_train(out, *common, "--resume", "auto") == 0
+    assert f"no checkpoint in {out} yet; starting from step 0" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2]  # one history, not two runs' mixed
 
 
 def test_final_model_loads_with_transformers(tmp_path, small_data):
