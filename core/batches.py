@@ -70,10 +70,15 @@ class StepBatches:
         return steps + (math.ceil((epochs - whole) * self.steps_in_epoch(whole)) if epochs > whole else 0)
 
     def efficiency(self, epoch: int = 0) -> float:
-        """Real tokens / token slots of the epoch's rows (1.0 = no padding at --seq-len)."""
-        width = self.pack_to or max(len(s.input_ids) for s in self.samples)
+        """Real tokens / token slots of the epoch's micro-batches (1.0 = no padding): packed rows are
+        --seq-len wide, padded rows as wide as the longest sample of their micro-batch (collate_padded)."""
         used = self.rows(epoch)[: self.steps_in_epoch(epoch) * self.rows_per_step]
-        return sum(len(self.samples[i].input_ids) for row in used for i in row) / max(1, len(used) * width)
+        lengths = [sum(len(self.samples[i].input_ids) for i in row) for row in used]
+        if self.pack_to:
+            slots = len(used) * self.pack_to
+        else:  # consecutive micro-batch-size rows are one micro-batch of one rank (__iter__)
+            slots = sum(len(mb) * max(mb) for mb in (lengths[j:j + self.mbs] for j in range(0, len(used), self.mbs)))
+        return sum(lengths) / max(1, slots)
 
     def describe(self, total_steps: int) -> str:
         """The run log's line on the steps and on how full the rows are."""

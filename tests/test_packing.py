@@ -1,6 +1,7 @@
 """Packing: bins respect --seq-len, are deterministic and re-drawn per epoch, fill rows, and the
 collated batch marks document boundaries so no target crosses a document."""
 
+import itertools
 import random
 
 import pytest
@@ -32,6 +33,18 @@ def test_packing_is_deterministic_per_seed_and_redrawn_per_epoch():
     assert a.rows(0) == b.rows(0) and a.rows(1) == b.rows(1)
     assert a.rows(0) != a.rows(1)  # re-drawn every epoch
     assert StepBatches(samples, 1, 1, seed=4, pad_id=0, pack_to=256).rows(0) != a.rows(0)
+
+
+def test_padded_efficiency_counts_each_micro_batch_at_its_longest_sample():
+    lengths = [10, 2, 4, 4, 3000, 30]  # one long outlier pads only its own micro-batch
+    samples = [Sample([1] * n, [1] * n, 0) for n in lengths]
+    plan = StepBatches(samples, 2, 1, seed=0, pad_id=0)
+    order = [row[0] for row in plan.rows(0)]
+    widths = [max(lengths[order[j]], lengths[order[j + 1]]) for j in (0, 2, 4)]
+    real = sum(lengths)
+    assert plan.efficiency(0) == pytest.approx(real / (2 * sum(widths)))
+    steps = list(itertools.islice(iter(plan), 3))  # what collate_padded builds: the same slots
+    assert sum(mb["input_ids"].numel() for step in steps for mb in step) == 2 * sum(widths)
 
 
 def test_embedded_dataset_packs_at_least_98_percent_full(tok):
