@@ -259,10 +259,21 @@ def export_hf(model, tokenizer, out: Path, d: Dist) -> Path | None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per shard drowns the log of a non-interactive run
-    with atomic_dir(out) as tmp:
-        unwrap(model).save_pretrained(tmp)
+    net = unwrap(model)
+    with atomic_dir(out) as tmp, kv_cache_on(net.config):
+        net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+@contextlib.contextmanager
+def kv_cache_on(config):
+    """The model's config as saved for inference: the KV cache on, which training turns off (core/model.py)."""
+    config.use_cache = True
+    try:
+        yield
+    finally:
+        config.use_cache = False
 
 
 def prepare_output_dir(output_dir: str | None, resume: str | None, d: Dist) -> Path:

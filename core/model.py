@@ -156,7 +156,7 @@ def load_model(cfg: ModelConfig, config, device: torch.device, attn_implementati
                 quantization_config=quantization_config, **kwargs)
         except (OSError, ValueError) as e:
             raise UserError(f"could not load --model {cfg.path!r} ({_first_line(e)})") from e
-    model.config.use_cache = False  # training never reuses the KV cache
+    model.config.use_cache = False  # training never reuses the KV cache (the saved model's config has it on)
     return model.train()
 
 

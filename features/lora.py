@@ -148,7 +148,7 @@ def export(model, tokenizer, out_dir) -> Path:
     """Write the adapter in peft's format + the tokenizer (atomically); a preset's base goes in base/."""
     from transformers.utils import logging as hf_logging
 
-    from core.checkpoint import atomic_dir
+    from core.checkpoint import atomic_dir, kv_cache_on
 
     hf_logging.disable_progress_bar()  # a bar per shard drowns the log of a non-interactive run
     out = Path(out_dir)
@@ -157,7 +157,8 @@ def export(model, tokenizer, out_dir) -> Path:
         tokenizer.save_pretrained(tmp)
         if not model.peft_config["default"].base_model_name_or_path:  # built by from_config: random weights
             base = model.get_base_model()
-            base.save_pretrained(tmp / "base", state_dict=_plain_base_weights(base))
+            with kv_cache_on(base.config):
+                base.save_pretrained(tmp / "base", state_dict=_plain_base_weights(base))
     return out
 
 

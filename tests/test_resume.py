@@ -87,6 +87,7 @@ def test_final_model_loads_with_transformers(tmp_path, small_data):
     out = tmp_path / "run"
     assert run_train(out, "--dataset", str(small_data), "--max-steps", "2", "--micro-batch-size", "4") == 0
     model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.use_cache  # as the base had it: training's use_cache=False is not saved
     tok = AutoTokenizer.from_pretrained(out / "final")
     ids = tok("### Instruction:\nCopy.", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
