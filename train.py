@@ -46,7 +46,7 @@ import core.gguf
 import core.loss
 import core.model
 import core.quantize
-from core import UserError, attention, batches, compat, defaults, distributed, faults, optim, packing, runlog, tracking
+from core import attention, batches, compat, defaults, distributed, faults, optim, packing, runlog, tracking
 from core.distributed import all_reduce_sum, global_count, sync_gradients, unwrap
 from core.run import Run
 from features import (activation_checkpointing, activation_offload, alst, chunked_loss, compile, deepspeed_zero,
@@ -196,9 +196,7 @@ def train(cfg: Config) -> dict:
     step_source = batches.StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                       cfg.train.seed, tok.pad_token_id, d.dp_rank, d.dp_size,
                                       pack_to=cfg.data.seq_len if cfg.packing.packing else None)
-    if step_source.steps_in_epoch(0) == 0:
-        raise UserError(f"--dataset {cfg.data.dataset}: {len(train_split.samples)} samples are fewer than one "
-                        f"step takes ({d.dp_size} data-parallel ranks x --micro-batch-size x --grad-accum); lower them")
+    step_source.check_one_step(cfg.data.dataset)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else step_source.total_steps(cfg.train.epochs)
     defaults.resolve_run(cfg, total_steps, d, model_config, val)  # exact match, warm-up, precision, loss, offload
     say("defaults: " + "; ".join(cfg.auto) if cfg.auto else "defaults: every value set by hand")

@@ -14,6 +14,7 @@ import random
 
 import torch
 
+from core import UserError
 from core.data import Sample
 from core.packing import best_fit_decreasing, collate_packed
 
@@ -63,11 +64,20 @@ class StepBatches:
     def steps_in_epoch(self, epoch: int) -> int:
         return len(self.rows(epoch)) // self.rows_per_step
 
+    def check_one_step(self, dataset: str) -> None:
+        """Refuse a dataset too small for one step, naming the sizes that make a step."""
+        if self.steps_in_epoch(0) == 0:
+            raise UserError(f"--dataset {dataset}: {len(self.samples)} samples are fewer than one step takes "
+                            f"({self.world} data-parallel ranks x --micro-batch-size {self.mbs} x --grad-accum "
+                            f"{self.accum}); lower them")
+
     def total_steps(self, epochs: float) -> int:
-        """Steps in `epochs` passes (a fraction of the last one rounds up)."""
+        """Steps in `epochs` passes (a fraction of the last one rounds up, after rounding away float
+        error: 0.6 x 625 is 375.00000000000006 in binary, and 375 steps)."""
         whole = int(epochs)
         steps = sum(self.steps_in_epoch(e) for e in range(whole))
-        return steps + (math.ceil((epochs - whole) * self.steps_in_epoch(whole)) if epochs > whole else 0)
+        part = round((epochs - whole) * self.steps_in_epoch(whole), 6)
+        return steps + (math.ceil(part) if epochs > whole else 0)
 
     def efficiency(self, epoch: int = 0) -> float:
         """Real tokens / token slots of the epoch's micro-batches (1.0 = no padding): packed rows are

@@ -41,9 +41,12 @@ ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 VAL_NAMES = ("val", "validation", "valid", "dev", "test")
 
 
+DEMO_DATASET = "data/train.jsonl"  # the embedded demo's data, in the repository
+
+
 @dataclasses.dataclass
 class DataConfig:
-    dataset: str = "data/train.jsonl"
+    dataset: str = DEMO_DATASET
     """Training data: a .jsonl/.json/.parquet/.csv file or a Hugging Face hub dataset id."""
     dataset_format: Literal["auto", "completion", "alpaca", "chat", "pretrain"] = "auto"
     """Record format; auto picks by the keys of the first record (see the data module)."""
@@ -92,7 +95,8 @@ def _parse_line(raw: bytes, where: str):
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        return BadRecord(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line")
+        at = " " if e.msg.endswith(" at") else " at "  # "Unterminated string starting at" names its column itself
+        return BadRecord(f"{where}: invalid JSON ({e.msg}{at}column {e.colno}); fix or remove the line")
     except RecursionError:
         return BadRecord(f"{where}: JSON nested too deeply to read; fix or remove the line")
 
@@ -350,6 +354,8 @@ def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fit
     """Tokenized (train, validation) splits; validation is None with --val-dataset none. An unset
     --seq-len is set in place to `choose_seq_len(longest training sample's tokens, None for pretrain)`
     (train.py passes core/defaults.py's choice)."""
+    if cfg.dataset == DEMO_DATASET and not Path(DEMO_DATASET).exists():  # the demo run from another directory
+        cfg.dataset = str(Path(__file__).resolve().parent.parent / DEMO_DATASET)
     records = read_records(cfg.dataset, "--dataset", cfg.dataset_subset, cfg.dataset_split)
     fmt = cfg.dataset_format if cfg.dataset_format != "auto" else _detect(records, cfg.skip_bad_samples, cfg.dataset)
     val_source = _val_source(cfg)

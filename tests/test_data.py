@@ -143,6 +143,7 @@ def test_example_files_for_every_format_load(tok):
 
 @pytest.mark.parametrize("content, message", [
     (b'{"text": "ok"}\n{"text": "ok",\n', "bad.jsonl:2: invalid JSON"),
+    (b'{"text": "ok"}\n{"text": "ok\n', r"bad.jsonl:2: invalid JSON \(Unterminated string starting at column 10\)"),
     (b'{"text": "ok"}\n\xff\xfe{"text": 1}\n', "bad.jsonl:2: invalid UTF-8"),
     (b'{"text": "ok"}\n[1, 2]\n', "bad.jsonl:2: expected a JSON object"),
     (b'{"text": "ok"}\n{"text": 7}\n', "bad.jsonl:2: completion records need a string 'text'"),

@@ -26,7 +26,9 @@ CASES = {
     "resume from a non-checkpoint": (lambda t: ["--resume", str(t)], "not a complete checkpoint"),
     "all samples too long": (lambda t: ["--seq-len", "4"], "no usable samples .* raise --seq-len"),
     "too few samples for a step": (lambda t: ["--dataset", _write(t / "s.jsonl", '{"text": "a"}\n' * 3),
-                                              "--val-dataset", "none"], "fewer than one step takes"),
+                                              "--val-dataset", "none"],
+                                   r"fewer than one step takes \(1 data-parallel ranks x --micro-batch-size \d+ x "
+                                   r"--grad-accum \d+\)"),
 }
 
 

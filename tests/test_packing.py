@@ -35,6 +35,12 @@ def test_packing_is_deterministic_per_seed_and_redrawn_per_epoch():
     assert StepBatches(samples, 1, 1, seed=4, pad_id=0, pack_to=256).rows(0) != a.rows(0)
 
 
+def test_a_fraction_of_an_epoch_rounds_up_but_not_on_float_error():
+    plan = StepBatches([Sample([1, 2], [1, 2], 0)] * 625, 1, 1, seed=0, pad_id=0)
+    assert plan.total_steps(1.6) == 625 + 375  # (1.6 - 1) x 625 = 375.00000000000006 in floats
+    assert plan.total_steps(1.601) == 625 + 376 and plan.total_steps(2) == 1250
+
+
 def test_padded_efficiency_counts_each_micro_batch_at_its_longest_sample():
     lengths = [10, 2, 4, 4, 3000, 30]  # one long outlier pads only its own micro-batch
     samples = [Sample([1] * n, [1] * n, 0) for n in lengths]
