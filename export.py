@@ -15,7 +15,7 @@ from typing import Literal
 
 import tyro
 
-from core import UserError
+from core import UserError, optional
 from features.lora import base_of, merge_and_save
 
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         if base is None:
             raise UserError(f"--adapter {cfg.adapter}: cannot tell its base model (no base/, no "
                             f"base_model_name_or_path, no run config.json); pass --base")
-        out = merge_and_save(base, cfg.adapter, cfg.out, cfg.dtype)
+        with optional.keep_out(optional.unused()):  # what transformers would import on its own (core/optional.py)
+            out = merge_and_save(base, cfg.adapter, cfg.out, cfg.dtype)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

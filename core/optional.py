@@ -24,11 +24,12 @@ import sys
 import warnings
 
 
-def unused(cfg) -> list[str]:
+def unused(cfg=None) -> list[str]:
     """The packages that third-party libraries would import for this run although its flags (train.py's
-    Config) do not use them; one imported already stays."""
-    uses = {"torchao": cfg.qat.qat or cfg.fp8.fp8 != "none", "deepspeed": cfg.deepspeed.deepspeed is not None}
-    return [name for name, used in uses.items() if not used and name not in sys.modules]
+    Config; None: export.py, which uses neither) do not use them; one imported already stays."""
+    uses = {} if cfg is None else {"torchao": cfg.qat.qat or cfg.fp8.fp8 != "none",
+                                   "deepspeed": cfg.deepspeed.deepspeed is not None}
+    return [name for name in ("torchao", "deepspeed") if not uses.get(name) and name not in sys.modules]
 
 
 @contextlib.contextmanager

@@ -193,10 +193,12 @@ def merge_and_save(base: str, adapter_dir, out_dir, dtype: str = "auto") -> Path
     """Load the base unquantized, merge the adapter into its weights, save a plain HF model + tokenizer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from core.checkpoint import atomic_dir
     from core.model import PRESETS
 
+    hf_logging.disable_progress_bar()  # loading and writing bars: noise in a log
     adapter, out = Path(adapter_dir), Path(out_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there; pass the final/ directory of a "

@@ -58,8 +58,9 @@ def test_the_first_steps_print_only_nanotune_lines(tmp_path, data_with_a_long_sa
     assert any(line.startswith("step 2/2") for line in lines) and "saved the final model" in proc.stdout
 
 
-def test_a_local_checkpoint_loads_quietly(tmp_path, small_data):
-    """from_pretrained on a model directory (the path a real checkpoint takes) prints no loading bar."""
+def test_a_local_checkpoint_loads_and_merges_quietly(tmp_path, small_data):
+    """from_pretrained on a model directory (the path a real checkpoint takes) prints no loading bar, and
+    export.py merges the adapter into it printing its one line."""
     import transformers
 
     from core.model import PRESETS, ModelConfig, load_tokenizer
@@ -71,13 +72,18 @@ def test_a_local_checkpoint_loads_quietly(tmp_path, small_data):
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     cmd = [sys.executable, "train.py", "--model", str(tmp_path / "model"), "--lora", "--dataset", str(small_data),
-           "--val-dataset", "none", "--eval-exact-match", "0", "--max-steps", "1", "--skip-export",
+           "--val-dataset", "none", "--eval-exact-match", "0", "--max-steps", "1",
            "--output-dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).splitlines()
     assert [line for line in lines if THIRD_PARTY.search(line)] == []
     assert any(line.startswith("step 1/1") for line in lines)
+    cmd = [sys.executable, "export.py", "--adapter", str(tmp_path / "run" / "final"), "--out", str(tmp_path / "m")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == "" and proc.stdout.splitlines() == [f"merged {tmp_path / 'run' / 'final'} into "
+                                                               f"{tmp_path / 'model'}: {tmp_path / 'm'}"], proc
 
 
 def test_flash_attention_notices_about_fp32_masters_are_dropped():
