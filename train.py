@@ -213,7 +213,7 @@ def train(cfg: Config) -> dict:
     ctx = core.model.autocast(run.precision, d.device)
     total_params, trainable = core.model.count_params(model)
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
-        f"{run.precision} on {d.device}, world size {d.world_size}")
+        f"{run.precision}{lora.quantized_base(cfg.lora)} on {d.device}, world size {d.world_size}")
 
     if notice := optim.rounding_notice(cfg, run.precision):
         say(notice)

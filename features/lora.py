@@ -67,6 +67,11 @@ class LoraConfig:
     """DoRA: learn a per-output magnitude on top of the low-rank direction update."""
 
 
+def quantized_base(cfg: LoraConfig) -> str:
+    """For the run's model line: the frozen base's storage, when it is quantized."""
+    return ", base in 4-bit NF4" if cfg.qlora else ", base in 8-bit" if cfg.lora_8bit else ""
+
+
 def validate(cfg) -> None:
     """Refuse meaningless settings, naming the flags and the fix (two adapter modes: core/compat.py)."""
     c = cfg.lora

@@ -408,11 +408,14 @@ RUN = ["--max-steps", "12", "--micro-batch-size", "8", "--log-every", "4", "--lr
 
 @wired
 @pytest.mark.parametrize("mode", ["--lora", "--qlora", "--lora-8bit"])
-def test_train_py_writes_an_adapter(tmp_path, small_data, mode):
+def test_train_py_writes_an_adapter(tmp_path, small_data, mode, capsys):
     if mode != "--lora" and _bnb_problem():
         pytest.skip(_bnb_problem())
     out = tmp_path / "run"
     assert run_train(out, "--dataset", str(small_data), *RUN, mode) == 0
+    model_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model: "))
+    base = {"--lora": None, "--qlora": ", base in 4-bit NF4 on ", "--lora-8bit": ", base in 8-bit on "}[mode]
+    assert base in model_line if base else "base in" not in model_line, model_line
     steps = [m for m in read_metrics(out) if "loss" in m]
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert (out / "final" / "adapter_config.json").is_file() and (out / "final" / "base").is_dir()
