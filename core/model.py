@@ -14,8 +14,11 @@ fine-tune's small updates round away, which `--optimizer adamw-sr` keeps on aver
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -101,11 +104,17 @@ def _check_source(path: str, flag: str) -> None:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
+    flag = "--tokenizer" if cfg.tokenizer else "--model"
     source = cfg.tokenizer or (str(EMBEDDED_TOKENIZER) if _is_preset(cfg.path) else cfg.path)
-    _check_source(source, "--tokenizer" if cfg.tokenizer else "--model")
+    _check_source(source, flag)
+    _quiet_hub_retries()
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
+        if "couldn't connect" in str(e):  # the first file a hub id needs: fail here, not again for the config
+            raise UserError(f"{flag} {source!r} is not a local directory, and the Hugging Face hub cannot be "
+                            f"reached to fetch it; pass a local directory (or run where the hub is reachable; "
+                            f"a model in the hub's local cache loads with HF_HUB_OFFLINE=1)") from e
         raise UserError(f"could not load the tokenizer from {source!r} ({_first_line(e)}); "
                         f"check the path/id, or pass --tokenizer") from e
     if tok.eos_token_id is None:
@@ -173,6 +182,24 @@ def check_vocab(config, tokenizer, path: str) -> None:
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --model {path!r} embeds "
                         f"{config.vocab_size}; pass a matching --tokenizer")
+
+
+@functools.cache
+def _quiet_hub_retries() -> None:
+    """huggingface_hub logs two lines per retry of an unanswered request (five retries over 23 s, and
+    a tokenizer asks twice): one line of ours instead, at the first."""
+    said = []
+
+    def keep(record) -> bool:
+        message = record.getMessage()
+        if "thrown while requesting" not in message and not message.startswith("Retrying in "):
+            return True
+        if not said:
+            print("model: the Hugging Face hub does not answer; retrying for up to a minute", file=sys.stderr,
+                  flush=True)
+            said.append(True)
+        return False
+    logging.getLogger("huggingface_hub.utils._http").addFilter(keep)
 
 
 def _first_line(e: Exception) -> str:

@@ -62,3 +62,30 @@ def test_bad_flag_value_is_a_parser_error(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--seq-len", "abc"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--seq-len" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_unreachable_hub_is_one_line_of_ours_then_one_error(monkeypatch, capsys):
+    """No network (as in CI): huggingface_hub's ten retry lines become one of ours, and the tokenizer's
+    failure names the flag and the ways out (simulated: the real retries take about a minute)."""
+    import logging
+
+    import transformers
+
+    from core import UserError
+    from core.model import ModelConfig, load_tokenizer
+
+    def unreachable(source, **kwargs):
+        hub = logging.getLogger("huggingface_hub.utils._http")
+        for retry in (1, 2):
+            hub.warning(f"'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/"
+                        f"{source}/resolve/main/config.json")
+            hub.warning(f"Retrying in {retry}s [Retry {retry}/5].")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(UserError, match=r"--model 'org/model' is not a local directory, and the Hugging Face hub "
+                                        r"cannot be reached"):
+        load_tokenizer(ModelConfig(path="org/model"))
+    assert capsys.readouterr().err.splitlines() == [
+        "model: the Hugging Face hub does not answer; retrying for up to a minute"]
