@@ -271,6 +271,11 @@ def precision(cfg, device: torch.device) -> None:
     cfg.auto.append(f"--precision {value} (auto: {why})")
 
 
+# --loss-chunk: a frozen head's chunks only hold logits (small is cheap); a trained head's fp32 weight
+# gradient is read and written once a chunk, so fewer, larger chunks
+LOSS_CHUNK_FROZEN, LOSS_CHUNK_TRAINED = 256, 4096
+
+
 def loss(cfg, device: torch.device, model_config, gpu_bytes: int | None = None) -> None:
     """--loss auto and --loss-chunk, once the device, the micro-batch and the model's config are known:
     chunked where the full logits would crowd the GPU (needs_lean) and chunking is exact and lean
@@ -288,7 +293,7 @@ def loss(cfg, device: torch.device, model_config, gpu_bytes: int | None = None) 
             cfg.auto.append(f"--loss {cfg.loss.loss} (auto: {why})")
     if cfg.loss.loss_chunk is None:
         frozen = adapters_on(cfg.lora)
-        cfg.loss.loss_chunk = 256 if frozen else 4096
+        cfg.loss.loss_chunk = LOSS_CHUNK_FROZEN if frozen else LOSS_CHUNK_TRAINED
         if cfg.loss.loss == "chunked":
             cfg.auto.append(f"--loss-chunk {cfg.loss.loss_chunk} (auto: "
                             + ("a frozen head: the smallest buffer" if frozen else "the head trains") + ")")
@@ -413,6 +418,7 @@ def warmup_steps(cfg, total_steps: int) -> None:
         value = min(DEMO["warmup_steps"], max(1, total_steps // 10))
         why = "the demo" if value == DEMO["warmup_steps"] else f"the demo: a tenth of {total_steps} steps"
     else:
-        value, why = max(1, round(REAL["warmup_ratio"] * total_steps)), f"3% of {total_steps} steps"
+        ratio = REAL["warmup_ratio"]
+        value, why = max(1, round(ratio * total_steps)), f"{100 * ratio:g}% of {total_steps} steps"
     cfg.optim.warmup_steps = value
     cfg.auto.append(f"--warmup-steps {value} (auto: {why})")
