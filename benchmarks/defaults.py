@@ -37,6 +37,7 @@ matmul ceiling; peak memory: torch.cuda.max_memory_allocated.
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,7 @@ def run_train(flags: list[str], data: Path, out: Path, steps: int) -> dict:
     harness = ["--dataset", str(data), "--val-dataset", "none", "--eval-exact-match", "0", "--max-steps", str(steps),
                "--log-every", str(steps // 2), "--skip-export", "--output-dir", str(out)]
     out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a re-run's row starts fresh (train.py refuses an earlier run's directory)
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *harness], capture_output=True, text=True)
     (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

@@ -10,6 +10,7 @@ after --warmup steps (compilation excluded); the loss table shows every logged s
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def run(name: str, flags: list[str], args) -> dict:
            str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
            "--log-every", str(args.log_every), "--lr", "1e-4", "--warmup-steps", "10", "--val-dataset", "none",
            "--skip-export", "--compile", "--loss", "chunked", "--output-dir", str(out), *args.extra.split(), *flags]
+    shutil.rmtree(out, ignore_errors=True)  # a re-run's row starts fresh (train.py refuses an earlier run's directory)
     started = time.time()
     with open(Path(args.out) / f"{out.name}.log", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode

@@ -27,6 +27,7 @@ import argparse
 import importlib
 import inspect
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def losses(model: str, data: Path, out: Path, steps: int, extra: list[str]) -> l
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", model, "--dataset", str(data),
            "--val-dataset", "none", "--eval-exact-match", "0", "--max-steps", str(steps),
            "--log-every", "10", "--skip-export", "--output-dir", str(out), *extra]
+    shutil.rmtree(out, ignore_errors=True)  # a re-run starts fresh (train.py refuses an earlier run's directory)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

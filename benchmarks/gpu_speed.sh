@@ -203,7 +203,7 @@ attention)
   python -m pytest -q -m gpu tests/test_attention.py tests/test_lora.py tests/test_lora_kernels.py -p no:warnings 2>&1 \
     | tail -15 | tee "$OUT/gpu_tests.txt"
   python benchmarks/attention.py --seq-lens 4096 8192 16384 --out "$OUT/attention.md" 2>&1 | tail -22
-  mkdir -p "$OUT/runs"
+  rm -rf "$OUT/runs"; mkdir -p "$OUT/runs"   # train.py refuses a directory that holds an earlier run
   common="--model llama3.2-1b --seq-len 4096 --max-steps 30 --log-every 10 --eval-exact-match 16 --lr 1e-4 --warmup-steps 5"
   for attn in flash flex sdpa; do
     python train.py $common --packing --micro-batch-size 2 --attn $attn --output-dir "$OUT/runs/packed-$attn" \

@@ -15,6 +15,7 @@ to quantization, 0% = no better than PTQ. On this tiny model int4 PTQ loses almo
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def launch(out: Path, seed: int, args, *flags: str):
     cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--seed", str(seed),
            "--max-steps", str(args.steps), "--micro-batch-size", str(args.micro_batch_size),
            "--val-dataset", "none", "--log-every", "100", *flags]
+    shutil.rmtree(out, ignore_errors=True)  # a run killed before its final model starts again
     out.mkdir(parents=True, exist_ok=True)
     # one thread per run, all runs at once: on a shared 2-core box that beats 2 threads in turn
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
