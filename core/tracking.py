@@ -64,7 +64,12 @@ def wandb_key(key: str) -> str:
 
 
 def _source_file(path: str) -> bool:
-    rel = Path(path).resolve().relative_to(_REPO).as_posix()
+    """train.py, export.py, core/, features/, launch/: the code a run ran. Read as walked, not through links
+    (W&B links its debug log under runs/<run>/wandb/ to a file outside the repository)."""
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(_REPO).as_posix()
+    except ValueError:  # not below the repository
+        return False
     return rel in ("train.py", "export.py") or rel.split("/")[0] in ("core", "features", "launch")
 
 
@@ -94,10 +99,12 @@ def apply_tracking(log, cfg, run_dir: Path) -> None:
     t = cfg.tracking
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    run_id = _run_id(run_dir)
     run = wandb.init(project=t.wandb_project, entity=t.wandb_entity, name=t.run_name or run_dir.name,
                      group=t.wandb_group, tags=list(t.wandb_tags), dir=str(run_dir),
                      config={**dataclasses.asdict(cfg), "run": info}, resume="allow",
-                     id=_run_id(run_dir))
+                     id=None if os.environ.get("WANDB_SWEEP_ID") else run_id,  # a sweep's agent names its run
+                     settings=wandb.Settings(quiet=True))  # the run's link, not W&B's history and summary
     run.log_code(str(_REPO), include_fn=_source_file)
     if (run_dir / "git.diff").is_file():
         run.save(str(run_dir / "git.diff"), base_path=str(run_dir), policy="now")

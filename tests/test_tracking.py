@@ -123,3 +123,47 @@ def test_metric_keys_are_grouped():
 
     assert [wandb_key(k) for k in ("loss", "mfu", "peak_mem_gib", "exact_match", "skipped_steps", "eval/x")] == \
         ["train/loss", "perf/mfu", "mem/peak_gib", "eval/exact_match", "train/skipped_steps", "eval/x"]
+
+
+def test_the_code_artifact_takes_source_files_and_skips_links_out_of_the_repository(tmp_path, monkeypatch):
+    """A run directory inside the repository (runs/, the default) holds W&B's own link to a log file outside
+    it; walking the repository must not follow it out (it raised, and --wandb crashed)."""
+    from core import tracking
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere.log"
+    (repo / "core").mkdir(parents=True)
+    (repo / "core" / "x.py").write_text("")
+    (repo / "runs" / "r" / "wandb").mkdir(parents=True)
+    elsewhere.write_text("")
+    (repo / "runs" / "r" / "wandb" / "debug-core.log").symlink_to(elsewhere)
+    monkeypatch.setattr(tracking, "_REPO", repo)
+    assert tracking._source_file(str(repo / "core" / "x.py"))
+    assert not tracking._source_file(str(repo / "runs" / "r" / "wandb" / "debug-core.log"))
+    assert not tracking._source_file(str(tmp_path / "elsewhere.log"))
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_sweep_agent_names_the_run_and_the_output_is_quiet(tmp_path, monkeypatch, sweep):
+    import types
+
+    import wandb
+
+    import train
+    from core import tracking
+
+    seen = {}
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace(log_code=lambda *a, **k: None, save=lambda *a, **k: None)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun")
+    if sweep:
+        monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    else:
+        monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    log = types.SimpleNamespace(enabled=True, add_sink=lambda sink: None)
+    tracking.apply_tracking(log, train.parse_config(["--wandb"]), tmp_path)
+    assert seen["id"] == (None if sweep else "agentrun") and seen["settings"].quiet
+    assert (tmp_path / "wandb_id.txt").read_text() == "agentrun"  # kept for a resumed run either way
