@@ -244,13 +244,10 @@ def train(cfg: Config) -> dict:
         log.print(f"resumed from {resume_from} at step {start}")
     evaluate = compile.eager_during(functools.partial(core.evaluate.evaluate, model, val, cfg, tok, d, ctx, loss_fn),
                                     cfg.compile)
-    summary = {"step": start}
-    if start == 0:
-        summary["before"] = evaluate()
-        if summary["before"]:  # nothing to show without a validation set
-            log.log({"step": 0, **summary["before"]})
-    else:  # resumed: the evaluation before training is in the kept history, for the closing lines
-        summary["before"] = log.record_at(0)
+    # the evaluation before training; a resumed run reads it from the history it kept, for the closing lines
+    summary = {"step": start, "before": evaluate() if start == 0 else log.record_at(0)}
+    if start == 0 and summary["before"]:  # nothing to show without a validation set
+        log.log({"step": 0, **summary["before"]})
 
     # ---- the loop
     meter = runlog.StepMeter(d.device, d.world_size, core.model.train_flops(unwrap(model)), total_steps, start,
@@ -287,9 +284,10 @@ def train(cfg: Config) -> dict:
 
             is_last = step == total_steps
             is_save = guard.stop or (cfg.train.save_every > 0 and (step % cfg.train.save_every == 0 or is_last))
-            if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save:
+            is_eval = is_last or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0)
+            if step % cfg.train.log_every == 0 or step == 1 or is_last or is_save or is_eval:
                 record = meter.record(step, lr, grad_norm, lambda t: all_reduce_sum(t, d)) | guard.metrics()
-                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
+                if is_eval:
                     record.update(evaluate())
                     meter.restart_clock()
                 log.log(record)

@@ -55,6 +55,15 @@ def test_an_evaluation_reports_its_own_time(tmp_path, small_data):
     assert [m["step"] for m in evals] == [0, 2] and all(m["eval_s"] > 0 for m in evals)
 
 
+def test_evaluations_follow_eval_every_not_the_log_steps(tmp_path, small_data):
+    """--eval-every 3 with --log-every 4: evaluations at 0, 3, 6 (each also logs), training lines at 1, 4."""
+    assert run_train(tmp_path / "r", "--dataset", str(small_data), "--max-steps", "6", "--eval-every", "3",
+                     "--log-every", "4", "--micro-batch-size", "4", "--eval-exact-match", "0", "--skip-export") == 0
+    metrics = read_metrics(tmp_path / "r")
+    assert [m["step"] for m in metrics] == [0, 1, 3, 4, 6]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 3, 6]
+
+
 def test_metrics_log_keeps_history_up_to_the_resumed_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(8)))
     log = MetricsLog(tmp_path, total_steps=10, start_step=4, enabled=True)
