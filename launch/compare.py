@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-IGNORED = ("train.seed", "train.output_dir", "train.resume", "tracking.")  # do not define a config
+IGNORED = ("train.seed", "train.output_dir", "train.resume", "tracking.", "auto")  # do not define a config
 COLUMNS = [("final_loss", "train loss (final)", "{:.4f}"), ("val_loss", "val loss (final)", "{:.4f}"),
            ("best_val_loss", "val loss (best)", "{:.4f}"), ("exact_match", "exact match", "{:.1%}"),
            ("tokens_per_s", "tokens/s", "{:,.0f}"), ("peak_mem_gib", "peak mem (GiB)", "{:.2f}")]
@@ -36,10 +36,24 @@ def load_run(run_dir: Path) -> dict:
 
 
 def find_runs(paths: list[str]) -> list[dict]:
+    """The runs under each path: the path itself, the runs its ablation.json lists (the grid launch/ablate.py
+    ran last, not runs of an earlier grid left beside them), or every run directory below it."""
     dirs = []
     for p in map(Path, paths):
-        dirs += [p] if (p / "metrics.jsonl").is_file() else sorted(m.parent for m in p.rglob("metrics.jsonl"))
+        listed = _read_json(p / "ablation.json").get("runs")
+        if (p / "metrics.jsonl").is_file():
+            dirs.append(p)
+        elif listed:
+            grid = [p / r["config"] / f"seed{r['seed']}" for r in listed]
+            dirs += [d for d in grid if (d / "metrics.jsonl").is_file()]
+        else:
+            dirs += sorted(m.parent for m in p.rglob("metrics.jsonl"))
     return [load_run(d) for d in dirs]
+
+
+def failed(runs: list[dict]) -> list[dict]:
+    """Runs whose ablation.json records a non-zero exit: left out of the table, listed under it."""
+    return [r for r in runs if r["ablation"].get("exit_code") not in (None, 0)]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -189,12 +203,19 @@ def main(argv=None) -> int:
         print(f"error: no runs (no metrics.jsonl) under {' '.join(args.paths)}", file=sys.stderr)
         return 1
     label_runs(runs)
+    bad = failed(runs)
+    runs = [r for r in runs if r not in bad]
+    notes = "".join(f"- failed: {r['label']} seed {r['seed']} (exit {r['ablation']['exit_code']}), see "
+                    f"{Path(r['dir']) / 'train.log'}\n" for r in bad)
+    if not runs:
+        print(f"error: every run failed\n{notes}", file=sys.stderr)
+        return 1
     out = Path(args.out or (args.paths[0] if args.paths else "."))
     out.mkdir(parents=True, exist_ok=True)
     first = args.paths[0] if args.paths else ""
     manifest = _read_json(Path(first) / "ablation.json") if first else {}
     title = f"# Ablation: {manifest['name']}" if manifest.get("name") else "# Comparison"
-    text = (f"{title}\n\n{provenance(runs, manifest)}\n\n{table(runs)}\n\n"
+    text = (f"{title}\n\n{provenance(runs, manifest)}\n\n{table(runs)}\n\n{notes}{chr(10) if notes else ''}"
             "![loss](loss.png)\n![throughput](throughput.png)\n")
     (out / "results.md").write_text(text)
     plot(runs, out)

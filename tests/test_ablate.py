@@ -155,10 +155,12 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
             f"--lr 1e-3 --seed 1 --output-dir {tmp_path}/pk/lr=1e-3/seed1 --run-name pk/lr=1e-3/seed1")
 
 
-def _fake_run(run_dir, lr, seed, losses, tok_s, mem):
+def _fake_run(run_dir, lr, seed, losses, tok_s, mem, exit_code=None):
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"optim": {"lr": lr}, "train": {"seed": seed,
-                                                     "output_dir": str(run_dir)}}))
+                                                     "output_dir": str(run_dir)}, "auto": [f"--x {seed} (auto)"]}))
+    if exit_code is not None:  # tagged as launch/ablate.py tags its runs
+        (run_dir / "ablation.json").write_text(json.dumps({"config": f"lr={lr}", "seed": seed, "exit_code": exit_code}))
     (run_dir / "run.json").write_text(json.dumps({"git_sha": "abc123", "device": "cpu", "world_size": 1,
                                                   "versions": {"torch": "2.x"}}))
     rows = [{"step": 0, "val_loss": 9.0}] + [
@@ -183,6 +185,20 @@ def test_compare_groups_untagged_runs_by_differing_flags(tmp_path):
     assert parse_cell(a["peak mem (GiB)"]) == pytest.approx((1.25, statistics.stdev([1.0, 1.5])), abs=1e-2)
     assert rows["lr=0.003"]["train loss (final)"] == "0.5000"  # one seed: no spread
     assert png_size(tmp_path / "report/loss.png") == (700, 400)
+
+
+def test_compare_takes_the_manifests_grid_and_lists_failed_runs_apart(tmp_path):
+    root = tmp_path / "abl"
+    _fake_run(root / "lr=0.001" / "seed0", 0.001, 0, [3.0, 2.0, 1.0], [999, 100, 300], 1.0, exit_code=0)
+    _fake_run(root / "lr=0.003" / "seed0", 0.003, 0, [3.0, 9.0, 9.0], [999, 100, 100], 2.0, exit_code=1)
+    _fake_run(root / "lr=0.01" / "seed0", 0.01, 0, [3.0, 1.0, 0.5], [999, 100, 100], 2.0, exit_code=0)  # stale
+    listed = [{"config": c, "seed": 0, "run_dir": str(root / c / "seed0")} for c in ("lr=0.001", "lr=0.003")]
+    (root / "ablation.json").write_text(json.dumps({"name": "abl", "command": "python launch/ablate.py abl",
+                                                    "runs": listed}))
+    assert compare.main([str(root)]) == 0
+    text = (root / "results.md").read_text()
+    assert set(table_rows(text)) == {"lr=0.001"}  # not the failed run, not the earlier grid's
+    assert f"- failed: lr=0.003 seed 0 (exit 1), see {root / 'lr=0.003' / 'seed0' / 'train.log'}" in text
 
 
 def test_compare_reads_a_wandb_group(tmp_path, monkeypatch):

@@ -141,6 +141,7 @@ def _args_no_boolean_flags(params: dict) -> list[str]:
 @pytest.mark.parametrize("pick", [0, -1])
 def test_sweep_yaml_commands_parse(pick):
     import train
+    from core import defaults
 
     sweep = yaml.safe_load((ROOT / "launch/sweep.yaml").read_text())
     assert sweep["command"][-1] == "${args_no_boolean_flags}" and sweep["program"] == "train.py"
@@ -153,8 +154,9 @@ def test_sweep_yaml_commands_parse(pick):
         else:
             params[key] = spec["min"] if pick == 0 else spec["max"]
     cfg = train.parse_config(_args_no_boolean_flags(params))
+    defaults.resolve_flags(cfg, cuda=True)  # as on a GPU, where packing is on unless switched off
     assert cfg.tracking.wandb and cfg.optim.lr == params["lr"]
-    assert cfg.packing.packing is params["packing"] and cfg.train.max_steps == params["max-steps"]
+    assert cfg.packing.packing is not params["no-packing"] and cfg.train.max_steps == params["max-steps"]
     assert cfg.train.micro_batch_size == params["micro-batch-size"]
     assert sweep["metric"]["name"] == "eval/val_loss"  # a key core/tracking.py logs
 
