@@ -21,10 +21,15 @@ while [[ "$1" == --* ]]; do shift; done
 trap 'echo "srun: USR1" >> "$FAKE_LOG"; kill -USR1 $child; wait $child; exit $?' USR1
 "$@" & child=$!
 wait $child""",
-    # torchrun: record; with FAKE_HOLD, wait for SIGUSR1 like a training run that saves and exits 0
+    # torchrun: record; with FAKE_HOLD, wait for SIGUSR1 like a training run that saves (FAKE_SAVES) and exits 0
     "torchrun": """echo "torchrun $*" >> "$FAKE_LOG"
 if [[ -n "${FAKE_HOLD:-}" ]]; then
-    trap 'echo "torchrun: USR1" >> "$FAKE_LOG"; exit 0' USR1
+    on_usr1() {
+        echo "torchrun: USR1" >> "$FAKE_LOG"
+        [[ -n "${FAKE_SAVES:-}" ]] && mkdir -p "$RUN_DIR/checkpoints/step_7"
+        exit 0
+    }
+    trap on_usr1 USR1
     echo "torchrun: started" >> "$FAKE_LOG"
     for i in $(seq 300); do sleep 0.1; done
     exit 1
@@ -76,9 +81,13 @@ def test_slurm_sbatch_runs_torchrun_per_node_with_c10d_rendezvous(fake_cluster):
     assert "#SBATCH --requeue" in header and "#SBATCH --signal=B:USR1@" in header
 
 
-def test_slurm_sbatch_time_limit_signal_checkpoints_and_requeues(fake_cluster):
+@pytest.mark.parametrize("saves", [True, False])
+def test_slurm_sbatch_time_limit_signal_checkpoints_and_requeues(fake_cluster, tmp_path, saves):
+    """The ranks stop on SIGUSR1; the job is requeued only when they saved a new checkpoint (a run that
+    cannot save before the time limit would otherwise restart from the same point forever)."""
     env, log = fake_cluster
-    env = {**env, "FAKE_HOLD": "1", "RUN_DIR": "runs/my-run", "PYTHON": "true"}
+    run_dir = str(tmp_path / "my-run")
+    env = {**env, "FAKE_HOLD": "1", "RUN_DIR": run_dir, "PYTHON": "true", **({"FAKE_SAVES": "1"} if saves else {})}
     proc = subprocess.Popen(["bash", "launch/slurm.sbatch", "--lora"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
@@ -87,11 +96,15 @@ def test_slurm_sbatch_time_limit_signal_checkpoints_and_requeues(fake_cluster):
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` does before the time limit
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
     lines = log.read_text().splitlines()
-    assert lines.index("srun: USR1") < lines.index("torchrun: USR1") < lines.index("scontrol requeue 4242")
-    assert calls(log, "torchrun")[0][-5:] == ["--resume", "auto", "--output-dir", "runs/my-run", "--lora"]
+    assert lines.index("srun: USR1") < lines.index("torchrun: USR1")
+    assert calls(log, "torchrun")[0][-5:] == ["--resume", "auto", "--output-dir", run_dir, "--lora"]
     assert "SIGUSR1 (time limit near)" in out and "srun exited with status 0" in out
+    if saves:
+        assert proc.returncode == 0 and lines.index("torchrun: USR1") < lines.index("scontrol requeue 4242"), out
+    else:
+        assert proc.returncode == 1 and "scontrol requeue 4242" not in lines, out
+        assert f"no new checkpoint in {run_dir} since the job started: not requeued" in out
 
 
 def test_torchrun_sh_passes_arguments_through(fake_cluster):
