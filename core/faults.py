@@ -8,8 +8,9 @@ Preemption: SLURM (`--signal=USR1@120`, or SIGTERM before a kill) and Kubernetes
 time before they kill a job. The handler only sets a flag; train.py polls `StepGuard.update_ok`
 once per step, so the current step finishes, a checkpoint is written and the run exits with status
 0 and a "resume with --resume auto" line. With several ranks the flags are summed over ranks, so
-every rank stops after the same step even when only one of them got the signal. Ctrl-C (SIGINT)
-stops the same way; a second Ctrl-C stops at once, unsaved, in one line (exit 130).
+every rank stops after the same step even when only one of them got the signal. A signal during
+start-up (loading) is kept, and the first step stops. Ctrl-C (SIGINT) stops the same way; a second
+Ctrl-C stops at once, unsaved, in one line (exit 130).
 
 Numerics: a step whose loss or gradient norm is inf/NaN is skipped (no optimizer or schedule step,
 the gradients are dropped), counted in metrics.jsonl as `skipped_steps`, and left out of the logged
@@ -25,6 +26,7 @@ skip-on-inf step. Works with every other flag (the hook is independent of the mo
 is counted and stops the run after --max-bad-steps, but is not undone.
 """
 
+import contextlib
 import dataclasses
 import re
 import signal
@@ -38,6 +40,7 @@ from core import UserError, compat, optional
 from core.distributed import Dist, peer_failure, record_error, teardown
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C, which a second one makes immediate
+_EARLY: list[str] = []  # SIGTERM / SIGUSR1 while the run starts (loading): the first step stops and saves
 
 
 @dataclasses.dataclass
@@ -57,7 +60,7 @@ class StepGuard:
     def __init__(self, cfg: FaultsConfig, d: Dist):
         self.max_bad, self.d = cfg.max_bad_steps, d
         self.skipped = self.bad_in_row = self.applied = 0  # applied: updates since the last log line
-        self.signal: str | None = None  # the signal that arrived on this rank
+        self.signal: str | None = _EARLY[-1] if _EARLY else None  # the signal that arrived on this rank
         self.stop = False  # agreed over ranks: save and exit after this step
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
@@ -190,9 +193,10 @@ def run(parse, train) -> int:
         return code
 
     try:
-        cfg = parse()
-        with optional.keep_out(optional.unused(cfg)):  # what other libraries would import on their own
-            train(cfg)
+        with _early_signals():
+            cfg = parse()
+            with optional.keep_out(optional.unused(cfg)):  # what other libraries would import on their own
+                train(cfg)
         return 0
     except UserError as e:
         return fail(f"error: {e}", 2)
@@ -206,3 +210,19 @@ def run(parse, train) -> int:
         return fail(f"error: {peer_failure(e)}", 1)
     finally:
         teardown()
+
+
+@contextlib.contextmanager
+def _early_signals():
+    """SIGTERM / SIGUSR1 while the run starts (loading a model can take minutes) are kept, not a kill:
+    the StepGuard takes them over, so the first step stops the run and saves."""
+    _EARLY.clear()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        previous = {s: signal.signal(s, lambda n, f: _EARLY.append(signal.Signals(n).name))
+                    for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -113,6 +113,23 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(capsys):
     assert err == ["stopped at once by Ctrl-C: nothing saved since the last checkpoint"], err
 
 
+def test_a_stop_signal_during_start_up_stops_the_first_step_instead_of_killing_the_run():
+    """SIGUSR1 while the model loads (before the step loop's handlers): kept, and the first step stops."""
+    import train
+
+    guards = []
+
+    def starting(cfg):
+        os.kill(os.getpid(), signal.SIGUSR1)  # default action: terminate the process
+        guard = faults.StepGuard(faults.FaultsConfig(), Dist())
+        guards.append((guard.update_ok(torch.tensor(1.0), torch.tensor(2.0), 1), guard.stop, guard.signal))
+        guard.close()
+
+    before = signal.getsignal(signal.SIGUSR1)
+    assert faults.run(lambda: train.parse_config([]), starting) == 0
+    assert guards == [(True, True, "SIGUSR1")] and signal.getsignal(signal.SIGUSR1) == before
+
+
 def test_stop_and_skip_are_agreed_over_ranks(tmp_path):
     """Only rank 1 gets the signal and only rank 0 sees a NaN loss: both ranks skip step 1 and stop after step 2."""
     import torch.multiprocessing as mp
