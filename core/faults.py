@@ -28,6 +28,8 @@ is counted and stops the run after --max-bad-steps, but is not undone.
 
 import contextlib
 import dataclasses
+import io
+import os
 import re
 import signal
 import sys
@@ -188,13 +190,14 @@ def run(parse, train) -> int:
     cfg = None
 
     def fail(message: str, code: int) -> int:
-        print(message, file=sys.stderr)
-        record_error(message)
+        if code != 2 or int(os.environ.get("RANK", "0")) == 0:  # bad input is the same on every rank: said once
+            print(message, file=sys.stderr)
+        record_error(message)  # torchrun's line names the first failed rank's
         return code
 
     try:
         with _early_signals():
-            cfg = parse()
+            cfg = _parsed_on_rank_0(parse)
             with optional.keep_out(optional.unused(cfg)):  # what other libraries would import on their own
                 train(cfg)
         return 0
@@ -204,12 +207,24 @@ def run(parse, train) -> int:
         return fail(f"error: {oom_report(e, cfg)}", 3)
     except KeyboardInterrupt:
         return fail("stopped at once by Ctrl-C: nothing saved since the last checkpoint", 130)
+    except SystemExit as e:  # the parser refused the command line and printed why (rank 0): torchrun's line
+        if e.code not in (0, None):
+            record_error("error: the command line did not parse (the message above says why; train.py --help)")
+        raise
     except RuntimeError as e:  # a collective broken by another rank's exit: that rank says why
         if not peer_failure(e):
             raise
         return fail(f"error: {peer_failure(e)}", 1)
     finally:
         teardown()
+
+
+def _parsed_on_rank_0(parse):
+    """parse(), with the parser's messages (a bad flag) from rank 0 only: every rank parses the same line."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return parse()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return parse()
 
 
 @contextlib.contextmanager

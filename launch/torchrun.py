@@ -10,11 +10,17 @@ record_error), and exits with that rank's code. A signal to the launcher ends in
 launch/torchrun.sh and launch/slurm.sbatch start training through it.
 """
 
+import logging
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
+
+
+def _not_a_failure_report(record: logging.LogRecord) -> bool:
+    """torchrun's own log lines about a failed worker (its exit code, the others sent SIGTERM)."""
+    return not record.getMessage().startswith(("failed (exitcode", "Sending process"))
 
 
 def failure_line(err: ChildFailedError) -> tuple[str, int]:
@@ -28,6 +34,8 @@ def failure_line(err: ChildFailedError) -> tuple[str, int]:
 
 
 def main(argv: list[str]) -> int:
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(name).addFilter(_not_a_failure_report)  # the line below says it once
     try:
         run(parse_args(argv))
     except ChildFailedError as err:

@@ -379,3 +379,21 @@ def test_out_of_memory_on_one_of_two_torchrun_ranks_ends_in_one_line_each(tmp_pa
     assert "terminate called" not in err and "[rank" not in err and "Traceback" not in err, err[-3000:]
     assert "ChildFailedError" not in err and "Root Cause" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == f"torchrun: tests/fault_hooks.py failed on rank 0 (exit code 3): {oom[0]}"
+
+
+@pytest.mark.parametrize("bad, said", [
+    (["--bogus-flag", "3"], "error: the command line did not parse"),  # tyro's own message, then ours
+    (["--lr", "-1"], "error: --lr must be positive (got -1.0)"),
+])
+def test_bad_input_under_torchrun_is_said_once_and_named_by_the_launcher(tmp_path, bad, said):
+    """Every rank parses the same command line: rank 0 says what is wrong, the launcher's last line names
+    it, and neither torchrun's own failure report nor a second rank's copy of the message is printed."""
+    cmd = [sys.executable, "launch/torchrun.py", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--output-dir", str(tmp_path / "run"), *bad]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2, lines
+    assert re.fullmatch(rf"torchrun: train.py failed on rank \d \(exit code 2\): {re.escape(said)}.*", lines[-1])
+    assert sum("Unrecognized options: --bogus-flag" in line or line.startswith(said) for line in lines) == 1, lines
+    assert not [line for line in lines if re.match(r"^[WE]\d{4} ", line) or "Traceback" in line], lines
