@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     runs = plan(args)
     if args.dry_run:
-        print("\n".join(shlex.join(["python", "train.py", *r["train_args"]]) for r in runs))
+        print("\n".join(shlex.join(["python", "train.py", "--resume", "auto", *r["train_args"]]) for r in runs))
         return 0
     if args.force:  # a fresh start: --resume auto would otherwise continue from a run's last checkpoint
         for r in runs:
