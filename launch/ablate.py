@@ -169,20 +169,27 @@ def run_local(runs: list[dict], slots: list[str]) -> int:
     return failed
 
 
+GPUS_PER_NODE, CPUS_PER_GPU = 8, 8  # launch/slurm.sbatch's node: 8 GPUs, 64 CPUs
+
+
 def render_array(args, runs: list[dict]) -> str:
     """launch/slurm.sbatch as a job array: one task per run, its flags picked by SLURM_ARRAY_TASK_ID."""
     text = (REPO / "launch" / "slurm.sbatch").read_text()
     array = f"0-{len(runs) - 1}" + (f"%{args.parallel}" if args.parallel else "")
     header = {"job-name": f"ablate-{args.name}", "nodes": str(args.nodes),
-              "gpus-per-node": str(args.gpus_per_node), "output": "slurm-%x-%A_%a.out"}
+              "gpus-per-node": str(args.gpus_per_node), "output": "slurm-%x-%A_%a.out",
+              "cpus-per-task": str(CPUS_PER_GPU * args.gpus_per_node)}
     for key, value in header.items():
         text, n = re.subn(rf"^#SBATCH --{key}=.*$", f"#SBATCH --{key}={value}", text, count=1, flags=re.M)
         assert n == 1, f"launch/slurm.sbatch lost its #SBATCH --{key} line"
+    if args.gpus_per_node < GPUS_PER_NODE:  # part of a node: tasks share nodes, each on a rendezvous port of its own
+        text = text.replace("#SBATCH --exclusive\n", "", 1)
     text = text.replace(f"#SBATCH --job-name=ablate-{args.name}\n",
                         f"#SBATCH --job-name=ablate-{args.name}\n#SBATCH --array={array}\n", 1)
     cases = [f"    {k}) RUN_DIR={shlex.quote(r['run_dir'])}\n"
              f"       TRAIN_ARGS=({shlex.join(r['train_args'])}) ;;" for k, r in enumerate(runs)]
     block = (f"# >>> run (ablation {args.name}: {len(runs)} runs, rendered by launch/ablate.py)\n"
+             "export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_ARRAY_TASK_ID % 1000))}\n"
              'case "${SLURM_ARRAY_TASK_ID:?submit with sbatch (a job array)}" in\n' + "\n".join(cases) +
              '\n    *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;\nesac\n# <<< run')
     text, n = re.subn(r"^# >>> run$.*?^# <<< run$", lambda _: block, text, count=1, flags=re.M | re.S)

@@ -118,7 +118,8 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
     script = (tmp_path / "pk/array.sbatch").read_text()
     header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     assert {"#SBATCH --array=0-3%2", "#SBATCH --job-name=ablate-pk", "#SBATCH --nodes=1",
-            "#SBATCH --gpus-per-node=2", "#SBATCH --requeue"} <= set(header)
+            "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=16", "#SBATCH --requeue"} <= set(header)
+    assert "#SBATCH --exclusive" not in header  # 2 of a node's 8 GPUs: tasks share nodes
     assert len({line.split("=")[0] for line in header}) == len(header)  # no option twice
     runs = ablate.plan(ablate.parse_args(argv))
     assert all(json.loads((tmp_path / f"pk/{r['config']}/seed{r['seed']}/ablation.json").read_text())["config"]
@@ -149,7 +150,7 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
         assert proc.returncode == 0, proc.stderr
         [torchrun] = calls(log, "torchrun")
         assert torchrun[:10] == ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv_id", "77", "--rdzv_backend",
-                                 "c10d", "--rdzv_endpoint", "gpu-node-07:29500"]  # the fake scontrol's head node
+                                 "c10d", "--rdzv_endpoint", f"gpu-node-07:{29500 + task}"]  # a port per task
         assert torchrun[10:] == ["train.py", "--resume", "auto", *runs[task]["train_args"]]
         assert shlex.join(runs[task]["train_args"]).endswith(
             f"--lr 1e-3 --seed 1 --output-dir {tmp_path}/pk/lr=1e-3/seed1 --run-name pk/lr=1e-3/seed1")
