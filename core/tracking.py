@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
 import warnings
 from pathlib import Path
 
@@ -106,8 +107,8 @@ def apply_tracking(log, cfg, run_dir: Path) -> None:
                      id=None if os.environ.get("WANDB_SWEEP_ID") else run_id,  # a sweep's agent names its run
                      settings=wandb.Settings(quiet=True))  # the run's link, not W&B's history and summary
     run.log_code(str(_REPO), include_fn=_source_file)
-    if (run_dir / "git.diff").is_file():
-        run.save(str(run_dir / "git.diff"), base_path=str(run_dir), policy="now")
+    if (run_dir / "git.diff").is_file():  # a copy in the W&B run's files (run.save would link it, and warn)
+        shutil.copy(run_dir / "git.diff", run.dir)
     log.add_sink(WandbSink(run))
 
 

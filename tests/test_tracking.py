@@ -155,7 +155,7 @@ def test_a_sweep_agent_names_the_run_and_the_output_is_quiet(tmp_path, monkeypat
 
     def init(**kwargs):
         seen.update(kwargs)
-        return types.SimpleNamespace(log_code=lambda *a, **k: None, save=lambda *a, **k: None)
+        return types.SimpleNamespace(log_code=lambda *a, **k: None, dir=str(tmp_path))
 
     monkeypatch.setattr(wandb, "init", init)
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun")
