@@ -197,7 +197,7 @@ def run(parse, train) -> int:
 
     try:
         with _early_signals():
-            cfg = _parsed_on_rank_0(parse)
+            cfg = _parsed(parse)
             with optional.keep_out(optional.unused(cfg)):  # what other libraries would import on their own
                 train(cfg)
         return 0
@@ -207,10 +207,6 @@ def run(parse, train) -> int:
         return fail(f"error: {oom_report(e, cfg)}", 3)
     except KeyboardInterrupt:
         return fail("stopped at once by Ctrl-C: nothing saved since the last checkpoint", 130)
-    except SystemExit as e:  # the parser refused the command line and printed why (rank 0): torchrun's line
-        if e.code not in (0, None):
-            record_error("error: the command line did not parse (the message above says why; train.py --help)")
-        raise
     except RuntimeError as e:  # a collective broken by another rank's exit: that rank says why
         if not peer_failure(e):
             raise
@@ -219,12 +215,25 @@ def run(parse, train) -> int:
         teardown()
 
 
-def _parsed_on_rank_0(parse):
-    """parse(), with the parser's messages (a bad flag) from rank 0 only: every rank parses the same line."""
+def _parsed(parse):
+    """parse(); a command line the parser refuses (it printed why) also goes into torchrun's error file."""
+    try:
+        with _silent_off_rank_0():
+            return parse()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            record_error("error: the command line did not parse (the message above says why; train.py --help)")
+        raise
+
+
+@contextlib.contextmanager
+def _silent_off_rank_0():
+    """Every rank parses the same command line: its messages (a bad flag, --help) from rank 0 only."""
     if int(os.environ.get("RANK", "0")) == 0:
-        return parse()
+        yield
+        return
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return parse()
+        yield
 
 
 @contextlib.contextmanager
