@@ -26,6 +26,7 @@ tests/test_fuzz_data.py fuzzes this with hypothesis. Tokenized samples are cache
 with the same records, tokenizer and flags (core/data_cache.py; --data-cache none turns it off).
 """
 
+import csv
 import dataclasses
 import json
 import random
@@ -125,12 +126,24 @@ def _read_table(path: Path) -> list[Record]:
     import datasets
 
     try:
-        table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+        table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train", **_as_text(path))
     except Exception as e:  # pyarrow/pandas raise many types for a damaged file
         raise UserError(f"{path}: could not read as {path.suffix[1:]} ({type(e).__name__}: {e})") from e
     first = 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
     label = "line" if path.suffix == ".csv" else "row"
     return [(dict(r), f"{path}: {label} {i + first}") for i, r in enumerate(table)]
+
+
+def _as_text(path: Path) -> dict:
+    """A CSV's cells are text: a column of numbers ("2", "4") holds answers, not ints (pandas would infer
+    int64, and records need strings). Parquet keeps its own types."""
+    if path.suffix != ".csv":
+        return {}
+    import datasets
+
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}

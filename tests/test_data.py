@@ -134,6 +134,18 @@ def test_parquet_csv_and_json_sources(tmp_path, tok):
         assert len(train.samples) == 6, name
 
 
+def test_a_csv_column_of_numbers_is_text(tmp_path, tok):
+    """pandas reads a column of numbers as int64; a CSV cell is an answer ("2"), and an empty input is fine."""
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["instruction", "input", "output"], *[["Add.", f"{i}+{i}", str(2 * i)] for i in range(6)],
+                     ["Say zero.", "", "0"]])
+    train, _ = load_splits(DataConfig(dataset=str(tmp_path / "d.csv"), val_dataset="none"), tok, 0)
+    assert len(train.samples) == 7
+    answer = [t for t, label in zip(train.samples[0].input_ids, train.samples[0].labels) if label != -100]
+    assert tok.decode(answer).startswith("0")
+
+
 def test_example_files_for_every_format_load(tok):
     for name in ("alpaca", "chat", "completion", "text"):
         train, _ = load_splits(DataConfig(dataset=str(ROOT / f"data/examples/{name}.jsonl"), val_dataset="none"),
