@@ -320,7 +320,9 @@ def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: s
     if bad:
         stats.update(skipped_bad=len(bad), first_bad=bad[0])
     if not samples:
-        hint = "raise --seq-len or pass --truncation truncate" if fmt != "pretrain" else "lower --seq-len"
+        hint = ("lower --seq-len" if fmt == "pretrain" else "raise --seq-len or pass --truncation truncate"
+                if cfg.truncation == "drop" else "raise --seq-len (truncation keeps each sample's first --seq-len "
+                "tokens, and here they hold no trained token)")
         raise UserError(f"{source}: no usable samples out of {len(records)} records ({stats}); {hint}")
     stats.update(records=len(records), samples=len(samples), tokens=sum(len(s.input_ids) for s in samples))
     return Split(samples, stats)
@@ -371,11 +373,13 @@ def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fit
         cfg.dataset = str(Path(__file__).resolve().parent.parent / DEMO_DATASET)
     records = read_records(cfg.dataset, "--dataset", cfg.dataset_subset, cfg.dataset_split)
     fmt = cfg.dataset_format if cfg.dataset_format != "auto" else _detect(records, cfg.skip_bad_samples, cfg.dataset)
-    val_source = _val_source(cfg)
+    val_source, no_val = _val_source(cfg), None
     if val_source is not None:
         val_records = read_records(val_source, "--val-dataset", cfg.dataset_subset, "validation")
     elif cfg.val_dataset == "auto" and cfg.val_size > 0 and len(records) > 1:
         records, val_records = _hold_out(records, cfg, seed)
+        if not val_records:
+            no_val = f"--val-size {cfg.val_size:g} of {len(records)} records holds none out; pass a count, e.g. 2"
     else:
         val_records = []
     tokenized = None
@@ -384,12 +388,25 @@ def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fit
     elif cfg.seq_len is None:  # tokenized once: the longest sample sets --seq-len, then the split is fit to it
         tokenized = _tokenized(records, fmt, tok, cfg)
         cfg.seq_len = choose_seq_len(max((len(s.input_ids) for s in tokenized[0]), default=2))
+    val = None
+    if val_records:
+        try:
+            val = build_split(val_records[: cfg.max_val_samples], fmt, tok, cfg, val_source or "held-out split")
+        except UserError:
+            if val_source is not None:  # a validation file of the user's: its problem is theirs to fix
+                raise
+            # pretrain blocks: the held-out documents fill no --seq-len block; they train instead
+            records, tokenized, no_val = records + val_records, None, (
+                f"{len(val_records)} held-out records fill no --seq-len {cfg.seq_len} block, so they train instead; "
+                f"a larger --val-size or --val-dataset FILE gives one")
     train = build_split(records, fmt, tok, cfg, cfg.dataset, tokenized)
-    val = build_split(val_records[: cfg.max_val_samples], fmt, tok, cfg, val_source or "held-out split") \
-        if val_records else None
+    if no_val:
+        train.stats["no_validation"] = no_val
     return train, val
 
 
 def describe(train: Split, val: Split | None) -> str:
     """The run log's lines on the splits."""
-    return f"data: train {train.stats}" + (f"\ndata: val {val.stats}" if val else "\ndata: no validation set")
+    stats = {k: v for k, v in train.stats.items() if k != "no_validation"}
+    why = f" ({train.stats['no_validation']})" if "no_validation" in train.stats else ""
+    return f"data: train {stats}" + (f"\ndata: val {val.stats}" if val else f"\ndata: no validation set{why}")

@@ -238,3 +238,25 @@ def test_data_cache_ignores_an_unreadable_file(tmp_path, tok):
     npz.write_bytes(npz.read_bytes()[:100])  # cut short, as by a full disk
     again, _ = load_splits(cfg, tok, 0)
     assert again.samples == first.samples
+
+
+def test_no_validation_set_says_why_and_loses_no_data(tmp_path, tok):
+    """Held-out pretrain documents too short for one block train instead (they used to stop the run); a
+    --val-size that holds out no record of a small file says so."""
+    from core.data import describe
+
+    train, val = load_splits(DataConfig(dataset=str(ROOT / "data/examples/text.jsonl"), dataset_format="pretrain",
+                                        seq_len=64), tok, 0)
+    assert val is None and train.stats["records"] == 20  # every record trains
+    assert "held-out records fill no --seq-len 64 block, so they train instead" in describe(train, val)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"instruction": "a", "output": "b"}) + "\n" for _ in range(12)))
+    train, val = load_splits(DataConfig(dataset=str(small)), tok, 0)
+    assert val is None and "--val-size 0.05 of 12 records holds none out" in describe(train, val)
+
+
+def test_truncation_that_leaves_nothing_trained_does_not_advise_itself(tmp_path, tok):
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "word " * 80, "completion": "A"}) + "\n" for _ in range(4)))
+    with pytest.raises(UserError, match=r"raise --seq-len \(truncation keeps each sample's first --seq-len"):
+        load_splits(DataConfig(dataset=str(long), seq_len=20, truncation="truncate", val_dataset="none"), tok, 0)
