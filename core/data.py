@@ -393,7 +393,7 @@ def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fit
         try:
             val = build_split(val_records[: cfg.max_val_samples], fmt, tok, cfg, val_source or "held-out split")
         except UserError:
-            if val_source is not None:  # a validation file of the user's: its problem is theirs to fix
+            if val_source is not None or fmt != "pretrain":  # a file of the user's, or samples: theirs to fix
                 raise
             # pretrain blocks: the held-out documents fill no --seq-len block; they train instead
             records, tokenized, no_val = records + val_records, None, (
