@@ -320,9 +320,13 @@ def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: s
     if bad:
         stats.update(skipped_bad=len(bad), first_bad=bad[0])
     if not samples:
-        hint = ("lower --seq-len" if fmt == "pretrain" else "raise --seq-len or pass --truncation truncate"
-                if cfg.truncation == "drop" else "raise --seq-len (truncation keeps each sample's first --seq-len "
-                "tokens, and here they hold no trained token)")
+        if fmt == "pretrain":
+            hint = "lower --seq-len"
+        elif cfg.truncation == "drop":
+            hint = "raise --seq-len or pass --truncation truncate"
+        else:
+            hint = ("raise --seq-len (truncation keeps each sample's first --seq-len tokens, and here they hold "
+                    "no trained token)")
         raise UserError(f"{source}: no usable samples out of {len(records)} records ({stats}); {hint}")
     stats.update(records=len(records), samples=len(samples), tokens=sum(len(s.input_ids) for s in samples))
     return Split(samples, stats)

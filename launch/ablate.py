@@ -169,20 +169,23 @@ def run_local(runs: list[dict], slots: list[str]) -> int:
     return failed
 
 
-GPUS_PER_NODE, CPUS_PER_GPU = 8, 8  # launch/slurm.sbatch's node: 8 GPUs, 64 CPUs
+def _sbatch_option(text: str, key: str) -> int:
+    """A number an #SBATCH line of launch/slurm.sbatch sets (its node: --gpus-per-node, --cpus-per-task)."""
+    return int(re.search(rf"^#SBATCH --{key}=(\d+)$", text, flags=re.M).group(1))
 
 
 def render_array(args, runs: list[dict]) -> str:
     """launch/slurm.sbatch as a job array: one task per run, its flags picked by SLURM_ARRAY_TASK_ID."""
     text = (REPO / "launch" / "slurm.sbatch").read_text()
+    node_gpus, node_cpus = _sbatch_option(text, "gpus-per-node"), _sbatch_option(text, "cpus-per-task")
     array = f"0-{len(runs) - 1}" + (f"%{args.parallel}" if args.parallel else "")
     header = {"job-name": f"ablate-{args.name}", "nodes": str(args.nodes),
               "gpus-per-node": str(args.gpus_per_node), "output": "slurm-%x-%A_%a.out",
-              "cpus-per-task": str(CPUS_PER_GPU * args.gpus_per_node)}
+              "cpus-per-task": str(node_cpus * args.gpus_per_node // node_gpus)}
     for key, value in header.items():
         text, n = re.subn(rf"^#SBATCH --{key}=.*$", f"#SBATCH --{key}={value}", text, count=1, flags=re.M)
         assert n == 1, f"launch/slurm.sbatch lost its #SBATCH --{key} line"
-    if args.gpus_per_node < GPUS_PER_NODE:  # part of a node: tasks share nodes, each on a rendezvous port of its own
+    if args.gpus_per_node < node_gpus:  # part of a node: tasks share nodes, each on a rendezvous port of its own
         text = text.replace("#SBATCH --exclusive\n", "", 1)
     text = text.replace(f"#SBATCH --job-name=ablate-{args.name}\n",
                         f"#SBATCH --job-name=ablate-{args.name}\n#SBATCH --array={array}\n", 1)
