@@ -191,14 +191,14 @@ def train(cfg: Config) -> dict:
     core.model.check_vocab(model_config, tok, cfg.model.path)
     context = getattr(model_config, "max_position_embeddings", None)
     choose_seq_len = functools.partial(defaults.seq_len, cfg, context=context)
-    train_split, val = core.data.load_splits(cfg.data, tok, cfg.train.seed, choose_seq_len)
-    defaults.micro_batch(cfg, model_config, d.device)  # larger micro-batches where the GPU's memory allows
+    train_split, val = core.data.load_splits(cfg.data, tok, choose_seq_len)
+    defaults.step_rows(cfg, train_split.samples, model_config, d.device)  # packed or not, ~8 samples a step
     step_source = batches.StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                       cfg.train.seed, tok.pad_token_id, d.dp_rank, d.dp_size,
                                       pack_to=cfg.data.seq_len if cfg.packing.packing else None)
     step_source.check_one_step(cfg.data.dataset)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else step_source.total_steps(cfg.train.epochs)
-    defaults.resolve_run(cfg, total_steps, d, model_config, val)  # exact match, warm-up, precision, loss, offload
+    defaults.resolve_run(cfg, total_steps, step_source.steps_in_epoch(0), d, model_config, val)
     say("defaults: " + "; ".join(cfg.auto) if cfg.auto else "defaults: every value set by hand")
     say(core.data.describe(train_split, val) + "\n" + step_source.describe(total_steps))
 
@@ -298,7 +298,7 @@ def train(cfg: Config) -> dict:
                 log.print(f"saved {path}")
                 meter.restart_clock()  # evaluation and checkpoint time are not training throughput
             if guard.stop:  # SIGTERM / SIGUSR1 (preemption), Ctrl-C: this step is saved; --resume auto continues it
-                log.print(guard.stop_message(path))
+                log.print(guard.stop_message(path, cfg.train.output_dir is not None))
                 break
     finally:  # on every exit, errors too: a prefetch thread still inside a torch call aborts the interpreter's
         step_batches.close()  # shutdown ("terminate called without an active exception", exit 134)

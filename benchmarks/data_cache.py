@@ -43,7 +43,7 @@ def seconds(cfg: DataConfig, tok, repeat: int, empty_cache: bool = False) -> flo
     for _ in range(repeat):
         run = dataclasses.replace(cfg, data_cache=tempfile.mkdtemp()) if empty_cache else cfg
         start = time.perf_counter()
-        load_splits(run, tok, 0)
+        load_splits(run, tok)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -66,7 +66,7 @@ def main():
         cfg = DataConfig(dataset=path, val_dataset="none", data_cache=str(tmp / f"cache{i}"))
         none = seconds(dataclasses.replace(cfg, data_cache="none"), tok, args.repeat)
         first = seconds(cfg, tok, args.repeat, empty_cache=True)
-        load_splits(dataclasses.replace(cfg), tok, 0)  # fills cfg's cache: every timed run below reads it
+        load_splits(dataclasses.replace(cfg), tok)  # fills cfg's cache: every timed run below reads it
         hit = seconds(cfg, tok, args.repeat)
         lines.append(f"| {name} | {none:.2f} | {first:.2f} | {hit:.2f} | {none / hit:.1f}x |")
     print("\n".join(lines))

@@ -73,7 +73,7 @@ def main() -> None:
     import transformers
 
     tok = load_tokenizer(ModelConfig())
-    _, val = load_splits(DataConfig(), tok, seed=0)  # data/val.jsonl: the same held-out set for every run
+    _, val = load_splits(DataConfig(), tok)  # data/val.jsonl: the same held-out set for every run
     rows: dict[tuple, list] = {}
     started = time.time()
     start = f"-from{args.qat_start_step}" if args.qat_start_step > 1 else ""

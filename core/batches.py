@@ -57,7 +57,8 @@ class StepBatches:
                 plan = [[i] for i in order]
             else:
                 plan = best_fit_decreasing([len(s.input_ids) for s in self.samples], self.pack_to, order)
-                random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(plan)  # no longest-first bias
+                random.Random(f"rows {self.seed} {epoch}").shuffle(plan)  # no longest-first bias; a seed of its
+                # own (an integer one next to the order's would be the next epoch's order seed)
             self._plans = {epoch: plan}  # keep one epoch: plans of big datasets are not small
         return self._plans[epoch]
 
@@ -67,9 +68,10 @@ class StepBatches:
     def check_one_step(self, dataset: str) -> None:
         """Refuse a dataset too small for one step, naming the sizes that make a step."""
         if self.steps_in_epoch(0) == 0:
-            raise UserError(f"--dataset {dataset}: {len(self.samples)} samples are fewer than one step takes "
+            rows = f" fill {len(self.rows(0))} packed rows, which are" if self.pack_to else " are"
+            raise UserError(f"--dataset {dataset}: {len(self.samples)} samples{rows} fewer than one step takes "
                             f"({self.world} data-parallel ranks x --micro-batch-size {self.mbs} x --grad-accum "
-                            f"{self.accum}); lower them")
+                            f"{self.accum} rows); lower them")
 
     def total_steps(self, epochs: float) -> int:
         """Steps in `epochs` passes (a fraction of the last one rounds up, after rounding away float
@@ -116,10 +118,24 @@ class StepBatches:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "rows_per_step": self.rows_per_step}
 
     def load_state_dict(self, state: dict) -> None:
+        """The position is a step count: it means the same rows only at the same rows a step."""
+        saved = state.get("rows_per_step", self.rows_per_step)
+        if saved != self.rows_per_step:
+            raise UserError(f"--resume: the checkpoint trained {saved} rows a step and this run would train "
+                            f"{self.rows_per_step} ({self.world} data-parallel ranks x --micro-batch-size {self.mbs} x "
+                            f"--grad-accum {self.accum}), which moves the data position and the schedule; "
+                            f"{self._same_rows(saved)}")
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+
+    def _same_rows(self, saved: int) -> str:
+        if saved % (self.world * self.mbs) == 0:
+            return f"pass --grad-accum {saved // (self.world * self.mbs)}"
+        if saved % (self.world * self.accum) == 0:
+            return f"pass --micro-batch-size {saved // (self.world * self.accum)}"
+        return "keep ranks x --micro-batch-size x --grad-accum as saved"
 
 
 def eval_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, rank: int = 0,

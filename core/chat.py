@@ -6,6 +6,10 @@ joined), an assistant's `tool_calls` with the record's `tools` (rendered by the 
 or ShareGPT's {"from", "value"} turns under "conversations".
 """
 
+import json
+import os
+import re
+
 from core import UserError
 from core.records import IGNORE, BadRecord, Sample, encodable
 
@@ -21,6 +25,9 @@ def _check_messages(record, where) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise BadRecord(f"{where}: chat records need a non-empty list 'messages'")
     messages = [_message(m, where, f"messages[{i}]") for i, m in enumerate(messages)]
+    system = record.get("system")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})  # ShareGPT's / LLaMA-Factory's top-level system
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(f"{where}: no assistant message, so nothing to train on")
     return messages
@@ -46,7 +53,30 @@ def _message(m, where: str, name: str) -> dict:
     if "tool_calls" in m and not _named_calls(m["tool_calls"]):
         raise BadRecord(f"{where}: {name}['tool_calls'] needs a list of "
                         f'{{"function": {{"name": ..., "arguments": ...}}}}')
-    return {**m, "content": content}
+    if m.get("weight", 1) not in (0, 1):
+        raise BadRecord(f"{where}: {name}['weight'] must be 0 (not trained) or 1, as in OpenAI's format")
+    if m["role"] == "assistant" and not content.strip() and "tool_calls" not in m:
+        raise BadRecord(f"{where}: {name} is an empty assistant turn; give it content or remove the record")
+    calls = {"tool_calls": _parsed_arguments(m["tool_calls"])} if "tool_calls" in m else {}
+    return {**m, "content": content, **calls}
+
+
+def _parsed_arguments(calls: list) -> list:
+    """OpenAI's format holds a call's arguments as a JSON string; chat templates write them with
+    `tojson`, which would encode that string a second time: decoded here to the object."""
+    return [{**call, "function": {**call["function"], "arguments": _decoded(call["function"].get("arguments"))}}
+            for call in calls]
+
+
+def _decoded(arguments):
+    """A JSON string as its object; anything else (an object already, or text that is not JSON, which
+    the template writes as it is) unchanged."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 def _from_sharegpt(turns, where: str):
@@ -111,7 +141,9 @@ def tokenize_chat(record, where, tok) -> Sample:
     """Assistant turns are trained (the module docstring says which tokens). A turn's content starts
     where the text of the conversation before it plus the generation prompt ends; it is found by
     character, since a tokenizer may split that boundary differently in context (the prompt alone
-    can end in one "\n\n" token that becomes "\n", "\n" before the content)."""
+    can end in one "\n\n" token that becomes "\n", "\n" before the content). Where the conversation
+    does not begin with that prompt (the template renders a turn otherwise once later ones follow), the
+    turn is found by difference instead: _body_in."""
     messages, tools = _check_messages(record, where), record.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadRecord(f"{where}: 'tools' needs a list of function definitions")
@@ -126,20 +158,80 @@ def tokenize_chat(record, where, tok) -> Sample:
     ids, spans = _token_spans(tok, text)
     labels, prompt_len, response_end = [IGNORE] * len(ids), 0, None
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight") == 0:  # OpenAI's weight 0: in context, not trained
             continue
         prompt, through_turn = render(messages[:i], gen_prompt=True), render(messages[: i + 1])
-        if not (text.startswith(through_turn) and through_turn.startswith(prompt)):
-            raise UserError(f"{where}: the tokenizer's chat template rewrites earlier turns, so turn "
-                            f"masks cannot be found; use --train-on-inputs or another --tokenizer")
-        _check_calls_rendered(m, through_turn[len(prompt):], f"{where}: messages[{i}]")
-        turn = [k for k, (a, b) in enumerate(spans) if b > len(prompt) and a < len(through_turn)]
-        if not turn:
-            continue
-        start = turn[0]
-        stop = start + _trained_len(ids[start:turn[-1] + 1], special)
+        if text.startswith(through_turn) and through_turn.startswith(prompt):  # the turn follows its prompt
+            _check_calls_rendered(m, through_turn[len(prompt):], f"{where}: messages[{i}]")
+            turn = [k for k, (a, b) in enumerate(spans) if b > len(prompt) and a < len(through_turn)]
+            if not turn:
+                continue
+            start, stop = turn[0], turn[0] + _trained_len(ids[turn[0]:turn[-1] + 1], special)
+        else:  # the template renders earlier turns otherwise once later ones follow (Qwen3, Mistral v0.3)
+            begin, end = _body_in(text, render([*messages[:i], {"role": "assistant", "content": MARK},
+                                                *messages[i + 1:]]), f"{where}: messages[{i}]")
+            _check_calls_rendered(m, text[begin:end], f"{where}: messages[{i}]")
+            if (found := _body_tokens(ids, spans, text, special, begin, end)) is None:
+                continue
+            start, stop = found
         labels[start:stop], prompt_len, response_end = ids[start:stop], start, stop
     return Sample(ids, labels, prompt_len, response_end)
+
+
+MARK = "\ue000nanotune-turn\ue000"  # one assistant turn's body: private-use characters, not whitespace (strip())
+
+
+def _body_in(text: str, marked: str, where: str) -> tuple[int, int]:
+    """Where an assistant turn's body (its content, reasoning and tool calls, as the template renders
+    them in the whole conversation) lies in `text`: what differs from the rendering `marked`, in which
+    only that turn is MARK."""
+    begin = len(os.path.commonprefix([text, marked]))
+    tail = min(len(os.path.commonprefix([text[::-1], marked[::-1]])), len(text) - begin, len(marked) - begin)
+    if MARK not in marked[begin:len(marked) - tail]:
+        raise BadRecord(f"{where}: the tokenizer's chat template renders this turn so that it cannot be found in the "
+                        f"conversation; pass another --tokenizer, or --skip-bad-samples to leave the record out")
+    return begin, len(text) - tail
+
+
+def _body_tokens(ids: list[int], spans: list, text: str, special: set[int], begin: int,
+                 end: int) -> tuple[int, int] | None:
+    """The tokens of the text [begin, end), and after them the end-of-turn token when a special token
+    follows with only whitespace between; None for an empty body."""
+    body = [k for k, (a, b) in enumerate(spans) if b > begin and a < end]
+    if not body:
+        return None
+    k = body[-1] + 1
+    while k < len(ids) and ids[k] not in special and not text[spans[k][0]:spans[k][1]].strip():
+        k += 1
+    return body[0], (k + 1 if k < len(ids) and ids[k] in special else body[-1] + 1)
+
+
+def template_drops(records: list, tok, first: int = 100) -> str | None:
+    """A line for the log when the chat template leaves out part of an assistant turn's content, which
+    is then not trained: reasoning before </think> (DeepSeek-R1-Distill's template drops it from every
+    turn, Qwen3's from turns before the last question). Looked for in the first `first` conversations
+    (rendering is most of tokenizing's cost, and a cached run tokenizes nothing)."""
+    hits, checked = [], 0
+    for record, where in records[:first]:
+        try:
+            messages = _check_messages(record, where)
+            text = tok.apply_chat_template(messages, tools=record.get("tools"), tokenize=False)
+        except Exception:  # a bad record is refused (or skipped) where it is tokenized
+            continue
+        checked += 1
+        hits += [f"{where} messages[{i}]" for i, m in enumerate(messages)
+                 if m["role"] == "assistant" and any(part not in text for part in _parts(m["content"]))]
+    if not hits:
+        return None
+    return (f"the chat template leaves out part of {len(hits)} assistant turns' content in the first {checked} "
+            f"conversations (first: {hits[0]}), so that part is not trained; for reasoning before </think>, "
+            f"pass a --tokenizer whose template keeps it")
+
+
+def _parts(content: str) -> list[str]:
+    """The text of a turn that a template writes back, maybe reformatted around it: the reasoning and
+    the answer apart (Qwen3 rewrites `<think>r</think>a` as `<think>\nr\n</think>\n\na`), each stripped."""
+    return [part.strip() for part in re.split(r"</?think>", content) if part.strip()]
 
 
 def _check_calls_rendered(message: dict, turn: str, where: str) -> None:

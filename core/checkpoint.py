@@ -2,7 +2,7 @@
 
     python train.py --output-dir runs/a --save-every 100
     python train.py --output-dir runs/a --resume auto          # continues from the latest checkpoint
-    python train.py --resume runs/a/checkpoints/step_00000100  # or from a given one
+    python train.py --output-dir runs/b --resume runs/a/checkpoints/step_00000100  # from a given one, into runs/b
 
 Layout of `<output-dir>/checkpoints/step_<N>/`: the trainable weights and the optimizer state
 through torch.distributed.checkpoint (sharded-ready, so later parallel layouts can reshard),
@@ -223,7 +223,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = json.loads((path / "trainer_state.json").read_text())
-    if _is_engine(model):  # --deepspeed: the engine's own format (same world size)
+    batches.load_state_dict(state["data"])  # first: it refuses a changed batch before the weights load
+    if _is_engine(model):  # --deepspeed: the engine's own format, on as many ranks as saved it
+        if state["world_size"] != d.world_size:
+            raise UserError(f"--resume {path}: a DeepSpeed checkpoint resumes on the number of ranks that saved it "
+                            f"({state['world_size']}; this run has {d.world_size}); launch that many")
         _load_engine(model, path)
     else:
         optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_options())
@@ -233,7 +237,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -
             dcp.load(sd, checkpoint_id=path)  # weights load in place; the optimizer state is set below
         set_optimizer_state_dict(unwrap(model), optimizer, sd["optim"], options=_options())
     scheduler.load_state_dict(state["scheduler"])
-    batches.load_state_dict(state["data"])
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh RNG there
         _set_rng_state(torch.load(rng_file, weights_only=False))

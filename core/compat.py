@@ -112,7 +112,9 @@ FEATURES = [
     # adapters
     Feature("--lora", "lora.lora", refuses=(("--qlora", _ALT), ("--lora-8bit", _ALT))),
     Feature("--qlora", "lora.qlora", refuses=(("--lora-8bit", _ALT),)),
-    Feature("--lora-8bit", "lora.lora_8bit"),
+    Feature("--lora-8bit", "lora.lora_8bit", refuses=(
+        ("--fsdp", "FSDP2 cannot shard an LLM.int8 base (bitsandbytes keeps its int8 state beside the weight); "
+                   "use --ddp, or --qlora with --fsdp"),)),
     Feature("--dora", "lora.dora", needs=_ADAPTERS),
     Feature("--rslora", "lora.rslora", needs=_ADAPTERS),
     Feature("--lora-kernels", "lora_kernels.lora_kernels", needs=("--lora", "--qlora"), refuses=(
@@ -140,7 +142,8 @@ FEATURES = [
     Feature("--fsdp", "sharding.fsdp", refuses=(("--ddp", "--fsdp and --ddp are two ways to do data parallelism; "
                                                          "pass one of them"),)),
     Feature("--fsdp-keep-gathered", "sharding.fsdp_keep_gathered", needs=("--fsdp",)),
-    Feature("--fsdp-cpu-offload", "sharding.fsdp_cpu_offload", needs=("--fsdp",)),
+    Feature("--fsdp-cpu-offload", "sharding.fsdp_cpu_offload", needs=("--fsdp",),
+            cuda="FSDP2's CPU offload pins host memory for copies to a GPU; drop it on CPU"),
     Feature("--dp-replicate N", "mesh.dp_replicate", _gt1, example="--dp-replicate 2", ranks="a multiple of N ranks"),
     Feature("--tp N", "mesh.tp", _gt1, example="--tp 2", ranks="a multiple of N ranks", refuses=(
         ("--ddp", "--ddp replicates whole modules and cannot hold --tp/--cp shards; use --fsdp instead"),
@@ -173,7 +176,9 @@ FEATURES = [
         ("--lora-kernels", "not for a GPTQ base (its int4 layers are not nn.Linear); drop --lora-kernels"),
         ("--qat", "not for a GPTQ base (its int4 layers are not nn.Linear); drop --qat"))),
     # optimizer, run
-    Feature("--optimizer adamw-8bit", "optim.optimizer", "adamw-8bit"),
+    Feature("--optimizer adamw-8bit", "optim.optimizer", "adamw-8bit", refuses=tuple(
+        (other, "bitsandbytes' 8-bit AdamW updates plain tensors, not the sharded DTensors of --fsdp / --tp; "
+                "use --optimizer adamw, or --ddp") for other in ("--fsdp", "--tp N"))),
     Feature("--optimizer adamw-sr", "optim.optimizer", "adamw-sr", refuses=(
         *((a, "adapters train in fp32, which stochastic rounding would not touch; use --optimizer adamw")
           for a in _ADAPTERS),
@@ -186,7 +191,7 @@ FEATURES = [
 SETTINGS = {
     "model.precision", "model.trust_remote_code", "data.dataset_format", "data.train_on_inputs", "data.truncation",
     "optim.lr_schedule", "train.device", "train.skip_export", "qat.qat_scheme",
-    "compile.compile_backend", "sharding.fsdp_reduce_dtype", "sharding.fsdp_quant_storage",
+    "compile.compile_backend", "sharding.fsdp_reduce_dtype",
     "compile.no_compile", "packing.no_packing", "lora_kernels.no_lora_kernels",
     "embedding_offload.no_offload_embeddings",  # off switches of GPU defaults
     "fp8_base.fp8_base_transposed_copy",  # --fp8-base's storage layout; its module refuses it alone

@@ -26,13 +26,13 @@ class TrainConfig:
     epochs: float | None = None
     """Passes over the training data (fractions allowed), when --max-steps is -1; unset: 3 (the demo: 1.6)."""
     seed: int = 0
-    """Seeds the weights of presets, the data order and dropout."""
+    """Seeds the weights of presets, the data order and dropout; not the held-out split (--val-seed)."""
     output_dir: str | None = None
     """Run directory (config, metrics, checkpoints, final model); default runs/<date-time>."""
     log_every: int = 25
     """Optimizer steps between log lines (step 1 and the last step are always logged)."""
-    eval_every: int = 0
-    """Optimizer steps between validation passes; 0 = only before training and at the end."""
+    eval_every: int | None = None
+    """Optimizer steps between validation passes; 0 = only before training and at the end; unset: once an epoch for a real model trained for more than one (core/defaults.py), else 0."""  # noqa: E501
     eval_exact_match: int | None = None
     """Validation samples scored by exact match of their greedy answer at every evaluation (0 = off); unset: 128 where the held-out answers are short (core/defaults.py), else off."""  # noqa: E501
     save_every: int = 0
@@ -69,7 +69,7 @@ def check_values(cfg) -> None:
          f"--max-steps must be positive, or -1 to use --epochs (got {t.max_steps})"),
         (t.max_steps > 0 or t.epochs is None or t.epochs > 0, f"--epochs must be positive (got {t.epochs})"),
         (t.log_every >= 1, f"--log-every must be at least 1 (got {t.log_every})"),
-        (min(t.eval_every, t.save_every, t.eval_exact_match or 0, t.keep_checkpoints) >= 0,
+        (min(t.eval_every or 0, t.save_every, t.eval_exact_match or 0, t.keep_checkpoints) >= 0,
          "--eval-every, --save-every, --eval-exact-match and --keep-checkpoints must be >= 0"),
         (d.val_size >= 0, f"--val-size must be >= 0 (got {d.val_size})"),
         (t.resume != "auto" or t.output_dir is not None, "--resume auto needs --output-dir (the run to continue)"),

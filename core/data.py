@@ -4,8 +4,10 @@
     python train.py --dataset chats.parquet --dataset-format chat   # messages + chat template
     python train.py --dataset tatsu-lab/alpaca --val-size 500       # hub dataset, 500 held out
 
-Sources: local .jsonl / .json / .parquet / .csv files, or a Hugging Face hub id. Formats
-(`--dataset-format auto` picks by the keys of the first record):
+Sources: local .jsonl / .json (either gzipped) / .parquet / .csv files, a directory (a `datasets`
+save_to_disk, or data files such as a hub snapshot's shards), or a Hugging Face hub id; columns under
+other names are renamed by --dataset-columns. Formats (`--dataset-format auto` picks by the keys of
+the first record):
   alpaca      {"instruction", "input"?, "output"}      prompt = ALPACA_PROMPT, trained = output + eos
   chat        {"messages": [{"role", "content"}]}      the tokenizer's chat template; assistant turns trained
               (OpenAI-style text parts joined; an assistant's tool_calls and the record's tools rendered)
@@ -28,13 +30,15 @@ with the same records, tokenizer and flags (core/data_cache.py; --data-cache non
 
 import csv
 import dataclasses
+import gzip
 import json
 import random
+import re
 from pathlib import Path
 from typing import Literal
 
 from core import UserError, data_cache
-from core.chat import tokenize_chat
+from core.chat import template_drops, tokenize_chat
 from core.records import IGNORE, BadRecord, Sample, encodable
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -55,10 +59,14 @@ class DataConfig:
     """Split to train on, for hub datasets."""
     dataset_subset: str | None = None
     """Configuration (subset) name, for hub datasets that have several."""
+    dataset_columns: str = ""
+    """Your columns under the names a format reads, e.g. 'question=instruction,answer=output' or 'query=prompt,response=completion' (for --dataset and --val-dataset)."""  # noqa: E501
     val_dataset: str = "auto"
-    """Held-out data: a file or hub id; 'none'; or 'auto': a sibling val/validation/test file when there is one, else --val-size samples held out of the training data."""  # noqa: E501
+    """Held-out data: a file or hub id; 'none'; or 'auto': a val/validation/valid/dev/test file beside a train.* or training.* file, else --val-size samples held out of the training data."""  # noqa: E501
     val_size: float = 0.05
     """Held out from the training data when there is no validation set: a fraction (< 1) or a count."""
+    val_seed: int = 0
+    """Which samples --val-size holds out; apart from --seed, so the runs of every seed score the same held-out samples."""  # noqa: E501
     max_val_samples: int = 1000
     """At most this many validation samples are kept (evaluation cost stays bounded)."""
     seq_len: int | None = None
@@ -102,9 +110,13 @@ def _parse_line(raw: bytes, where: str):
         return BadRecord(f"{where}: JSON nested too deeply to read; fix or remove the line")
 
 
+def _read_bytes(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    for n, raw in enumerate(_read_bytes(path).splitlines(), start=1):
         where = f"{path}:{n}"
         if (record := _parse_line(raw, where)) is not None:
             records.append((record, where))
@@ -113,10 +125,13 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_bytes(path).decode("utf-8-sig"))  # a byte-order mark is not an error
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {e}); "
+        lines = " (one object per line is JSON Lines: name the file .jsonl)" if "Extra data" in str(e) else ""
+        raise UserError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {e}){lines}; "
                         "a .json dataset is one array of objects")
+    if isinstance(data, dict) and len(lists := [k for k in ("data", "train") if isinstance(data.get(k), list)]) == 1:
+        data = data[lists[0]]  # {"data": [...]} or {"train": [...]}, as some exports wrap the array
     if not isinstance(data, list):
         raise UserError(f"{path}: a .json dataset must be an array of objects (use .jsonl for one per line)")
     return [(r, f"{path}: item {i}") for i, r in enumerate(data)]
@@ -127,8 +142,10 @@ def _read_table(path: Path) -> list[Record]:
 
     try:
         table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train", **_as_text(path))
-    except Exception as e:  # pyarrow/pandas raise many types for a damaged file
-        raise UserError(f"{path}: could not read as {path.suffix[1:]} ({type(e).__name__}: {e})") from e
+    except Exception as e:  # pyarrow/pandas raise many types for a damaged file; datasets wraps the cause
+        cause = e.__cause__ or e.__context__ or e
+        raise UserError(f"{path}: could not read as {path.suffix[1:]} ({type(cause).__name__}: "
+                        f"{_first_line(cause)})") from e
     first = 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
     label = "line" if path.suffix == ".csv" else "row"
     return [(dict(r), f"{path}: {label} {i + first}") for i, r in enumerate(table)]
@@ -141,12 +158,23 @@ def _as_text(path: Path) -> dict:
         return {}
     import datasets
 
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # Excel's "CSV UTF-8" opens with a BOM
         header = next(csv.reader(f), [])
-    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "encoding": "utf-8-sig"}
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table}
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table,
+            ".jsonl.gz": _read_jsonl, ".json.gz": _read_json}
+
+
+def _kind(path: Path) -> str:
+    """The reader's key: the suffix, or the two of a gzipped JSON file (.jsonl.gz)."""
+    return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
 
 
 def _read_hub(name: str, subset: str | None, split: str, flag: str) -> list[Record]:
@@ -161,19 +189,73 @@ def _read_hub(name: str, subset: str | None, split: str, flag: str) -> list[Reco
     return [(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(table)]
 
 
-def read_records(source: str, flag: str, subset: str | None = None, split: str = "train") -> list[Record]:
+def _read_dir(path: Path, flag: str, split: str) -> list[Record]:
+    """A directory: a `datasets` save_to_disk (its `split`, for a DatasetDict), or data files, such as a
+    hub snapshot's shards (those named after `split` where some are: data/train-00000-of-00002.parquet)."""
+    import datasets
+
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            if split not in table:
+                raise UserError(f"{flag} {path}: no split {split!r} (it has {', '.join(table)}); pass --dataset-split")
+            table = table[split]
+        return [(dict(r), f"{path}: row {i}") for i, r in enumerate(table)]
+    files = sorted(p for p in path.rglob("*") if _kind(p) in _READERS and p.is_file())
+    named = [p for p in files if re.search(rf"(^|[-_.]){re.escape(split)}([-_.]|$)", p.stem)]
+    if not files:
+        raise UserError(f"{flag} {path}: a directory with no .jsonl, .json, .parquet or .csv file and no "
+                        f"datasets save_to_disk")
+    return [record for f in named or files for record in _READERS[_kind(f)](f)]
+
+
+def _looks_local(source: str) -> bool:
+    """A path the user meant on this disk (not a hub id such as org/name): absolute, relative to ., or under
+    a directory that exists here."""
     path = Path(source)
-    if path.suffix in _READERS:
+    return source.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+
+
+def read_records(source: str, flag: str, subset: str | None = None, split: str = "train") -> list[Record]:
+    path = Path(source).expanduser()
+    if _kind(path) in _READERS:
         if not path.is_file():
             raise UserError(f"{flag} {source}: file not found")
-        records = _READERS[path.suffix](path)
+        records = _READERS[_kind(path)](path)
+    elif path.is_dir():
+        records = _read_dir(path, flag, split)
     elif path.exists():
-        raise UserError(f"{flag} {source}: unsupported file type; use .jsonl, .json, .parquet or .csv")
+        raise UserError(f"{flag} {source}: unsupported file type; use .jsonl, .json (either gzipped: .gz), "
+                        f".parquet or .csv")
+    elif _looks_local(source):
+        raise UserError(f"{flag} {source}: no such file or directory")
     else:
         records = _read_hub(source, subset, split, flag)
     if not records:
         raise UserError(f"{flag} {source}: the dataset is empty")
     return records
+
+
+def validate(cfg) -> None:
+    """Before anything loads (train.py calls each config module's validate)."""
+    column_map(cfg.data.dataset_columns)
+
+
+def column_map(spec: str) -> dict[str, str]:
+    """--dataset-columns 'a=b,c=d' as {a: b, c: d}."""
+    pairs = [item.split("=") for item in spec.split(",") if item.strip()]
+    if any(len(pair) != 2 or not all(name.strip() for name in pair) for pair in pairs):
+        raise UserError(f"--dataset-columns {spec!r}: write yours=theirs pairs, e.g. "
+                        f"'question=instruction,answer=output'")
+    return {yours.strip(): theirs.strip() for yours, theirs in pairs}
+
+
+def _renamed(records: list[Record], columns: dict[str, str]) -> list[Record]:
+    """The records' columns under the names --dataset-columns gives them (a record that lacks one is left to
+    the format's own message)."""
+    if not columns:
+        return records
+    return [({columns.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r, where) for r, where in records]
 
 
 def _sibling_val_file(train: Path) -> Path | None:
@@ -198,8 +280,8 @@ def detect_format(record: dict, where: str) -> str:
     if "text" in record or ("prompt" in record and "completion" in record):
         return "completion"
     raise BadRecord(f"{where}: cannot tell the format from keys {sorted(record)}; expected messages (or "
-                    f"ShareGPT's conversations), instruction+output, prompt+completion or text (or pass "
-                    f"--dataset-format)")
+                    f"ShareGPT's conversations), instruction+output, prompt+completion or text; name yours with "
+                    f"--dataset-columns, e.g. 'question=instruction,answer=output'")
 
 
 def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) -> str:
@@ -217,6 +299,9 @@ def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) 
 def _prompt_response(record: dict, fmt: str, where: str) -> tuple[str, str]:
     """(prompt, response) strings for the alpaca and completion formats."""
     if fmt == "alpaca":
+        if isinstance(record, dict) and any(record.get(key) for key in ("system", "history")):  # LLaMA-Factory's
+            raise BadRecord(f"{where}: alpaca records here have no 'system' or 'history' (multi-turn); write such "
+                            f"records as chat messages")
         instruction = _field(record, "instruction", where, fmt)
         inp = _field(record, "input", where, fmt, required=False)
         template = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
@@ -267,7 +352,8 @@ def _fit(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], dict]:
                 continue
             stats["truncated"] += 1
             cut = cfg.seq_len
-            s = Sample(s.input_ids[:cut], s.labels[:cut], min(s.prompt_len, cut), min(s.response_end or cut, cut))
+            whole = (s.response_end or len(s.input_ids)) <= cut  # a cut answer is no exact-match reference
+            s = Sample(s.input_ids[:cut], s.labels[:cut], *((s.prompt_len, s.response_end) if whole else (0, None)))
         if all(label == IGNORE for label in s.labels[1:]):  # the first token is never a target
             stats["dropped_untrained"] += 1
             continue
@@ -317,6 +403,8 @@ def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: s
     else:
         tokenized, bad = tokenized or _tokenized(records, fmt, tok, cfg)
         samples, stats = _fit(tokenized, cfg)
+        if stats["dropped_too_long"]:
+            stats["too_long"] = _too_long_note(stats["dropped_too_long"], len(tokenized), fmt, records, cfg.seq_len)
     if bad:
         stats.update(skipped_bad=len(bad), first_bad=bad[0])
     if not samples:
@@ -332,11 +420,19 @@ def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: s
     return Split(samples, stats)
 
 
-def _hold_out(records: list[Record], cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]]:
+def _too_long_note(dropped: int, total: int, fmt: str, records: list[Record], seq_len: int) -> str:
+    """The log line on dropped samples: how many, and the flags that keep them."""
+    documents = fmt == "completion" and isinstance(records[0][0], dict) and "prompt" not in records[0][0]
+    keep = ("--dataset-format pretrain cuts {\"text\"} documents into blocks, " if documents else "") + (
+        f"--truncation truncate keeps each one's first {seq_len} tokens")
+    return f"{dropped} of {total} samples are longer than --seq-len {seq_len} and were dropped; {keep}"
+
+
+def _hold_out(records: list[Record], cfg: DataConfig) -> tuple[list[Record], list[Record]]:
     n_val = int(cfg.val_size * len(records)) if cfg.val_size < 1 else int(cfg.val_size)
     n_val = min(n_val, cfg.max_val_samples, len(records) - 1)
     order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
+    random.Random(cfg.val_seed).shuffle(order)
     val = set(order[:n_val])
     return [r for i, r in enumerate(records) if i not in val], [records[i] for i in sorted(val)]
 
@@ -369,19 +465,20 @@ def every_sample_fits(longest: int | None) -> int:
     return longest or 512
 
 
-def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fits) -> tuple[Split, Split | None]:
+def load_splits(cfg: DataConfig, tok, choose_seq_len=every_sample_fits) -> tuple[Split, Split | None]:
     """Tokenized (train, validation) splits; validation is None with --val-dataset none. An unset
     --seq-len is set in place to `choose_seq_len(longest training sample's tokens, None for pretrain)`
     (train.py passes core/defaults.py's choice)."""
     if cfg.dataset == DEMO_DATASET and not Path(DEMO_DATASET).exists():  # the demo run from another directory
         cfg.dataset = str(Path(__file__).resolve().parent.parent / DEMO_DATASET)
-    records = read_records(cfg.dataset, "--dataset", cfg.dataset_subset, cfg.dataset_split)
+    columns = column_map(cfg.dataset_columns)
+    records = _renamed(read_records(cfg.dataset, "--dataset", cfg.dataset_subset, cfg.dataset_split), columns)
     fmt = cfg.dataset_format if cfg.dataset_format != "auto" else _detect(records, cfg.skip_bad_samples, cfg.dataset)
     val_source, no_val = _val_source(cfg), None
     if val_source is not None:
-        val_records = read_records(val_source, "--val-dataset", cfg.dataset_subset, "validation")
+        val_records = _renamed(read_records(val_source, "--val-dataset", cfg.dataset_subset, "validation"), columns)
     elif cfg.val_dataset == "auto" and cfg.val_size > 0 and len(records) > 1:
-        records, val_records = _hold_out(records, cfg, seed)
+        records, val_records = _hold_out(records, cfg)
         if not val_records:
             no_val = f"--val-size {cfg.val_size:g} of {len(records)} records holds none out; pass a count, e.g. 2"
     else:
@@ -395,7 +492,9 @@ def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fit
     val = None
     if val_records:
         try:
-            val = build_split(val_records[: cfg.max_val_samples], fmt, tok, cfg, val_source or "held-out split")
+            val_fmt = fmt if val_source is None or cfg.dataset_format != "auto" else (
+                _detect(val_records, cfg.skip_bad_samples, val_source))  # a file of its own: its own format
+            val = build_split(val_records[: cfg.max_val_samples], val_fmt, tok, cfg, val_source or "held-out split")
         except UserError:
             if val_source is not None or fmt != "pretrain":  # a file of the user's, or samples: theirs to fix
                 raise
@@ -406,11 +505,22 @@ def load_splits(cfg: DataConfig, tok, seed: int, choose_seq_len=every_sample_fit
     train = build_split(records, fmt, tok, cfg, cfg.dataset, tokenized)
     if no_val:
         train.stats["no_validation"] = no_val
+    if fmt == "chat" and (dropped := template_drops(records, tok)):
+        train.stats["template_drops"] = dropped
     return train, val
+
+
+NOTES = ("no_validation", "too_long", "template_drops")  # the stats' sentences, each logged as a line of its own
 
 
 def describe(train: Split, val: Split | None) -> str:
     """The run log's lines on the splits."""
-    stats = {k: v for k, v in train.stats.items() if k != "no_validation"}
-    why = f" ({train.stats['no_validation']})" if "no_validation" in train.stats else ""
-    return f"data: train {stats}" + (f"\ndata: val {val.stats}" if val else f"\ndata: no validation set{why}")
+    lines = []
+    for name, split in (("train", train), ("val", val)):
+        if split is not None:
+            lines.append(f"data: {name} {({k: v for k, v in split.stats.items() if k not in NOTES})}")
+            lines += [f"data: {name}: {split.stats[note]}" for note in NOTES[1:] if note in split.stats]
+    if val is None:
+        why = f" ({train.stats['no_validation']})" if "no_validation" in train.stats else ""
+        lines.append(f"data: no validation set{why}")
+    return "\n".join(lines)

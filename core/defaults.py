@@ -15,6 +15,7 @@ recipes do):
 | --seq-len | 512 | the longest sample, capped at the model's context (4096 at least when packing) | same |
 | --warmup-steps | 50 | 3% of the steps | same |
 | --eval-exact-match | 128 samples where the held-out answers' median is at most 32 tokens, else 0 (off) | same | same |
+| --eval-every | 0 (before training and at the end) | once an epoch, when there are more | same |
 
 Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switch):
   --precision   a frozen base (LoRA/QLoRA) in bf16 where the GPU has bf16, adapters in fp32 as
@@ -38,8 +39,8 @@ Speed on a CUDA GPU: the fastest path that keeps the math (each has an off switc
                 launches (only when both --micro-batch-size and --grad-accum are unset; never below 2)
 A speedup that the compatibility matrix refuses beside the run's own flags stays off, with the
 reason in the log. `resolve_flags` runs right after parsing, `precision` once the device is set,
-`loss`, `embedding_offload` and `compile_mode` once the model's config is read, `seq_len`, `micro_batch`,
-`eval_exact_match` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
+`loss`, `embedding_offload` and `compile_mode` once the model's config is read, `seq_len`, `step_rows`,
+`eval_exact_match`, `eval_every` and `warmup_steps` once the data is tokenized. Every choice is printed on the run's
 `defaults:` line (`--lr 2e-4 (auto: LoRA)`) and kept in config.json under "auto".
 """
 
@@ -99,9 +100,11 @@ def _who(cfg) -> str:
     return "the demo" if is_demo(cfg) else "a real model"
 
 
-def resolve_run(cfg, total_steps: int, d, model_config, val) -> None:
-    """What is chosen once the data, the steps, the processes and the model's config are known."""
+def resolve_run(cfg, total_steps: int, epoch_steps: int, d, model_config, val) -> None:
+    """What is chosen once the data, the steps, the processes and the model's config are known: exact
+    match, evaluation steps, warm-up, precision, loss, embedding offload, compile mode."""
     eval_exact_match(cfg, val)
+    eval_every(cfg, total_steps, epoch_steps, val)
     warmup_steps(cfg, total_steps)
     precision(cfg, d.device)
     loss(cfg, d.device, model_config)
@@ -131,12 +134,42 @@ def needs_lean(cfg, model_config, device: torch.device, gpu_bytes: int | None = 
 GPU_SHARE = 0.4  # of the GPU's memory an automatic micro-batch may fill, by the estimate below
 
 
+def _auto_batch(cfg) -> list[int] | None:
+    """Where cfg.auto notes --micro-batch-size and --grad-accum, when both were chosen for the user."""
+    auto = [i for i, a in enumerate(cfg.auto) if a.startswith(("--micro-batch-size ", "--grad-accum "))]
+    return auto if len(auto) == 2 else None
+
+
+def step_rows(cfg, samples: list, model_config, device: torch.device) -> None:
+    """The rows a step and a micro-batch when the user set neither: packed_rows, then micro_batch."""
+    packed_rows(cfg, samples)
+    micro_batch(cfg, model_config, device)
+
+
+def packed_rows(cfg, samples: list) -> None:
+    """With packing and --micro-batch-size / --grad-accum both automatic: a step of about as many samples
+    as unpacked (2 x 4 = 8), not of 8 rows of --seq-len tokens each; 8 packed 4096-token rows hold about
+    160 chats of 200 tokens, and 1,000 such chats would train in 27 steps over 3 epochs. Rows a step: a
+    power of two from 1 to 8 (8 where each sample fills a row, as in the speed benchmarks)."""
+    auto = _auto_batch(cfg)
+    if not cfg.packing.packing or is_demo(cfg) or auto is None or not samples:
+        return
+    per_row = cfg.data.seq_len / (sum(len(s.input_ids) for s in samples) / len(samples))  # samples a row holds
+    unpacked = REAL["micro_batch_size"] * REAL["grad_accum"]  # samples a step without packing
+    rows = 2 ** min(3, max(0, round(math.log2(max(1.0, unpacked / per_row)))))
+    t = cfg.train
+    t.micro_batch_size, t.grad_accum = min(REAL["micro_batch_size"], rows), rows // min(REAL["micro_batch_size"], rows)
+    why = f"packed rows of about {per_row:.0f} samples; {rows} a step, about {rows * per_row:.0f} samples"
+    cfg.auto[auto[0]] = f"--micro-batch-size {t.micro_batch_size} (auto: {why})"
+    cfg.auto[auto[1]] = f"--grad-accum {t.grad_accum} (auto: {why})"
+
+
 def micro_batch(cfg, model_config, device: torch.device, gpu_bytes: int | None = None) -> None:
     """On a CUDA GPU, with --micro-batch-size and --grad-accum both automatic (2 x 4): the largest
     micro-batch of 4 or 8 rows (the step keeps its 8) whose estimated memory fits in GPU_SHARE of the
     GPU. At 2 rows a 1B model's compiled step is bound by the host, not the GPU."""
-    auto = [i for i, a in enumerate(cfg.auto) if a.startswith(("--micro-batch-size ", "--grad-accum "))]
-    if device.type != "cuda" or is_demo(cfg) or len(auto) != 2 or not _estimable(model_config):
+    auto = _auto_batch(cfg)
+    if device.type != "cuda" or is_demo(cfg) or auto is None or not _estimable(model_config):
         return
     gpu_bytes = gpu_bytes or torch.cuda.get_device_properties(device).total_memory
     rows = cfg.train.micro_batch_size * cfg.train.grad_accum
@@ -408,6 +441,18 @@ def eval_exact_match(cfg, val) -> None:
     cfg.train.eval_exact_match = EXACT_MATCH_SAMPLES if short else 0
     why = f"held-out answers: median {median} tokens" + ("" if short else ", open-ended")
     cfg.auto.append(f"--eval-exact-match {cfg.train.eval_exact_match} (auto: {why})")
+
+
+def eval_every(cfg, total_steps: int, epoch_steps: int, val) -> None:
+    """--eval-every when unset: once an epoch for a real model trained for more than one, so that a
+    validation curve shows overfitting (3 epochs by default) at the cost of one validation pass an
+    epoch; else 0, before training and at the end (the demo's figures)."""
+    if cfg.train.eval_every is not None:
+        return
+    many = val is not None and not is_demo(cfg) and 0 < epoch_steps < total_steps
+    cfg.train.eval_every = epoch_steps if many else 0
+    if many:
+        cfg.auto.append(f"--eval-every {epoch_steps} (auto: once an epoch)")
 
 
 def warmup_steps(cfg, total_steps: int) -> None:

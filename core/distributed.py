@@ -35,6 +35,11 @@ import torch.distributed as dist
 
 from core import UserError
 
+# torch 2.13 warns that slicing flattened mesh dims "will be deprecated" (Dist.sub, every step). A filter
+# set here once, not around each call: entering warnings.catch_warnings() every step resets Python's
+# once-per-place registry, and every library warning would then print again at each step.
+warnings.filterwarnings("ignore", "Slicing a flattened dim", UserWarning)
+
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
@@ -65,9 +70,7 @@ class Dist:
 
     def sub(self, *dims: str):
         """A sub-mesh by name(s), flattened ones ("dp", "dp_shard_cp", "dp_cp") included."""
-        with warnings.catch_warnings():  # torch 2.13 warns that slicing flattened dims "will be deprecated"
-            warnings.filterwarnings("ignore", "Slicing a flattened dim", UserWarning)
-            return self.mesh[dims if len(dims) > 1 else dims[0]]
+        return self.mesh[dims if len(dims) > 1 else dims[0]]
 
     def size(self, dim: str) -> int:
         return self.sub(dim).size() if self.mesh is not None else 1
@@ -95,6 +98,12 @@ def validate(cfg) -> None:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be >= 1" + (" or -1 (infer)" if name == "dp_shard" else "") +
                             f" (got {value})")
+
+
+def launched_world_size() -> int:
+    """The processes torchrun started (1 without it): known before anything loads, so a layout that
+    cannot work is refused at start-up."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def mesh_shape(cfg: MeshConfig, world: int) -> tuple[int, ...]:
@@ -132,7 +141,7 @@ def init_distributed(device: str = "auto", mesh_cfg: MeshConfig | None = None, n
     one process; without torchrun's env a single-rank group on a free local port is made.
     """
     mesh_cfg = mesh_cfg or MeshConfig()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     shape = mesh_shape(mesh_cfg, world)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -143,6 +152,7 @@ def init_distributed(device: str = "auto", mesh_cfg: MeshConfig | None = None, n
         return Dist(rank, local_rank, world, dev)
     if not dist.is_initialized():
         init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed reads it, also in one process
         # 30 minutes, not NCCL's 10: rank 0 alone writes and hashes a large checkpoint or final model
         # while the others wait at the next collective
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init, rank=rank, world_size=world,
@@ -230,13 +240,13 @@ def record_error(message: str) -> None:
 
 
 # what gloo says (torch 2.13) when the process at the other end of a collective has exited
-_PEER_GONE = ("Connection closed by peer", "connection reset by peer", "remote worker crashing")
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker crashing")  # lower case
 
 
 def peer_failure(err: BaseException) -> str | None:
     """The one-line error of a rank whose collective broke because another rank exited first (that
     rank prints why); None for any other error, which keeps its traceback."""
-    if not any(words in str(err) for words in _PEER_GONE):
+    if not any(words in str(err).lower() for words in _PEER_GONE):
         return None
     return f"rank {os.environ.get('RANK', '0')} stopped: another rank exited first (its error says why)"
 

@@ -20,9 +20,16 @@ import torch
 from core.attention import eval_attention, model_inputs
 from core.batches import collate_padded, eval_batches, to_device
 from core.chat import special_ids
-from core.records import Sample
+from core.records import IGNORE, Sample
 from core.distributed import Dist, all_reduce_sum, is_sharded, unwrap
 from core.loss import count_targets, forward_loss_sum, real_logits
+
+
+def padded_for_ranks(samples: list[Sample], ranks: int) -> list[Sample]:
+    """Whole shares for `ranks` ranks: the ranks short of one sample get a copy with no target, which
+    adds no loss and no token (every sample is scored, as in one process)."""
+    filler = Sample(samples[0].input_ids, [IGNORE] * len(samples[0].input_ids), 0) if samples else None
+    return samples + [filler] * (-len(samples) % ranks)
 
 
 @torch.no_grad()
@@ -32,8 +39,8 @@ def validation_loss(model, samples: list[Sample], micro_batch_size: int, pad_id:
     net.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (loss sum, tokens)
     with eval_attention(net) as impl:
-        if is_sharded(net):  # sharded (FSDP / TP) forwards are collective: equal batch counts per rank
-            samples = samples[:len(samples) - len(samples) % d.dp_size]
+        if is_sharded(net):  # sharded (FSDP / TP / ZeRO-3) forwards are collective: equal batch counts per rank
+            samples = padded_for_ranks(samples, d.dp_size)
         for batch in eval_batches(samples, micro_batch_size, pad_id, d.dp_rank, d.dp_size):
             batch = to_device(batch, d.device)
             with autocast:
@@ -69,9 +76,10 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
     chosen = [s for s in samples if s.prompted][:n]
     net = unwrap(model)
     stop, keep_arg = _stop_ids([s.answer for s in chosen], tokenizer), _takes_logits_to_keep(net)
-    if is_sharded(net):  # sharded (FSDP / TP) forwards are collective: equal batch counts per rank
-        chosen = chosen[:len(chosen) - len(chosen) % d.dp_size]
     mine = chosen[d.dp_rank::d.dp_size]
+    scored = len(mine)
+    if is_sharded(net):  # sharded forwards are collective: a rank short of one sample runs a copy, unscored
+        mine += chosen[:1] * (-(-len(chosen) // d.dp_size) - scored)
     net.eval()
     hits = torch.zeros(2, dtype=torch.float64, device=d.device)  # (correct, total)
     with eval_attention(net) as impl, real_logits(net):
@@ -83,10 +91,10 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
             with autocast:  # logits for the positions from `first` on only
                 logits = net(**model_inputs(batch, impl), **({"logits_to_keep": keep} if keep_arg else {})).logits
             guesses = logits[:, -keep:].argmax(-1).tolist()
-            for row, s in enumerate(group):
+            for row, s in enumerate(group[:max(0, scored - i)]):
                 ref, start = s.answer, s.prompt_len - 1 - first  # start: where row's answer is predicted
                 hits[0] += guesses[row][start:start + len(ref)] == ref and not stop.intersection(ref[:-1])
-            hits[1] += len(group)
+                hits[1] += 1
     net.train()
     hits = all_reduce_sum(hits, d)
     return (hits[0] / hits[1]).item() if hits[1] > 0 else None

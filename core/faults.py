@@ -34,6 +34,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,9 @@ class FaultsConfig:
 def validate(cfg) -> None:
     if cfg.faults.max_bad_steps < 1:
         raise UserError(f"--max-bad-steps must be at least 1 (got {cfg.faults.max_bad_steps})")
+
+
+SAVED_ON_STOP_FILE = "NANOTUNE_SAVED_ON_STOP_FILE"  # set by launch/torchrun.py: where a node says it saved
 
 
 class StepGuard:
@@ -102,10 +106,16 @@ class StepGuard:
         self.applied = 0
         return record
 
-    def stop_message(self, checkpoint) -> str:
+    def stop_message(self, checkpoint: Path, output_dir_given: bool) -> str:
+        """The stop's line, also written where launch/torchrun.py reads it (its exit code: 0 once saved);
+        the resume command names the run directory when the run chose it (runs/<date-time>)."""
         who = f"{self.signal} received" if self.signal else "another rank received a stop signal"
-        return (f"{who}: stopped after a complete step and saved {checkpoint}; "
-                f"resume with the same flags plus --resume auto")
+        flags = "--resume auto" if output_dir_given else f"--output-dir {checkpoint.parent.parent} --resume auto"
+        message = (f"{who}: stopped after a complete step and saved {checkpoint}; "
+                   f"resume with the same flags plus {flags}")
+        if self.d.local_rank == 0 and (told := os.environ.get(SAVED_ON_STOP_FILE)):  # each node's launcher's exit
+            Path(told).write_text(message)
+        return message
 
     def close(self) -> None:
         for s, handler in self._previous.items():

@@ -31,16 +31,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("NANOTUNE_CACHE") or Path.home() / ".cache" / "nanotune") / "gguf"
 
 
-def hf_dir(path: str, say=print) -> str:
-    """The Hugging Face directory of the GGUF file at `path`, converted on first use."""
+def hf_dir(path: str, say=print, flag: str = "--model") -> str:
+    """The Hugging Face directory of the GGUF file at `path` (given as `flag`), converted on first use."""
     src = Path(path).expanduser()
     if not src.is_file():
-        raise UserError(f"--model {path}: no such GGUF file")
+        raise UserError(f"{flag} {path}: no such GGUF file")
     try:
         import gguf  # noqa: F401  (transformers reads the file through it)
     except ImportError as e:
-        raise UserError(f"--model {path}: reading a GGUF file needs the gguf package; pip install gguf") from e
-    out = _cache_dir(src, path)
+        raise UserError(f"{flag} {path}: reading a GGUF file needs the gguf package; pip install gguf") from e
+    out = _cache_dir(src, f"{flag} {path}")
     with _locked(out.parent / f".{out.name}.lock"):
         if not out.is_dir():
             say(f"model: converting {src.name} to a Hugging Face directory, once: {out}")
@@ -48,7 +48,7 @@ def hf_dir(path: str, say=print) -> str:
     return str(out)
 
 
-def _cache_dir(src: Path, path: str) -> Path:
+def _cache_dir(src: Path, given: str) -> Path:
     """The file's directory under the cache, named after its path, size and modification time."""
     stat = src.stat()
     key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -56,7 +56,7 @@ def _cache_dir(src: Path, path: str) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--model {path}: cannot write its converted directory under {out.parent} ({e.strerror}); "
+        raise UserError(f"{given}: cannot write its converted directory under {out.parent} ({e.strerror}); "
                         f"set NANOTUNE_CACHE to a writable folder") from e
     return out
 

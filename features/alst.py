@@ -7,9 +7,9 @@ Turns on, before the flags are validated, each part of the recipe the command li
 default: --tiled-mlp (auto tiles), --loss chunked (a hidden-state loss; --loss cce / liger are
 kept when chosen), --offload cpu (checkpointed block inputs to pinned host memory; --offload disk
 is kept), --ac full (--ac selective is kept), with an adapter that the fused kernels compute
---lora-kernels (peft's LoRA saves an fp32 copy of each projection's input: a large share of what
-a recomputed block saves, benchmarks/results/2026-11-29-alst-memory-cpu.md), and with --cp > 1
-Ulysses sequence parallel (--sp-mode ulysses; ring is kept). train.py logs the resulting recipe.
+--lora-kernels (kept off by --no-lora-kernels; peft's LoRA saves an fp32 copy of each projection's
+input: a large share of what a recomputed block saves, benchmarks/results/2026-11-29-alst-memory-cpu.md),
+and with --cp > 1 Ulysses sequence parallel (--sp-mode ulysses; ring is kept). train.py logs the resulting recipe.
 Nothing is turned off. For the longest rows on one GPU add --liger and --offload-keep-gib too
 (benchmarks/results/2026-11-29-long-context-h200.md).
 Reference: Bekman et al., "Arctic Long Sequence Training: Scalable and Efficient Training for
@@ -22,7 +22,7 @@ import dataclasses
 @dataclasses.dataclass
 class AlstConfig:
     alst: bool = False
-    """Long-sequence recipe: --tiled-mlp, --loss chunked, --offload cpu, --ac full (+ --sp-mode ulysses with --cp > 1)."""  # noqa: E501
+    """Long-sequence recipe: --tiled-mlp, --loss chunked, --offload cpu, --ac full, --lora-kernels with an adapter they compute (+ --sp-mode ulysses with --cp > 1); a value you set is kept."""  # noqa: E501
 
 
 def _sequence_parallel(cfg):
@@ -56,7 +56,8 @@ def expand(cfg) -> list[str]:
     if cfg.checkpointing.ac == "none":
         cfg.checkpointing.ac = "full"
         turned_on.append("--ac full")
-    if _fused_lora_fits(cfg.lora) and not cfg.gptq.gptq and not cfg.lora_kernels.lora_kernels:
+    kernels = cfg.lora_kernels
+    if _fused_lora_fits(cfg.lora) and not cfg.gptq.gptq and not (kernels.lora_kernels or kernels.no_lora_kernels):
         cfg.lora_kernels.lora_kernels = True
         turned_on.append("--lora-kernels")
     sp = _sequence_parallel(cfg)

@@ -13,6 +13,8 @@ Does not work with final-logit soft-capping (Gemma 2): refused. --loss cce and -
 (features/fused_loss.py) use the same head swap with GPU kernels.
 """
 
+import warnings
+
 import torch
 
 from core.attention import model_inputs
@@ -76,4 +78,7 @@ def forward_chunked_loss_sum(model, batch: dict, attn_impl: str = "sdpa", chunk:
 def apply(model, cfg, run=None):
     """--loss chunked / cce / liger: the output head returns hidden states (its weight Parameter
     unchanged), for the loss to multiply a chunk at a time. Call before sharding wraps the model."""
+    # Those hidden states are a view (the model slices them for its head), which FSDP2 warns about at
+    # every forward: an in-place op on them would skip its backward hook. The losses read them out of place.
+    warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(.*\) returned a view tensor", UserWarning)
     return hidden_head(model, f"--loss {cfg.loss.loss}")

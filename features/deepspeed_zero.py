@@ -36,7 +36,9 @@ Works with: LoRA, activation checkpointing, packing, bf16 / bf16-mixed. Refused 
 --ddp, --tp, --cp (DeepSpeed owns data parallelism), --qlora (use --fsdp), --compile.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import warnings
 from pathlib import Path
@@ -135,7 +137,11 @@ def apply_deepspeed(model, optimizer, ds_config: dict):
         import deepspeed
     except ImportError as e:
         raise UserError("--deepspeed needs DeepSpeed: pip install deepspeed") from e
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed 0.19.8 prints that its CPU shm op was built
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    # ...and calls torch 2.13's deprecated collectives each step, a FutureWarning each
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(reduce_scatter|all_gather_into)_tensor` is deprecated",
+                            FutureWarning)
     zero = ds_config.get("zero_optimization", {})
     if zero.get("stage") == 3 and "leaf_module" not in zero:  # a json config's own leaf_module wins
         gather_blocks_whole(model)

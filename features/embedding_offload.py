@@ -22,14 +22,23 @@ import types
 import torch
 
 from core import UserError
+from core.distributed import launched_world_size
 
 
 @dataclasses.dataclass
 class EmbeddingOffloadConfig:
     offload_embeddings: bool = False
-    """Keep a frozen, untied input-embedding table in CPU memory (LoRA/QLoRA; about 1 GiB less GPU memory at 128K vocabulary); on by default for LoRA in one process on a CUDA GPU."""  # noqa: E501
+    """Keep a frozen, untied input-embedding table in CPU memory (LoRA/QLoRA; about 1 GiB less GPU memory at 128K vocabulary); on by default for LoRA in one process on a CUDA GPU where the step is tight in memory."""  # noqa: E501
     no_offload_embeddings: bool = False
     """Keep the input-embedding table on the GPU, also where --offload-embeddings is on by default."""
+
+
+ONE_PROCESS = "--offload-embeddings runs in one process; drop it with torchrun / several ranks"
+
+
+def validate(cfg) -> None:
+    if cfg.embedding_offload.offload_embeddings and launched_world_size() > 1:  # refused before anything loads
+        raise UserError(ONE_PROCESS)
 
 
 def apply_embedding_offload(model, world_size: int = 1):
@@ -43,7 +52,7 @@ def apply_embedding_offload(model, world_size: int = 1):
         raise UserError("--offload-embeddings: this model ties its input embeddings to the output head, which "
                         "needs the table on the GPU; drop --offload-embeddings")
     if world_size > 1:
-        raise UserError("--offload-embeddings runs in one process; drop it with torchrun / several ranks")
+        raise UserError(ONE_PROCESS)
     if emb.weight.device.type == "cuda":
         emb.weight.data = emb.weight.data.cpu()
     emb.forward = types.MethodType(_lookup_on_cpu, emb)

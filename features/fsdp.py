@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from core import UserError
-from core.distributed import Dist, attention_blocks
+from core.distributed import Dist, attention_blocks, launched_world_size, mesh_shape
 
 
 @dataclasses.dataclass
@@ -51,6 +51,16 @@ def validate(cfg) -> None:
     s = cfg.sharding
     if s.fsdp_reduce_dtype != "fp32" and not s.fsdp:
         raise UserError(f"--fsdp-reduce-dtype {s.fsdp_reduce_dtype} needs --fsdp; add --fsdp or drop it")
+    world = launched_world_size()
+    if cfg.mesh.tp > 1 and world > 1 and not s.fsdp:
+        replicate, shard, cp, tp = mesh_shape(cfg.mesh, world)
+        if replicate * shard * cp > 1:
+            raise UserError(_tp_needs_fsdp(tp, replicate * shard * cp))
+
+
+def _tp_needs_fsdp(tp: int, grad_ranks: int) -> str:
+    return (f"--tp {tp} with {grad_ranks} data-parallel ranks needs --fsdp (DDP cannot hold tensor-parallel shards); "
+            f"add --fsdp")
 
 
 def quantization_storage(qconfig, cfg: ShardingConfig):
@@ -111,8 +121,7 @@ def apply_sharding(model, cfg: ShardingConfig, d: Dist, precision: str):
     if cfg.fsdp:
         return apply_fsdp(model, cfg, d, precision)
     if d.grad_ranks > 1 and d.size("tp") > 1:  # compat: --tp x data parallel without --fsdp
-        raise UserError(f"--tp {d.size('tp')} with {d.grad_ranks} data-parallel ranks needs --fsdp "
-                        f"(DDP cannot hold tensor-parallel shards); add --fsdp")
+        raise UserError(_tp_needs_fsdp(d.size("tp"), d.grad_ranks))
     if d.size("tp") > 1:  # FSDP over the one dp rank shards nothing but makes every parameter a
         return apply_fsdp(model, cfg, d, precision)  # DTensor: AdamW's foreach refuses mixed groups (torch 2.13)
     return apply_ddp(model, d) if d.grad_ranks > 1 else model
@@ -160,7 +169,7 @@ def _full_parameter(module, name: str, full: torch.Tensor, requires_grad: bool) 
     quant_state = getattr(module, "quant_state", None)  # bitsandbytes Linear4bit keeps it for FSDP
     if name != "weight" or quant_state is None:
         return torch.nn.Parameter(full, requires_grad)
-    import bitsandbytes as bnb  # --qlora: the packed 4-bit bytes (FSDP stored them as --fsdp-quant-storage)
+    import bitsandbytes as bnb  # --qlora: the packed 4-bit bytes (FSDP stored them as bf16)
 
     return bnb.nn.Params4bit(full.view(torch.uint8), requires_grad=False, quant_state=quant_state,
                              quant_type=quant_state.quant_type, module=module, bnb_quantized=True)

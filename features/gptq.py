@@ -327,7 +327,7 @@ def main(argv=None) -> int:
         mcfg = ModelConfig(args.model, precision="fp32")
         tok = load_tokenizer(mcfg)
         model = load_plain(mcfg, load_config(mcfg, tok), torch.device("cpu"))
-        train, _ = load_splits(DataConfig(dataset=args.dataset, val_dataset="none"), tok, args.seed)
+        train, _ = load_splits(DataConfig(dataset=args.dataset, val_dataset="none"), tok)
         ids = torch.tensor([t for s in train.samples for t in s.input_ids][:args.calib_rows * args.seq_len])
         calib = ids[:len(ids) // args.seq_len * args.seq_len].view(-1, args.seq_len)
         print(f"saved {make_checkpoint(model, tok, args.out, calib, args.group_size)} "

@@ -154,7 +154,7 @@ def export(model, tokenizer, out_dir, cfg: QatConfig, plain_dir=None, say=print)
     """
     import torchao
 
-    from core.checkpoint import atomic_dir
+    from core.checkpoint import atomic_dir, kv_cache_on
 
     if _sharded(model):
         if plain_dir is None or hasattr(model, "peft_config"):
@@ -167,7 +167,10 @@ def export(model, tokenizer, out_dir, cfg: QatConfig, plain_dir=None, say=print)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         tmp.mkdir(parents=True)
-        model.config.save_pretrained(tmp)
+        with kv_cache_on(model.config):  # for generation, as the other saved models
+            model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # torch.save, not safetensors: save_pretrained cannot write torchao tensor subclasses
         # without a TorchAoConfig load path (transformers 5.24)

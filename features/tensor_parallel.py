@@ -51,7 +51,7 @@ backward); --ddp; several dp ranks without --fsdp.
 import torch
 import torch.nn.functional as F
 
-from core import UserError
+from core import UserError, optional
 from core.distributed import Dist, attention_blocks
 
 # (sub-module, column-parallel projections, row-parallel projections) of a decoder block
@@ -258,4 +258,7 @@ def apply(model, cfg, run):
     """--tp N: the decoder's projections as column/row-parallel DTensors over the "tp" ranks (the
     heads and flags it needs are checked here, once the model's config is known)."""
     check_model(run.d.size("tp"), run.model_config, cfg.lora.lora_dropout, cfg.checkpointing.ac, cfg.compile.compile)
+    # torch logs every 2-D gradient (FSDP x TP) that the norm or the final gather replicates in two
+    # all-gathers as "suboptimal"; they are the small norm and the export's once-a-run gather
+    optional.drop_records("torch.distributed.tensor._redistribute", "While redistributing")
     return apply_tensor_parallel(model, run.d)

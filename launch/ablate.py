@@ -4,11 +4,11 @@
     python launch/ablate.py lr --vary "--lr 1e-3 | --lr 3e-3" --seeds 0 1 -- --max-steps 300
 
     # packing on/off x attention backends (4 configs), 3 seeds, 4 runs at a time on 4 GPUs
-    python launch/ablate.py pack --vary " | --packing" --vary "--attn sdpa | --attn flash" \
+    python launch/ablate.py pack --vary "--no-packing | --packing" --vary "--attn sdpa | --attn flash" \
         --seeds 0 1 2 --gpus 0,1,2,3 -- --model llama3.2-1b --dataset my.jsonl
 
     # the same grid as a SLURM job array (rendered from launch/slurm.sbatch), one node per run
-    python launch/ablate.py pack --vary " | --packing" --seeds 0 1 --slurm --submit -- --model ...
+    python launch/ablate.py pack --vary "--no-packing | --packing" --seeds 0 1 --slurm --submit -- --model ...
 
 Each `--vary` is one axis: its alternatives are separated by `|` (an empty one is the baseline);
 the configs are every combination of one alternative per axis. Flags after `--` go to every run.
@@ -138,9 +138,14 @@ def finished(run: dict) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("exit_code") == 0
 
 
+def _train_py() -> str:
+    """train.py from the caller's directory: the runs' relative paths (--dataset, --out) keep their meaning."""
+    return os.path.relpath(REPO / "train.py")
+
+
 def run_local(runs: list[dict], slots: list[str]) -> int:
     """Run train.py for each run, len(slots) at a time; a slot 'gpu:<id>' pins it with CUDA_VISIBLE_DEVICES."""
-    train_py = os.path.relpath(REPO / "train.py")  # from the caller's directory: relative paths keep their meaning
+    train_py = _train_py()
     pending, active, failed = list(enumerate(runs, 1)), {}, 0
     while pending or active:
         for slot in [s for s in slots if s not in active]:
@@ -204,7 +209,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     runs = plan(args)
     if args.dry_run:
-        print("\n".join(shlex.join(["python", "train.py", "--resume", "auto", *r["train_args"]]) for r in runs))
+        print("\n".join(shlex.join(["python", _train_py(), "--resume", "auto", *r["train_args"]]) for r in runs))
         return 0
     if args.force:  # a fresh start: --resume auto would otherwise continue from a run's last checkpoint
         for r in runs:

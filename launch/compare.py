@@ -76,7 +76,7 @@ def label_runs(runs: list[dict]) -> None:
 
 def summarize(metrics: list[dict]) -> dict:
     train = [m for m in metrics if m.get("loss") is not None]
-    val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+    val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None and m["step"] > 0]  # trained models only
     windows = [m["tokens_per_s"] for m in train if m["step"] > 1] or [m["tokens_per_s"] for m in train]
     mem = [m["peak_mem_gib"] for m in train if m.get("peak_mem_gib") is not None]
     em = [m["exact_match"] for m in metrics if m.get("exact_match") is not None]

@@ -6,12 +6,16 @@ torchrun reports a failed worker by raising ChildFailedError: a traceback of the
 and a framed summary, then exit code 1 whatever the worker's was (3: out of memory, 2: bad input,
 see train.py). This runs the same launcher (torch.distributed.run) and ends instead with one line,
 the first failed rank and its error (the line train.py hands torchrun, core/distributed.py's
-record_error), and exits with that rank's code. A signal to the launcher ends in one line too.
+record_error), and exits with that rank's code. A signal to the launcher ends in one line too, and
+exits 0 when the ranks stopped as asked and saved a checkpoint (torchrun exits 1 after any signal).
 launch/torchrun.sh and launch/slurm.sbatch start training through it.
 """
 
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -20,12 +24,17 @@ from torch.distributed.run import parse_args, run
 
 def _not_a_failure_report(record: logging.LogRecord) -> bool:
     """torchrun's own log lines about a failed worker (its exit code, the others sent SIGTERM)."""
-    return not record.getMessage().startswith(("failed (exitcode", "Sending process"))
+    return not record.getMessage().startswith(("failed (exitcode", "Sending process", "Received "))
 
 
 def failure_line(err: ChildFailedError) -> tuple[str, int]:
-    """(the one line, the exit code) for torchrun's failure of the first failed rank."""
+    """(the one line, the exit code) of the rank that failed first with an error of its own: a rank that
+    torchrun stopped with SIGTERM once another had failed says only that (bad input fails every rank
+    at once, and the first error file may be the stopped one's)."""
     rank, failure = err.get_first_failure()
+    erred = sorted((r, f) for r, f in err.failures.items() if f.exitcode > 0)
+    if failure.exitcode <= 0 and erred:
+        rank, failure = erred[0]
     code = failure.exitcode
     how = f"exit code {code}" if code > 0 else failure.signal_name()  # killed by a signal: exitcode -signum
     recorded = failure.message.get("message", "") if isinstance(failure.message, dict) else ""  # an error file's
@@ -36,15 +45,20 @@ def failure_line(err: ChildFailedError) -> tuple[str, int]:
 def main(argv: list[str]) -> int:
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(name).addFilter(_not_a_failure_report)  # the line below says it once
-    try:
-        run(parse_args(argv))
-    except ChildFailedError as err:
-        line, code = failure_line(err)
-        print(line, file=sys.stderr, flush=True)
-        return code
-    except SignalException as err:  # the launcher's own SIGTERM/SIGINT: the ranks got it first
-        print(f"torchrun: stopped by {err.sigval.name}", file=sys.stderr, flush=True)
-        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "saved"
+        os.environ["NANOTUNE_SAVED_ON_STOP_FILE"] = str(saved)  # core/faults.py: local rank 0 writes its stop line
+        try:
+            run(parse_args(argv))
+        except ChildFailedError as err:
+            line, code = failure_line(err)
+            print(line, file=sys.stderr, flush=True)
+            return code
+        except SignalException as err:  # the launcher's own SIGTERM/SIGINT: the ranks got it first
+            done = saved.is_file()
+            print(f"torchrun: stopped by {err.sigval.name}" + ("; the run saved a checkpoint" if done else ""),
+                  file=sys.stderr, flush=True)
+            return 0 if done else 1
     return 0
 
 

@@ -4,8 +4,8 @@
 #   bash launch/torchrun.sh --model meta-llama/Llama-3.1-8B --dataset my.jsonl --packing
 #   NPROC=4 bash launch/torchrun.sh --lora --output-dir runs/x --resume auto
 #
-# SIGTERM / SIGUSR1 sent to this script reach every rank: train.py saves a checkpoint and exits 0
-# (torchrun itself then exits 1, as after any signal); rerun with --resume auto.
+# SIGTERM / SIGUSR1 sent to this script reach every rank: train.py saves a checkpoint, and the launcher
+# exits 0 once it has (1 when no rank saved); rerun with --resume auto.
 # torchrun runs through launch/torchrun.py: a failed rank ends the run in one line, with its exit code.
 # Multi-node: launch/slurm.sbatch.
 set -euo pipefail

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
         (bin_dir / name).chmod(0o755)
     for task in (1, 4):
         log = tmp_path / f"calls{task}.log"
-        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "PYTHON": "true",
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "FAKE_EXIT": "3",
                "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": str(task),
                "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
                "SLURM_SUBMIT_DIR": str(ROOT), "TORCHRUN": str(bin_dir / "torchrun")}
@@ -147,7 +148,8 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
         if task == 4:  # past the end of the array
             assert proc.returncode == 1 and "no run for array task 4" in proc.stderr
             continue
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 3, proc.stderr  # the run's own exit code, recorded as a local run's is
+        assert json.loads((Path(runs[task]["run_dir"]) / "ablation.json").read_text())["exit_code"] == 3
         [torchrun] = calls(log, "torchrun")
         assert torchrun[:10] == ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv_id", "77", "--rdzv_backend",
                                  "c10d", "--rdzv_endpoint", f"gpu-node-07:{29500 + task}"]  # a port per task
@@ -221,3 +223,17 @@ def test_compare_reads_a_wandb_group(tmp_path, monkeypatch):
     row = table_rows(text)["all runs"]
     assert (row["train loss (final)"], row["val loss (best)"], row["tokens/s"]) == ("3.0000", "2.5000", "30")
     assert "device: H100" in text
+
+
+def test_dry_run_prints_commands_that_run_from_the_callers_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert ablate.main(["lr", "--vary", "--lr 1e-3 | --lr 3e-3", "--seeds", "0", "--dry-run"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 2 and all((tmp_path / c[1]).resolve() == ROOT / "train.py" for c in commands)
+
+
+def test_best_validation_loss_is_of_a_trained_model():
+    """The evaluation before training (step 0) is no candidate: a run that only got worse has no better 'best'."""
+    metrics = [{"step": 0, "val_loss": 1.0}, {"step": 5, "loss": 2.5, "tokens_per_s": 10.0},
+               {"step": 5, "val_loss": 2.0}, {"step": 10, "val_loss": 3.0}]
+    assert compare.summarize(metrics)["best_val_loss"] == 2.0

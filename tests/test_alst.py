@@ -29,7 +29,7 @@ def test_alst_keeps_explicit_choices():
 
 @pytest.mark.parametrize("argv, fused", [(["--lora"], True), (["--qlora"], True), ([], False),
                                          (["--lora", "--dora"], False), (["--lora", "--lora-dropout", "0.1"], False),
-                                         (["--lora-8bit"], False)])
+                                         (["--lora-8bit"], False), (["--lora", "--no-lora-kernels"], False)])
 def test_alst_fuses_the_adapters_that_the_kernels_compute(argv, fused):
     import train
 

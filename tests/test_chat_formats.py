@@ -1,6 +1,7 @@
 """Chat records as users export them (core/chat.py): content as OpenAI-style text parts, assistant
 tool calls with their tool results, ShareGPT turns. The presets' tokenizer; a small tool-aware
-ChatML template stands in for a model whose template renders tool calls."""
+ChatML template stands in for a model whose template renders tool calls (their arguments with `tojson`,
+as Qwen2.5's, Llama 3.1's and Mistral's do)."""
 
 import copy
 
@@ -14,7 +15,7 @@ TOOL_CHATML = (  # ChatML that renders `tools`, an assistant's `tool_calls` and 
     "<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
     "{% for c in m.get('tool_calls', []) %}<tool_call>{{ c['function']['name'] }}"
-    "({{ c['function']['arguments'] }})</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "({{ c['function']['arguments'] | tojson }})</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}
@@ -96,7 +97,7 @@ def test_sharegpt_conversations_train_as_the_same_messages(tok, tmp_path):
     c = tokenize({"conversations": messages["messages"]}, "chat", "x:1", tok, False)  # role/content turns
     assert (a.input_ids, a.labels) == (c.input_ids, c.labels)
     write_jsonl(tmp_path / "train.jsonl", [sharegpt] * 4)  # --dataset-format auto finds it
-    train, _ = load_splits(DataConfig(dataset=str(tmp_path / "train.jsonl"), val_dataset="none"), tok, seed=0)
+    train, _ = load_splits(DataConfig(dataset=str(tmp_path / "train.jsonl"), val_dataset="none"), tok)
     assert [s.input_ids for s in train.samples] == [a.input_ids] * 4
 
 
@@ -107,3 +108,73 @@ def test_sharegpt_conversations_train_as_the_same_messages(tok, tmp_path):
 def test_malformed_sharegpt_turns_are_one_line_errors(tok, turn, message):
     with pytest.raises(UserError, match=r"x:5: " + message):
         tokenize({"conversations": [{"from": "human", "value": "q"}, turn]}, "chat", "x:5", tok, False)
+
+
+# Templates that render an earlier turn otherwise once later turns follow, as their models publish them:
+# Qwen3 (a think block on the last turn only), DeepSeek-R1-Distill (a generation prompt that opens
+# <think>), Mistral v0.3 (the system message inside the last user turn).
+FAMILIES = {
+    "qwen3": ["<think>", "</think>", "<tool_call>", "</tool_call>"],
+    "r1distill": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+    "mistral_v03": ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"],
+}
+END_OF_TURN = {"qwen3": "<|im_end|>", "r1distill": "<｜end▁of▁sentence｜>", "mistral_v03": "</s>"}
+
+
+def family_tokenizer(tok, family: str):
+    """The presets' tokenizer with a family's special tokens and published chat template."""
+    from pathlib import Path
+
+    family_tok = copy.deepcopy(tok)
+    family_tok.add_special_tokens({"additional_special_tokens": FAMILIES[family]})
+    if family == "mistral_v03":  # its template writes the tokenizer's own bos and eos
+        family_tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    family_tok.chat_template = (Path(__file__).parent / "chat_templates" / f"{family}.jinja").read_text()
+    return family_tok
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_templates_that_rewrite_earlier_turns_train_each_turn_as_the_conversation_renders_it(tok, family):
+    family_tok = family_tokenizer(tok, family)
+    messages = [{"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"},
+                {"role": "user", "content": "Now bye."}, {"role": "assistant", "content": "Bye now."}]
+    s = tokenize({"messages": messages}, "chat", "x:1", family_tok, False)
+    text, eot = trained(family_tok, s), END_OF_TURN[family]
+    assert f"Hi there!{eot}" in text and f"Bye now.{eot}" in text  # both turns, each through its end of turn
+    assert not any(words in text for words in ("Be terse", "Say hi", "Now bye", "User", "INST", "im_start"))
+    assert family_tok.decode(s.answer).endswith(f"Bye now.{eot}")  # exact match scores the last answer
+
+
+def test_an_empty_assistant_turn_is_a_bad_record(tok):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]
+    with pytest.raises(UserError, match=r"x:3: messages\[1\] is an empty assistant turn"):
+        tokenize({"messages": messages}, "chat", "x:3", tok, False)
+
+
+def test_reasoning_a_template_leaves_out_is_said_not_lost_silently(tok):
+    """DeepSeek-R1-Distill's template drops the text before </think> from every turn, Qwen3's from the turns
+    before the last question (and keeps the last turn's, reformatted): the log says so."""
+    from core.chat import template_drops
+
+    def chat(*turns):
+        return {"messages": [{"role": role, "content": c} for role, c in zip(["user", "assistant"] * 2, turns)]}
+
+    one = [(chat("2+2?", "<think>Adding two and two.</think>4"), "x:1")]
+    two = [(chat("2+2?", "<think>Adding two and two.</think>4", "3+3?", "<think>Three and three.</think>6"), "x:2")]
+    r1, qwen3 = family_tokenizer(tok, "r1distill"), family_tokenizer(tok, "qwen3")
+    assert "leaves out part of 1 assistant turns' content in the first 1 conversations (first: x:1 messages[1])" \
+        in template_drops(one, r1)
+    assert template_drops(one, qwen3) is None  # the last turn's reasoning is trained
+    assert "(first: x:2 messages[1])" in template_drops(two, qwen3)
+    assert template_drops(two, tok) is None  # a template that writes content as it is
+
+
+def test_openai_weight_0_turns_stay_untrained_and_a_top_level_system_is_kept(tok):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "BAD ANSWER", "weight": 0},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "good answer", "weight": 1}]
+    s = tokenize({"messages": messages, "system": "You are a pirate."}, "chat", "x:1", tok, False)
+    assert "good answer" in trained(tok, s) and "BAD ANSWER" not in trained(tok, s)
+    assert "You are a pirate." in tok.decode(s.input_ids)  # ShareGPT's / LLaMA-Factory's top-level system
+    with pytest.raises(UserError, match=r"messages\[1\]\['weight'\] must be 0"):
+        tokenize({"messages": [messages[0], {**messages[1], "weight": 0.5}]}, "chat", "x:2", tok, False)

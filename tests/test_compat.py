@@ -186,6 +186,7 @@ def test_every_feature_flag_has_a_row():
             if not any(f.is_on(v) for f in covering):
                 missing.append(f"{path}={v!r}")
     assert not missing, f"flags with no row in core/compat.py FEATURES (nor in SETTINGS): {missing}"
+    assert compat.SETTINGS <= set(DEFAULTS), f"SETTINGS names no field: {compat.SETTINGS - set(DEFAULTS)}"
 
 
 def test_docs_table_is_current():

@@ -3,13 +3,14 @@
 import copy
 import csv
 import dataclasses
+import gzip
 import json
 
 import pytest
 
 from conftest import ROOT, write_jsonl
 from core import UserError
-from core.data import ALPACA_PROMPT, DataConfig, load_splits, tokenize
+from core.data import ALPACA_PROMPT, DataConfig, describe, load_splits, tokenize
 
 
 def decode_trained(tok, sample):
@@ -83,41 +84,49 @@ def test_long_samples_dropped_or_truncated_and_counted(tmp_path, tok):
     records = [{"instruction": "Copy.", "input": "a", "output": "a"},
                {"instruction": "Copy.", "input": "a", "output": " ".join("abcdefgh" * 10)}]
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    train, _ = load_splits(DataConfig(dataset=str(path), seq_len=40, val_dataset="none"), tok, 0)
+    train, _ = load_splits(DataConfig(dataset=str(path), seq_len=40, val_dataset="none"), tok)
     assert train.stats["dropped_too_long"] == 1 and len(train.samples) == 1
+    assert ("data: train: 1 of 2 samples are longer than --seq-len 40 and were dropped; --truncation truncate "
+            "keeps each one's first 40 tokens") in describe(train, None).splitlines()
+    texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": " ".join("abcdefgh" * 10)}])
+    train, _ = load_splits(DataConfig(dataset=str(texts), seq_len=40, val_dataset="none"), tok)
+    assert 'pretrain cuts {"text"} documents into blocks' in describe(train, None)  # auto read them as completion
     train, _ = load_splits(DataConfig(dataset=str(path), seq_len=40, val_dataset="none",
-                                      truncation="truncate"), tok, 0)
+                                      truncation="truncate"), tok)
     assert train.stats["truncated"] == 1 and len(train.samples) == 2
-    assert max(len(s.input_ids) for s in train.samples) == 40
+    assert max(len(s.input_ids) for s in train.samples) == 40 and "too_long" not in train.stats
+    assert [s.prompted for s in train.samples] == [True, False]  # a cut answer is no exact-match reference
 
 
 def test_sample_with_only_prompt_left_after_truncation_is_dropped(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x " * 50, "output": "y"}] * 2
                        + [{"instruction": "Copy.", "output": "y"}])
     train, _ = load_splits(DataConfig(dataset=str(path), seq_len=20, val_dataset="none",
-                                      truncation="truncate"), tok, 0)
+                                      truncation="truncate"), tok)
     assert train.stats["dropped_untrained"] == 2 and len(train.samples) == 1
 
 
 def test_pretrain_packs_documents_into_full_blocks(tmp_path, tok):
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": f"document number {i} " * 3} for i in range(20)])
     train, _ = load_splits(DataConfig(dataset=str(path), dataset_format="pretrain", seq_len=16,
-                                      val_dataset="none"), tok, 0)
+                                      val_dataset="none"), tok)
     assert all(len(s.input_ids) == 16 and s.labels == s.input_ids for s in train.samples)
     assert train.stats["tokens"] + train.stats["dropped_tail_tokens"] > 20 * 3
 
 
 def test_auto_format_and_sibling_validation_file(small_data, tok):
-    train, val = load_splits(DataConfig(dataset=str(small_data)), tok, 0)
+    train, val = load_splits(DataConfig(dataset=str(small_data)), tok)
     assert len(train.samples) == 192 and len(val.samples) == 32
 
 
 def test_hold_out_when_no_validation_file(tmp_path, tok):
     path = write_jsonl(tmp_path / "mine.jsonl", [{"text": f"t {i}"} for i in range(100)])
-    train, val = load_splits(DataConfig(dataset=str(path), val_size=0.1), tok, 0)
+    train, val = load_splits(DataConfig(dataset=str(path), val_size=0.1), tok)
     assert len(train.samples) == 90 and len(val.samples) == 10
-    again, _ = load_splits(DataConfig(dataset=str(path), val_size=0.1), tok, 0)
+    again, _ = load_splits(DataConfig(dataset=str(path), val_size=0.1), tok)
     assert [s.input_ids for s in again.samples] == [s.input_ids for s in train.samples]
+    other, _ = load_splits(DataConfig(dataset=str(path), val_size=0.1, val_seed=1), tok)
+    assert [s.input_ids for s in other.samples] != [s.input_ids for s in train.samples]  # --val-seed, not --seed
 
 
 def test_parquet_csv_and_json_sources(tmp_path, tok):
@@ -130,7 +139,7 @@ def test_parquet_csv_and_json_sources(tmp_path, tok):
         w.writeheader(), w.writerows(rows)
     (tmp_path / "d.json").write_text(json.dumps(rows))
     for name in ("d.parquet", "d.csv", "d.json"):
-        train, _ = load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none"), tok, 0)
+        train, _ = load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none"), tok)
         assert len(train.samples) == 6, name
 
 
@@ -140,7 +149,7 @@ def test_a_csv_column_of_numbers_is_text(tmp_path, tok):
         w = csv.writer(f)
         w.writerows([["instruction", "input", "output"], *[["Add.", f"{i}+{i}", str(2 * i)] for i in range(6)],
                      ["Say zero.", "", "0"]])
-    train, _ = load_splits(DataConfig(dataset=str(tmp_path / "d.csv"), val_dataset="none"), tok, 0)
+    train, _ = load_splits(DataConfig(dataset=str(tmp_path / "d.csv"), val_dataset="none"), tok)
     assert len(train.samples) == 7
     answer = [t for t, label in zip(train.samples[0].input_ids, train.samples[0].labels) if label != -100]
     assert tok.decode(answer).startswith("0")
@@ -149,7 +158,7 @@ def test_a_csv_column_of_numbers_is_text(tmp_path, tok):
 def test_example_files_for_every_format_load(tok):
     for name in ("alpaca", "chat", "completion", "text"):
         train, _ = load_splits(DataConfig(dataset=str(ROOT / f"data/examples/{name}.jsonl"), val_dataset="none"),
-                               tok, 0)
+                               tok)
         assert train.samples, name
 
 
@@ -165,7 +174,7 @@ def test_example_files_for_every_format_load(tok):
 def test_malformed_files_name_file_and_line(tmp_path, tok, content, message):
     (tmp_path / "bad.jsonl").write_bytes(content)
     with pytest.raises(UserError, match=message):
-        load_splits(DataConfig(dataset=str(tmp_path / "bad.jsonl"), val_dataset="none"), tok, 0)
+        load_splits(DataConfig(dataset=str(tmp_path / "bad.jsonl"), val_dataset="none"), tok)
 
 
 def test_hub_dataset_path_uses_datasets_load_dataset(monkeypatch, tok):
@@ -179,7 +188,7 @@ def test_hub_dataset_path_uses_datasets_load_dataset(monkeypatch, tok):
         return datasets.Dataset.from_list([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    train, val = load_splits(DataConfig(dataset="someorg/qa", dataset_subset="en", val_size=2), tok, 0)
+    train, val = load_splits(DataConfig(dataset="someorg/qa", dataset_subset="en", val_size=2), tok)
     assert calls == [("someorg/qa", "en", "train")]
     assert len(train.samples) == 8 and len(val.samples) == 2
 
@@ -192,7 +201,7 @@ def test_hub_dataset_failure_is_one_line(monkeypatch, tok):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UserError, match="--dataset 'someorg/qa': could not load from the hub .*ConnectionError"):
-        load_splits(DataConfig(dataset="someorg/qa"), tok, 0)
+        load_splits(DataConfig(dataset="someorg/qa"), tok)
 
 
 def _chat_records(n: int) -> list[dict]:
@@ -208,23 +217,23 @@ def test_data_cache_returns_what_tokenizing_returns_and_keys_on_every_input(tmp_
 
     path = write_jsonl(tmp_path / "chats.jsonl", _chat_records(30) + [{"messages": "not a list"}])
     cfg = DataConfig(dataset=str(path), val_dataset="none", skip_bad_samples=True, data_cache=str(tmp_path / "c"))
-    fresh, _ = load_splits(dataclasses.replace(cfg, data_cache="none"), tok, 0)
+    fresh, _ = load_splits(dataclasses.replace(cfg, data_cache="none"), tok)
     assert not (tmp_path / "c").exists()
-    first, _ = load_splits(cfg, tok, 0)
+    first, _ = load_splits(cfg, tok)
     calls = []
     monkeypatch.setattr(data, "tokenize", lambda *a: calls.append(1) or tokenize(*a))
-    cached, _ = load_splits(cfg, tok, 0)
+    cached, _ = load_splits(cfg, tok)
     assert not calls and cached.samples == first.samples == fresh.samples
     assert cached.stats == first.stats == fresh.stats and cached.stats["skipped_bad"] == 1
     other_tok = copy.deepcopy(tok)
     other_tok.chat_template += "{# the same rendering, another template #}"
     for changed, t in ((dataclasses.replace(cfg, train_on_inputs=True), tok), (cfg, other_tok)):
         calls.clear()
-        load_splits(changed, t, 0)
+        load_splits(changed, t)
         assert calls
     write_jsonl(path, _chat_records(31))
     calls.clear()
-    again, _ = load_splits(cfg, tok, 0)
+    again, _ = load_splits(cfg, tok)
     assert calls and len(again.samples) == 31
 
 
@@ -233,25 +242,24 @@ def test_data_cache_ignores_an_unreadable_file(tmp_path, tok):
 
     path = write_jsonl(tmp_path / "chats.jsonl", _chat_records(5))
     cfg = DataConfig(dataset=str(path), val_dataset="none", data_cache=str(tmp_path / "c"))
-    first, _ = load_splits(cfg, tok, 0)
+    first, _ = load_splits(cfg, tok)
     [npz] = data_cache.cache_dir(cfg.data_cache).glob("*.npz")
     npz.write_bytes(npz.read_bytes()[:100])  # cut short, as by a full disk
-    again, _ = load_splits(cfg, tok, 0)
+    again, _ = load_splits(cfg, tok)
     assert again.samples == first.samples
 
 
 def test_no_validation_set_says_why_and_loses_no_data(tmp_path, tok):
     """Held-out pretrain documents too short for one block train instead (they used to stop the run); a
     --val-size that holds out no record of a small file says so."""
-    from core.data import describe
 
     train, val = load_splits(DataConfig(dataset=str(ROOT / "data/examples/text.jsonl"), dataset_format="pretrain",
-                                        seq_len=64), tok, 0)
+                                        seq_len=64), tok)
     assert val is None and train.stats["records"] == 20  # every record trains
     assert "held-out records fill no --seq-len 64 block, so they train instead" in describe(train, val)
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"instruction": "a", "output": "b"}) + "\n" for _ in range(12)))
-    train, val = load_splits(DataConfig(dataset=str(small)), tok, 0)
+    train, val = load_splits(DataConfig(dataset=str(small)), tok)
     assert val is None and "--val-size 0.05 of 12 records holds none out" in describe(train, val)
 
 
@@ -259,4 +267,64 @@ def test_truncation_that_leaves_nothing_trained_does_not_advise_itself(tmp_path,
     long = tmp_path / "long.jsonl"
     long.write_text("".join(json.dumps({"prompt": "word " * 80, "completion": "A"}) + "\n" for _ in range(4)))
     with pytest.raises(UserError, match=r"raise --seq-len \(truncation keeps each sample's first --seq-len"):
-        load_splits(DataConfig(dataset=str(long), seq_len=20, truncation="truncate", val_dataset="none"), tok, 0)
+        load_splits(DataConfig(dataset=str(long), seq_len=20, truncation="truncate", val_dataset="none"), tok)
+
+
+def test_directories_load_a_datasets_save_or_a_snapshots_shards(tmp_path, tok):
+    import datasets
+
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(6)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:2])}
+                         ).save_to_disk(str(tmp_path / "saved_dict"))
+    (tmp_path / "snapshot" / "data").mkdir(parents=True)
+    shards = (("train-00000-of-00002", rows[:3]), ("train-00001-of-00002", rows[3:]), ("test-00000", rows[:2]))
+    for name, part in shards:
+        datasets.Dataset.from_list(part).to_parquet(str(tmp_path / "snapshot" / "data" / f"{name}.parquet"))
+    for name in ("saved", "saved_dict", "snapshot"):
+        train, _ = load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none"), tok)
+        assert train.stats["records"] == 6, name  # the train split only
+    with pytest.raises(UserError, match="no split 'dev' \\(it has train, test\\); pass --dataset-split"):
+        load_splits(DataConfig(dataset=str(tmp_path / "saved_dict"), dataset_split="dev", val_dataset="none"), tok)
+
+
+def test_files_as_exports_write_them(tmp_path, tok):
+    """Excel's CSV UTF-8 (a byte-order mark), a .json array wrapped in {"data": ...}, gzipped JSON Lines,
+    and the one-line
+    hints for JSON Lines named .json and for a mistyped local path (not sent to the hub)."""
+    (tmp_path / "excel.csv").write_text("\ufeffinstruction,output\nSay 2.,2\nSay 3.,3\n", encoding="utf-8")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"text": "a b"}, {"text": "c d"}]}))
+    lines = "".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}"}) + "\n" for i in range(2))
+    (tmp_path / "packed.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    for name in ("excel.csv", "wrapped.json", "packed.jsonl.gz"):
+        train, _ = load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none"), tok)
+        assert train.stats["records"] == 2, name
+    (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(UserError, match="name the file .jsonl"):
+        load_splits(DataConfig(dataset=str(tmp_path / "lines.json")), tok)
+    with pytest.raises(UserError, match="no such file or directory"):
+        load_splits(DataConfig(dataset=str(tmp_path / "my_datset")), tok)
+
+
+def test_a_validation_file_in_another_format_and_llama_factory_fields(tmp_path, tok):
+    train_file = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(8)])
+    chats = write_jsonl(tmp_path / "v.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                              {"role": "assistant", "content": "hello"}]}])
+    _, val = load_splits(DataConfig(dataset=str(train_file), val_dataset=str(chats)), tok)
+    assert val.stats["samples"] == 1  # read as chat, its own format
+    history = write_jsonl(tmp_path / "h.jsonl", [{"instruction": "And 3?", "output": "3", "history": [["1?", "1"]]}])
+    with pytest.raises(UserError, match="h.jsonl:1: alpaca records here have no 'system' or 'history'"):
+        load_splits(DataConfig(dataset=str(history), val_dataset="none"), tok)
+
+
+def test_dataset_columns_name_a_users_columns(tmp_path, tok, capsys):
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"{i}+1?", "answer": f"{i + 1}"} for i in range(4)])
+    with pytest.raises(UserError, match="name yours with --dataset-columns"):
+        load_splits(DataConfig(dataset=str(qa), val_dataset="none"), tok)
+    train, _ = load_splits(DataConfig(dataset=str(qa), val_dataset="none",
+                                      dataset_columns="question=instruction, answer=output"), tok)
+    assert train.stats["samples"] == 4 and "### Instruction:\n0+1?" in tok.decode(train.samples[0].input_ids)
+    import train as train_py
+
+    assert train_py.main(["--dataset-columns", "question", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "error: --dataset-columns 'question': write yours=theirs pairs" in capsys.readouterr().err  # at start-up

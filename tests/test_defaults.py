@@ -260,6 +260,23 @@ def test_micro_batch_grows_where_the_gpu_memory_allows(argv, gpu_bytes, want):
         assert f"--grad-accum {want[1]} (auto: {want[0]} x {want[1]}, 8 rows a step)" in cfg.auto
 
 
+@pytest.mark.parametrize("argv, tokens, want", [
+    (["--model", "llama3-8b", "--lora"], 200, (1, 1)),  # a 4096-token row holds ~20 chats: 1 row a step
+    (["--model", "llama3-8b", "--lora"], 1000, (2, 1)),  # ~4 a row: 2 rows, 8 samples
+    (["--model", "llama3-8b", "--lora"], 4096, (2, 4)),  # one sample a row (the speed benchmarks): 8 rows
+    (["--model", "llama3-8b", "--lora", "--no-packing"], 200, (2, 4)),  # unpacked: 8 samples already
+    (["--model", "llama3-8b", "--lora", "--grad-accum", "4"], 200, (2, 4)),  # set by hand
+])
+def test_a_packed_step_holds_about_as_many_samples_as_an_unpacked_one(argv, tokens, want):
+    from core.records import Sample
+
+    cfg = _at(argv)
+    defaults.packed_rows(cfg, [Sample([5] * tokens, [5] * tokens, 0)] * 16)
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == want
+    if want == (1, 1):
+        assert "--grad-accum 1 (auto: packed rows of about 20 samples; 1 a step, about 20 samples)" in cfg.auto
+
+
 def test_micro_batch_keeps_2_on_a_cpu_for_the_demo_and_for_a_mixture_of_experts():
     moe = _preset_config("llama3.2-1b")
     moe.num_local_experts = 8  # the estimate knows dense decoders only
@@ -333,3 +350,17 @@ def test_cuda_graphs_stay_off_on_a_cpu():
 def test_the_features_cuda_graphs_were_measured_with_are_matrix_rows():
     from core import compat
     assert defaults.GRAPHS_MEASURED <= {f.flag for f in compat.FEATURES}
+
+
+@pytest.mark.parametrize("argv, total, epoch, has_val, want", [
+    (["--model", "llama3-8b", "--lora"], 300, 100, True, 100),  # 3 epochs: a validation pass each
+    (["--model", "llama3-8b", "--lora"], 80, 100, True, 0),  # less than one epoch: before and at the end
+    (["--model", "llama3-8b", "--lora"], 300, 100, False, 0),  # nothing to evaluate
+    ([], 1000, 625, True, 0),  # the demo: its published figures
+    (["--model", "llama3-8b", "--lora", "--eval-every", "7"], 300, 100, True, 7),  # set by hand
+])
+def test_eval_every_is_once_an_epoch_for_a_real_model(argv, total, epoch, has_val, want):
+    cfg = _at(argv)
+    defaults.eval_every(cfg, total, epoch, object() if has_val else None)
+    assert cfg.train.eval_every == want
+    assert ("--eval-every 100 (auto: once an epoch)" in cfg.auto) == (want == 100)

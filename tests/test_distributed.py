@@ -86,6 +86,20 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
         assert got[4]["val_loss"] == pytest.approx(two[4]["val_loss"], rel=1e-5), name
 
 
+def test_sharded_evaluation_scores_every_sample_as_one_process_does(tmp_path, small_data):
+    """3 validation samples on 2 FSDP ranks (forwards are collective, so the ranks run as many): the
+    one-process validation loss and exact match, every sample scored, none dropped."""
+    val = small_data.parent / "val.jsonl"
+    val.write_text("\n".join(val.read_text().splitlines()[:3]) + "\n")
+    common = ["--dataset", str(small_data), "--max-steps", "1", "--seq-len", "256", "--seed", "7", "--device", "cpu",
+              "--eval-exact-match", "3", "--skip-export"]
+    assert run_train(tmp_path / "one", *common, "--micro-batch-size", "8") == 0
+    ranks.train(2, *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
+    one, two = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "two")[0]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    assert two["exact_match"] == one["exact_match"]
+
+
 def test_qlora_fsdp_preset_base_is_stored_in_a_float_dtype(tok):
     """--qlora --fsdp on a preset: every parameter of the 4-bit base is a float tensor (bf16 storage of
     the packed bytes), which torch 2.11's fully_shard needs; without --fsdp the storage stays uint8."""
@@ -231,7 +245,7 @@ def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
 @pytest.mark.parametrize("flags, message", [
     (dict(fsdp=True, ddp=True), "--fsdp and --ddp"),
     (dict(ddp=True, tp=2), "--ddp replicates whole modules"),
-    (dict(fsdp_cpu_offload=True), "--fsdp-cpu-offload needs --fsdp"),
+    (dict(fsdp_keep_gathered=True), "--fsdp-keep-gathered needs --fsdp"),
     (dict(fsdp_reduce_dtype="bf16"), "--fsdp-reduce-dtype bf16 needs --fsdp"),
     (dict(tp=0), "--tp must be >= 1"),
     (dict(dp_shard=-2), "--dp-shard must be >= 1 or -1"),
@@ -246,6 +260,45 @@ def test_bad_flags_are_refused(flags, message):
     argv = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     with pytest.raises(UserError):
         train.parse_config(argv)
+
+
+@pytest.mark.parametrize("world, argv, message", [
+    ("4", ["--tp", "2"], "--tp 2 with 2 data-parallel ranks needs --fsdp"),
+    ("2", ["--lora", "--offload-embeddings"], "--offload-embeddings runs in one process"),
+])
+def test_layouts_of_the_launched_processes_are_refused_before_anything_loads(monkeypatch, world, argv, message):
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", world)  # as torchrun sets it: known at start-up
+    with pytest.raises(UserError, match=message):
+        train.parse_config(argv)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    train.parse_config(argv if "--tp" not in argv else [])  # one process: the same flags start
+
+
+def test_a_collective_broken_by_an_exited_rank_is_one_line():
+    from core.distributed import peer_failure
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:49885: "
+                        "Connection reset by peer")
+    assert peer_failure(gloo).endswith("another rank exited first (its error says why)")
+    assert peer_failure(RuntimeError("CUDA error: an illegal memory access")) is None
+
+
+def test_resume_refuses_a_changed_number_of_rows_a_step():
+    """The data position is a step count: it names the same rows only at the same rows a step."""
+    from core.batches import StepBatches
+    from core.data import Sample
+
+    samples = [Sample([1, 2, 3], [1, 2, 3], 0)] * 64
+    saved = StepBatches(samples, 2, 2, seed=0, pad_id=0, rank=0, world_size=2)  # 8 rows a step
+    saved.step_in_epoch = 3
+    state = saved.state_dict()
+    StepBatches(samples, 4, 2, seed=0, pad_id=0).load_state_dict(state)  # 1 rank x 4 x 2: the same 8
+    with pytest.raises(UserError, match="trained 8 rows a step and this run would train 4 .*pass --grad-accum 4"):
+        StepBatches(samples, 2, 2, seed=0, pad_id=0).load_state_dict(state)
+    with pytest.raises(UserError, match="pass --micro-batch-size 1"):
+        StepBatches(samples, 3, 8, seed=0, pad_id=0).load_state_dict(state)
 
 
 def test_deepspeed_config_from_flags_and_json(tmp_path):

@@ -28,7 +28,7 @@ CASES = {
     "too few samples for a step": (lambda t: ["--dataset", _write(t / "s.jsonl", '{"text": "a"}\n' * 3),
                                               "--val-dataset", "none"],
                                    r"fewer than one step takes \(1 data-parallel ranks x --micro-batch-size \d+ x "
-                                   r"--grad-accum \d+\)"),
+                                   r"--grad-accum \d+ rows\)"),
 }
 
 

@@ -92,13 +92,14 @@ def sharded_worker(out: str) -> None:
 
 @pytest.mark.slow
 def test_sharded_ranks_split_the_samples(tmp_path):
-    """5 samples on 2 FSDP ranks: the first 4, 2 a rank (equal forwards, as collectives need), summed."""
+    """5 samples on 2 FSDP ranks: every one scored, 3 and 2 a rank (and an unscored copy on the rank
+    short of one: equal forwards, as collectives need), as one process scores them."""
     import json
 
     import ranks
 
     ranks.run(sharded_worker, 2, str(tmp_path / "scores.json"))
-    assert json.loads((tmp_path / "scores.json").read_text()) == [1.0, pytest.approx(2 / 4)]
+    assert json.loads((tmp_path / "scores.json").read_text()) == [1.0, pytest.approx(3 / 5)]
 
 
 class OwnCode(torch.nn.Module):

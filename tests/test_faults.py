@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +89,10 @@ def test_sigusr1_sets_the_stop_flag_and_handlers_are_restored():
     os.kill(os.getpid(), signal.SIGUSR1)
     assert guard.update_ok(torch.tensor(1.0), torch.tensor(2.0), 2)  # the step in flight is still applied
     assert guard.stop and guard.signal == "SIGUSR1"
-    assert "SIGUSR1 received" in guard.stop_message("ckpt") and "--resume auto" in guard.stop_message("ckpt")
+    given = guard.stop_message(Path("runs/a/checkpoints/step_00000002"), output_dir_given=True)
+    assert "SIGUSR1 received" in given and given.endswith("resume with the same flags plus --resume auto")
+    chosen = guard.stop_message(Path("runs/20261205-001029/checkpoints/step_00000002"), output_dir_given=False)
+    assert chosen.endswith("plus --output-dir runs/20261205-001029 --resume auto")  # the directory the run chose
     guard.close()
     assert signal.getsignal(signal.SIGUSR1) == before
 

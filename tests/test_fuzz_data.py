@@ -69,7 +69,7 @@ def _kind(message: str) -> str:
 
 def _load(path: Path, fmt: str, skip: bool, tok):
     cfg = DataConfig(dataset=str(path), dataset_format=fmt, val_dataset="none", seq_len=64, skip_bad_samples=skip)
-    return load_splits(cfg, tok, seed=0)
+    return load_splits(cfg, tok)
 
 
 def _check_fuzzed_file(path: Path, n_lines: int, fmt: str, tok) -> None:

@@ -93,3 +93,22 @@ def test_train_takes_a_gguf_file_as_its_model(smollm2_gguf, smollm2, converted, 
     from_file, from_dir = ([m["loss"] for m in read_metrics(tmp_path / run) if "loss" in m] for run in ("gguf", "dir"))
     assert len(from_file) == 2 and from_file == from_dir  # the tier's directory is the same conversion
     assert path in (tmp_path / "gguf" / "config.json").read_text()
+
+
+def test_export_finds_a_gguf_runs_base_also_once_its_conversion_left_the_cache(smollm2_gguf, converted, tmp_path,
+                                                                               monkeypatch):
+    """export.py: the run's GGUF --model (run.json's command line) stands in for a converted directory
+    that is gone (a cleaned cache, another machine); --base FILE.gguf is taken too."""
+    import json
+
+    import export
+
+    root, path, _ = converted
+    monkeypatch.setenv("NANOTUNE_CACHE", str(root))
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(root / "gguf" / "gone-0123456789ab")}))
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"argv": ["train.py", "--model", str(smollm2_gguf)]}))
+    adapter, out = str(tmp_path / "run" / "final"), str(tmp_path / "merged")
+    assert export.find_base(export.ExportConfig(adapter, out)) == path
+    assert export.find_base(export.ExportConfig(adapter, out, base=str(smollm2_gguf))) == path

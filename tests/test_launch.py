@@ -26,14 +26,16 @@ wait $child""",
 if [[ -n "${FAKE_HOLD:-}" ]]; then
     on_usr1() {
         echo "torchrun: USR1" >> "$FAKE_LOG"
-        [[ -n "${FAKE_SAVES:-}" ]] && mkdir -p "$RUN_DIR/checkpoints/step_7"
+        [[ -n "${FAKE_SAVES:-}" ]] && mkdir -p "$OUT/checkpoints/step_7"
         exit 0
     }
     trap on_usr1 USR1
+    prev=; for arg in "$@"; do [[ "$prev" == --output-dir ]] && OUT=$arg; prev=$arg; done  # the last one wins
     echo "torchrun: started" >> "$FAKE_LOG"
     for i in $(seq 300); do sleep 0.1; done
     exit 1
-fi""",
+fi
+exit ${FAKE_EXIT:-0}""",
     "scontrol": """echo "scontrol $*" >> "$FAKE_LOG"
 [[ "$1 $2" == "show hostnames" ]] && printf 'gpu-node-07\\ngpu-node-08\\n'
 exit 0""",
@@ -81,14 +83,17 @@ def test_slurm_sbatch_runs_torchrun_per_node_with_c10d_rendezvous(fake_cluster):
     assert "#SBATCH --requeue" in header and "#SBATCH --signal=B:USR1@" in header
 
 
-@pytest.mark.parametrize("saves", [True, False])
-def test_slurm_sbatch_time_limit_signal_checkpoints_and_requeues(fake_cluster, tmp_path, saves):
+@pytest.mark.parametrize("saves, own_dir", [(True, False), (False, False), (True, True)])
+def test_slurm_sbatch_time_limit_signal_checkpoints_and_requeues(fake_cluster, tmp_path, saves, own_dir):
     """The ranks stop on SIGUSR1; the job is requeued only when they saved a new checkpoint (a run that
-    cannot save before the time limit would otherwise restart from the same point forever)."""
+    cannot save before the time limit would otherwise restart from the same point forever), looked for
+    in RUN_DIR or in the user's own --output-dir."""
     env, log = fake_cluster
     run_dir = str(tmp_path / "my-run")
-    env = {**env, "FAKE_HOLD": "1", "RUN_DIR": run_dir, "PYTHON": "true", **({"FAKE_SAVES": "1"} if saves else {})}
-    proc = subprocess.Popen(["bash", "launch/slurm.sbatch", "--lora"], cwd=ROOT, env=env,
+    env = {**env, "FAKE_HOLD": "1", "PYTHON": "true", **({"FAKE_SAVES": "1"} if saves else {}),
+           **({} if own_dir else {"RUN_DIR": run_dir})}
+    args = ["--lora", "--output-dir", run_dir] if own_dir else ["--lora"]
+    proc = subprocess.Popen(["bash", "launch/slurm.sbatch", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while "torchrun: started" not in (log.read_text() if log.exists() else ""):
@@ -98,7 +103,7 @@ def test_slurm_sbatch_time_limit_signal_checkpoints_and_requeues(fake_cluster, t
     out, _ = proc.communicate(timeout=60)
     lines = log.read_text().splitlines()
     assert lines.index("srun: USR1") < lines.index("torchrun: USR1")
-    assert calls(log, "torchrun")[0][-5:] == ["--resume", "auto", "--output-dir", run_dir, "--lora"]
+    assert calls(log, "torchrun")[0][-5 - len(args) + 1:] == ["--resume", "auto", "--output-dir", run_dir, *args]
     assert "SIGUSR1 (time limit near)" in out and "srun exited with status 0" in out
     if saves:
         assert proc.returncode == 0 and lines.index("torchrun: USR1") < lines.index("scontrol requeue 4242"), out
@@ -119,7 +124,8 @@ def test_torchrun_sh_passes_arguments_through(fake_cluster):
 
 def test_torchrun_forwards_sigusr1_and_train_py_checkpoints(tmp_path, small_data):
     """The real torchrun (one CPU worker): SIGUSR1 to torchrun reaches train.py through
-    PET_SIGNALS_TO_HANDLE, which saves a checkpoint after the step in flight and exits."""
+    PET_SIGNALS_TO_HANDLE, which saves a checkpoint after the step in flight and exits; the launcher
+    exits 0 with one line."""
     out = tmp_path / "run"
     env = {**os.environ, "NPROC": "1", "OMP_NUM_THREADS": "1"}
     env.pop("TORCHRUN", None)
@@ -136,6 +142,8 @@ def test_torchrun_forwards_sigusr1_and_train_py_checkpoints(tmp_path, small_data
     rest, _ = proc.communicate(timeout=120)
     text = "".join(lines) + rest
     assert "SIGUSR1 received: stopped after a complete step and saved" in text, text[-3000:]
+    assert text.rstrip().endswith("torchrun: stopped by SIGUSR1; the run saved a checkpoint"), text[-3000:]
+    assert proc.returncode == 0 and "death signal" not in text  # a stop that saved is no failure
     [checkpoint] = (out / "checkpoints").iterdir()
     assert (checkpoint / "trainer_state.json").is_file()
 
@@ -184,3 +192,24 @@ def test_a_rank_killed_by_a_signal_ends_the_launcher_in_one_line():
     killed = ProcessFailure(local_rank=1, pid=4242, exitcode=-int(signal.SIGKILL), error_file="<N/A>")
     line, code = failure_line(ChildFailedError("train.py", {1: killed}))
     assert (line, code) == ("torchrun: train.py failed on rank 1 (SIGKILL)", 1)
+
+
+def test_the_launcher_names_the_rank_with_an_error_over_one_it_stopped(tmp_path):
+    """Bad input fails every rank at once; torchrun stops a slower rank with SIGTERM, and that rank's
+    error file can be the earlier one: the line still gives an erring rank's message and exit code."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    from torchrun import failure_line
+
+    failures = {}
+    for rank, code in ((1, -int(signal.SIGTERM)), (0, 2)):
+        error_file = tmp_path / f"error{rank}.json"
+        error_file.write_text(json.dumps({"message": {"message": "error: the command line did not parse",
+                                                      "extraInfo": {"timestamp": str(101 - rank)}}}))
+        failures[rank] = ProcessFailure(local_rank=rank, pid=4242 + rank, exitcode=code, error_file=str(error_file))
+    line, code = failure_line(ChildFailedError("train.py", failures))
+    assert (line, code) == ("torchrun: train.py failed on rank 0 (exit code 2): error: the command line did not "
+                            "parse", 2)

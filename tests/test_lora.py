@@ -58,7 +58,7 @@ def build(tok, preset="tiny-llama", precision="fp32", device=CPU, seed=0, **flag
 
 
 def batches(tok, data, seed=0) -> StepBatches:
-    train, _ = load_splits(DataConfig(dataset=str(data), seq_len=128), tok, seed)
+    train, _ = load_splits(DataConfig(dataset=str(data), seq_len=128), tok)
     return StepBatches(train.samples, micro_batch_size=8, grad_accum=1, seed=seed, pad_id=tok.pad_token_id)
 
 
@@ -438,3 +438,20 @@ def test_train_py_lora_run_resumes_exactly(tmp_path, small_data):
 
     fa, fb = (load_file(r / "final" / "adapter_model.safetensors") for r in (full, cut))
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_export_never_replaces_a_directory_of_other_files(tmp_path):
+    """--out is replaced whole: a directory with files in it is refused (its files kept) unless
+    --overwrite, and one that holds the adapter always is."""
+    import export
+
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    adapter = str(tmp_path / "run" / "final")
+    assert export.main(["--adapter", adapter, "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="holds the adapter"):
+        export.check_out(export.ExportConfig(adapter, str(tmp_path / "run"), overwrite=True))
+    export.check_out(export.ExportConfig(adapter, str(tmp_path / "mine"), overwrite=True))  # asked for
+    export.check_out(export.ExportConfig(adapter, str(tmp_path / "new")))

@@ -54,7 +54,7 @@ def test_padded_efficiency_counts_each_micro_batch_at_its_longest_sample():
 
 
 def test_embedded_dataset_packs_at_least_98_percent_full(tok):
-    train, _ = load_splits(DataConfig(dataset=str(ROOT / "data/train.jsonl"), seq_len=2048), tok, 0)
+    train, _ = load_splits(DataConfig(dataset=str(ROOT / "data/train.jsonl"), seq_len=2048), tok)
     batches = StepBatches(train.samples, 1, 1, seed=0, pad_id=tok.pad_token_id, pack_to=2048)
     assert batches.efficiency(0) >= 0.98
     padded = StepBatches(train.samples, 8, 1, seed=0, pad_id=tok.pad_token_id)

@@ -67,7 +67,7 @@ def test_same_batches_in_the_same_order_across_epochs(pack_to):
     p.close()
     assert all(_same(m, w) for (m, _), w in zip(got, want)) and len(got) == len(want)
     assert [t for _, t in got] == [[count_targets(mb["labels"]) for mb in w] for w in want]
-    assert plain.state_dict() == p.state_dict() == {"epoch": 3, "step_in_epoch": 2}
+    assert plain.state_dict() == p.state_dict() == {"epoch": 3, "step_in_epoch": 2, "rows_per_step": 4}
 
 
 @pytest.mark.parametrize("consumed", [3, 5, 7])  # mid-epoch, at the end of epoch 0, in epoch 1
@@ -104,7 +104,7 @@ def test_an_error_preparing_a_batch_is_raised_in_the_loop_with_its_message(monke
     with pytest.raises(UserError, match="^data.jsonl line 7: a bad record$"):
         next(p)
     assert not p._thread.is_alive()
-    assert p.state_dict() == {"epoch": 0, "step_in_epoch": 2}
+    assert p.state_dict() == {"epoch": 0, "step_in_epoch": 2, "rows_per_step": 4}
 
 
 def test_early_stop_does_not_deadlock_and_the_thread_ends():

@@ -137,6 +137,7 @@ def test_train_py_qat_run_exports_both_models(tok, small_data, tmp_path):
     assert (out / "final" / "config.json").is_file()
     model = qat.load_quantized(out / "final-quantized")
     assert "Tensor" in type(model.model.layers[0].self_attn.q_proj.weight).__name__
+    assert model.config.use_cache and (out / "final-quantized" / "generation_config.json").is_file()  # generates
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert run_train(tmp_path / "bad", "--qat", "--qlora") == 2

@@ -43,7 +43,7 @@ def test_checkpoint_layout_and_retention(tmp_path, small_data):
                      "--keep-checkpoints", "2", "--micro-batch-size", "4") == 0
     assert [s for s, _ in checkpoints(out)] == [4, 6]
     state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["data"] == {"epoch": 0, "step_in_epoch": 6}
+    assert state["step"] == 6 and state["data"] == {"epoch": 0, "step_in_epoch": 6, "rows_per_step": 4}
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
