@@ -4,7 +4,7 @@
     python train.py --dataset chats.parquet --dataset-format chat   # messages + chat template
     python train.py --dataset tatsu-lab/alpaca --val-size 500       # hub dataset, 500 held out
 
-Sources: local .jsonl / .json (either gzipped) / .parquet / .csv files, a directory (a `datasets`
+Sources: local .jsonl / .json (either gzipped) / .parquet / .csv / .tsv files, a directory (a `datasets`
 save_to_disk, or data files such as a hub snapshot's shards), or a Hugging Face hub id; columns under
 other names are renamed by --dataset-columns. Formats (`--dataset-format auto` picks by the keys of
 the first record):
@@ -52,7 +52,7 @@ DEMO_DATASET = "data/train.jsonl"  # the embedded demo's data, in the repository
 @dataclasses.dataclass
 class DataConfig:
     dataset: str = DEMO_DATASET
-    """Training data: a .jsonl/.json/.parquet/.csv file or a Hugging Face hub dataset id."""
+    """Training data: a .jsonl/.json/.parquet/.csv/.tsv file or a Hugging Face hub dataset id."""
     dataset_format: Literal["auto", "completion", "alpaca", "chat", "pretrain"] = "auto"
     """Record format; auto picks by the keys of the first record (see the data module)."""
     dataset_split: str = "train"
@@ -141,27 +141,45 @@ def _read_table(path: Path) -> list[Record]:
     import datasets
 
     try:
-        table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train", **_as_text(path))
+        table = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **_as_text(path))
     except Exception as e:  # pyarrow/pandas raise many types for a damaged file; datasets wraps the cause
         cause = e.__cause__ or e.__context__ or e
         raise UserError(f"{path}: could not read as {path.suffix[1:]} ({type(cause).__name__}: "
                         f"{_first_line(cause)})") from e
-    first = 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
-    label = "line" if path.suffix == ".csv" else "row"
-    return [(dict(r), f"{path}: {label} {i + first}") for i, r in enumerate(table)]
+    if path.suffix == ".parquet":
+        return [(dict(r), f"{path}: row {i + 1}") for i, r in enumerate(table)]
+    lines = _row_lines(path, _as_text(path)["sep"])
+    if len(lines) != len(table):  # the two parsers disagree on an odd file: count a line a row after the header
+        lines = range(2, len(table) + 2)
+    return [(dict(r), f"{path}: line {n}") for r, n in zip(table, lines)]
+
+
+def _row_lines(path: Path, sep: str) -> list[int]:
+    """The line each CSV row starts on, after the header: a quoted cell may span lines."""
+    starts = []
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.reader(f, delimiter=sep)
+        next(reader, None)
+        end = reader.line_num
+        for row in reader:
+            if row:  # blank lines are no rows, for pandas either
+                starts.append(end + 1)
+            end = reader.line_num
+    return starts
 
 
 def _as_text(path: Path) -> dict:
-    """A CSV's cells are text: a column of numbers ("2", "4") holds answers, not ints (pandas would infer
-    int64, and records need strings). Parquet keeps its own types."""
-    if path.suffix != ".csv":
+    """A CSV's (or TSV's) cells are text: a column of numbers ("2", "4") holds answers, not ints (pandas would
+    infer int64, and records need strings). Parquet keeps its own types."""
+    if path.suffix == ".parquet":
         return {}
     import datasets
 
+    sep = "\t" if path.suffix == ".tsv" else ","
     with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # Excel's "CSV UTF-8" opens with a BOM
-        header = next(csv.reader(f), [])
+        header = next(csv.reader(f, delimiter=sep), [])
     return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
-            "encoding": "utf-8-sig"}
+            "encoding": "utf-8-sig", "sep": sep}
 
 
 def _first_line(e: BaseException) -> str:
@@ -169,7 +187,8 @@ def _first_line(e: BaseException) -> str:
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table,
-            ".jsonl.gz": _read_jsonl, ".json.gz": _read_json}
+            ".tsv": _read_table, ".jsonl.gz": _read_jsonl, ".json.gz": _read_json}
+_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}  # datasets' loader for each table file
 
 
 def _kind(path: Path) -> str:
@@ -204,7 +223,7 @@ def _read_dir(path: Path, flag: str, split: str) -> list[Record]:
     files = sorted(p for p in path.rglob("*") if _kind(p) in _READERS and p.is_file())
     named = [p for p in files if re.search(rf"(^|[-_.]){re.escape(split)}([-_.]|$)", p.stem)]
     if not files:
-        raise UserError(f"{flag} {path}: a directory with no .jsonl, .json, .parquet or .csv file and no "
+        raise UserError(f"{flag} {path}: a directory with no .jsonl, .json, .parquet, .csv or .tsv file and no "
                         f"datasets save_to_disk")
     return [record for f in named or files for record in _READERS[_kind(f)](f)]
 
@@ -226,7 +245,7 @@ def read_records(source: str, flag: str, subset: str | None = None, split: str =
         records = _read_dir(path, flag, split)
     elif path.exists():
         raise UserError(f"{flag} {source}: unsupported file type; use .jsonl, .json (either gzipped: .gz), "
-                        f".parquet or .csv")
+                        f".parquet, .csv or .tsv")
     elif _looks_local(source):
         raise UserError(f"{flag} {source}: no such file or directory")
     else:
@@ -270,6 +289,9 @@ def _sibling_val_file(train: Path) -> Path | None:
 # ---------------------------------------------------------------------------- formats
 
 
+_KEYS = {"chat": "messages", "alpaca": "instruction+output", "completion": "prompt+completion or text"}
+
+
 def detect_format(record: dict, where: str) -> str:
     if not isinstance(record, dict):
         raise BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -291,7 +313,7 @@ def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) 
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        got = "missing" if key not in record else f"a {type(value).__name__}"
+        got = "missing" if key not in record else "empty" if value is None else f"a {type(value).__name__}"
         raise BadRecord(f"{where}: {fmt} records need a string {key!r} ({got})")
     return encodable(value, where, repr(key))
 
@@ -327,16 +349,34 @@ def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
 
 
 def tokenize(record: dict, fmt: str, where: str, tok, train_on_inputs: bool) -> Sample:
+    try:
+        sample = _tokenize_as(record, fmt, where, tok)
+    except BadRecord as e:
+        raise _other_format(record, fmt, where) or e
+    if train_on_inputs:
+        sample.labels = list(sample.input_ids)
+    return sample
+
+
+def _other_format(record, fmt: str, where: str) -> BadRecord | None:
+    """A record of another format than the dataset's (a file that mixes chat and alpaca records, say)."""
+    try:
+        own = detect_format(record, where)
+    except BadRecord:
+        return None
+    if own == fmt:
+        return None
+    return BadRecord(f"{where}: {own} record ({_KEYS[own]}) in a {fmt} dataset (its first record's format, or "
+                     f"--dataset-format); a dataset holds one format: convert its records to one")
+
+
+def _tokenize_as(record: dict, fmt: str, where: str, tok) -> Sample:
     if fmt == "chat":
         if tok.chat_template is None:
             raise UserError("--dataset-format chat: the tokenizer has no chat template; pass a "
                             "--tokenizer with one, or use --dataset-format alpaca/completion")
-        sample = tokenize_chat(record, where, tok)
-    else:
-        sample = _tokenize_prompt_response(record, fmt, where, tok)
-    if train_on_inputs:
-        sample.labels = list(sample.input_ids)
-    return sample
+        return tokenize_chat(record, where, tok)
+    return _tokenize_prompt_response(record, fmt, where, tok)
 
 
 # ---------------------------------------------------------------------------- building splits

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT, write_jsonl
 from core import UserError
+from core.records import BadRecord
 from core.data import ALPACA_PROMPT, DataConfig, describe, load_splits, tokenize
 
 
@@ -129,18 +130,37 @@ def test_hold_out_when_no_validation_file(tmp_path, tok):
     assert [s.input_ids for s in other.samples] != [s.input_ids for s in train.samples]  # --val-seed, not --seed
 
 
-def test_parquet_csv_and_json_sources(tmp_path, tok):
+def test_parquet_csv_tsv_and_json_sources(tmp_path, tok):
     import datasets
 
-    rows = [{"instruction": "Copy.", "input": c, "output": c} for c in "abcdef"]
+    rows = [{"instruction": "Copy, then stop.", "input": c, "output": f"{c}, {c}"} for c in "abcdef"]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
-    with open(tmp_path / "d.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
-        w.writeheader(), w.writerows(rows)
+    for name, sep in (("d.csv", ","), ("d.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"], delimiter=sep)
+            w.writeheader(), w.writerows(rows)
     (tmp_path / "d.json").write_text(json.dumps(rows))
-    for name in ("d.parquet", "d.csv", "d.json"):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want, _ = load_splits(DataConfig(dataset=str(tmp_path / "d.jsonl"), val_dataset="none"), tok)
+    for name in ("d.parquet", "d.csv", "d.tsv", "d.json"):
         train, _ = load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none"), tok)
-        assert len(train.samples) == 6, name
+        assert [s.labels for s in train.samples] == [s.labels for s in want.samples], name
+
+
+def test_a_csv_error_names_the_line_a_row_starts_on(tmp_path, tok):
+    """A quoted cell may span lines, and blank lines hold no row: the location counts the file's lines."""
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,output\n"Say\ntwo lines.",ok\n\nSay x.,\n')
+    with pytest.raises(BadRecord, match=r"d.csv: line 5: alpaca records need a string 'output' \(empty\)"):
+        load_splits(DataConfig(dataset=str(path), val_dataset="none"), tok)
+
+
+def test_a_record_of_another_format_is_named(tmp_path, tok):
+    chat = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [chat] * 3 + [{"instruction": "Say hi.", "output": "Hi."}]))
+    with pytest.raises(BadRecord, match=r"mixed.jsonl:4: alpaca record \(instruction\+output\) in a chat dataset"):
+        load_splits(DataConfig(dataset=str(path), val_dataset="none"), tok)
 
 
 def test_a_csv_column_of_numbers_is_text(tmp_path, tok):
