@@ -94,9 +94,11 @@ class StepBatches:
 
     def describe(self, total_steps: int) -> str:
         """The run log's line on the steps and on how full the rows are."""
-        return (f"data: {self.steps_in_epoch(0)} steps/epoch, {self.dropped(0)} samples/epoch left out to keep full "
-                f"batches on every rank; {total_steps} steps; {100 * self.efficiency(0):.1f}% of token slots hold "
-                f"real tokens" + (" (packed)" if self.pack_to else " (padded)"))
+        left = self.dropped(0)
+        left = f" ({left} samples an epoch left out to keep full batches on every rank)" if left else ""
+        return (f"data: {self.steps_in_epoch(0):,} steps an epoch{left}, {total_steps:,} in all; "
+                f"{100 * self.efficiency(0):.1f}% of token slots hold real tokens"
+                + (" (packed)" if self.pack_to else " (padded)"))
 
     def dropped(self, epoch: int = 0) -> int:
         """Samples left out of an epoch so that every rank and step gets full micro-batches."""

@@ -553,12 +553,26 @@ def load_splits(cfg: DataConfig, tok, choose_seq_len=every_sample_fits) -> tuple
 NOTES = ("no_validation", "too_long", "template_drops")  # the stats' sentences, each logged as a line of its own
 
 
+_COUNTED = (("dropped_too_long", "dropped as longer than --seq-len"), ("truncated", "cut to --seq-len"),
+            ("dropped_untrained", "dropped with no token to train"), ("skipped_bad", "bad records skipped"),
+            ("dropped_tail_tokens", "tokens after the last full block left out"))
+
+
+def _counts(stats: dict) -> str:
+    """A split's stats as the log's words: '285 samples from 285 records, 9,245 tokens; 3 cut to --seq-len'."""
+    parts = [f"{stats['samples']:,} samples from {stats['records']:,} records, {stats['tokens']:,} tokens"]
+    parts += [f"{stats[key]:,} {words}" for key, words in _COUNTED if stats.get(key)]
+    if stats.get("first_bad"):
+        parts.append(f"the first: {stats['first_bad']}")
+    return "; ".join(parts)
+
+
 def describe(train: Split, val: Split | None) -> str:
     """The run log's lines on the splits."""
     lines = []
     for name, split in (("train", train), ("val", val)):
         if split is not None:
-            lines.append(f"data: {name} {({k: v for k, v in split.stats.items() if k not in NOTES})}")
+            lines.append(f"data: {name} {_counts(split.stats)}")
             lines += [f"data: {name}: {split.stats[note]}" for note in NOTES[1:] if note in split.stats]
     if val is None:
         why = f" ({train.stats['no_validation']})" if "no_validation" in train.stats else ""
