@@ -334,8 +334,16 @@ def _prompt_response(record: dict, fmt: str, where: str) -> tuple[str, str]:
 
 
 def _encode(tok, text: str, first: bool) -> list[int]:
+    """A text's tokens, the tokenizer's BOS first for the first text of a sample unless the text writes
+    it itself (text rendered by a chat template does): one BOS, not two."""
+    first = first and not (tok.bos_token and text.startswith(tok.bos_token))
     # verbose=False: no warning for a text longer than the tokenizer's model_max_length; --seq-len is the limit
     return tok(text, add_special_tokens=first, verbose=False)["input_ids"]
+
+
+def _with_eos(ids: list[int], eos: int) -> list[int]:
+    """The sample ends in EOS, once: a text may end in it already."""
+    return ids if ids and ids[-1] == eos else ids + [eos]
 
 
 def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
@@ -343,7 +351,7 @@ def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
     if not response.strip():
         raise BadRecord(f"{where}: empty response; every {fmt} record needs text to train on")
     prompt_ids = _encode(tok, prompt, first=True) if prompt else []
-    response_ids = _encode(tok, response, first=not prompt) + [tok.eos_token_id]
+    response_ids = _with_eos(_encode(tok, response, first=not prompt), tok.eos_token_id)
     ids = prompt_ids + response_ids
     return Sample(ids, [IGNORE] * len(prompt_ids) + response_ids, len(prompt_ids))
 
@@ -419,7 +427,7 @@ def _each(records: list[Record], make, skip: bool) -> tuple[list, list[str]]:
 
 def _pretrain_blocks(records: list[Record], tok, seq_len: int, skip: bool) -> tuple[list[Sample], dict, list[str]]:
     def document(record, where):
-        return _encode(tok, _field(record, "text", where, "pretrain"), first=True) + [tok.eos_token_id]
+        return _with_eos(_encode(tok, _field(record, "text", where, "pretrain"), first=True), tok.eos_token_id)
 
     docs, bad = _each(records, document, skip)
     stream = [t for doc in docs for t in doc]
@@ -547,10 +555,28 @@ def load_splits(cfg: DataConfig, tok, choose_seq_len=every_sample_fits) -> tuple
         train.stats["no_validation"] = no_val
     if fmt == "chat" and (dropped := template_drops(records, tok)):
         train.stats["template_drops"] = dropped
+    if fmt == "completion" and not cfg.train_on_inputs and (rendered := rendered_chats(records, tok)):
+        train.stats["rendered_chats"] = rendered
     return train, val
 
 
-NOTES = ("no_validation", "too_long", "template_drops")  # the stats' sentences, each logged as a line of its own
+CHAT_MARKUP = ("<|im_start|>", "<|start_header_id|>", "[INST]", "<start_of_turn>", "<|user|>", "<|assistant|>",
+               "<｜User｜>", "<|turn>")  # ChatML, Llama 3, Mistral, Gemma, Phi-3, DeepSeek, Gemma 4
+
+
+def rendered_chats(records: list[Record], tok, first: int = 100) -> str | None:
+    """A line for the log when {"text"} records hold conversations already rendered by a chat template:
+    every token of them trains, the user's turns too, where {"messages"} records would train the answers."""
+    texts = [r["text"] for r, _ in records[:first] if isinstance(r, dict) and isinstance(r.get("text"), str)]
+    hits = [m for m in CHAT_MARKUP if sum(m in t for t in texts) * 2 > len(texts)]
+    if not hits:
+        return None
+    return (f"most of the first {len(texts)} text records hold chat-template markup ({hits[0]}), so every token "
+            f"trains, the user's turns too; as {{\"messages\": [...]}} records only the assistant's answers "
+            f"train")
+
+
+NOTES = ("no_validation", "too_long", "template_drops", "rendered_chats")  # sentences, each logged as a line
 
 
 _COUNTED = (("dropped_too_long", "dropped as longer than --seq-len"), ("truncated", "cut to --seq-len"),

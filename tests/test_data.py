@@ -47,6 +47,32 @@ def test_completion_formats(tok):
     assert s.prompt_len == 0 and s.labels == s.input_ids
 
 
+def test_text_that_writes_its_own_bos_and_eos_gets_one_of_each():
+    """Text rendered by a chat template starts with BOS and may end in EOS: the sample holds one of each."""
+    from core.model import ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    tok.add_bos_token = True  # as Llama 3's tokenizer does
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    plain = tokenize({"text": "hello world"}, "completion", "x:1", tok, False).input_ids
+    rendered = tokenize({"text": f"{tok.bos_token}hello world{tok.eos_token}"}, "completion", "x:1", tok, False)
+    assert plain[0] == bos and plain[-1] == eos
+    assert rendered.input_ids == plain
+    prompted = tokenize({"prompt": f"{tok.bos_token}2+2=", "completion": "4"}, "completion", "x:1", tok, False)
+    assert prompted.input_ids.count(bos) == 1
+
+
+def test_text_records_rendered_by_a_chat_template_are_noted(tmp_path, tok):
+    turn = "<|im_start|>{}\n{}<|im_end|>\n"
+    chats = [{"text": turn.format("user", f"Say {i}.") + turn.format("assistant", i)} for i in range(9)]
+    rendered, _ = load_splits(DataConfig(dataset=str(write_jsonl(tmp_path / "r.jsonl", chats)), val_dataset="none"),
+                              tok)
+    assert "(<|im_start|>), so every token trains, the user's turns too" in rendered.stats["rendered_chats"]
+    plain = [{"text": f"Document {i}."} for i in range(9)]
+    train, _ = load_splits(DataConfig(dataset=str(write_jsonl(tmp_path / "t.jsonl", plain)), val_dataset="none"), tok)
+    assert "rendered_chats" not in train.stats
+
+
 def test_chat_trains_only_assistant_turns(tok):
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "u1"},
                 {"role": "assistant", "content": "first answer"}, {"role": "user", "content": "u2"},
