@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_SOURCES = [Path(__file__).with_name(name) for name in ("data.py", "chat.py", "records.py")]
+DATA_SOURCES = [Path(__file__).with_name(name) for name in ("data.py", "chat.py", "records.py", "sources.py")]
 
 
 def cache_dir(setting: str) -> Path | None:

@@ -6,6 +6,7 @@ import dataclasses
 from core import UserError
 
 IGNORE = -100  # the label of a token that is not trained (torch's cross_entropy ignore_index)
+Record = tuple[dict, str]  # (the record, where it came from: "file:line")
 
 
 class BadRecord(UserError):

@@ -1,0 +1,176 @@
+"""Where a dataset's records come from: a local file (.jsonl, .json, either gzipped; .parquet, .csv,
+.tsv), a directory (a `datasets` save_to_disk, or data files such as a hub snapshot's shards), or a
+Hugging Face hub id. Each record comes with where it came from ("file:line"), which every error about it
+names; a line that cannot be read is kept as a BadRecord, so --skip-bad-samples can count it (core/data.py
+turns records into samples)."""
+
+import csv
+import gzip
+import json
+import re
+from pathlib import Path
+
+from core import UserError
+from core.records import BadRecord, Record
+
+
+def _parse_line(raw: bytes, where: str):
+    """One jsonl line: its value, None for a blank line, or a BadRecord saying what is wrong."""
+    try:
+        line = raw.decode("utf-8").strip().lstrip("\ufeff")  # a byte-order mark is not an error
+    except UnicodeDecodeError as e:
+        return BadRecord(f"{where}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8")
+    if not line:
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        at = " " if e.msg.endswith(" at") else " at "  # "Unterminated string starting at" names its column itself
+        return BadRecord(f"{where}: invalid JSON ({e.msg}{at}column {e.colno}); fix or remove the line")
+    except RecursionError:
+        return BadRecord(f"{where}: JSON nested too deeply to read; fix or remove the line")
+
+
+def _read_bytes(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    for n, raw in enumerate(_read_bytes(path).splitlines(), start=1):
+        where = f"{path}:{n}"
+        if (record := _parse_line(raw, where)) is not None:
+            records.append((record, where))
+    return records
+
+
+def _read_json(path: Path) -> list[Record]:
+    try:
+        data = json.loads(_read_bytes(path).decode("utf-8-sig"))  # a byte-order mark is not an error
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        lines = " (one object per line is JSON Lines: name the file .jsonl)" if "Extra data" in str(e) else ""
+        raise UserError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {e}){lines}; "
+                        "a .json dataset is one array of objects")
+    if isinstance(data, dict) and len(lists := [k for k in ("data", "train") if isinstance(data.get(k), list)]) == 1:
+        data = data[lists[0]]  # {"data": [...]} or {"train": [...]}, as some exports wrap the array
+    if not isinstance(data, list):
+        raise UserError(f"{path}: a .json dataset must be an array of objects (use .jsonl for one per line)")
+    return [(r, f"{path}: item {i}") for i, r in enumerate(data)]
+
+
+def _read_table(path: Path) -> list[Record]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **_as_text(path))
+    except Exception as e:  # pyarrow/pandas raise many types for a damaged file; datasets wraps the cause
+        cause = e.__cause__ or e.__context__ or e
+        raise UserError(f"{path}: could not read as {path.suffix[1:]} ({type(cause).__name__}: "
+                        f"{_first_line(cause)})") from e
+    if path.suffix == ".parquet":
+        return [(dict(r), f"{path}: row {i + 1}") for i, r in enumerate(table)]
+    lines = _row_lines(path, _as_text(path)["sep"])
+    if len(lines) != len(table):  # the two parsers disagree on an odd file: count a line a row after the header
+        lines = range(2, len(table) + 2)
+    return [(dict(r), f"{path}: line {n}") for r, n in zip(table, lines)]
+
+
+def _row_lines(path: Path, sep: str) -> list[int]:
+    """The line each CSV row starts on, after the header: a quoted cell may span lines."""
+    starts = []
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.reader(f, delimiter=sep)
+        next(reader, None)
+        end = reader.line_num
+        for row in reader:
+            if row:  # blank lines are no rows, for pandas either
+                starts.append(end + 1)
+            end = reader.line_num
+    return starts
+
+
+def _as_text(path: Path) -> dict:
+    """A CSV's (or TSV's) cells are text: a column of numbers ("2", "4") holds answers, not ints (pandas would
+    infer int64, and records need strings). Parquet keeps its own types."""
+    if path.suffix == ".parquet":
+        return {}
+    import datasets
+
+    sep = "\t" if path.suffix == ".tsv" else ","
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # Excel's "CSV UTF-8" opens with a BOM
+        header = next(csv.reader(f, delimiter=sep), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "encoding": "utf-8-sig", "sep": sep}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table,
+            ".tsv": _read_table, ".jsonl.gz": _read_jsonl, ".json.gz": _read_json}
+_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}  # datasets' loader for each table file
+
+
+def _kind(path: Path) -> str:
+    """The reader's key: the suffix, or the two of a gzipped JSON file (.jsonl.gz)."""
+    return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+
+
+def _read_hub(name: str, subset: str | None, split: str, flag: str) -> list[Record]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:  # network, missing repo, missing split: all end the same way for a user
+        raise UserError(f"{flag} {name!r}: could not load from the hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check the id, --dataset-split, "
+                        f"network access, or pass a local file") from e
+    return [(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(table)]
+
+
+def _read_dir(path: Path, flag: str, split: str) -> list[Record]:
+    """A directory: a `datasets` save_to_disk (its `split`, for a DatasetDict), or data files, such as a
+    hub snapshot's shards (those named after `split` where some are: data/train-00000-of-00002.parquet)."""
+    import datasets
+
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            if split not in table:
+                raise UserError(f"{flag} {path}: no split {split!r} (it has {', '.join(table)}); pass --dataset-split")
+            table = table[split]
+        return [(dict(r), f"{path}: row {i}") for i, r in enumerate(table)]
+    files = sorted(p for p in path.rglob("*") if _kind(p) in _READERS and p.is_file())
+    named = [p for p in files if re.search(rf"(^|[-_.]){re.escape(split)}([-_.]|$)", p.stem)]
+    if not files:
+        raise UserError(f"{flag} {path}: a directory with no .jsonl, .json, .parquet, .csv or .tsv file and no "
+                        f"datasets save_to_disk")
+    return [record for f in named or files for record in _READERS[_kind(f)](f)]
+
+
+def _looks_local(source: str) -> bool:
+    """A path the user meant on this disk (not a hub id such as org/name): absolute, relative to ., or under
+    a directory that exists here."""
+    path = Path(source)
+    return source.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+
+
+def read_records(source: str, flag: str, subset: str | None = None, split: str = "train") -> list[Record]:
+    path = Path(source).expanduser()
+    if _kind(path) in _READERS:
+        if not path.is_file():
+            raise UserError(f"{flag} {source}: file not found")
+        records = _READERS[_kind(path)](path)
+    elif path.is_dir():
+        records = _read_dir(path, flag, split)
+    elif path.exists():
+        raise UserError(f"{flag} {source}: unsupported file type; use .jsonl, .json (either gzipped: .gz), "
+                        f".parquet, .csv or .tsv")
+    elif _looks_local(source):
+        raise UserError(f"{flag} {source}: no such file or directory")
+    else:
+        records = _read_hub(source, subset, split, flag)
+    if not records:
+        raise UserError(f"{flag} {source}: the dataset is empty")
+    return records
