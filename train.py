@@ -272,7 +272,7 @@ def train(cfg: Config) -> dict:
             else:
                 if d.size("tp") > 1:  # --tp --lora: lora_A's gradients, summed over tp once a step
                     tensor_parallel.sum_partial_grads(model)
-                grad_norm = fsdp.clip_grad_norm(optim.trained_params(optimizer), cfg.optim.max_grad_norm)
+                grad_norm = optim.clip_grad_norm(optim.trained_params(optimizer), cfg.optim.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             if guard.update_ok(step_loss, grad_norm, step):  # a non-finite step is skipped, counted, not logged
                 optimizer.step()

@@ -158,7 +158,8 @@ def worker(args) -> None:
     from core import attention
     from core.attention import AttentionConfig
     from core.distributed import MeshConfig, all_reduce_sum, init_distributed, sync_gradients, teardown
-    from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm
+    from core.optim import clip_grad_norm
+    from features.fsdp import ShardingConfig, apply_sharding
     from core.loss import forward_loss_sum
     from core.model import ModelConfig, autocast, load_config, load_model, load_tokenizer, resolve_precision
     from core.optim import OptimConfig, build_optimizer

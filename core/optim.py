@@ -192,3 +192,27 @@ def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters the optimizer updates, read from its groups: a walk of a peft model's modules
     each step (thousands of them) would leave the GPU idle before the optimizer."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global gradient norm of params (and clipping to max_norm; 0 = no clipping), also for DTensor
+    gradients on several meshes (FSDP x TP leaves some on the 2-D mesh, some on the dp mesh),
+    which torch's clip_grad_norm_ cannot stack (torch 2.13)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = []
+    for mesh, group in groups.items():
+        norm = torch.nn.utils.get_total_norm(group, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])) if norms else torch.zeros(())
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for group in groups.values():
+            torch._foreach_mul_(group, coef.item())
+    return total

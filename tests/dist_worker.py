@@ -27,7 +27,8 @@ from core.attention import AttentionConfig  # noqa: E402
 from core.batches import StepBatches  # noqa: E402
 from core.data import Sample  # noqa: E402
 from core.distributed import Dist, build_mesh, global_count, init_distributed, sync_gradients  # noqa: E402
-from features.fsdp import ShardingConfig, apply_sharding, clip_grad_norm  # noqa: E402
+from core.optim import clip_grad_norm  # noqa: E402
+from features.fsdp import ShardingConfig, apply_sharding  # noqa: E402
 from core.loss import count_targets, forward_loss_sum  # noqa: E402
 from core.model import ModelConfig, load_config, load_model, load_tokenizer  # noqa: E402
 from features.tensor_parallel import apply_tensor_parallel  # noqa: E402
