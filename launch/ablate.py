@@ -14,9 +14,10 @@ Each `--vary` is one axis: its alternatives are separated by `|` (an empty one i
 the configs are every combination of one alternative per axis. Flags after `--` go to every run.
 Each run gets its own directory `<out>/<name>/<config>/seed<N>/`, tagged with `ablation.json`
 (ablation name, config, seed, command, exit code), a `--run-name` of `<name>/<config>/seed<N>`,
-and, with `--wandb`, the W&B group `<name>`. Runs that already finished are skipped when the same
-command is run again (`--force` deletes the run directories and starts over); an unfinished one
-continues from its checkpoint (`--resume auto`). At the end `launch/compare.py` writes `results.md`,
+and, with `--wandb`, the W&B group `<name>`. Runs that already finished (exit 0, last step logged) are
+skipped when the same command is run again (`--force` deletes the run directories and starts over); an
+unfinished or stopped one continues from its checkpoint (`--resume auto`); a run directory holding a run
+of other flags is refused. At the end `launch/compare.py` writes `results.md`,
 `loss.png` and `throughput.png` into `<out>/<name>/` (for a SLURM array, run it yourself once the
 array is done).
 """
@@ -66,7 +67,14 @@ def parse_args(argv=None):
         p.error(f"name {args.name!r}: use letters, digits, '.', '-', '_' (it names a directory)")
     if not args.vary:
         p.error("give at least one --vary axis, e.g. --vary '--lr 1e-3 | --lr 3e-3'")
+    for flag, why in SET_HERE.items():
+        if any(f == flag or f.startswith(flag + "=") for f in [*common, *" ".join(args.vary).split()]):
+            p.error(f"{flag}: ablate.py sets it for every run ({why}); leave it out")
     return args
+
+
+SET_HERE = {"--seed": "from --seeds", "--output-dir": "<out>/<name>/<config>/seed<N>",
+            "--run-name": "<name>/<config>/seed<N>", "--wandb-group": "the ablation's name"}
 
 
 def label(flags: list[str]) -> str:
@@ -104,10 +112,19 @@ def plan(args) -> list[dict]:
             train_args = [*args.common, *flags, "--seed", str(seed), "--output-dir", str(run_dir),
                           "--run-name", f"{args.name}/{config}/seed{seed}"]
             if uses_wandb:
-                train_args += ["--wandb-group", args.name, "--wandb-tags", args.name, config]
+                train_args += ["--wandb-group", args.name, "--wandb-tags", *_user_tags(args.common), args.name, config]
             runs.append({"ablation": args.name, "config": config, "seed": seed, "flags": flags,
                          "run_dir": str(run_dir), "train_args": train_args})
     return runs
+
+
+def _user_tags(common: list[str]) -> list[str]:
+    """The --wandb-tags given after `--`: kept, since the run's own (name, config) come after and tyro
+    takes the last --wandb-tags."""
+    if "--wandb-tags" not in common:
+        return []
+    rest = common[common.index("--wandb-tags") + 1:]
+    return list(itertools.takewhile(lambda f: not f.startswith("--"), rest))
 
 
 def write_manifest(args, runs: list[dict]) -> Path:
@@ -128,14 +145,28 @@ def tag_run(run: dict, **extra) -> None:
     path = Path(run["run_dir"]) / "ablation.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.is_file() else {}
-    keep = {k: run[k] for k in ("ablation", "config", "seed", "flags")}
+    keep = {k: run[k] for k in ("ablation", "config", "seed", "flags", "train_args")}
     path.write_text(json.dumps({**old, **keep, "command": shlex.join(["python", "train.py", *run["train_args"]]),
                                 **extra}, indent=1))
 
 
-def finished(run: dict) -> bool:
+def _tag(run: dict) -> dict:
     path = Path(run["run_dir"]) / "ablation.json"
-    return path.is_file() and json.loads(path.read_text()).get("exit_code") == 0
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def finished(run: dict) -> bool:
+    """Ran with these flags, exited 0 and trained to its last step (a run stopped by a signal exits 0
+    after saving a checkpoint; it is not finished, and --resume auto continues it)."""
+    return _tag(run).get("exit_code") == 0 and compare.complete(Path(run["run_dir"]))
+
+
+def ran_otherwise(runs: list[dict]) -> list[dict]:
+    """Runs whose directory holds a run of other flags (the shared flags after `--` changed, say): their
+    results would be kept under the new command."""
+    def ran(tag: dict):
+        return tag.get("train_args", shlex.split(tag.get("command", ""))[2:] or None)
+    return [r for r in runs if (t := _tag(r)) and "exit_code" in t and ran(t) not in (None, r["train_args"])]
 
 
 def _train_py() -> str:
@@ -155,7 +186,9 @@ def run_local(runs: list[dict], slots: list[str]) -> int:
             env = dict(os.environ)
             if slot.startswith("gpu:"):
                 env["CUDA_VISIBLE_DEVICES"] = slot[4:]
-            log = open(Path(run["run_dir"]) / "train.log", "w")
+            elif len(slots) > 1:  # CPU runs side by side: each its share of the cores, not all of them
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(slots))))
+            log = open(Path(run["run_dir"]) / "train.log", "a")  # a resumed run keeps its first part's log
             cmd = [sys.executable, train_py, "--resume", "auto", *run["train_args"]]
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             active[slot] = (i, run, proc, log, time.time())
@@ -214,6 +247,10 @@ def main(argv=None) -> int:
     if args.force:  # a fresh start: --resume auto would otherwise continue from a run's last checkpoint
         for r in runs:
             shutil.rmtree(r["run_dir"], ignore_errors=True)
+    if stale := ran_otherwise(runs):
+        print(f"error: {stale[0]['run_dir']} (and {len(stale) - 1} more) ran with other flags than this command "
+              f"gives it; --force reruns the ablation, or give it another name", file=sys.stderr)
+        return 2
     root = write_manifest(args, runs)
     if args.slurm:
         script = root / "array.sbatch"

@@ -4,13 +4,15 @@
     python launch/compare.py runs/a runs/b --out reports/ab       # results.md, loss.png, throughput.png
     python launch/compare.py --wandb-group my-entity/nanotune/lr   # runs logged with --wandb-group lr
 
-Runs are grouped into configs: by the `config` in their `ablation.json` (launch/ablate.py writes it),
-else by the flags whose values differ between runs (the seed, run dir and W&B names aside). Per
-config the table gives the mean ± sample standard deviation over seeds of: the final training loss,
-the final and best validation loss, exact match, tokens/s (the mean over logging windows after
-step 1, which holds compilation and warm-up) and peak memory (GiB; peak RSS on a CPU). Above the
-table: the command, git SHA, device and versions, read from the runs' own `run.json`.
-The plots show each config's mean curve over seeds with its min-max band.
+Runs are grouped into configs: by the `config` in their `ablation.json` (launch/ablate.py writes it;
+by ablation and config when runs of several ablations are compared), else by the flags whose values
+differ between runs (the seed, run dir and W&B names aside). Per config the table gives the mean ±
+sample standard deviation over seeds of: the training loss of the last logging window, the final and
+best validation loss, exact match, tokens/s (the mean over logging windows after step 1, which holds
+compilation and warm-up) and peak memory (GiB; peak RSS on a CPU); "(n=1)" where fewer seeds have the
+value. Under the table: runs left out (failed, or stopped before their last step) and configs whose runs
+differ in more than the seed. Above it: the command, git SHA, device and versions, from the runs' own
+`run.json`. The plots show each config's mean curve over seeds with its min-max band.
 """
 
 import argparse
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 
 IGNORED = ("train.seed", "train.output_dir", "train.resume", "tracking.", "auto")  # do not define a config
-COLUMNS = [("final_loss", "train loss (final)", "{:.4f}"), ("val_loss", "val loss (final)", "{:.4f}"),
+COLUMNS = [("final_loss", "train loss (last window)", "{:.4f}"), ("val_loss", "val loss (final)", "{:.4f}"),
            ("best_val_loss", "val loss (best)", "{:.4f}"), ("exact_match", "exact match", "{:.1%}"),
            ("tokens_per_s", "tokens/s", "{:,.0f}"), ("peak_mem_gib", "peak mem (GiB)", "{:.2f}")]
 
@@ -29,10 +31,29 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def load_run(run_dir: Path) -> dict:
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"dir": str(run_dir), "metrics": metrics, "config": _read_json(run_dir / "config.json"),
+    return {"dir": str(run_dir), "metrics": _metrics(run_dir), "config": _read_json(run_dir / "config.json"),
             "info": _read_json(run_dir / "run.json"), "ablation": _read_json(run_dir / "ablation.json")}
+
+
+def complete(run_dir: Path) -> bool:
+    """The run logged its last step (run.json's total_steps): not stopped by a signal partway."""
+    total = _read_json(run_dir / "run.json").get("total_steps")
+    steps = [m["step"] for m in _metrics(run_dir)]
+    return total is not None and bool(steps) and steps[-1] >= total
+
+
+def stopped(run: dict) -> str | None:
+    """'step N of M' for a run that ended before its last step, else None."""
+    total, steps = run["info"].get("total_steps"), [m["step"] for m in run["metrics"]]
+    if total is None or not steps or steps[-1] >= total:
+        return None
+    return f"step {steps[-1]} of {total}"
 
 
 def find_runs(paths: list[str]) -> list[dict]:
@@ -43,17 +64,47 @@ def find_runs(paths: list[str]) -> list[dict]:
         listed = _read_json(p / "ablation.json").get("runs")
         if (p / "metrics.jsonl").is_file():
             dirs.append(p)
-        elif listed:
+        elif listed:  # a run that failed before its first step has no metrics: listed as failed
             grid = [p / r["config"] / f"seed{r['seed']}" for r in listed]
-            dirs += [d for d in grid if (d / "metrics.jsonl").is_file()]
+            dirs += [d for d in grid if (d / "metrics.jsonl").is_file() or (d / "ablation.json").is_file()]
         else:
             dirs += sorted(m.parent for m in p.rglob("metrics.jsonl"))
     return [load_run(d) for d in dirs]
 
 
 def failed(runs: list[dict]) -> list[dict]:
-    """Runs whose ablation.json records a non-zero exit: left out of the table, listed under it."""
-    return [r for r in runs if r["ablation"].get("exit_code") not in (None, 0)]
+    """Runs whose ablation.json records a non-zero exit, or that logged nothing: left out of the table,
+    listed under it."""
+    return [r for r in runs if r["ablation"].get("exit_code") not in (None, 0) or not r["metrics"]]
+
+
+def left_out(runs: list[dict]) -> tuple[list[dict], str]:
+    """The runs the table compares, and the lines under it on the others: failed, or stopped partway
+    (a final loss of step 40 is not one of step 400)."""
+    notes, bad = [], failed(runs)
+    for r in bad:
+        code = r["ablation"].get("exit_code")
+        why = f"exit {code}" if code not in (None, 0) else "no step logged"
+        notes.append(f"- failed: {r['label']} seed {r['seed']} ({why}), see {Path(r['dir']) / 'train.log'}")
+    for r in runs:
+        if r not in bad and (where := stopped(r)):
+            bad.append(r)
+            notes.append(f"- stopped at {where}: {r['label']} seed {r['seed']} (rerun to resume it), {r['dir']}")
+    kept = [r for r in runs if r not in bad]
+    for label, members in group(kept).items():
+        if len({json.dumps(_setting(r)) for r in members}) > 1:
+            notes.append(f"- {label}: its runs differ in more than the seed ({', '.join(_differing(members))}); "
+                         f"its mean mixes them")
+    return kept, "".join(f"{n}\n" for n in notes)
+
+
+def _setting(run: dict) -> dict:
+    return {k: v for k, v in _flat(run["config"]).items() if not k.startswith(IGNORED)}
+
+
+def _differing(runs: list[dict]) -> list[str]:
+    flats = [_setting(r) for r in runs]
+    return [k for k in sorted({k for f in flats for k in f}) if len({json.dumps(f.get(k)) for f in flats}) > 1]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -65,12 +116,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def label_runs(runs: list[dict]) -> None:
     """Set run['label']: the ablation config, else the differing flags, as 'lr=0.003,packing=True'."""
-    flats = [{k: v for k, v in _flat(r["config"]).items() if not k.startswith(IGNORED)} for r in runs]
-    keys = sorted({k for f in flats for k in f})
-    differ = [k for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1]
-    for run, flat in zip(runs, flats):
+    differ = _differing(runs)
+    several = len({r["ablation"].get("ablation") for r in runs}) > 1  # runs of several ablations: named by both
+    for run in runs:
+        flat = _setting(run)
         auto = ",".join(f"{k.split('.')[-1]}={flat.get(k)}" for k in differ) or "all runs"
-        run["label"] = run["ablation"].get("config") or auto
+        config = run["ablation"].get("config")
+        run["label"] = (f"{run['ablation'].get('ablation')}/{config}" if several else config) if config else auto
         run["seed"] = run["ablation"].get("seed", run["config"].get("train", {}).get("seed"))
 
 
@@ -93,12 +145,14 @@ def group(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def _cell(values: list, fmt: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+    """mean ± sample standard deviation over the seeds that have the value; (n=k) when not all do."""
+    have = [v for v in values if v is not None]
+    if not have:
         return "–"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+    n = f" (n={len(have)})" if len(have) < len(values) else ""
+    if len(have) == 1:
+        return fmt.format(have[0]) + n
+    return f"{fmt.format(statistics.fmean(have))} ± {fmt.format(statistics.stdev(have))}{n}"
 
 
 def table(runs: list[dict]) -> str:
@@ -203,12 +257,9 @@ def main(argv=None) -> int:
         print(f"error: no runs (no metrics.jsonl) under {' '.join(args.paths)}", file=sys.stderr)
         return 1
     label_runs(runs)
-    bad = failed(runs)
-    runs = [r for r in runs if r not in bad]
-    notes = "".join(f"- failed: {r['label']} seed {r['seed']} (exit {r['ablation']['exit_code']}), see "
-                    f"{Path(r['dir']) / 'train.log'}\n" for r in bad)
+    runs, notes = left_out(runs)
     if not runs:
-        print(f"error: every run failed\n{notes}", file=sys.stderr)
+        print(f"error: no run to compare\n{notes}", file=sys.stderr)
         return 1
     out = Path(args.out or (args.paths[0] if args.paths else "."))
     out.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def test_two_configs_two_seeds_end_to_end(tmp_path, small_data, monkeypatch):
     for config, row in rows.items():
         assert row["seeds"] == "0, 1"
         losses = [finals[(config, s)]["loss"] for s in (0, 1)]
-        mean, spread = parse_cell(row["train loss (final)"])
+        mean, spread = parse_cell(row["train loss (last window)"])
         assert mean == pytest.approx(statistics.fmean(losses), abs=1e-4)
         assert spread == pytest.approx(statistics.stdev(losses), abs=1e-4)
         vals = [finals[(config, s)]["val_loss"] for s in (0, 1)]
@@ -158,14 +158,16 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
             f"--lr 1e-3 --seed 1 --output-dir {tmp_path}/pk/lr=1e-3/seed1 --run-name pk/lr=1e-3/seed1")
 
 
-def _fake_run(run_dir, lr, seed, losses, tok_s, mem, exit_code=None):
+def _fake_run(run_dir, lr, seed, losses, tok_s, mem, exit_code=None, total_steps=None, ablation=None):
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"optim": {"lr": lr}, "train": {"seed": seed,
                                                      "output_dir": str(run_dir)}, "auto": [f"--x {seed} (auto)"]}))
     if exit_code is not None:  # tagged as launch/ablate.py tags its runs
-        (run_dir / "ablation.json").write_text(json.dumps({"config": f"lr={lr}", "seed": seed, "exit_code": exit_code}))
+        (run_dir / "ablation.json").write_text(json.dumps({"config": f"lr={lr}", "seed": seed, "exit_code": exit_code,
+                                                           **({"ablation": ablation} if ablation else {})}))
     (run_dir / "run.json").write_text(json.dumps({"git_sha": "abc123", "device": "cpu", "world_size": 1,
-                                                  "versions": {"torch": "2.x"}}))
+                                                  "versions": {"torch": "2.x"},
+                                                  "total_steps": total_steps or len(losses)}))
     rows = [{"step": 0, "val_loss": 9.0}] + [
         {"step": s + 1, "loss": loss, "tokens_per_s": tok, "peak_mem_gib": mem}
         for s, (loss, tok) in enumerate(zip(losses, tok_s))]
@@ -182,11 +184,11 @@ def test_compare_groups_untagged_runs_by_differing_flags(tmp_path):
     assert set(rows) == {"lr=0.001", "lr=0.003"}
     a = rows["lr=0.001"]
     assert a["seeds"] == "0, 1"
-    assert parse_cell(a["train loss (final)"]) == pytest.approx((1.1, statistics.stdev([1.0, 1.2])), abs=1e-4)
+    assert parse_cell(a["train loss (last window)"]) == pytest.approx((1.1, statistics.stdev([1.0, 1.2])), abs=1e-4)
     assert parse_cell(a["val loss (best)"]) == pytest.approx((1.6, statistics.stdev([1.5, 1.7])), abs=1e-4)
     assert parse_cell(a["tokens/s"])[0] == pytest.approx(250)  # windows after step 1: (200 + 300) / 2 per run
     assert parse_cell(a["peak mem (GiB)"]) == pytest.approx((1.25, statistics.stdev([1.0, 1.5])), abs=1e-2)
-    assert rows["lr=0.003"]["train loss (final)"] == "0.5000"  # one seed: no spread
+    assert rows["lr=0.003"]["train loss (last window)"] == "0.5000"  # one seed: no spread
     assert png_size(tmp_path / "report/loss.png") == (700, 400)
 
 
@@ -202,6 +204,56 @@ def test_compare_takes_the_manifests_grid_and_lists_failed_runs_apart(tmp_path):
     text = (root / "results.md").read_text()
     assert set(table_rows(text)) == {"lr=0.001"}  # not the failed run, not the earlier grid's
     assert f"- failed: lr=0.003 seed 0 (exit 1), see {root / 'lr=0.003' / 'seed0' / 'train.log'}" in text
+
+
+def test_compare_leaves_out_stopped_and_unstarted_runs_and_names_mixed_settings(tmp_path):
+    root = tmp_path / "abl"
+    _fake_run(root / "lr=0.001" / "seed0", 0.001, 0, [3.0, 2.0, 1.0], [999, 100, 300], 1.0, exit_code=0)
+    _fake_run(root / "lr=0.001" / "seed1", 0.001, 1, [3.0, 2.0], [999, 100], 1.0, exit_code=0, total_steps=3)
+    (root / "lr=0.003" / "seed0").mkdir(parents=True)  # failed at start-up: a tag, no metrics
+    (root / "lr=0.003" / "seed0" / "ablation.json").write_text(json.dumps({"config": "lr=0.003", "seed": 0,
+                                                                           "exit_code": 2}))
+    listed = [{"config": c, "seed": k, "run_dir": ""} for c, k in (("lr=0.001", 0), ("lr=0.001", 1), ("lr=0.003", 0))]
+    (root / "ablation.json").write_text(json.dumps({"name": "abl", "runs": listed}))
+    assert compare.main([str(root)]) == 0
+    text = (root / "results.md").read_text()
+    assert table_rows(text)["lr=0.001"]["seeds"] == "0"  # the stopped seed is not averaged in
+    assert f"- stopped at step 2 of 3: lr=0.001 seed 1 (rerun to resume it), {root / 'lr=0.001' / 'seed1'}" in text
+    assert "- failed: lr=0.003 seed 0 (exit 2)" in text
+    assert not ablate.finished({"run_dir": str(root / "lr=0.001" / "seed1")})  # exit 0, yet not finished
+    assert ablate.finished({"run_dir": str(root / "lr=0.001" / "seed0")})
+
+    mixed = tmp_path / "mixed"  # two ablations with one config name; and a config whose runs differ
+    _fake_run(mixed / "a", 0.001, 0, [3.0, 1.0], [999, 100], 1.0, exit_code=0, ablation="short")
+    _fake_run(mixed / "b", 0.001, 0, [3.0, 2.0, 0.5], [999, 100, 100], 1.0, exit_code=0, ablation="long")
+    _fake_run(mixed / "c", 0.001, 1, [3.0, 2.0, 0.6], [999, 100, 100], 1.0, exit_code=0, ablation="long")
+    config = json.loads((mixed / "c" / "config.json").read_text())
+    (mixed / "c" / "config.json").write_text(json.dumps({**config, "optim": {"lr": 0.001, "warmup_steps": 9}}))
+    assert compare.main([str(mixed)]) == 0
+    text = (mixed / "results.md").read_text()
+    assert set(table_rows(text)) == {"short/lr=0.001", "long/lr=0.001"}
+    assert "- long/lr=0.001: its runs differ in more than the seed (optim.warmup_steps)" in text
+
+
+def test_cells_say_how_many_seeds_have_a_value():
+    assert compare._cell([1.0, None], "{:.1f}") == "1.0 (n=1)"
+    assert compare._cell([1.0, 3.0, None], "{:.1f}") == "2.0 ± 1.4 (n=2)"
+    assert compare._cell([1.0, 3.0], "{:.1f}") == "2.0 ± 1.4"
+
+
+def test_ablate_refuses_reused_run_dirs_of_other_flags_and_flags_it_sets(tmp_path, capsys):
+    argv = ["lr", "--vary", "--lr 1e-3", "--out", str(tmp_path), "--", "--max-steps", "20"]
+    [run] = ablate.plan(ablate.parse_args(argv))
+    ablate.tag_run(run, exit_code=0)  # as a finished run of this command is tagged
+    changed = ["lr", "--vary", "--lr 1e-3", "--out", str(tmp_path), "--", "--max-steps", "40"]
+    assert ablate.main(changed) == 2
+    assert "ran with other flags than this command gives it; --force reruns" in capsys.readouterr().err
+    assert ablate.ran_otherwise(ablate.plan(ablate.parse_args(argv))) == []
+    for flag in ("--seed", "--output-dir", "--run-name", "--wandb-group"):
+        with pytest.raises(SystemExit):
+            ablate.parse_args(["x", "--vary", "--lr 1e-3", "--", flag, "5"])
+    args = ablate.parse_args(["x", "--vary", "--lr 1e-3", "--", "--wandb", "--wandb-tags", "mine", "too"])
+    assert ablate.plan(args)[0]["train_args"][-5:] == ["--wandb-tags", "mine", "too", "x", "lr=1e-3"]
 
 
 def test_compare_reads_a_wandb_group(tmp_path, monkeypatch):
@@ -221,7 +273,7 @@ def test_compare_reads_a_wandb_group(tmp_path, monkeypatch):
     assert seen == {"path": "e/p", "filters": {"group": "lr"}}
     text = (tmp_path / "results.md").read_text()
     row = table_rows(text)["all runs"]
-    assert (row["train loss (final)"], row["val loss (best)"], row["tokens/s"]) == ("3.0000", "2.5000", "30")
+    assert (row["train loss (last window)"], row["val loss (best)"], row["tokens/s"]) == ("3.0000", "2.5000", "30")
     assert "device: H100" in text
 
 
