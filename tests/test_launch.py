@@ -180,6 +180,7 @@ def test_sweep_yaml_commands_parse(pick):
     assert cfg.packing.packing is not params["no-packing"] and cfg.train.max_steps == params["max-steps"]
     assert cfg.train.micro_batch_size == params["micro-batch-size"]
     assert sweep["metric"]["name"] == "eval/val_loss"  # a key core/tracking.py logs
+    assert sweep["project"] and "wandb-project" not in sweep["parameters"]  # wandb ignores the flag in a sweep
 
 
 def test_a_rank_killed_by_a_signal_ends_the_launcher_in_one_line():
