@@ -30,6 +30,7 @@ import torch
 
 from core import UserError
 from core.distributed import Dist, barrier, broadcast_object, unwrap
+from core.optim import plan_changes
 
 ENGINE_TAG = "deepspeed"  # the sub-directory of DeepSpeed's own files inside a step_<N> checkpoint
 
@@ -223,6 +224,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = json.loads((path / "trainer_state.json").read_text())
+    plan = getattr(scheduler, "plan", {})
+    trains_on = state["step"] < plan.get("total_steps", 0)  # --max-steps at the saved step: only final/ is written
+    if trains_on and (changed := plan_changes(state["scheduler"].get("plan", {}), plan)):
+        raise UserError(f"--resume {path}: this run changes {'; '.join(changed)}, which would bend the schedule or "
+                        f"the optimizer midway; resume with the saved values, or start anew in another --output-dir")
     batches.load_state_dict(state["data"])  # first: it refuses a changed batch before the weights load
     if _is_engine(model):  # --deepspeed: the engine's own format, on as many ranks as saved it
         if state["world_size"] != d.world_size:

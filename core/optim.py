@@ -185,7 +185,23 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+    """LambdaLR over lr_factor. Its `plan` (in its state_dict, so in every checkpoint) holds what defines the
+    schedule and the optimizer's update, which a resumed run must keep (core/checkpoint.py compares them)."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+    scheduler.plan = {"total_steps": total_steps, **{k: v for k, v in dataclasses.asdict(cfg).items()
+                                                     if k != "max_grad_norm"}}
+    return scheduler
+
+
+PLAN_FLAGS = {"total_steps": "the steps (--max-steps / --epochs)", "optimizer": "--optimizer", "lr": "--lr",
+              "min_lr_ratio": "--min-lr-ratio", "lr_schedule": "--lr-schedule", "warmup_steps": "--warmup-steps",
+              "weight_decay": "--weight-decay", "adam_beta1": "--adam-beta1", "adam_beta2": "--adam-beta2",
+              "adam_eps": "--adam-eps"}
+
+
+def plan_changes(saved: dict, now: dict) -> list[str]:
+    """'--lr 0.001 (saved: 0.0003)' for each value of the plan a resumed run would change."""
+    return [f"{PLAN_FLAGS.get(k, k)} {now.get(k)} (saved: {saved[k]})" for k in saved if saved[k] != now.get(k)]
 
 
 def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

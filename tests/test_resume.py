@@ -37,6 +37,22 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, small_data, capsys):
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
+def test_a_resume_that_changes_the_schedule_or_the_optimizer_is_refused(tmp_path, small_data, capsys):
+    out = tmp_path / "run"
+    common = ["--dataset", str(small_data), "--micro-batch-size", "4", "--save-every", "2", "--warmup-steps", "1"]
+    assert run_train(out, *common, "--max-steps", "3") == 0  # a checkpoint at step 2 of 3
+    shutil.rmtree(out / "final")
+    capsys.readouterr()
+    assert run_train(out, *common, "--max-steps", "6", "--weight-decay", "0.1", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "this run changes the steps (--max-steps / --epochs) 6 (saved: 3); --weight-decay 0.1 (saved: 0.0)" in err
+    assert "resume with the saved values, or start anew in another --output-dir" in err
+    assert run_train(out, *common, "--max-steps", "3", "--resume", "auto") == 0  # the saved values: it resumes
+    shutil.rmtree(out / "final")
+    assert run_train(out, *common, "--max-steps", "3", "--lr", "1", "--resume", "auto") == 0  # nothing left to train
+    assert (out / "final").is_dir()
+
+
 def test_checkpoint_layout_and_retention(tmp_path, small_data):
     out = tmp_path / "run"
     assert run_train(out, "--dataset", str(small_data), "--max-steps", "6", "--save-every", "2",
