@@ -7,8 +7,8 @@
 
 The story, top to bottom: parse -> dist -> data -> model -> features -> optimizer -> steps -> save.
 `core/` is what every run uses; each module in `features/` is one flag-switched optimization with
-a config dataclass, `validate(cfg)` and `apply(model, cfg, run)`. `build_model` applies them in
-this order, one `if` each; the reason for each place:
+a config dataclass, `validate(cfg)` and `apply(model, cfg, run)` (to add one: docs/adding-a-feature.md).
+`build_model` applies them in this order, one `if` each; the reason for each place:
 
  1. attention backend, config overrides (--rope-scaling), load: both are load-time arguments, as is
     a 4-/8-bit or GPTQ base

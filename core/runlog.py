@@ -2,9 +2,16 @@
 
 `<output-dir>/` holds `config.json` (the resolved config), `run.json` (argv, git SHA and dirty
 flag, package versions, device, world size, data counts), `git.diff` when the tree is dirty,
-and `metrics.jsonl` with one object per logging step (step, loss, lr, grad_norm, tokens,
-tokens_per_s, mfu, peak_mem_gib, eta_s; val_loss on evaluation steps). Rank 0 writes them and
-prints one line per logging step (plus a progress bar when stderr is a terminal).
+and `metrics.jsonl` with one object per logged record. A training step's record (every --log-every
+steps, the first and the last, each save and evaluation) holds `step`, `loss` (per target token over
+the steps since the last record; NaN when all of them were skipped), `lr`, `grad_norm`, `tokens`
+(seen so far), `tokens_per_s`, `mfu` (null where the GPU's peak is unknown, and on CPU),
+`peak_mem_gib`, `eta_s` (StepMeter.record) and `skipped_steps` (non-finite steps so far, from
+core/faults.py); on an evaluation step also `val_loss`, `exact_match` (with --eval-exact-match, when
+any answer was scored) and `eval_s` (core/evaluate.py). With a validation set, the record of step 0
+is the evaluation before training: `step`, `val_loss`, `exact_match`, `eval_s`. --wandb sends every
+record to W&B too. Rank 0 writes them and prints one line per record (plus a progress bar when
+stderr is a terminal).
 """
 
 import dataclasses

@@ -9,6 +9,7 @@ import sys
 from conftest import ROOT
 
 PACKAGES = ("core", "features")
+TRAIN_PY_MAX_LINES = 350  # room for a few more features (docs/adding-a-feature.md: about three lines each)
 
 
 def _modules() -> list[str]:
@@ -93,7 +94,8 @@ def test_every_module_imports_alone():
 
 def test_train_py_stays_short():
     lines = len((ROOT / "train.py").read_text().splitlines())
-    assert lines <= 340, f"train.py has {lines} lines (about 300 is the aim); move what is not the story to core/"
+    assert lines <= TRAIN_PY_MAX_LINES, \
+        f"train.py has {lines} lines (about 300 is the aim); move what is not the story to core/"
 
 
 def test_readme_is_for_users():
