@@ -162,11 +162,11 @@ def finished(run: dict) -> bool:
 
 
 def ran_otherwise(runs: list[dict]) -> list[dict]:
-    """Runs whose directory holds a run of other flags (the shared flags after `--` changed, say): their
-    results would be kept under the new command."""
+    """Runs whose directory holds results of other flags (the shared flags after `--` changed, say): they
+    would be kept, or continued, under the new command. A failed run of other flags just runs again."""
     def ran(tag: dict):
         return tag.get("train_args", shlex.split(tag.get("command", ""))[2:] or None)
-    return [r for r in runs if (t := _tag(r)) and "exit_code" in t and ran(t) not in (None, r["train_args"])]
+    return [r for r in runs if (t := _tag(r)).get("exit_code") == 0 and ran(t) not in (None, r["train_args"])]
 
 
 def _train_py() -> str:

@@ -249,6 +249,8 @@ def test_ablate_refuses_reused_run_dirs_of_other_flags_and_flags_it_sets(tmp_pat
     assert ablate.main(changed) == 2
     assert "ran with other flags than this command gives it; --force reruns" in capsys.readouterr().err
     assert ablate.ran_otherwise(ablate.plan(ablate.parse_args(argv))) == []
+    ablate.tag_run(run, exit_code=2)  # a run that failed (a bad flag, say) runs again with the fixed flags
+    assert ablate.ran_otherwise(ablate.plan(ablate.parse_args(changed))) == []
     for flag in ("--seed", "--output-dir", "--run-name", "--wandb-group"):
         with pytest.raises(SystemExit):
             ablate.parse_args(["x", "--vary", "--lr 1e-3", "--", flag, "5"])
