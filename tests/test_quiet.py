@@ -35,9 +35,11 @@ def test_a_default_run_imports_no_optional_package(tmp_path, small_data):
     out = tmp_path / "run"
     common = ["--dataset", str(small_data), "--val-dataset", "none", "--eval-exact-match", "0", "--micro-batch-size",
               "4", "--output-dir", str(out)]
+    flags = common + ["--max-steps", "2", "--save-every", "1"]
+    crash = f"import shutil; [shutil.rmtree({str(out)!r} + d) for d in ('/final', '/checkpoints/step_00000002')]"
     script = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import train\n"
-              f"assert train.main({common + ['--max-steps', '1', '--save-every', '1']!r}) == 0\n"
-              f"assert train.main({common + ['--max-steps', '2', '--resume', 'auto']!r}) == 0\n"
+              f"assert train.main({flags!r}) == 0\n{crash}\n"  # as if the run died after step 1's checkpoint
+              f"assert train.main({flags + ['--resume', 'auto']!r}) == 0\n"
               f"print(json.dumps([m for m in {OPTIONAL!r} if sys.modules.get(m) is not None]))")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
