@@ -118,7 +118,7 @@ def _sibling_val_file(train: Path) -> Path | None:
 # ---------------------------------------------------------------------------- formats
 
 
-_KEYS = {"chat": "messages", "alpaca": "instruction+output", "completion": "prompt+completion or text"}
+_FORMAT_KEYS = {"chat": "messages", "alpaca": "instruction+output", "completion": "prompt+completion or text"}
 
 
 def detect_format(record: dict, where: str) -> str:
@@ -203,7 +203,7 @@ def _other_format(record, fmt: str, where: str) -> BadRecord | None:
         return None
     if own == fmt:
         return None
-    return BadRecord(f"{where}: {own} record ({_KEYS[own]}) in a {fmt} dataset (its first record's format, or "
+    return BadRecord(f"{where}: {own} record ({_FORMAT_KEYS[own]}) in a {fmt} dataset (its first record's format, or "
                      f"--dataset-format); a dataset holds one format: convert its records to one")
 
 
