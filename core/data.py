@@ -390,7 +390,7 @@ def load_splits(cfg: DataConfig, tok, choose_seq_len=every_sample_fits) -> tuple
 
 
 CHAT_MARKUP = ("<|im_start|>", "<|start_header_id|>", "[INST]", "<start_of_turn>", "<|user|>", "<|assistant|>",
-               "<｜User｜>", "<|turn>")  # ChatML, Llama 3, Mistral, Gemma, Phi-3, DeepSeek, Gemma 4
+               "<｜User｜>")  # ChatML, Llama 3, Mistral, Gemma, Phi-3 / Zephyr, DeepSeek-R1
 
 
 def rendered_chats(records: list[Record], tok, first: int = 100) -> str | None:
