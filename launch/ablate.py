@@ -144,15 +144,14 @@ def tag_run(run: dict, **extra) -> None:
     """<run dir>/ablation.json: which ablation, config and seed this run is (compare.py groups by it)."""
     path = Path(run["run_dir"]) / "ablation.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = _tag(run)
     keep = {k: run[k] for k in ("ablation", "config", "seed", "flags", "train_args")}
     path.write_text(json.dumps({**old, **keep, "command": shlex.join(["python", "train.py", *run["train_args"]]),
                                 **extra}, indent=1))
 
 
 def _tag(run: dict) -> dict:
-    path = Path(run["run_dir"]) / "ablation.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return compare.read_json(Path(run["run_dir"]) / "ablation.json")
 
 
 def finished(run: dict) -> bool:

@@ -27,7 +27,7 @@ COLUMNS = [("final_loss", "train loss (last window)", "{:.4f}"), ("val_loss", "v
            ("tokens_per_s", "tokens/s", "{:,.0f}"), ("peak_mem_gib", "peak mem (GiB)", "{:.2f}")]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -37,15 +37,14 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def load_run(run_dir: Path) -> dict:
-    return {"dir": str(run_dir), "metrics": _metrics(run_dir), "config": _read_json(run_dir / "config.json"),
-            "info": _read_json(run_dir / "run.json"), "ablation": _read_json(run_dir / "ablation.json")}
+    return {"dir": str(run_dir), "metrics": _metrics(run_dir), "config": read_json(run_dir / "config.json"),
+            "info": read_json(run_dir / "run.json"), "ablation": read_json(run_dir / "ablation.json")}
 
 
 def complete(run_dir: Path) -> bool:
     """The run logged its last step (run.json's total_steps): not stopped by a signal partway."""
-    total = _read_json(run_dir / "run.json").get("total_steps")
-    steps = [m["step"] for m in _metrics(run_dir)]
-    return total is not None and bool(steps) and steps[-1] >= total
+    run = load_run(run_dir)
+    return bool(run["metrics"]) and run["info"].get("total_steps") is not None and stopped(run) is None
 
 
 def stopped(run: dict) -> str | None:
@@ -61,7 +60,7 @@ def find_runs(paths: list[str]) -> list[dict]:
     ran last, not runs of an earlier grid left beside them), or every run directory below it."""
     dirs = []
     for p in map(Path, paths):
-        listed = _read_json(p / "ablation.json").get("runs")
+        listed = read_json(p / "ablation.json").get("runs")
         if (p / "metrics.jsonl").is_file():
             dirs.append(p)
         elif listed:  # a run that failed before its first step has no metrics: listed as failed
@@ -264,7 +263,7 @@ def main(argv=None) -> int:
     out = Path(args.out or (args.paths[0] if args.paths else "."))
     out.mkdir(parents=True, exist_ok=True)
     first = args.paths[0] if args.paths else ""
-    manifest = _read_json(Path(first) / "ablation.json") if first else {}
+    manifest = read_json(Path(first) / "ablation.json") if first else {}
     title = f"# Ablation: {manifest['name']}" if manifest.get("name") else "# Comparison"
     text = (f"{title}\n\n{provenance(runs, manifest)}\n\n{table(runs)}\n\n{notes}{chr(10) if notes else ''}"
             "![loss](loss.png)\n![throughput](throughput.png)\n")
