@@ -6,6 +6,7 @@ without C++ code generation, which takes minutes on 2 cores); the GPU test runs 
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -134,6 +135,20 @@ def test_compiled_loss_is_exact_and_keeps_only_the_logits(dtype):
     assert big_bytes(saved) == logits.numel() * logits.element_size()  # the logits themselves, once
     assert sum(t.numel() for t in saved if t.numel() < logits.numel()) <= 4 * 128  # per-token values
     assert big_bytes(ref_saved) >= 2 * logits.numel() * 4  # eager: two fp32 tokens x vocabulary tensors
+
+
+def test_inductors_online_softmax_note_stays_out_of_the_log():
+    """Inductor says this once per compiled loss on a GPU (torch 2.11, a 49,152-entry vocabulary); the
+    text is the one it printed there. Other UserWarnings still show."""
+    said = ("\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the reduction. Cut an issue "
+            "to PyTorch if this is an\nimportant use case and you want to speed it up with online\nsoftmax.\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_loss(CompileConfig(compile=True))
+        warnings.warn(said, UserWarning)
+        warnings.warn("another note", UserWarning)
+    said_here = [str(w.message) for w in caught if w.filename == __file__]
+    assert said_here == ["another note"]
 
 
 def test_train_uses_the_compiled_loss_under_compile(tmp_path, small_data, monkeypatch):
