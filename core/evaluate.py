@@ -100,15 +100,24 @@ def exact_match(model, samples: list[Sample], n: int, tokenizer, d: Dist, autoca
     return (hits[0] / hits[1]).item() if hits[1] > 0 else None
 
 
+def eval_rows(samples: list[Sample], micro_batch_size: int, seq_len: int) -> int:
+    """Samples in a padded evaluation batch: as many tokens as a training micro-batch of --seq-len rows.
+    A packed row holds many short samples, so one sample a batch (a packed run's micro-batch of 1 row)
+    would run a forward per sample: 100 held-out samples took 10 s where 8 a batch took 1.5 s
+    (benchmarks/results/2026-12-06-packed-rows-h100.md)."""
+    longest = max((len(s.input_ids) for s in samples), default=seq_len)
+    return max(micro_batch_size, micro_batch_size * seq_len // longest)
+
+
 def evaluate(model, val, cfg, tok, d: Dist, ctx, loss_fn) -> dict:
     """Validation loss and exact match of a run (`cfg`: train.Config); {} without a validation set."""
     if val is None:
         return {}
     start = time.perf_counter()
-    result = {"val_loss": validation_loss(model, val.samples, cfg.train.micro_batch_size,
-                                          tok.pad_token_id, d, ctx, loss_fn)}
+    rows = eval_rows(val.samples, cfg.train.micro_batch_size, cfg.data.seq_len)
+    result = {"val_loss": validation_loss(model, val.samples, rows, tok.pad_token_id, d, ctx, loss_fn)}
     if cfg.train.eval_exact_match:  # unset (None) only without a validation set
-        em = exact_match(model, val.samples, cfg.train.eval_exact_match, tok, d, ctx, cfg.train.micro_batch_size)
+        em = exact_match(model, val.samples, cfg.train.eval_exact_match, tok, d, ctx, rows)
         if em is not None:
             result["exact_match"] = em
     result["eval_s"] = time.perf_counter() - start  # the loss came back to the host: the GPU is done

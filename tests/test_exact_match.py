@@ -69,6 +69,24 @@ def test_own_greedy_answers_match_and_changed_ones_do_not(tok):
     assert score(compiled, samples_of(prompts, wrong), tok) == pytest.approx(3 / 5)
 
 
+def test_evaluation_batches_hold_a_training_micro_batchs_tokens(tok):
+    """A packed run trains one 4096-token row a micro-batch; evaluation takes as many padded samples
+    as fit in those tokens, and the validation loss and exact match do not depend on the batch."""
+    from core.evaluate import eval_rows, validation_loss
+
+    model = tiny(tok)
+    prompts, refs, wrong = prompts_and_answers(model, tok)
+    samples = samples_of(prompts, wrong)
+    longest = max(len(s.input_ids) for s in samples)
+    assert eval_rows(samples, 1, 4096) == 4096 // longest > len(samples)
+    assert eval_rows(samples, 8, longest) == 8 and eval_rows([], 2, 64) == 2  # unpacked rows as trained
+    rows = eval_rows(samples, 1, 4096)
+    losses = [validation_loss(model, samples, n, tok.pad_token_id, Dist(), contextlib.nullcontext())
+              for n in (1, rows)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert score(model, samples, tok, micro_batch_size=rows) == score(model, samples, tok, 1) == pytest.approx(3 / 5)
+
+
 def sharded_worker(out: str) -> None:
     """One of 2 gloo ranks: the tiny model sharded by FSDP2 (every forward a collective), each rank
     scoring its share of the samples; rank 0 writes [right, wrong] scores."""
