@@ -195,8 +195,8 @@ def oom_report(err: BaseException, cfg) -> str:
 def run(parse, train) -> int:
     """train(parse()) with the clean ends a user meets: a UserError is one line and exit 2, out of
     memory one line with the sizes and the flags that save memory (exit 3), a collective broken by
-    another rank's exit one line naming it (exit 1), a second Ctrl-C (or one before training) one line
-    (exit 130); every line also goes into torchrun's error file."""
+    another rank's exit one line from rank 0 (exit 1), a second Ctrl-C (or one before training) one line
+    (exit 130). Each rank's own failure (a bug's last line too) also goes into torchrun's error file."""
     cfg = None
 
     def fail(message: str, code: int) -> int:
@@ -219,10 +219,22 @@ def run(parse, train) -> int:
         return fail("stopped at once by Ctrl-C: nothing saved since the last checkpoint", 130)
     except RuntimeError as e:  # a collective broken by another rank's exit: that rank says why
         if not peer_failure(e):
+            record_error(crash_line(e))
             raise
-        return fail(f"error: {peer_failure(e)}", 1)
+        if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every rank left
+            print(f"error: {peer_failure(e)}", file=sys.stderr)
+        return 1  # no error file: torchrun's root cause stays the rank that failed first
+    except Exception as e:  # a bug: its traceback, and its last line for torchrun's summary
+        record_error(crash_line(e))
+        raise
     finally:
         teardown()
+
+
+def crash_line(err: BaseException) -> str:
+    """An unexpected exception's one line: its type and its message's first line."""
+    said = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {said[0]}" if said else type(err).__name__
 
 
 def _parsed(parse):

@@ -13,6 +13,7 @@ launch/torchrun.sh and launch/slurm.sbatch start training through it.
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -27,14 +28,20 @@ def _not_a_failure_report(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(("failed (exitcode", "Sending process", "Received "))
 
 
+def _blame(failure) -> int:
+    """How surely a failed rank caused the failure, surest first: an error of its own (train.py wrote its
+    line to the error file), a signal other than torchrun's SIGTERM (the OOM killer's SIGKILL), an exit
+    with nothing recorded (a rank whose collective broke when a peer vanished: core/faults.py records
+    nothing for it), and last a rank torchrun stopped with SIGTERM once another had failed (bad input
+    fails every rank at once, and the stopped one's error file may be the earlier)."""
+    if failure.exitcode > 0:
+        return 0 if isinstance(failure.message, dict) else 2  # a dict: read from an error file
+    return 3 if failure.exitcode == -signal.SIGTERM else 1
+
+
 def failure_line(err: ChildFailedError) -> tuple[str, int]:
-    """(the one line, the exit code) of the rank that failed first with an error of its own: a rank that
-    torchrun stopped with SIGTERM once another had failed says only that (bad input fails every rank
-    at once, and the first error file may be the stopped one's)."""
-    rank, failure = err.get_first_failure()
-    erred = sorted((r, f) for r, f in err.failures.items() if f.exitcode > 0)
-    if failure.exitcode <= 0 and erred:
-        rank, failure = erred[0]
+    """(the one line, the exit code) of the rank that most surely failed first."""
+    rank, failure = min(err.failures.items(), key=lambda item: (_blame(item[1]), item[1].timestamp, item[0]))
     code = failure.exitcode
     how = f"exit code {code}" if code > 0 else failure.signal_name()  # killed by a signal: exitcode -signum
     recorded = failure.message.get("message", "") if isinstance(failure.message, dict) else ""  # an error file's

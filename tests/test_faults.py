@@ -117,6 +117,35 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(capsys):
     assert err == ["stopped at once by Ctrl-C: nothing saved since the last checkpoint"], err
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_bug_is_recorded_for_torchrun_and_a_vanished_peer_said_once_and_not(tmp_path, capsys, monkeypatch, rank):
+    """A bug keeps its traceback and hands torchrun its last line; a rank whose collective broke because
+    another exited says so from rank 0 only and records nothing, so torchrun's root cause stays the rank
+    that failed first (its own record is the earlier)."""
+    import train
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", rank)
+
+    def buggy(cfg):
+        raise KeyError("the missing key")
+
+    with pytest.raises(KeyError):
+        faults.run(lambda: train.parse_config([]), buggy)
+    assert json.loads(error_file.read_text())["message"]["message"] == "KeyError: 'the missing key'"
+    error_file.unlink()
+    capsys.readouterr()
+
+    def peer_gone(cfg):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+
+    assert faults.run(lambda: train.parse_config([]), peer_gone) == 1
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == (["error: rank 0 stopped: another rank exited first (its error says why)"] if rank == "0" else [])
+    assert not error_file.exists()
+
+
 def test_a_stop_signal_during_start_up_stops_the_first_step_instead_of_killing_the_run():
     """SIGUSR1 while the model loads (before the step loop's handlers): kept, and the first step stops."""
     import train

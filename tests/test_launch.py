@@ -195,6 +195,29 @@ def test_a_rank_killed_by_a_signal_ends_the_launcher_in_one_line():
     assert (line, code) == ("torchrun: train.py failed on rank 1 (SIGKILL)", 1)
 
 
+def test_the_launcher_names_a_killed_rank_over_those_whose_peer_vanished(tmp_path):
+    """The OOM killer's SIGKILL on rank 1 breaks the others' collectives: they exit 1 with nothing recorded
+    and rank 0's exit is the earliest seen. A rank's own error (its line in the error file) outranks both."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    from torchrun import failure_line
+
+    def gone(rank, code, error_file="<N/A>"):
+        return ProcessFailure(local_rank=rank, pid=4242 + rank, exitcode=code, error_file=error_file)
+
+    failures = {0: gone(0, 1), 1: gone(1, -int(signal.SIGKILL)), 2: gone(2, 1), 3: gone(3, -int(signal.SIGTERM))}
+    failures[0].timestamp -= 5
+    assert failure_line(ChildFailedError("train.py", failures)) == ("torchrun: train.py failed on rank 1 (SIGKILL)", 1)
+    error_file = tmp_path / "error2.json"
+    error_file.write_text(json.dumps({"message": {"message": "ValueError: a bug", "extraInfo": {"timestamp": "9"}}}))
+    failures[2] = gone(2, 1, str(error_file))
+    assert failure_line(ChildFailedError("train.py", failures)) == \
+        ("torchrun: train.py failed on rank 2 (exit code 1): ValueError: a bug", 1)
+
+
 def test_the_launcher_names_the_rank_with_an_error_over_one_it_stopped(tmp_path):
     """Bad input fails every rank at once; torchrun stops a slower rank with SIGTERM, and that rank's
     error file can be the earlier one: the line still gives an erring rank's message and exit code."""
