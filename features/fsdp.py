@@ -134,10 +134,13 @@ def gather_full(model, d: Dist):
 
     if d.mesh is None:
         return model
+    full = {}  # one full tensor a sharded parameter: tied ones (embeddings and head) stay one in the export
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if isinstance(p, DTensor):
-                module.register_parameter(name, _full_parameter(module, name, p.full_tensor(), p.requires_grad))
+                if id(p) not in full:
+                    full[id(p)] = _full_parameter(module, name, p.full_tensor(), p.requires_grad)
+                module.register_parameter(name, full[id(p)])
     return model
 
 

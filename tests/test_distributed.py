@@ -86,6 +86,21 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_and_4(tmp_path, small_data):
         assert got[4]["val_loss"] == pytest.approx(two[4]["val_loss"], rel=1e-5), name
 
 
+@pytest.mark.slow
+def test_fsdp_export_of_tied_embeddings_is_the_one_process_export(tmp_path, small_data):
+    """A model that ties its head to its embeddings (tiny-qwen2, as SmolLM2 and Llama 3.2): the weights
+    gathered from 2 FSDP ranks save as one process saves them, the head not written as a second table."""
+    from safetensors.torch import load_file
+
+    common = ["--model", "tiny-qwen2", "--dataset", str(small_data), *COMMON, "--max-steps", "2"]
+    assert run_train(tmp_path / "one", *common, "--micro-batch-size", "8") == 0
+    ranks.train(2, *common, "--micro-batch-size", "4", "--fsdp", "--output-dir", str(tmp_path / "two"))
+    one, two = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("one", "two"))
+    assert sorted(two) == sorted(one) and "lm_head.weight" not in one
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)  # two steps, sums in another order
+
+
 def test_sharded_evaluation_scores_every_sample_as_one_process_does(tmp_path, small_data):
     """3 validation samples on 2 FSDP ranks (forwards are collective, so the ranks run as many): the
     one-process validation loss and exact match, every sample scored, none dropped."""
