@@ -110,9 +110,12 @@ def mesh_shape(cfg: MeshConfig, world: int) -> tuple[int, ...]:
     """The sizes of (dp_replicate, dp_shard, cp, tp) for `world` ranks, dp_shard = -1 inferred."""
     fixed = cfg.dp_replicate * cfg.cp * cfg.tp
     shard = cfg.dp_shard if cfg.dp_shard != -1 else world // fixed
+    dims = f"--dp-replicate {cfg.dp_replicate} x --dp-shard {cfg.dp_shard} x --cp {cfg.cp} x --tp {cfg.tp}"
+    if cfg.dp_shard == -1 and world % fixed:  # nothing left for --dp-shard to take
+        raise UserError(f"{dims}: --dp-replicate x --cp x --tp = {fixed} does not divide the world size {world}; "
+                        f"pick them so that their product divides {world}")
     if shard < 1 or fixed * shard != world:
-        raise UserError(f"--dp-replicate {cfg.dp_replicate} x --dp-shard {cfg.dp_shard} x --cp {cfg.cp} x "
-                        f"--tp {cfg.tp} does not multiply to the world size {world}; pick dims whose "
+        raise UserError(f"{dims} does not multiply to the world size {world}; pick dims whose "
                         f"product is {world} (or --dp-shard -1 to infer it)")
     return cfg.dp_replicate, shard, cfg.cp, cfg.tp
 

@@ -251,10 +251,12 @@ def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
     assert mesh_shape(MeshConfig(), 1) == (1, 1, 1, 1)
     assert mesh_shape(MeshConfig(dp_replicate=2, tp=2), 8) == (2, 2, 1, 2)
     assert mesh_shape(MeshConfig(dp_shard=2, cp=2), 4) == (1, 2, 2, 1)
-    with pytest.raises(UserError, match="--tp 3 does not multiply to the world size 8"):
+    with pytest.raises(UserError, match="--tp 3: --dp-replicate x --cp x --tp = 3 does not divide the world size 8"):
         mesh_shape(MeshConfig(tp=3), 8)
-    with pytest.raises(UserError, match="world size 1"):
+    with pytest.raises(UserError, match="= 2 does not divide the world size 1"):
         mesh_shape(MeshConfig(tp=2), 1)
+    with pytest.raises(UserError, match="--tp 2 does not multiply to the world size 8; .* --dp-shard -1 to infer"):
+        mesh_shape(MeshConfig(dp_shard=2, tp=2), 8)
 
 
 @pytest.mark.parametrize("flags, message", [
