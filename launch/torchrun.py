@@ -52,6 +52,8 @@ def failure_line(err: ChildFailedError) -> tuple[str, int]:
 def main(argv: list[str]) -> int:
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(name).addFilter(_not_a_failure_report)  # the line below says it once
+    # torchrun sets 1 thread a worker when this is unset, in a four-line warning; the same, quietly
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "saved"
         os.environ["NANOTUNE_SAVED_ON_STOP_FILE"] = str(saved)  # core/faults.py: local rank 0 writes its stop line
