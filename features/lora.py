@@ -175,7 +175,9 @@ def _plain_base_weights(base) -> dict:
     for name, module in base.named_modules():
         if isinstance(module, BaseTunerLayer) or ".lora_" in f".{name}":
             continue  # the wrapper itself holds no base weights; its base_layer child does
-        for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        buffers = [(n, b) for n, b in module.named_buffers(recurse=False)  # as state_dict: not RoPE's inv_freq
+                   if n not in module._non_persistent_buffers_set]
+        for pname, p in list(module.named_parameters(recurse=False)) + buffers:
             key = f"{name}.{pname}".replace(".base_layer.", ".").lstrip(".")
             quantized = pname == "weight" and p.dtype in (torch.uint8, torch.int8)
             weights[key] = (_dequantized(module).to(base.dtype) if quantized else p).detach().contiguous()

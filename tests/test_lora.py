@@ -202,6 +202,8 @@ def test_export_cli_merges_a_run(tok, small_data, tmp_path):
     proc = subprocess.run([sys.executable, "export.py", "--adapter", str(run / "final"), "--out",
                            str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    said = (proc.stdout + proc.stderr).strip().splitlines()  # nanotune's line only, no load report of the base
+    assert len(said) == 1 and said[0].startswith("merged "), said
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits(merged, batch), logits(model, batch), rtol=0, atol=1e-4)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
