@@ -125,9 +125,11 @@ def evaluate(model, val, cfg, tok, d: Dist, ctx, loss_fn) -> dict:
 
 
 def report(summary: dict) -> None:
-    """The run's last lines: validation loss and exact match, before -> after."""
-    before, after = summary.get("before", {}), summary
-    if "val_loss" in before and "val_loss" in after:
-        print(f"validation loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
-    if "exact_match" in before and "exact_match" in after:
-        print(f"held-out exact match {100 * before['exact_match']:.1f}% -> {100 * after['exact_match']:.1f}%")
+    """The run's last lines: validation loss and exact match, before -> after (after alone when the
+    step-0 values are not in this run directory's metrics: a --resume PATH into another one)."""
+    before = summary.get("before") or {}
+    for key, name, shown in (("val_loss", "validation loss", "{:.4f}"),
+                             ("exact_match", "held-out exact match", "{:.1%}")):
+        if key in summary:
+            start = shown.format(before[key]) + " -> " if key in before else ""
+            print(f"{name} {start}{shown.format(summary[key])}")

@@ -167,3 +167,14 @@ def test_real_checkpoint_greedy_answers(smollm2):
             on.append(int(model(torch.tensor([prompts[stopped] + on])).logits[0, -1].argmax()))
     longer = [on if i == stopped else r for i, r in enumerate(refs)]
     assert score(model, samples_of(prompts, longer), tok) == pytest.approx(5 / 6)
+
+
+def test_the_closing_lines_show_the_start_when_this_run_has_it(capsys):
+    from core.evaluate import report
+
+    report({"before": {"val_loss": 2.5, "exact_match": 0.0}, "val_loss": 0.25, "exact_match": 0.96})
+    report({"before": None, "val_loss": 0.25, "exact_match": 0.96})  # resumed into another directory
+    report({"before": {}})  # no validation set
+    assert capsys.readouterr().out.splitlines() == [
+        "validation loss 2.5000 -> 0.2500", "held-out exact match 0.0% -> 96.0%",
+        "validation loss 0.2500", "held-out exact match 96.0%"]
