@@ -201,6 +201,9 @@ def train(cfg: Config) -> dict:
     defaults.resolve_run(cfg, total_steps, step_source.steps_in_epoch(0), d, model_config, val)
     say("defaults: " + "; ".join(cfg.auto) if cfg.auto else "defaults: every value set by hand")
     say(core.data.describe(train_split, val) + "\n" + step_source.describe(total_steps))
+    resume_from = core.checkpoint.resolve_resume(cfg.train.resume, out, d)  # refused here, before the model loads
+    state = core.checkpoint.check_resume(resume_from, optim.schedule_plan(cfg.optim, total_steps), step_source, d,
+                                         deepspeed_zero.enabled(cfg.deepspeed)) if resume_from else {}
 
     # ---- the model and its features, the loss
     run = Run(d, attention.resolve(cfg.attention, d.device, model_config),
@@ -224,9 +227,8 @@ def train(cfg: Config) -> dict:
     set_to_none = compile.keep_grads(optim.trained_params(optimizer), cfg.compile)  # CUDA graphs: allocated once
     if deepspeed_zero.enabled(cfg.deepspeed):
         model, optimizer = deepspeed_zero.apply(model, optimizer, cfg, run)
-    resume_from = core.checkpoint.resolve_resume(cfg.train.resume, out, d)
-    state = core.checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler, step_source, d) \
-        if resume_from else {}
+    if resume_from:
+        core.checkpoint.load_checkpoint(resume_from, state, model, optimizer, scheduler, d)
     start, seen_tokens = state.get("step", 0), state.get("tokens", 0)
     if cfg.qat.qat:  # an optimizer post-step hook turns fake quantization on at --qat-start-step
         qat.schedule(model, optimizer, cfg.qat, steps_done=start)

@@ -218,22 +218,30 @@ def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, 
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -> dict:
-    """Restore everything saved by save_checkpoint; returns its trainer state (step, tokens, ...)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
+def check_resume(path: Path, plan: dict, batches, d: Dist, deepspeed: bool) -> dict:
+    """The checkpoint's trainer state (step, tokens, ...), read before the model loads: a resume that cannot
+    continue the saved run is refused here, not minutes later. Refused: a changed schedule or optimizer
+    (`plan`, core/optim.py schedule_plan), other rows a step, a DeepSpeed checkpoint on another number
+    of ranks. Restores the data position."""
     state = json.loads((path / "trainer_state.json").read_text())
-    plan = getattr(scheduler, "plan", {})
     trains_on = state["step"] < plan.get("total_steps", 0)  # --max-steps at the saved step: only final/ is written
     if trains_on and (changed := plan_changes(state["scheduler"].get("plan", {}), plan)):
         raise UserError(f"--resume {path}: this run changes {'; '.join(changed)}, which would bend the schedule or "
                         f"the optimizer midway; resume with the saved values, or start anew in another --output-dir")
-    batches.load_state_dict(state["data"])  # first: it refuses a changed batch before the weights load
-    if _is_engine(model):  # --deepspeed: the engine's own format, on as many ranks as saved it
-        if state["world_size"] != d.world_size:
-            raise UserError(f"--resume {path}: a DeepSpeed checkpoint resumes on the number of ranks that saved it "
-                            f"({state['world_size']}; this run has {d.world_size}); launch that many")
+    batches.load_state_dict(state["data"])
+    if deepspeed and state["world_size"] != d.world_size:  # the engine's own format
+        raise UserError(f"--resume {path}: a DeepSpeed checkpoint resumes on the number of ranks that saved it "
+                        f"({state['world_size']}; this run has {d.world_size}); launch that many")
+    return state
+
+
+def load_checkpoint(path: Path, state: dict, model, optimizer, scheduler, d: Dist) -> None:
+    """Restore the weights, optimizer, schedule and RNG that save_checkpoint wrote (after check_resume,
+    whose `state` this is)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if _is_engine(model):  # --deepspeed
         _load_engine(model, path)
     else:
         optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_options())
@@ -246,7 +254,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, batches, d: Dist) -
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh RNG there
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
 
 
 @contextlib.contextmanager

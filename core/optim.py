@@ -188,9 +188,13 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.opti
     """LambdaLR over lr_factor. Its `plan` (in its state_dict, so in every checkpoint) holds what defines the
     schedule and the optimizer's update, which a resumed run must keep (core/checkpoint.py compares them)."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
-    scheduler.plan = {"total_steps": total_steps, **{k: v for k, v in dataclasses.asdict(cfg).items()
-                                                     if k != "max_grad_norm"}}
+    scheduler.plan = schedule_plan(cfg, total_steps)
     return scheduler
+
+
+def schedule_plan(cfg: OptimConfig, total_steps: int) -> dict:
+    """The values that define the schedule and the optimizer's update (all but --max-grad-norm)."""
+    return {"total_steps": total_steps, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "max_grad_norm"}}
 
 
 PLAN_FLAGS = {"total_steps": "the steps (--max-steps / --epochs)", "optimizer": "--optimizer", "lr": "--lr",

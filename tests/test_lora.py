@@ -14,7 +14,7 @@ from conftest import ROOT, config, read_metrics, run_train
 from core import UserError, quantize
 from features import lora
 from core.batches import StepBatches
-from core.checkpoint import load_checkpoint, save_checkpoint
+from core.checkpoint import check_resume, load_checkpoint, save_checkpoint
 from core.data import DataConfig, load_splits
 from core.distributed import Dist
 from core.loss import count_targets, forward_loss_sum
@@ -248,7 +248,9 @@ def run_with_checkpoint(tok, data, out, save_at, steps, resume_from=None, **flag
     scheduler = build_scheduler(optimizer, OptimConfig(lr=1e-2, warmup_steps=2), steps)
     data, start = batches(tok, data), 0
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler, data, Dist())["step"]
+        state = check_resume(resume_from, scheduler.plan, data, Dist(), deepspeed=False)
+        load_checkpoint(resume_from, state, model, optimizer, scheduler, Dist())
+        start = state["step"]
     losses, stream = {}, iter(data)
     for i in range(start + 1, steps + 1):
         model.train()

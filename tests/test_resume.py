@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from conftest import read_metrics, run_train
@@ -37,13 +38,18 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, small_data, capsys):
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
-def test_a_resume_that_changes_the_schedule_or_the_optimizer_is_refused(tmp_path, small_data, capsys):
+def test_a_resume_that_changes_the_schedule_or_the_optimizer_is_refused(tmp_path, small_data, capsys, monkeypatch):
+    """Refused before the model loads (minutes for an 8B one)."""
+    import train
+
     out = tmp_path / "run"
     common = ["--dataset", str(small_data), "--micro-batch-size", "4", "--save-every", "2", "--warmup-steps", "1"]
     assert run_train(out, *common, "--max-steps", "3") == 0  # a checkpoint at step 2 of 3
     shutil.rmtree(out / "final")
     capsys.readouterr()
-    assert run_train(out, *common, "--max-steps", "6", "--weight-decay", "0.1", "--resume", "auto") == 2
+    with monkeypatch.context() as m:
+        m.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded before the refusal"))
+        assert run_train(out, *common, "--max-steps", "6", "--weight-decay", "0.1", "--resume", "auto") == 2
     err = capsys.readouterr().err
     assert "this run changes the steps (--max-steps / --epochs) 6 (saved: 3); --weight-decay 0.1 (saved: 0.0)" in err
     assert "resume with the saved values, or start anew in another --output-dir" in err
