@@ -160,8 +160,9 @@ def tokenize_chat(record, where, tok) -> Sample:
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight") == 0:  # OpenAI's weight 0: in context, not trained
             continue
-        prompt, through_turn = render(messages[:i], gen_prompt=True), render(messages[: i + 1])
-        if text.startswith(through_turn) and through_turn.startswith(prompt):  # the turn follows its prompt
+        through_turn = render(messages[: i + 1])
+        prompt = render(messages[:i], gen_prompt=True) if i else None  # a first turn (a greeting): no prompt
+        if prompt is not None and text.startswith(through_turn) and through_turn.startswith(prompt):
             _check_calls_rendered(m, through_turn[len(prompt):], f"{where}: messages[{i}]")
             turn = [k for k, (a, b) in enumerate(spans) if b > len(prompt) and a < len(through_turn)]
             if not turn:

@@ -146,6 +146,21 @@ def test_templates_that_rewrite_earlier_turns_train_each_turn_as_the_conversatio
     assert family_tok.decode(s.answer).endswith(f"Bye now.{eot}")  # exact match scores the last answer
 
 
+@pytest.mark.parametrize("family", [None, *FAMILIES])
+def test_a_conversation_that_opens_with_the_assistant_trains_its_greeting(tok, family):
+    """Support logs often open with the bot's greeting; there is no prompt before it to render."""
+    family_tok = family_tokenizer(tok, family) if family else tok
+    messages = [{"role": "assistant", "content": "Hello, how can I help?"},
+                {"role": "user", "content": "Reset my password."}, {"role": "assistant", "content": "Done."}]
+    try:
+        s = tokenize({"messages": messages}, "chat", "x:1", family_tok, False)
+    except UserError as e:  # a template that requires a user turn first says so, in one line naming the record
+        assert family and str(e).startswith("x:1: the tokenizer's chat template refuses this conversation"), e
+        return
+    text = trained(family_tok, s)
+    assert "Hello, how can I help?" in text and "Done." in text and "Reset my password" not in text
+
+
 def test_an_empty_assistant_turn_is_a_bad_record(tok):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]
     with pytest.raises(UserError, match=r"x:3: messages\[1\] is an empty assistant turn"):
