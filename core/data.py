@@ -170,9 +170,13 @@ def _encode(tok, text: str, first: bool) -> list[int]:
     return tok(text, add_special_tokens=first, verbose=False)["input_ids"]
 
 
-def _with_eos(ids: list[int], eos: int) -> list[int]:
-    """The sample ends in EOS, once: a text may end in it already."""
-    return ids if ids and ids[-1] == eos else ids + [eos]
+def _with_eos(ids: list[int], tok) -> list[int]:
+    """The sample ends in EOS, once: a text may end in it already, or in EOS and a newline (a chat
+    template's rendering ends "<|im_end|>\n" where EOS is <|im_end|>)."""
+    last = len(ids) - 1
+    while last > 0 and ids[last] != tok.eos_token_id and not tok.decode(ids[last:last + 1]).strip():
+        last -= 1  # whitespace after the text's own EOS
+    return ids if ids and ids[last] == tok.eos_token_id else ids + [tok.eos_token_id]
 
 
 def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
@@ -180,7 +184,7 @@ def _tokenize_prompt_response(record, fmt, where, tok) -> Sample:
     if not response.strip():
         raise BadRecord(f"{where}: empty response; every {fmt} record needs text to train on")
     prompt_ids = _encode(tok, prompt, first=True) if prompt else []
-    response_ids = _with_eos(_encode(tok, response, first=not prompt), tok.eos_token_id)
+    response_ids = _with_eos(_encode(tok, response, first=not prompt), tok)
     ids = prompt_ids + response_ids
     return Sample(ids, [IGNORE] * len(prompt_ids) + response_ids, len(prompt_ids))
 
@@ -256,7 +260,7 @@ def _each(records: list[Record], make, skip: bool) -> tuple[list, list[str]]:
 
 def _pretrain_blocks(records: list[Record], tok, seq_len: int, skip: bool) -> tuple[list[Sample], dict, list[str]]:
     def document(record, where):
-        return _with_eos(_encode(tok, _field(record, "text", where, "pretrain"), first=True), tok.eos_token_id)
+        return _with_eos(_encode(tok, _field(record, "text", where, "pretrain"), first=True), tok)
 
     docs, bad = _each(records, document, skip)
     stream = [t for doc in docs for t in doc]

@@ -58,6 +58,10 @@ def test_text_that_writes_its_own_bos_and_eos_gets_one_of_each():
     rendered = tokenize({"text": f"{tok.bos_token}hello world{tok.eos_token}"}, "completion", "x:1", tok, False)
     assert plain[0] == bos and plain[-1] == eos
     assert rendered.input_ids == plain
+    newline = tokenize({"text": f"hello world{tok.eos_token}\n"}, "completion", "x:1", tok, False).input_ids
+    assert newline.count(eos) == 1 and tok.decode(newline[-1:]) == "\n"  # a template's "<|im_end|>\n" ending
+    spaced = tokenize({"text": "hello world \n"}, "completion", "x:1", tok, False).input_ids
+    assert spaced[-1] == eos and spaced.count(eos) == 1
     prompted = tokenize({"prompt": f"{tok.bos_token}2+2=", "completion": "4"}, "completion", "x:1", tok, False)
     assert prompted.input_ids.count(bos) == 1
 
