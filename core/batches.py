@@ -95,7 +95,8 @@ class StepBatches:
     def describe(self, total_steps: int) -> str:
         """The run log's line on the steps and on how full the rows are."""
         left = self.dropped(0)
-        left = f" ({left} samples an epoch left out to keep full batches on every rank)" if left else ""
+        ranks = " on every rank" if self.world > 1 else ""
+        left = f" ({left} samples an epoch left out to keep every step full{ranks})" if left else ""
         return (f"data: {self.steps_in_epoch(0):,} steps an epoch{left}, {total_steps:,} in all; "
                 f"{100 * self.efficiency(0):.1f}% of token slots hold real tokens"
                 + (" (packed)" if self.pack_to else " (padded)"))

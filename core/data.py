@@ -135,6 +135,9 @@ def detect_format(record: dict, where: str) -> str:
                     f"--dataset-columns, e.g. 'question=instruction,answer=output'")
 
 
+_JSON_TYPE = {bool: "true or false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+
+
 def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) -> str:
     if not isinstance(record, dict):
         raise BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -142,7 +145,7 @@ def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) 
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        got = "missing" if key not in record else "empty" if value is None else f"a {type(value).__name__}"
+        got = "missing" if key not in record else "empty" if value is None else _JSON_TYPE.get(type(value), "no string")
         raise BadRecord(f"{where}: {fmt} records need a string {key!r} ({got})")
     return encodable(value, where, repr(key))
 
@@ -207,7 +210,7 @@ def _other_format(record, fmt: str, where: str) -> BadRecord | None:
         return None
     if own == fmt:
         return None
-    return BadRecord(f"{where}: {own} record ({_FORMAT_KEYS[own]}) in a {fmt} dataset (its first record's format, or "
+    return BadRecord(f"{where}: {own} record ({_FORMAT_KEYS[own]}) in {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} dataset (its first record's format, or "
                      f"--dataset-format); a dataset holds one format: convert its records to one")
 
 

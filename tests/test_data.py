@@ -103,7 +103,7 @@ def test_chat_rejects_malformed_records_with_location(tok, bad, message):
 
 @pytest.mark.parametrize("bad, message", [
     ({"instruction": "x"}, "string 'output' \\(missing\\)"),
-    ({"instruction": "x", "output": 5}, "string 'output' \\(a int\\)"),
+    ({"instruction": "x", "output": 5}, "string 'output' \\(a number\\)"),
     ({"instruction": "x", "output": "   "}, "empty response"),
 ])
 def test_alpaca_rejects_malformed_records_with_location(tok, bad, message):
@@ -190,6 +190,9 @@ def test_a_record_of_another_format_is_named(tmp_path, tok):
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [chat] * 3 + [{"instruction": "Say hi.", "output": "Hi."}]))
     with pytest.raises(BadRecord, match=r"mixed.jsonl:4: alpaca record \(instruction\+output\) in a chat dataset"):
+        load_splits(DataConfig(dataset=str(path), val_dataset="none"), tok)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"instruction": "Say hi.", "output": "Hi."}, chat]))
+    with pytest.raises(BadRecord, match=r"mixed.jsonl:2: chat record \(messages\) in an alpaca dataset"):
         load_splits(DataConfig(dataset=str(path), val_dataset="none"), tok)
 
 

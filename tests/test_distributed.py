@@ -302,6 +302,17 @@ def test_a_collective_broken_by_an_exited_rank_is_one_line():
     assert peer_failure(RuntimeError("CUDA error: an illegal memory access")) is None
 
 
+def test_the_samples_an_epoch_leaves_out_are_said_for_one_process_and_for_ranks():
+    from core.batches import StepBatches
+    from core.records import Sample
+
+    samples = [Sample([1, 2, 3], [1, 2, 3], 0)] * 10
+    one = StepBatches(samples, 2, 2, seed=0, pad_id=0).describe(2)
+    ranks = StepBatches(samples, 2, 1, seed=0, pad_id=0, rank=0, world_size=2).describe(2)
+    assert "2 steps an epoch (2 samples an epoch left out to keep every step full), 2 in all" in one
+    assert "(2 samples an epoch left out to keep every step full on every rank)" in ranks
+
+
 def test_resume_refuses_a_changed_number_of_rows_a_step():
     """The data position is a step count: it names the same rows only at the same rows a step."""
     from core.batches import StepBatches

@@ -137,7 +137,7 @@ BAD_LINES = {  # one of each kind of bad record, with the reason the strict run 
     "invalid JSON": (b'{"instruction": "a", "output": ', "invalid JSON"),
     "invalid UTF-8": (b'{"instruction": "\xff", "output": "b"}', "invalid UTF-8"),
     "not an object": (b'[1, 2]', "expected a JSON object, got list"),
-    "wrong type": (b'{"instruction": "a", "output": 3}', "alpaca records need a string 'output' (a int)"),
+    "wrong type": (b'{"instruction": "a", "output": 3}', "alpaca records need a string 'output' (a number)"),
     "missing field": (b'{"instruction": "a"}', "alpaca records need a string 'output' (missing)"),
     "empty response": (b'{"instruction": "a", "output": " "}', "empty response"),
     "lone surrogate": (b'{"instruction": "a", "output": "x\\ud800"}', "invalid Unicode (a lone surrogate"),
