@@ -210,8 +210,9 @@ def _other_format(record, fmt: str, where: str) -> BadRecord | None:
         return None
     if own == fmt:
         return None
-    return BadRecord(f"{where}: {own} record ({_FORMAT_KEYS[own]}) in {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} dataset (its first record's format, or "
-                     f"--dataset-format); a dataset holds one format: convert its records to one")
+    article = "an" if fmt[0] in "aeiou" else "a"
+    return BadRecord(f"{where}: {own} record ({_FORMAT_KEYS[own]}) in {article} {fmt} dataset (its first record's "
+                     f"format, or --dataset-format); a dataset holds one format: convert its records to one")
 
 
 def _tokenize_as(record: dict, fmt: str, where: str, tok) -> Sample:
