@@ -293,16 +293,28 @@ def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: s
     if bad:
         stats.update(skipped_bad=len(bad), first_bad=bad[0])
     if not samples:
-        if fmt == "pretrain":
-            hint = "lower --seq-len"
-        elif cfg.truncation == "drop":
-            hint = "raise --seq-len or pass --truncation truncate"
-        else:
-            hint = ("raise --seq-len (truncation keeps each sample's first --seq-len tokens, and here they hold "
-                    "no trained token)")
-        raise UserError(f"{source}: no usable samples out of {len(records)} records ({stats}); {hint}")
+        raise UserError(_no_samples(len(records), stats, fmt, cfg, source))
     stats.update(records=len(records), samples=len(samples), tokens=sum(len(s.input_ids) for s in samples))
     return Split(samples, stats)
+
+
+def _no_samples(records: int, stats: dict, fmt: str, cfg: DataConfig, source: str) -> str:
+    """Why a split holds no sample, in words, and the fix."""
+    if stats.get("skipped_bad") == records:
+        return (f"{source}: no usable samples: all {records} records are bad, and --skip-bad-samples left each "
+                f"out; the first: {stats['first_bad']}")
+    counts = [(stats.get("skipped_bad", 0), "bad (--skip-bad-samples)"),
+              (stats.get("dropped_too_long", 0), "longer than --seq-len"),
+              (stats.get("dropped_untrained", 0), "with no trained token within --seq-len")]
+    why = ", ".join(f"{n} {what}" for n, what in counts if n)
+    if fmt == "pretrain":
+        hint = "lower --seq-len"
+    elif cfg.truncation == "drop":
+        hint = "raise --seq-len or pass --truncation truncate"
+    else:
+        hint = ("raise --seq-len (truncation keeps each sample's first --seq-len tokens, and here they hold "
+                "no trained token)")
+    return f"{source}: no usable samples out of {records} records ({why or 'none'}); {hint}"
 
 
 def _too_long_note(dropped: int, total: int, fmt: str, records: list[Record], seq_len: int) -> str:
@@ -352,8 +364,8 @@ def every_sample_fits(longest: int | None) -> int:
 
 def load_splits(cfg: DataConfig, tok, choose_seq_len=every_sample_fits) -> tuple[Split, Split | None]:
     """Tokenized (train, validation) splits; validation is None with --val-dataset none. An unset
-    --seq-len is set in place to `choose_seq_len(longest training sample's tokens, None for pretrain)`
-    (train.py passes core/defaults.py's choice)."""
+    --seq-len is set in place to `choose_seq_len(the longest sample's tokens in either split, None for
+    pretrain)` (train.py passes core/defaults.py's choice), so the held-out samples fit too."""
     if cfg.dataset == DEMO_DATASET and not Path(DEMO_DATASET).exists():  # the demo run from another directory
         cfg.dataset = str(Path(__file__).resolve().parent.parent / DEMO_DATASET)
     columns = column_map(cfg.dataset_columns)
@@ -368,19 +380,25 @@ def load_splits(cfg: DataConfig, tok, choose_seq_len=every_sample_fits) -> tuple
             no_val = f"--val-size {cfg.val_size:g} of {len(records)} records holds none out; pass a count, e.g. 2"
     else:
         val_records = []
-    tokenized = None
+    val_records = val_records[: cfg.max_val_samples]
+    val_fmt = fmt if not val_records or val_source is None or cfg.dataset_format != "auto" else (
+        _detect(val_records, cfg.skip_bad_samples, val_source))  # a file of its own: its own format
+    tokenized = val_tokenized = None
     if cfg.seq_len is None and fmt == "pretrain":  # a block size: no sample length to follow
         cfg.seq_len = choose_seq_len(None)
-    elif cfg.seq_len is None:  # tokenized once: the longest sample sets --seq-len, then the split is fit to it
+    elif cfg.seq_len is None:  # tokenized once: the longest sample of either split sets --seq-len, then both fit
         tokenized = _tokenized(records, fmt, tok, cfg)
-        cfg.seq_len = choose_seq_len(max((len(s.input_ids) for s in tokenized[0]), default=2))
+        val_tokenized = _tokenized(val_records, val_fmt, tok, cfg) if val_records and val_fmt != "pretrain" else None
+        held_out = val_tokenized[0] if val_tokenized else []
+        cfg.seq_len = choose_seq_len(max((len(s.input_ids) for s in tokenized[0] + held_out), default=2))
     val = None
     if val_records:
         try:
-            val_fmt = fmt if val_source is None or cfg.dataset_format != "auto" else (
-                _detect(val_records, cfg.skip_bad_samples, val_source))  # a file of its own: its own format
-            val = build_split(val_records[: cfg.max_val_samples], val_fmt, tok, cfg, val_source or "held-out split")
+            val = build_split(val_records, val_fmt, tok, cfg, val_source or f"{cfg.dataset} (its held-out records)",
+                              val_tokenized)
         except UserError:
+            if val_source is None and fmt != "pretrain":  # held out of the user's file: say it of the whole file
+                build_split(records, fmt, tok, cfg, cfg.dataset, tokenized)
             if val_source is not None or fmt != "pretrain":  # a file of the user's, or samples: theirs to fix
                 raise
             # pretrain blocks: the held-out documents fill no --seq-len block; they train instead

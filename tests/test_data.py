@@ -381,3 +381,24 @@ def test_dataset_columns_name_a_users_columns(tmp_path, tok, capsys):
 
     assert train_py.main(["--dataset-columns", "question", "--output-dir", str(tmp_path / "run")]) == 2
     assert "error: --dataset-columns 'question': write yours=theirs pairs" in capsys.readouterr().err  # at start-up
+
+
+def test_a_file_of_only_bad_records_names_itself_and_the_first_reason(tmp_path, tok):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps({"instruction": "x", "output": i}) + "\n" for i in range(20)))
+    with pytest.raises(UserError) as e:
+        load_splits(DataConfig(dataset=str(path), skip_bad_samples=True), tok)
+    said = str(e.value)
+    assert said.startswith(f"{path}: no usable samples: all 19 records are bad"), said  # not its 1 held out
+    assert "the first: " in said and "string 'output' (a number)" in said
+    assert "{" not in said and "--seq-len" not in said  # no dict of counts, no length advice
+
+
+def test_an_automatic_seq_len_fits_the_held_out_samples_too(tmp_path, tok):
+    """The longest sample may be a held-out one: the automatic --seq-len keeps it."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n"
+                                                  for _ in range(8)))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"instruction": "Say hi. " * 20, "output": "Hi."}) + "\n")
+    cfg = DataConfig(dataset=str(tmp_path / "train.jsonl"))
+    train, val = load_splits(cfg, tok)
+    assert len(val.samples) == 1 and cfg.seq_len == len(val.samples[0].input_ids) > len(train.samples[0].input_ids)
