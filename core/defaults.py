@@ -45,6 +45,7 @@ reason in the log. `resolve_flags` runs right after parsing, `precision` once th
 """
 
 import math
+import os
 
 import torch
 
@@ -141,9 +142,11 @@ def _auto_batch(cfg) -> list[int] | None:
 
 
 def step_rows(cfg, samples: list, model_config, device: torch.device) -> None:
-    """The rows a step and a micro-batch when the user set neither: packed_rows, then micro_batch."""
+    """The rows a step and a micro-batch when the user set neither: packed_rows, then micro_batch; on a
+    CPU, cpu_memory."""
     packed_rows(cfg, samples)
     micro_batch(cfg, model_config, device)
+    cpu_memory(cfg, model_config, device)
 
 
 def packed_rows(cfg, samples: list) -> None:
@@ -180,6 +183,43 @@ def micro_batch(cfg, model_config, device: torch.device, gpu_bytes: int | None =
     t.micro_batch_size, t.grad_accum = max(fits), rows // max(fits)
     cfg.auto[auto[0]] = f"--micro-batch-size {t.micro_batch_size} (auto: {why})"
     cfg.auto[auto[1]] = f"--grad-accum {t.grad_accum} (auto: {t.micro_batch_size} x {t.grad_accum}, {rows} rows a step)"
+
+
+# On a CPU a step's activations took a multiple of estimate_bytes' bf16 count (fp32; eager attention and
+# loss; peft's dropout copies of each adapter's input): SmolLM2-135M on one 5,664-token conversation
+# peaked at 16.1 GB resident with LoRA (estimated 3.9 GB), 13.1 GB in a full fine-tune (estimated 6.7 GB).
+CPU_ACTIVATIONS = {"adapters": 4, "full": 2}
+RAM_SHARE = 0.8  # past the machine's memory the kernel kills the process, with no message
+
+
+def cpu_memory(cfg, model_config, device: torch.device, ram_bytes: int | None = None) -> None:
+    """On a CPU: micro-batches of 1 row (the step keeps its rows) where the automatic ones would pass
+    RAM_SHARE of the machine's memory by the estimate; a micro-batch that passes it even so is refused at
+    start-up, naming the --seq-len that fits, instead of a kill midway."""
+    if device.type != "cpu" or is_demo(cfg) or not _estimable(model_config):
+        return
+    ram = ram_bytes or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    counted = estimate_bytes(cfg, model_config, 0)  # the weights, bf16 unless a full fine-tune's fp32 + Adam
+    adapters = adapters_on(cfg.lora)
+    weights, times = (2 * counted, CPU_ACTIVATIONS["adapters"]) if adapters else (counted, CPU_ACTIVATIONS["full"])
+
+    def need(rows: int) -> float:
+        return weights + times * (estimate_bytes(cfg, model_config, rows, logits=True) - counted)
+
+    t, auto = cfg.train, _auto_batch(cfg)
+    if auto and t.micro_batch_size > 1 and need(t.micro_batch_size) > RAM_SHARE * ram:
+        rows, why = t.micro_batch_size * t.grad_accum, f"~{need(t.micro_batch_size) / 2**30:.0f} GiB"
+        t.micro_batch_size, t.grad_accum = 1, rows
+        cfg.auto[auto[0]] = f"--micro-batch-size 1 (auto: CPU; more rows at once would take {why} of the " \
+                            f"{ram / 2**30:.0f} GiB memory)"
+        cfg.auto[auto[1]] = f"--grad-accum {rows} (auto: 1 x {rows}, {rows} rows a step)"
+    if need(t.micro_batch_size) > RAM_SHARE * ram:
+        per_token = (need(t.micro_batch_size) - weights) / (t.micro_batch_size * cfg.data.seq_len)
+        fits = max(0, int((RAM_SHARE * ram - weights) / (per_token * t.micro_batch_size)) // 64 * 64)
+        raise UserError(f"--seq-len {cfg.data.seq_len} x --micro-batch-size {t.micro_batch_size}: a step on this CPU "
+                        f"would take ~{need(t.micro_batch_size) / 2**30:.0f} of its {ram / 2**30:.0f} GiB memory; "
+                        f"pass --seq-len {fits} (longer samples are dropped, or cut with --truncation truncate)"
+                        + (", --micro-batch-size 1" if t.micro_batch_size > 1 else "") + ", or train on a GPU")
 
 
 def _estimable(c) -> bool:

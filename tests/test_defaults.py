@@ -289,6 +289,35 @@ def test_micro_batch_keeps_2_on_a_cpu_for_the_demo_and_for_a_mixture_of_experts(
         assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == before
 
 
+def test_a_cpu_run_takes_micro_batches_of_one_row_or_is_refused_before_the_kernel_kills_it():
+    """SmolLM2-135M LoRA on a 24 GiB CPU machine: 2 rows of 5,696 tokens were killed by the kernel at
+    step 2 (23.9 GB resident); 1 row peaked at 16.1 GB. Rows the user set are kept; what cannot fit is
+    refused in one line naming the --seq-len that does."""
+    smol = _preset_config("tiny-llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    ram, cpu = 24 * 2**30, torch.device("cpu")
+    cfg = _at(["--model", "llama3.2-1b", "--lora"], cuda=False, seq_len=5696)
+    defaults.cpu_memory(cfg, smol, cpu, ram)
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == (1, 8)
+    assert "--grad-accum 8 (auto: 1 x 8, 8 rows a step)" in cfg.auto
+    assert any(a.startswith("--micro-batch-size 1 (auto: CPU; more rows at once would take ~") for a in cfg.auto)
+    full = _at(["--model", "llama3.2-1b"], cuda=False, seq_len=5696)  # measured: 13.1 GB at 1 row
+    defaults.cpu_memory(full, smol, cpu, ram)
+    assert (full.train.micro_batch_size, full.train.grad_accum) == (1, 8)
+    short = _at(["--model", "llama3.2-1b", "--lora"], cuda=False, seq_len=1024)  # fits as it is
+    defaults.cpu_memory(short, smol, cpu, ram)
+    assert (short.train.micro_batch_size, short.train.grad_accum) == (2, 4)
+    for argv in (["--model", "llama3.2-1b", "--lora", "--micro-batch-size", "2"], ["--model", "llama3.2-1b", "--lora"]):
+        tight = _at(argv, cuda=False, seq_len=5696)
+        with pytest.raises(UserError, match=r"^--seq-len 5696 x --micro-batch-size \d: a step on this CPU would take "
+                                            r"~\d+ of its 8 GiB memory; pass --seq-len \d+ "):
+            defaults.cpu_memory(tight, smol, cpu, 8 * 2**30)
+        assert tight.train.micro_batch_size == (2 if "--micro-batch-size" in argv else 1)
+    on_gpu = _at(["--model", "llama3.2-1b", "--lora"], cuda=False, seq_len=5696)
+    defaults.cpu_memory(on_gpu, smol, torch.device("cuda"), ram)
+    assert (on_gpu.train.micro_batch_size, on_gpu.train.grad_accum) == (2, 4)
+
+
 @pytest.mark.parametrize("name, method, micro_batch, measured_gib", [
     ("llama3-8b", "--lora", 2, 49.4), ("llama3-8b", "--qlora", 2, 39.8),
     ("llama3.2-1b", "--qlora", 2, 10.9), ("llama3.2-1b", "--qlora", 4, 20.4),
