@@ -195,10 +195,11 @@ RAM_SHARE = 0.8  # past the machine's memory the kernel kills the process, with 
 def cpu_memory(cfg, model_config, device: torch.device, ram_bytes: int | None = None) -> None:
     """On a CPU: micro-batches of 1 row (the step keeps its rows) where the automatic ones would pass
     RAM_SHARE of the machine's memory by the estimate; a micro-batch that passes it even so is refused at
-    start-up, naming the --seq-len that fits, instead of a kill midway."""
+    start-up, naming the --seq-len that fits, instead of a kill midway. Ranks on one machine share it."""
     if device.type != "cpu" or is_demo(cfg) or not _estimable(model_config):
         return
-    ram = ram_bytes or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share it
+    ram = (ram_bytes or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / ranks_here
     counted = estimate_bytes(cfg, model_config, 0)  # the weights, bf16 unless a full fine-tune's fp32 + Adam
     adapters = adapters_on(cfg.lora)
     weights, times = (2 * counted, CPU_ACTIVATIONS["adapters"]) if adapters else (counted, CPU_ACTIVATIONS["full"])

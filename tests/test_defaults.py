@@ -289,7 +289,7 @@ def test_micro_batch_keeps_2_on_a_cpu_for_the_demo_and_for_a_mixture_of_experts(
         assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == before
 
 
-def test_a_cpu_run_takes_micro_batches_of_one_row_or_is_refused_before_the_kernel_kills_it():
+def test_a_cpu_run_takes_micro_batches_of_one_row_or_is_refused_before_the_kernel_kills_it(monkeypatch):
     """SmolLM2-135M LoRA on a 24 GiB CPU machine: 2 rows of 5,696 tokens were killed by the kernel at
     step 2 (23.9 GB resident); 1 row peaked at 16.1 GB. Rows the user set are kept; what cannot fit is
     refused in one line naming the --seq-len that does."""
@@ -313,6 +313,10 @@ def test_a_cpu_run_takes_micro_batches_of_one_row_or_is_refused_before_the_kerne
                                             r"~\d+ of its 8 GiB memory; pass --seq-len \d+ "):
             defaults.cpu_memory(tight, smol, cpu, 8 * 2**30)
         assert tight.train.micro_batch_size == (2 if "--micro-batch-size" in argv else 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes share the machine: 6 GiB each
+    with pytest.raises(UserError, match=r"of its 6 GiB memory"):
+        defaults.cpu_memory(_at(["--model", "llama3.2-1b", "--lora"], cuda=False, seq_len=5696), smol, cpu, ram)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     on_gpu = _at(["--model", "llama3.2-1b", "--lora"], cuda=False, seq_len=5696)
     defaults.cpu_memory(on_gpu, smol, torch.device("cuda"), ram)
     assert (on_gpu.train.micro_batch_size, on_gpu.train.grad_accum) == (2, 4)
