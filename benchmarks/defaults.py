@@ -64,9 +64,10 @@ def chat_data(path: Path, n: int, tokenizer_dir: Path, tokens: int = 4096, lengt
         words = lambda k: " ".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=k))  # noqa: E731
         messages = [{"role": "user", "content": words(want // 2)},
                     {"role": "assistant", "content": words(want // 2)}]
-        while (excess := len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
-                                 verbose=False)["input_ids"]) - want) > 0:
-            messages[1]["content"] = messages[1]["content"][:-2 * excess]  # a letter and its space: a token
+        for m in (messages[1], messages[0]):  # the answer's letters first; each turn keeps one at least
+            while (excess := len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False,
+                                     verbose=False)["input_ids"]) - want) > 0 and len(m["content"]) > 1:
+                m["content"] = m["content"][:max(1, len(m["content"]) - 2 * excess)]  # a letter and its space: a token
         lines.append(json.dumps({"messages": messages}))
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -46,3 +46,18 @@ def test_the_baseline_gets_the_same_conversations_rendered(tmp_path):
     texts = [json.loads(line)["text"] for line in rendered(chats, TOKENIZER).read_text().splitlines()]
     conversations = [json.loads(line)["messages"] for line in chats.read_text().splitlines()]
     assert texts == [tok.apply_chat_template(m, tokenize=False) for m in conversations]
+
+
+def test_a_template_with_a_long_default_system_prompt_still_gets_an_answer_in_every_chat(tmp_path):
+    """SmolLM2's template adds a system prompt of its own: a 64-token chat once lost its whole answer,
+    which nanotune rightly refuses as an empty assistant turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.chat_template = "<|im_start|>system\n" + "You are a helpful assistant. " * 6 + "<|im_end|>\n" + \
+        tok.chat_template
+    tok.save_pretrained(tmp_path / "tok")
+    path = chat_data(tmp_path / "chats.jsonl", 200, tmp_path / "tok", lengths="instruction")
+    chats = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    assert all(m["content"].strip() for chat in chats for m in chat)
+    assert min(_lengths(path, tok)) >= 64  # the lengths asked for, as before
