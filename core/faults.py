@@ -217,15 +217,12 @@ def run(parse, train) -> int:
         return fail(f"error: {oom_report(e, cfg)}", 3)
     except KeyboardInterrupt:
         return fail("stopped at once by Ctrl-C: nothing saved since the last checkpoint", 130)
-    except RuntimeError as e:  # a collective broken by another rank's exit: that rank says why
-        if not peer_failure(e):
-            record_error(crash_line(e))
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every rank left
-            print(f"error: {peer_failure(e)}", file=sys.stderr)
-        return 1  # no error file: torchrun's root cause stays the rank that failed first
-    except Exception as e:  # a bug: its traceback, and its last line for torchrun's summary
-        record_error(crash_line(e))
+    except Exception as e:
+        if isinstance(e, RuntimeError) and peer_failure(e):  # a collective broken by another rank's exit
+            if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every rank left; that rank says why
+                print(f"error: {peer_failure(e)}", file=sys.stderr)
+            return 1  # no error file: torchrun's root cause stays the rank that failed first
+        record_error(crash_line(e))  # a bug: its traceback, and its last line for torchrun's summary
         raise
     finally:
         teardown()
