@@ -49,6 +49,10 @@
 #   quant          GPU tests (FP8 loss parity incl. one-rank FSDP2 with FP8 all-gather, QAT on CUDA, LoRA on
 #                  a GPTQ checkpoint), then bf16 vs FP8 on a stack of LAYERS blocks (default 8; SEQ 4096,
 #                  MBS 2, STEPS 60, EXTRA "--attn flash")
+#   fp8-parity     how far FP8's 1B loss curve lies from bf16's beside how far bf16's own curve moves with
+#                  the optimizer's precision or eager kernels: test_fp8's run (40 steps, seq 1024, 4 x 4) at
+#                  lr 3e-4 and 1e-4, plain bf16 / bf16-mixed / adamw-sr, each with and without --fp8
+#                  tensorwise, three runs at a time; losses every 5 steps in $OUT/fp8-parity.txt
 #   profile [ROW...]  where a step's GPU time goes (profile_step.py): one train.py run per ROW (its flags),
 #                  steps 5-6 under torch.profiler (kernel time by category, idle gaps), steps 8-14 timed
 #                  without it; MODEL (llama3-8b), SEQ (4096), MBS (1), ADAPTER (--lora; --qlora; empty: full
@@ -66,7 +70,7 @@ OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 fast="--attn flash --lora-kernels --compile"
 sub=${1:-}; shift || true
-case " defaults defaults-lora defaults-qlora defaults-full small small-lora small-full graphs lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant profile " in
+case " defaults defaults-lora defaults-qlora defaults-full small small-lora small-full graphs lora qlora lora-variants full full-variants lean real-length attention fp8 fp8-base quant fp8-parity profile " in
   *" $sub "*) ;;
   *) sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-; exit 2 ;;
 esac
@@ -91,6 +95,34 @@ table() {  # NAME COMMAND...: output in $OUT/NAME.log, then the table $OUT/NAME.
   "$@" > "$OUT/$name.log" 2>&1
   echo "== $name: exit $?"
   cat "$OUT/$name.md" 2>/dev/null || tail -n 20 "$OUT/$name.log"
+}
+
+fp8_parity() {  # the fp8-parity runs, three at a time (two bf16-mixed runs beside a third fill an 80 GB card)
+  local base="--model llama3.2-1b --packing --seq-len 1024 --micro-batch-size 4 --max-steps 40 --log-every 5
+    --val-dataset none --skip-export"
+  local hi="--compile --lr 3e-4 --warmup-steps 5" lo="--compile --lr 1e-4 --warmup-steps 10"
+  local runs=("bf16|--precision bf16 $hi" "mixed|--precision bf16-mixed $hi" "sr|--precision bf16 --optimizer adamw-sr $hi"
+    "fp8|--precision bf16 --fp8 tensorwise $hi" "fp8-mixed|--precision bf16-mixed --fp8 tensorwise $hi"
+    "fp8-sr|--precision bf16 --optimizer adamw-sr --fp8 tensorwise $hi" "bf16-eager|--precision bf16 ${hi/--compile/--no-compile}"
+    "mixed-eager|--precision bf16-mixed ${hi/--compile/--no-compile}" "lo|--precision bf16 $lo"
+    "lo-eager|--precision bf16 ${lo/--compile/--no-compile}" "fp8-lo|--precision bf16 --fp8 tensorwise $lo"
+    "mixed-lo|--precision bf16-mixed $lo")
+  local i=0 run
+  for run in "${runs[@]}"; do
+    # shellcheck disable=SC2086  # word-split the flags
+    python train.py $base ${run#*|} --output-dir "$OUT/fp8-parity/${run%%|*}" > "$OUT/fp8-parity-${run%%|*}.log" 2>&1 &
+    (( ++i % 3 )) || wait
+  done
+  wait
+  python - "$OUT/fp8-parity" "${runs[@]%%|*}" <<'PY' | tee "$OUT/fp8-parity.txt"
+import json, sys
+for name in sys.argv[2:]:
+    try:
+        records = [json.loads(line) for line in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
+        print(f"{name:12s}", " ".join(f"{r['loss']:.3f}" for r in records if "loss" in r))
+    except OSError:
+        print(f"{name:12s} failed: see fp8-parity-{name}.log")
+PY
 }
 
 profile() {  # ROW...: one profiled train.py run per ROW; MODEL SEQ MBS ADAPTER GA NPROC as above
@@ -250,6 +282,9 @@ quant)
     --extra "$EXTRA" --out "$OUT/fp8-runs" > "$OUT/fp8.md" 2> "$OUT/fp8.err"
   rm -rf "$OUT"/fp8-runs/*/checkpoints
   cat "$OUT/fp8.md"
+  ;;
+fp8-parity)
+  fp8_parity
   ;;
 profile)
   if [ $# -gt 0 ]; then

@@ -111,15 +111,17 @@ def test_fsdp_scale_hook_only_for_tensorwise():
 FP8_GPU = pytest.mark.skipif(fp8.hardware_problem() is not None, reason=f"{fp8.hardware_problem()}")
 # FP8's loss tracks bf16 from the same init and data: every logged window within 0.2 nats, the last
 # within 3% (torchtitan reports loss curves on top of each other at 8B). Not 3% at every window: where
-# the loss falls fastest a one-step lead or lag alone reads as 3% (rowwise: 3.42 vs 3.53 at step 20).
+# the loss falls fastest a one-step lead or lag alone reads as 3%. lr 1e-4, not 3e-4: there the early
+# gradient spike moves bf16's own curve 0.86 nats when only the optimizer's precision changes, so FP8's
+# distance measured the spike (benchmarks/results/2026-12-06-fp8-parity-h100.md).
 PARITY_NATS, PARITY_REL = 0.2, 0.03
 
 
 def _losses(tmp_path, name, *flags) -> list[float]:
     out = tmp_path / name.replace(" ", "_")
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", "llama3.2-1b", "--precision", "bf16", "--packing",
-           "--seq-len", "1024", "--micro-batch-size", "4", "--max-steps", "40", "--log-every", "5", "--lr", "3e-4",
-           "--warmup-steps", "5", "--val-dataset", "none", "--skip-export", "--output-dir", str(out), *flags]
+           "--seq-len", "1024", "--micro-batch-size", "4", "--max-steps", "40", "--log-every", "5", "--lr", "1e-4",
+           "--warmup-steps", "10", "--val-dataset", "none", "--skip-export", "--output-dir", str(out), *flags]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
