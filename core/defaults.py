@@ -146,7 +146,8 @@ def step_rows(cfg, samples: list, model_config, device: torch.device) -> None:
     CPU, cpu_memory."""
     packed_rows(cfg, samples)
     micro_batch(cfg, model_config, device)
-    cpu_memory(cfg, model_config, device)
+    unpacked = samples and not cfg.packing.packing  # padded to a batch's longest sample, not to --seq-len
+    cpu_memory(cfg, model_config, device, row_tokens=max(len(s.input_ids) for s in samples) if unpacked else None)
 
 
 def packed_rows(cfg, samples: list) -> None:
@@ -192,10 +193,13 @@ CPU_ACTIVATIONS = {"adapters": 4, "full": 2}
 RAM_SHARE = 0.8  # past the machine's memory the kernel kills the process, with no message
 
 
-def cpu_memory(cfg, model_config, device: torch.device, ram_bytes: int | None = None) -> None:
+def cpu_memory(cfg, model_config, device: torch.device, ram_bytes: int | None = None,
+               row_tokens: int | None = None) -> None:
     """On a CPU: micro-batches of 1 row (the step keeps its rows) where the automatic ones would pass
     RAM_SHARE of the machine's memory by the estimate; a micro-batch that passes it even so is refused at
-    start-up, naming the --seq-len that fits, instead of a kill midway. Ranks on one machine share it."""
+    start-up, naming the --seq-len that fits, instead of a kill midway. Ranks on one machine share it.
+    row_tokens: the longest row when rows are padded to their samples (unpacked), not --seq-len long;
+    --ac full (or --alst) and a loss that never holds the logits count as the memory they save."""
     if device.type != "cpu" or is_demo(cfg) or not _estimable(model_config):
         return
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share it
@@ -203,9 +207,11 @@ def cpu_memory(cfg, model_config, device: torch.device, ram_bytes: int | None = 
     counted = estimate_bytes(cfg, model_config, 0)  # the weights, bf16 unless a full fine-tune's fp32 + Adam
     adapters = adapters_on(cfg.lora)
     weights, times = (2 * counted, CPU_ACTIVATIONS["adapters"]) if adapters else (counted, CPU_ACTIVATIONS["full"])
+    tokens = min(cfg.data.seq_len, row_tokens or cfg.data.seq_len)
+    per_token = times * activation_bytes(cfg, model_config, logits=True, memory_flags=True)
 
     def need(rows: int) -> float:
-        return weights + times * (estimate_bytes(cfg, model_config, rows, logits=True) - counted)
+        return weights + rows * tokens * per_token
 
     t, auto = cfg.train, _auto_batch(cfg)
     if auto and t.micro_batch_size > 1 and need(t.micro_batch_size) > RAM_SHARE * ram:
@@ -215,12 +221,13 @@ def cpu_memory(cfg, model_config, device: torch.device, ram_bytes: int | None = 
                             f"{ram / 2**30:.0f} GiB memory)"
         cfg.auto[auto[1]] = f"--grad-accum {rows} (auto: 1 x {rows}, {rows} rows a step)"
     if need(t.micro_batch_size) > RAM_SHARE * ram:
-        per_token = (need(t.micro_batch_size) - weights) / (t.micro_batch_size * cfg.data.seq_len)
         fits = max(0, int((RAM_SHARE * ram - weights) / (per_token * t.micro_batch_size)) // 64 * 64)
         raise UserError(f"--seq-len {cfg.data.seq_len} x --micro-batch-size {t.micro_batch_size}: a step on this CPU "
                         f"would take ~{need(t.micro_batch_size) / 2**30:.0f} of its {ram / 2**30:.0f} GiB memory; "
                         f"pass --seq-len {fits} (longer samples are dropped, or cut with --truncation truncate)"
-                        + (", --micro-batch-size 1" if t.micro_batch_size > 1 else "") + ", or train on a GPU")
+                        + (", --micro-batch-size 1" if t.micro_batch_size > 1 else "")
+                        + (", --alst (recomputes activations)" if cfg.checkpointing.ac != "full" else "")
+                        + ", or train on a GPU")
 
 
 def _estimable(c) -> bool:
@@ -241,12 +248,25 @@ def estimate_bytes(cfg, c, micro_batch_size: int, logits: bool = False) -> float
     LoRA MLP keeps two intermediates since those were measured, not three: for it the estimate errs high.
     logits: a frozen head's full-logits loss keeps bf16 logits and their gradient, 4 bytes a token and
     vocabulary entry (measured: 3.4, full logits against --loss-chunk 256 on the 8B shape)."""
-    h, layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     linear, tables = _weights(c)
     full = not adapters_on(cfg.lora)
     per_weight = 16 if full else 0.53 if cfg.lora.qlora else 1 if cfg.lora.lora_8bit else 2
-    per_token = layers * (12 * h + 6 * inter) + (8 * vocab if full else 4 * vocab if logits else 0)
+    per_token = activation_bytes(cfg, c, logits)
     return linear * per_weight + tables * (16 if full else 2) + micro_batch_size * cfg.data.seq_len * per_token
+
+
+def activation_bytes(cfg, c, logits: bool, memory_flags: bool = False) -> float:
+    """A step's stored bytes a token (estimate_bytes says what). memory_flags (the CPU's estimate, not
+    measured on a GPU): --ac full (--alst sets it) keeps each layer's input and one layer's activations
+    at a time; --loss chunked, cce and liger keep no logits."""
+    h, layers, inter, vocab = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    layer, full = 12 * h + 6 * inter, not adapters_on(cfg.lora)
+    decoder, head = layers * layer, 8 * vocab if full else 4 * vocab if logits else 0
+    if memory_flags and cfg.checkpointing.ac == "full":
+        decoder = layers * 2 * h + layer
+    if memory_flags and cfg.loss.loss in ("chunked", "cce", "liger"):
+        head = 0
+    return decoder + head
 
 
 def _weights(c) -> tuple[int, int]:
