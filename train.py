@@ -218,8 +218,9 @@ def train(cfg: Config) -> dict:
     say(f"model: {cfg.model.path}, {total_params / 1e6:.1f}M params ({trainable / 1e6:.1f}M trainable), "
         f"{run.precision}{lora.quantized_base(cfg.lora)} on {d.device}, world size {d.world_size}")
 
-    if notice := optim.rounding_notice(cfg, run.precision):
-        say(notice)
+    for notice in (overrides.context_notice(cfg, model_config), optim.rounding_notice(cfg, run.precision)):
+        if notice:
+            say(notice)
 
     # ---- optimizer, schedule, resume
     optimizer = optim.build_optimizer(model, cfg.optim, d.device, compile.backend(cfg.compile))

@@ -476,7 +476,7 @@ def seq_len(cfg, longest: int | None, context: int | None) -> int:
     if longest is not None and not is_demo(cfg) and cfg.packing.packing and want < REAL["packed_row"]:
         want, why = REAL["packed_row"], f"packed rows; longest sample {longest} tokens"
     if context and want > context:
-        want, why = context, f"{why}, capped at the model's context {context}"
+        want, why = context, f"{why}, capped at the model's context {context}; --rope-scaling stretches it"
     cfg.auto.append(f"--seq-len {want} (auto: {why})")
     return want
 

@@ -15,6 +15,7 @@ scaling, low/high frequency factors 1 and 4).
 
 import dataclasses
 import json
+import math
 from typing import Literal
 
 from core import UserError
@@ -84,3 +85,20 @@ def apply_overrides(config, cfg: OverridesConfig):
         except (ValueError, KeyError) as e:
             raise UserError(f"--rope-scaling {cfg.rope_scaling}: transformers refused it ({e})") from e
     return config
+
+
+def context_notice(cfg, config) -> str | None:
+    """The log's line on the context (cfg: train.py's Config): what --rope-scaling made of it, and a
+    --seq-len past it, whose positions the model never saw in pretraining (trained all the same)."""
+    o, seq, context = cfg.overrides, cfg.data.seq_len, getattr(config, "max_position_embeddings", None)
+    if not context:
+        return None
+    if o.rope_scaling == "dynamic":
+        return f"context: --rope-scaling dynamic rescales RoPE past {context:,} tokens, with each sequence's length"
+    scaled = f"--rope-scaling {o.rope_scaling} x{o.rope_factor:g} makes the context {context:,} tokens"
+    if seq <= context:
+        return f"context: {scaled}" if o.rope_scaling != "none" else None
+    factor = 2 ** math.ceil(math.log2(seq * (o.rope_factor if o.rope_scaling != "none" else 1) / context))
+    past = (f"--seq-len {seq:,} is past the model's context of {context:,} tokens (max_position_embeddings): "
+            f"positions past it were never pretrained; --rope-scaling yarn --rope-factor {factor:g} stretches it")
+    return f"context: {scaled}, and {past}" if o.rope_scaling != "none" else f"context: {past}"

@@ -59,3 +59,23 @@ def test_train_py_with_rope_scaling(tmp_path, small_data):
                      "--rope-scaling", "linear", "--rope-factor", "2") == 0
     saved = json.loads((out / "final" / "config.json").read_text())
     assert saved["rope_parameters"]["rope_type"] == "linear" and saved["max_position_embeddings"] == 8192
+
+
+@pytest.mark.parametrize("rope, seq_len, want", [
+    ({}, 4096, None),  # inside tiny-llama's 4,096-token context: nothing to say
+    ({}, 10240, ["context: --seq-len 10,240 is past the model's context of 4,096 tokens (max_position_embeddings): "
+                 "positions past it were never pretrained; --rope-scaling yarn --rope-factor 4 stretches it"]),
+    ({"rope_scaling": "yarn", "rope_factor": 2.0}, 8192, ["context: --rope-scaling yarn x2 makes the context 8,192 "
+                                                          "tokens"]),
+    ({"rope_scaling": "yarn", "rope_factor": 2.0}, 10000, ["--rope-scaling yarn x2 makes the context 8,192 tokens, and "
+                                                           "--seq-len 10,000 is past", "--rope-factor 4 stretches it"]),
+    ({"rope_scaling": "dynamic", "rope_factor": 2.0}, 10000, ["context: --rope-scaling dynamic rescales RoPE past "
+                                                              "4,096 tokens"]),
+])
+def test_the_log_says_what_the_context_is_and_when_seq_len_passes_it(tok, rope, seq_len, want):
+    from features.overrides import context_notice
+
+    cfg = train_config(overrides=OverridesConfig(**rope), **{"data.seq_len": seq_len})
+    config = apply_overrides(load_config(ModelConfig("tiny-llama"), tok), cfg.overrides)
+    notice = context_notice(cfg, config)
+    assert notice is None if want is None else all(part in notice for part in want), notice
