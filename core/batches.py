@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from core import UserError
+from core import UserError, count
 from core.data import Sample
 from core.packing import best_fit_decreasing, collate_packed
 
@@ -96,8 +96,8 @@ class StepBatches:
         """The run log's line on the steps and on how full the rows are."""
         left = self.dropped(0)
         ranks = " on every rank" if self.world > 1 else ""
-        left = f" ({left} samples an epoch left out to keep every step full{ranks})" if left else ""
-        return (f"data: {self.steps_in_epoch(0):,} steps an epoch{left}, {total_steps:,} in all; "
+        left = f" ({count(left, 'sample')} an epoch left out to keep every step full{ranks})" if left else ""
+        return (f"data: {count(self.steps_in_epoch(0), 'step')} an epoch{left}, {total_steps:,} in all; "
                 f"{100 * self.efficiency(0):.1f}% of token slots hold real tokens"
                 + (" (packed)" if self.pack_to else " (padded)"))
 

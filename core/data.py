@@ -33,7 +33,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from core import UserError, data_cache
+from core import UserError, count, data_cache
 from core.chat import template_drops, tokenize_chat
 from core.records import IGNORE, BadRecord, Record, Sample, encodable
 from core.sources import read_records
@@ -81,7 +81,7 @@ class DataConfig:
 @dataclasses.dataclass
 class Split:
     samples: list[Sample]
-    stats: dict  # counts: records, samples, dropped_too_long, truncated, dropped_untrained, tokens
+    stats: dict  # counts: records, samples, dropped_too_long, truncated, dropped_untrained, cut_untrained, tokens
 
 
 def validate(cfg) -> None:
@@ -229,19 +229,20 @@ def _tokenize_as(record: dict, fmt: str, where: str, tok) -> Sample:
 
 def _fit(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], dict]:
     """Apply --seq-len: drop or cut long samples, drop samples left with no trained target."""
-    kept, stats = [], dict(dropped_too_long=0, truncated=0, dropped_untrained=0)
+    kept, stats = [], dict(dropped_too_long=0, truncated=0, dropped_untrained=0, cut_untrained=0)
     for s in samples:
-        if len(s.input_ids) > cfg.seq_len:
-            if cfg.truncation == "drop":
-                stats["dropped_too_long"] += 1
-                continue
-            stats["truncated"] += 1
-            cut = cfg.seq_len
-            whole = (s.response_end or len(s.input_ids)) <= cut  # a cut answer is no exact-match reference
-            s = Sample(s.input_ids[:cut], s.labels[:cut], *((s.prompt_len, s.response_end) if whole else (0, None)))
-        if all(label == IGNORE for label in s.labels[1:]):  # the first token is never a target
-            stats["dropped_untrained"] += 1
+        cut = len(s.input_ids) > cfg.seq_len
+        if cut and cfg.truncation == "drop":
+            stats["dropped_too_long"] += 1
             continue
+        if cut:
+            whole = (s.response_end or len(s.input_ids)) <= cfg.seq_len  # a cut answer is no exact-match reference
+            s = Sample(s.input_ids[:cfg.seq_len], s.labels[:cfg.seq_len],
+                       *((s.prompt_len, s.response_end) if whole else (0, None)))
+        if all(label == IGNORE for label in s.labels[1:]):  # the first token is never a target
+            stats["cut_untrained" if cut else "dropped_untrained"] += 1
+            continue
+        stats["truncated"] += cut
         kept.append(s)
     return kept, stats
 
@@ -305,7 +306,8 @@ def _no_samples(records: int, stats: dict, fmt: str, cfg: DataConfig, source: st
                 f"out; the first: {stats['first_bad']}")
     counts = [(stats.get("skipped_bad", 0), "bad (--skip-bad-samples)"),
               (stats.get("dropped_too_long", 0), "longer than --seq-len"),
-              (stats.get("dropped_untrained", 0), "with no trained token within --seq-len")]
+              (stats.get("dropped_untrained", 0) + stats.get("cut_untrained", 0),
+               "with no trained token within --seq-len")]
     why = ", ".join(f"{n} {what}" for n, what in counts if n)
     if fmt == "pretrain":
         hint = "lower --seq-len"
@@ -435,13 +437,15 @@ NOTES = ("no_validation", "too_long", "template_drops", "rendered_chats")  # sen
 
 
 _COUNTED = (("dropped_too_long", "dropped as longer than --seq-len"), ("truncated", "cut to --seq-len"),
+            ("cut_untrained", "dropped as cut to --seq-len before their first trained token"),
             ("dropped_untrained", "dropped with no token to train"), ("skipped_bad", "bad records skipped"),
             ("dropped_tail_tokens", "tokens after the last full block left out"))
 
 
 def _counts(stats: dict) -> str:
     """A split's stats as the log's words: '285 samples from 285 records, 9,245 tokens; 3 cut to --seq-len'."""
-    parts = [f"{stats['samples']:,} samples from {stats['records']:,} records, {stats['tokens']:,} tokens"]
+    parts = [f"{count(stats['samples'], 'sample')} from {count(stats['records'], 'record')}, "
+             f"{count(stats['tokens'], 'token')}"]
     parts += [f"{stats[key]:,} {words}" for key, words in _COUNTED if stats.get(key)]
     if stats.get("first_bad"):
         parts.append(f"the first: {stats['first_bad']}")

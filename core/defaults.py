@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from core import UserError, compat
+from core import UserError, compat, count
 from core.config import adapters_on
 
 DEMO_PREFIX = "tiny-"  # the embedded demo's presets: ~1M parameters, sized for a CPU
@@ -525,6 +525,6 @@ def warmup_steps(cfg, total_steps: int) -> None:
         why = "the demo" if value == DEMO["warmup_steps"] else f"the demo: a tenth of {total_steps} steps"
     else:
         ratio = REAL["warmup_ratio"]
-        value, why = max(1, round(ratio * total_steps)), f"{100 * ratio:g}% of {total_steps} steps"
+        value, why = max(1, round(ratio * total_steps)), f"{100 * ratio:g}% of {count(total_steps, 'step')}"
     cfg.optim.warmup_steps = value
     cfg.auto.append(f"--warmup-steps {value} (auto: {why})")

@@ -134,7 +134,9 @@ def test_sample_with_only_prompt_left_after_truncation_is_dropped(tmp_path, tok)
                        + [{"instruction": "Copy.", "output": "y"}])
     train, _ = load_splits(DataConfig(dataset=str(path), seq_len=20, val_dataset="none",
                                       truncation="truncate"), tok)
-    assert train.stats["dropped_untrained"] == 2 and len(train.samples) == 1
+    assert train.stats["cut_untrained"] == 2 and len(train.samples) == 1
+    assert not train.stats["truncated"] and not train.stats["dropped_untrained"]  # each sample counted once
+    assert "; 2 dropped as cut to --seq-len before their first trained token" in describe(train, None)
 
 
 def test_pretrain_packs_documents_into_full_blocks(tmp_path, tok):

@@ -101,7 +101,7 @@ def _check_fuzzed_file(path: Path, n_lines: int, fmt: str, tok) -> None:
         OUTCOMES["--skip-bad-samples: skipped and counted, rest loaded"] += 1
     if fmt != "pretrain":  # every record is a sample, or dropped and counted, or skipped and counted
         assert stats["records"] == (stats["samples"] + stats.get("skipped_bad", 0) + stats["dropped_too_long"]
-                                    + stats["dropped_untrained"]), stats
+                                    + stats["dropped_untrained"] + stats["cut_untrained"]), stats
 
 
 @FUZZ

@@ -35,6 +35,13 @@ def test_packing_is_deterministic_per_seed_and_redrawn_per_epoch():
     assert StepBatches(samples, 1, 1, seed=4, pad_id=0, pack_to=256).rows(0) != a.rows(0)
 
 
+def test_the_steps_line_counts_in_words():
+    one = StepBatches([Sample([1, 2], [1, 2], 0)] * 3, 2, 1, seed=0, pad_id=0)  # 1 step of 2 rows, 1 row left
+    assert one.describe(1).startswith("data: 1 step an epoch (1 sample an epoch left out to keep every step full), ")
+    many = StepBatches([Sample([1, 2], [1, 2], 0)] * 4101, 2, 1, seed=0, pad_id=0)
+    assert many.describe(9).startswith("data: 2,050 steps an epoch (1 sample an epoch left out")
+
+
 def test_a_fraction_of_an_epoch_rounds_up_but_not_on_float_error():
     plan = StepBatches([Sample([1, 2], [1, 2], 0)] * 625, 1, 1, seed=0, pad_id=0)
     assert plan.total_steps(1.6) == 625 + 375  # (1.6 - 1) x 625 = 375.00000000000006 in floats
