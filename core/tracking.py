@@ -1,6 +1,6 @@
 """Weights & Biases tracking: the run's metrics.jsonl mirrored to W&B, with its config, git SHA and code.
 
-    python train.py --wandb --wandb-project my-ablation --run-name lr3e-3 --wandb-tags lr,baseline
+    python train.py --wandb --wandb-project my-ablation --run-name lr3e-3 --wandb-tags lr baseline
     WANDB_MODE=offline python train.py --wandb        # no network: `wandb sync runs/<dir>/wandb/...` later
 
 Every record that `core/runlog.py`'s MetricsLog writes goes to W&B too (rank 0 only), at the same step,
@@ -8,7 +8,8 @@ with grouped keys: `train/loss`, `train/lr`, `train/grad_norm`; `perf/tokens_per
 `perf/tokens`, `perf/eta_s`; `mem/peak_gib`; `eval/val_loss`, `eval/exact_match`, `eval/seconds`. The
 W&B config is the resolved nanotune config plus `run.json` (argv, git SHA, dirty flag, versions,
 device); the source (train.py, core/, features/, launch/) is logged as a code artifact and `git.diff` as
-a file. W&B's own environment variables apply (WANDB_MODE=offline|disabled, WANDB_API_KEY, WANDB_DIR).
+a file. W&B's own environment variables apply (WANDB_MODE=offline|disabled, WANDB_API_KEY, WANDB_DIR:
+its files go there, else under the run directory).
 
 Reference: cleanrl's `--track` (vwxyzjn/cleanrl), W&B's `wandb.init` / `Run.log` / `Run.log_code`.
 Works with every other flag (it only reads the log). Needs `pip install wandb`.
@@ -19,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import warnings
 from pathlib import Path
 
 from core import UserError
@@ -52,7 +52,8 @@ def validate(cfg) -> None:
     t = cfg.tracking
     if not t.wandb:
         if t.wandb_entity or t.wandb_group or t.wandb_tags or t.wandb_project != "nanotune":
-            warnings.warn("--wandb-project/--wandb-entity/--wandb-group/--wandb-tags do nothing without --wandb")
+            raise UserError("--wandb-project / --wandb-entity / --wandb-group / --wandb-tags do nothing without "
+                            "--wandb; add --wandb, or drop them")
         return
     try:
         import wandb  # noqa: F401
@@ -102,7 +103,8 @@ def apply_tracking(log, cfg, run_dir: Path) -> None:
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     run_id = _run_id(run_dir)
     run = wandb.init(project=t.wandb_project, entity=t.wandb_entity, name=t.run_name or run_dir.name,
-                     group=t.wandb_group, tags=list(t.wandb_tags), dir=str(run_dir),
+                     group=t.wandb_group, tags=list(t.wandb_tags),
+                     dir=os.environ.get("WANDB_DIR") or str(run_dir),
                      config={**dataclasses.asdict(cfg), "run": info}, resume="allow",
                      id=None if os.environ.get("WANDB_SWEEP_ID") else run_id,  # a sweep's agent names its run
                      settings=wandb.Settings(quiet=True))  # the run's link, not W&B's history and summary

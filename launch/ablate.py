@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -58,11 +59,24 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--slurm", action="store_true", help="render <out>/<name>/array.sbatch instead of running")
     p.add_argument("--submit", action="store_true", help="with --slurm: sbatch the array")
-    p.add_argument("--nodes", type=int, default=1, help="with --slurm: nodes per run")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="with --slurm: GPUs per node")
-    p.add_argument("--parallel", type=int, default=0, help="with --slurm: most array tasks at once (0: no cap)")
+    p.add_argument("--nodes", type=int, help="with --slurm: nodes per run (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="with --slurm: GPUs per node (default 8)")
+    p.add_argument("--parallel", type=int, help="with --slurm: most array tasks at once (default: no cap)")
     args = p.parse_args(argv)
     args.common, args.argv = common, full
+    slurm_only = [f"--{k.replace('_', '-')}" for k in ("submit", "nodes", "gpus_per_node", "parallel")
+                  if getattr(args, k) not in (None, False)]
+    if slurm_only and not args.slurm:
+        verb = "go" if len(slurm_only) > 1 else "goes"
+        p.error(f"{', '.join(slurm_only)} {verb} with --slurm (a job array); add --slurm, or drop them to run here")
+    args.nodes, args.gpus_per_node, args.parallel = args.nodes or 1, args.gpus_per_node or 8, args.parallel or 0
+    if own := [f for f in common if f.split("=")[0] in OWN]:
+        p.error(f"{own[0]} is ablate.py's own option: put it before `--` (what follows `--` goes to train.py)")
+    for axis in args.vary:
+        try:
+            [shlex.split(alt) for alt in axis.split("|")]
+        except ValueError as e:
+            p.error(f"--vary {axis!r}: {e}; close each quote within its alternative")
     if not re.fullmatch(r"[\w.-]+", args.name):
         p.error(f"name {args.name!r}: use letters, digits, '.', '-', '_' (it names a directory)")
     if not args.vary:
@@ -73,6 +87,8 @@ def parse_args(argv=None):
     return args
 
 
+OWN = ("--vary", "--seeds", "--out", "--gpus", "--jobs", "--force", "--dry-run", "--slurm", "--submit", "--nodes",
+       "--gpus-per-node", "--parallel")
 SET_HERE = {"--seed": "from --seeds", "--output-dir": "<out>/<name>/<config>/seed<N>",
             "--run-name": "<name>/<config>/seed<N>", "--wandb-group": "the ablation's name"}
 
@@ -155,17 +171,26 @@ def _tag(run: dict) -> dict:
 
 
 def finished(run: dict) -> bool:
-    """Ran with these flags, exited 0 and trained to its last step (a run stopped by a signal exits 0
-    after saving a checkpoint; it is not finished, and --resume auto continues it)."""
-    return _tag(run).get("exit_code") == 0 and compare.complete(Path(run["run_dir"]))
+    """Trained to its last step and exited 0, or saved its final model before it was killed (a run
+    stopped by a signal exits 0 after saving a checkpoint; it is not finished, --resume auto continues it)."""
+    done = _tag(run).get("exit_code") == 0 or (Path(run["run_dir"]) / "final").is_dir()
+    return done and compare.complete(Path(run["run_dir"]))
+
+
+def _holds_results(run: dict) -> bool:
+    """A checkpoint that --resume auto would continue from, or a final model (written whole or not at all)."""
+    out = Path(run["run_dir"])
+    return (out / "final").is_dir() or any((out / "checkpoints").glob("step_*/trainer_state.json"))
 
 
 def ran_otherwise(runs: list[dict]) -> list[dict]:
     """Runs whose directory holds results of other flags (the shared flags after `--` changed, say): they
-    would be kept, or continued, under the new command. A failed run of other flags just runs again."""
+    would be kept, or continued, under the new command. Also when that run was stopped with ablate.py,
+    which then recorded no exit code. A failed run of other flags with nothing saved just runs again."""
     def ran(tag: dict):
         return tag.get("train_args", shlex.split(tag.get("command", ""))[2:] or None)
-    return [r for r in runs if (t := _tag(r)).get("exit_code") == 0 and ran(t) not in (None, r["train_args"])]
+    return [r for r in runs if ran(t := _tag(r)) not in (None, r["train_args"])
+            and (t.get("exit_code") == 0 or _holds_results(r))]
 
 
 def _train_py() -> str:
@@ -174,36 +199,72 @@ def _train_py() -> str:
 
 
 def run_local(runs: list[dict], slots: list[str]) -> int:
-    """Run train.py for each run, len(slots) at a time; a slot 'gpu:<id>' pins it with CUDA_VISIBLE_DEVICES."""
+    """Run train.py for each run, len(slots) at a time; a slot 'gpu:<id>' pins it with CUDA_VISIBLE_DEVICES.
+    Stopped itself (Ctrl-C, SIGTERM), it stops the runs it started, which save a checkpoint, records how
+    each ended, and exits: the same command continues them."""
     train_py = _train_py()
     pending, active, failed = list(enumerate(runs, 1)), {}, 0
-    while pending or active:
-        for slot in [s for s in slots if s not in active]:
-            if not pending:
-                break
-            i, run = pending.pop(0)
-            env = dict(os.environ)
-            if slot.startswith("gpu:"):
-                env["CUDA_VISIBLE_DEVICES"] = slot[4:]
-            elif len(slots) > 1:  # CPU runs side by side: each its share of the cores, not all of them
-                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(slots))))
-            log = open(Path(run["run_dir"]) / "train.log", "a")  # a resumed run keeps its first part's log
-            cmd = [sys.executable, train_py, "--resume", "auto", *run["train_args"]]
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            active[slot] = (i, run, proc, log, time.time())
-        time.sleep(0.2)
-        for slot, (i, run, proc, log, t0) in list(active.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del active[slot]
-            tag_run(run, exit_code=proc.returncode, seconds=round(time.time() - t0, 1))
-            failed += proc.returncode != 0
-            where = f" on GPU {slot[4:]}" if slot.startswith("gpu:") else ""
-            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log.name})"
-            print(f"[{i}/{len(runs)}] {run['config']} seed {run['seed']}{where}: {status} "
-                  f"in {time.time() - t0:.0f} s", flush=True)
+    signal.signal(signal.SIGTERM, _stopped)
+    try:
+        while pending or active:
+            for slot in [s for s in slots if s not in active]:
+                if not pending:
+                    break
+                i, run = pending.pop(0)
+                active[slot] = (i, run, *_start(run, slot, len(slots), train_py), time.time())
+            time.sleep(0.2)
+            for slot, (i, run, proc, log, t0) in list(active.items()):
+                if proc.poll() is not None:
+                    del active[slot]
+                    failed += _ended(i, len(runs), run, proc, log, t0, slot)
+    except (KeyboardInterrupt, Stopped) as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runs end on their own now: no second traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"\n{'SIGTERM' if isinstance(e, Stopped) else 'Ctrl-C'}: stopping {len(active)} runs; each saves "
+              f"a checkpoint", flush=True)
+        for i, run, proc, log, t0 in active.values():
+            if isinstance(e, Stopped):  # Ctrl-C reached the runs from the terminal; a SIGTERM reached only us
+                proc.send_signal(signal.SIGTERM)
+        for slot, (i, run, proc, log, t0) in active.items():
+            proc.wait()
+            _ended(i, len(runs), run, proc, log, t0, slot)
+        print("the same command continues them", flush=True)
+        raise SystemExit(143 if isinstance(e, Stopped) else 130) from None
     return failed
+
+
+class Stopped(Exception):
+    """SIGTERM to ablate.py."""
+
+
+def _stopped(signum, frame):
+    raise Stopped
+
+
+def _start(run: dict, slot: str, n_slots: int, train_py: str):
+    env = dict(os.environ)
+    if slot.startswith("gpu:"):
+        env["CUDA_VISIBLE_DEVICES"] = slot[4:]
+    elif n_slots > 1:  # CPU runs side by side: each its share of the cores, not all of them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_slots)))
+    log = open(Path(run["run_dir"]) / "train.log", "a")  # a resumed run keeps its first part's log
+    cmd = [sys.executable, train_py, "--resume", "auto", *run["train_args"]]
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def _ended(i: int, n: int, run: dict, proc, log, t0: float, slot: str) -> bool:
+    """Record and print how a run ended; True when it failed."""
+    log.close()
+    tag_run(run, exit_code=proc.returncode, seconds=round(time.time() - t0, 1))
+    where = f" on GPU {slot[4:]}" if slot.startswith("gpu:") else ""
+    if proc.returncode:
+        status = f"FAILED (exit {proc.returncode}, see {log.name})"
+    elif stopped := compare.stopped(compare.load_run(Path(run["run_dir"]))):
+        status = f"stopped at {stopped} (the same command continues it)"
+    else:
+        status = "ok"
+    print(f"[{i}/{n}] {run['config']} seed {run['seed']}{where}: {status} in {time.time() - t0:.0f} s", flush=True)
+    return proc.returncode != 0
 
 
 def _sbatch_option(text: str, key: str) -> int:
@@ -230,6 +291,7 @@ def render_array(args, runs: list[dict]) -> str:
              f"       TRAIN_ARGS=({shlex.join(r['train_args'])}) ;;" for k, r in enumerate(runs)]
     block = (f"# >>> run (ablation {args.name}: {len(runs)} runs, rendered by launch/ablate.py)\n"
              "export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_ARRAY_TASK_ID % 1000))}\n"
+             f"NANOTUNE_DIR={shlex.quote(str(REPO))}  # run dirs and data stay relative to the submit directory\n"
              'case "${SLURM_ARRAY_TASK_ID:?submit with sbatch (a job array)}" in\n' + "\n".join(cases) +
              '\n    *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;\nesac\n# <<< run')
     text, n = re.subn(r"^# >>> run$.*?^# <<< run$", lambda _: block, text, count=1, flags=re.M | re.S)
@@ -248,13 +310,16 @@ def main(argv=None) -> int:
             shutil.rmtree(r["run_dir"], ignore_errors=True)
     if stale := ran_otherwise(runs):
         print(f"error: {stale[0]['run_dir']} (and {len(stale) - 1} more) ran with other flags than this command "
-              f"gives it; --force reruns the ablation, or give it another name", file=sys.stderr)
+              f"gives it; --force reruns the ablation, deleting a run's directory reruns that run, or give the "
+              f"ablation another name", file=sys.stderr)
         return 2
     root = write_manifest(args, runs)
     if args.slurm:
         script = root / "array.sbatch"
         script.write_text(render_array(args, runs))
-        print(f"wrote {script} ({len(runs)} array tasks); after they finish: python launch/compare.py {root}")
+        compare_py = os.path.relpath(REPO / "launch" / "compare.py")
+        print(f"wrote {script} ({len(runs)} array tasks); submit it from here; after they finish: "
+              f"python {compare_py} {root}")
         if args.submit:
             return subprocess.run(["sbatch", str(script)]).returncode
         return 0

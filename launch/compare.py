@@ -175,7 +175,8 @@ def provenance(runs: list[dict], manifest: dict) -> str:
              f"- device: {info.get('device', '?')}, world size {info.get('world_size', '?')}",
              "- versions: " + ", ".join(f"{k} {versions[k]}" for k in ("python", "torch", "transformers", "peft")
                                         if k in versions),
-             f"- {len(runs)} runs; mean ± sample standard deviation over seeds; tokens/s: mean over logging "
+             f"- {len(runs)} run{'' if len(runs) == 1 else 's'}; mean ± sample standard deviation over seeds; "
+             f"tokens/s: mean over logging "
              f"windows after step 1; peak mem: GPU peak allocated, or peak RSS on a CPU"]
     return "\n".join(line for line in lines if line)
 
@@ -233,8 +234,14 @@ def wandb_runs(path: str) -> list[dict]:
     if not entity_project or not group_name:
         raise SystemExit(f"error: --wandb-group {path}: expected entity/project/group")
     back = {v: k for k, v in WANDB_KEYS.items()}
+    try:
+        found = list(wandb.Api().runs(entity_project, filters={"group": group_name}))
+    except Exception as e:  # no login (UsageError), an unknown entity or project, no network
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: --wandb-group {path}: W&B answered: {first} (wandb login, or check the "
+                         f"entity/project/group)") from None
     runs = []
-    for run in wandb.Api().runs(entity_project, filters={"group": group_name}):
+    for run in found:
         metrics = [{"step": row["_step"], **{back.get(k, k.split("/")[-1]): v for k, v in row.items()
                                              if "/" in k and v is not None}} for row in run.scan_history()]
         config = {k: v for k, v in dict(run.config).items() if k != "run"}
@@ -251,6 +258,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.paths and not args.wandb_group:
         p.error("give run directories or --wandb-group")
+    if missing := [p for p in args.paths if not Path(p).exists()]:
+        p.error(f"{missing[0]}: no such directory")
     runs = wandb_runs(args.wandb_group) if args.wandb_group else find_runs(args.paths)
     if not runs:
         print(f"error: no runs (no metrics.jsonl) under {' '.join(args.paths)}", file=sys.stderr)

@@ -153,7 +153,7 @@ def test_slurm_array_renders_from_slurm_sbatch(tmp_path, monkeypatch):
         [torchrun] = calls(log, "torchrun")
         assert torchrun[:10] == ["--nnodes", "1", "--nproc_per_node", "2", "--rdzv_id", "77", "--rdzv_backend",
                                  "c10d", "--rdzv_endpoint", f"gpu-node-07:{29500 + task}"]  # a port per task
-        assert torchrun[10:] == ["train.py", "--resume", "auto", *runs[task]["train_args"]]
+        assert torchrun[10:] == [f"{ROOT}/train.py", "--resume", "auto", *runs[task]["train_args"]]
         assert shlex.join(runs[task]["train_args"]).endswith(
             f"--lr 1e-3 --seed 1 --output-dir {tmp_path}/pk/lr=1e-3/seed1 --run-name pk/lr=1e-3/seed1")
 
@@ -256,6 +256,58 @@ def test_ablate_refuses_reused_run_dirs_of_other_flags_and_flags_it_sets(tmp_pat
             ablate.parse_args(["x", "--vary", "--lr 1e-3", "--", flag, "5"])
     args = ablate.parse_args(["x", "--vary", "--lr 1e-3", "--", "--wandb", "--wandb-tags", "mine", "too"])
     assert ablate.plan(args)[0]["train_args"][-5:] == ["--wandb-tags", "mine", "too", "x", "lr=1e-3"]
+
+
+def test_ablate_refuses_a_stopped_run_of_other_flags_and_keeps_a_run_killed_after_its_final_model(tmp_path):
+    argv = ["lr", "--vary", "--lr 1e-3", "--out", str(tmp_path), "--", "--max-steps", "20"]
+    [run] = ablate.plan(ablate.parse_args(argv))
+    ablate.tag_run(run)  # ablate.py itself was stopped: no exit code recorded, a checkpoint saved
+    step = Path(run["run_dir"]) / "checkpoints" / "step_10"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    changed = ablate.plan(ablate.parse_args([*argv[:-1], "40"]))
+    assert ablate.ran_otherwise(changed) == changed  # --resume auto would continue it under other flags
+    assert ablate.ran_otherwise(ablate.plan(ablate.parse_args(argv))) == []  # the same command continues it
+    (Path(run["run_dir"]) / "run.json").write_text(json.dumps({"total_steps": 20}))
+    (Path(run["run_dir"]) / "metrics.jsonl").write_text(json.dumps({"step": 20, "loss": 1.0}) + "\n")
+    ablate.tag_run(run, exit_code=-9)  # killed after saving final/ (written whole or not at all)
+    assert not ablate.finished(run)
+    (Path(run["run_dir"]) / "final").mkdir()
+    assert ablate.finished(run)  # not rerun into --resume auto's refusal of a finished run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--submit", "--nodes", "4"], "--submit, --nodes go with --slurm"),
+    (["--vary", "--lr 'oops | --lr 2"], "No closing quotation; close each quote within its alternative"),
+    (["--", "--force"], "--force is ablate.py's own option: put it before `--`"),
+])
+def test_ablate_refuses_options_that_would_not_do_what_they_say(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["x", "--vary", "--lr 1e-3", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_sigterm_to_ablate_stops_its_runs_which_save_and_continue(tmp_path):
+    """ablate.py stopped by SIGTERM passes it to the run it started, records how it ended and exits; the
+    same command then continues the run from its checkpoint to the end."""
+    import signal
+    import time
+
+    argv = [sys.executable, str(ROOT / "launch/ablate.py"), "t", "--vary", "--lr 1e-3", "--out", str(tmp_path),
+            "--", "--max-steps", "3000", "--log-every", "10", "--val-dataset", "none", "--skip-export"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "t/lr=1e-3/seed0/train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and "step 10/" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert re.search(r"\[1/1\] lr=1e-3 seed 0: stopped at step \d+ of 3000 \(the same command continues it\)", out)
+    tag = json.loads((log.parent / "ablation.json").read_text())
+    assert tag["exit_code"] == 0 and list((log.parent / "checkpoints").glob("step_*"))
+    assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+                .splitlines() if str(log.parent) in line]  # no train.py left running on its own
 
 
 def test_compare_reads_a_wandb_group(tmp_path, monkeypatch):

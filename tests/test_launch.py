@@ -72,7 +72,7 @@ def test_slurm_sbatch_runs_torchrun_per_node_with_c10d_rendezvous(fake_cluster):
     assert "--ntasks-per-node=1" in srun and "--kill-on-bad-exit=1" in srun
     [torchrun] = calls(log, "torchrun")
     assert torchrun == ["--nnodes", "2", "--nproc_per_node", "4", "--rdzv_id", "4242", "--rdzv_backend", "c10d",
-                        "--rdzv_endpoint", "gpu-node-07:29500", "train.py", "--resume", "auto",
+                        "--rdzv_endpoint", "gpu-node-07:29500", "./train.py", "--resume", "auto",
                         "--output-dir", "runs/sft-4242", "--model", "tiny-llama", "--max-steps", "2"]
     out = proc.stdout
     assert "job 4242 (restart 0): 2 node(s) x 4 GPUs [gpu-node-[07-08]], rendezvous gpu-node-07:29500" in out

@@ -55,6 +55,7 @@ def test_wandb_offline_run_has_grouped_metrics_config_and_code(tmp_path, small_d
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # its files under the run directory
     out = tmp_path / "run"
     assert run_train(out, "--dataset", str(small_data), "--max-steps", "4", "--micro-batch-size", "8",
                      "--log-every", "2", "--skip-export", "--wandb", "--run-name", "lr-test",
@@ -111,7 +112,7 @@ def test_wandb_flags_are_checked(monkeypatch):
     import train
     from core import UserError
 
-    with pytest.warns(UserWarning, match="without --wandb"):
+    with pytest.raises(UserError, match=r"^--wandb-project / .* do nothing without --wandb; add --wandb, or drop"):
         train.parse_config(["--wandb-tags", "a"])
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(UserError, match="pip install wandb"):
@@ -159,6 +160,7 @@ def test_a_sweep_agent_names_the_run_and_the_output_is_quiet(tmp_path, monkeypat
 
     monkeypatch.setattr(wandb, "init", init)
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-files"))  # W&B's own variable places its files
     if sweep:
         monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
     else:
@@ -166,4 +168,5 @@ def test_a_sweep_agent_names_the_run_and_the_output_is_quiet(tmp_path, monkeypat
     log = types.SimpleNamespace(enabled=True, add_sink=lambda sink: None)
     tracking.apply_tracking(log, train.parse_config(["--wandb"]), tmp_path)
     assert seen["id"] == (None if sweep else "agentrun") and seen["settings"].quiet
+    assert seen["dir"] == str(tmp_path / "wandb-files")
     assert (tmp_path / "wandb_id.txt").read_text() == "agentrun"  # kept for a resumed run either way
