@@ -208,7 +208,7 @@ def train(cfg: Config) -> dict:
     # ---- the model and its features, the loss
     run = Run(d, attention.resolve(cfg.attention, d.device, model_config),
               core.model.resolve_precision(cfg.model, d.device), model_config, say)
-    say(f"attention: {attention.describe(run.attn_impl)}")
+    say(f"attention: {sequence_parallel.describe(cfg, attention.describe(run.attn_impl))}")
     if cfg.alst.alst:
         say(alst.describe(cfg))
     model = build_model(cfg, run)

@@ -111,6 +111,10 @@ def mesh_shape(cfg: MeshConfig, world: int) -> tuple[int, ...]:
     fixed = cfg.dp_replicate * cfg.cp * cfg.tp
     shard = cfg.dp_shard if cfg.dp_shard != -1 else world // fixed
     dims = f"--dp-replicate {cfg.dp_replicate} x --dp-shard {cfg.dp_shard} x --cp {cfg.cp} x --tp {cfg.tp}"
+    if world == 1 and max(cfg.dp_replicate, cfg.dp_shard, cfg.cp, cfg.tp) > 1:
+        ranks = cfg.dp_replicate * max(cfg.dp_shard, 1) * cfg.cp * cfg.tp
+        raise UserError(f"{dims} needs {ranks} processes and this is one; launch with torchrun --nproc_per_node "
+                        f"{ranks} train.py ... (or python launch/torchrun.py, the same with one line on a failure)")
     if cfg.dp_shard == -1 and world % fixed:  # nothing left for --dp-shard to take
         raise UserError(f"{dims}: --dp-replicate x --cp x --tp = {fixed} does not divide the world size {world}; "
                         f"pick them so that their product divides {world}")

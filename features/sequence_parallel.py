@@ -319,3 +319,14 @@ def apply(model, cfg, run):
 def wrap_loss(loss_fn, cfg, run):
     """The loss of a sequence shard, summed over the "cp" ranks."""
     return make_loss_fn(loss_fn, cfg.sequence_parallel, run.d.sub("cp").get_group())
+
+
+def describe(cfg, attention: str) -> str:
+    """The log's attention line (cfg: train.py's Config): `attention` (the backend), and how --sp-mode
+    spreads it over the --cp ranks."""
+    mode, cp = cfg.sequence_parallel.sp_mode, cfg.mesh.cp
+    if mode == "none":
+        return attention
+    if mode == "ulysses":
+        return f"{attention} on whole rows, --sp-mode ulysses over {cp} ranks (each holds 1/{cp} of a row)"
+    return f"--sp-mode ring over {cp} ranks (each holds 1/{cp} of a row): its own online-softmax math, not --attn"

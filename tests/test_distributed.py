@@ -253,8 +253,11 @@ def test_mesh_shape_infers_dp_shard_and_refuses_bad_products():
     assert mesh_shape(MeshConfig(dp_shard=2, cp=2), 4) == (1, 2, 2, 1)
     with pytest.raises(UserError, match="--tp 3: --dp-replicate x --cp x --tp = 3 does not divide the world size 8"):
         mesh_shape(MeshConfig(tp=3), 8)
-    with pytest.raises(UserError, match="= 2 does not divide the world size 1"):
+    with pytest.raises(UserError, match=r"--tp 2 needs 2 processes and this is one; launch with torchrun "
+                                        r"--nproc_per_node 2 train.py"):
         mesh_shape(MeshConfig(tp=2), 1)
+    with pytest.raises(UserError, match="needs 8 processes and this is one"):
+        mesh_shape(MeshConfig(dp_shard=2, cp=2, tp=2), 1)
     with pytest.raises(UserError, match="--tp 2 does not multiply to the world size 8; .* --dp-shard -1 to infer"):
         mesh_shape(MeshConfig(dp_shard=2, tp=2), 8)
 

@@ -185,3 +185,14 @@ def test_gpu_n_gpus_match_one(mode, attn, precision, rel, tmp_path, tmp_path_fac
         for key in ("loss", "val_loss"):
             if key in y:
                 assert x[key] == pytest.approx(y[key], rel=rel), (key, x, y)
+
+
+def test_the_attention_line_says_how_the_ranks_share_a_row():
+    plain = train_config()
+    assert sp.describe(plain, "sdpa") == "sdpa"
+    ring = train_config(**{"sequence_parallel.sp_mode": "ring", "mesh.cp": 2})
+    assert sp.describe(ring, "sdpa") == ("--sp-mode ring over 2 ranks (each holds 1/2 of a row): its own "
+                                         "online-softmax math, not --attn")
+    ulysses = train_config(**{"sequence_parallel.sp_mode": "ulysses", "mesh.cp": 4})
+    assert sp.describe(ulysses, "FlashAttention-4 (flash_attn.cute)").startswith(
+        "FlashAttention-4 (flash_attn.cute) on whole rows, --sp-mode ulysses over 4 ranks")
