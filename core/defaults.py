@@ -393,12 +393,18 @@ def loss(cfg, device: torch.device, model_config, gpu_bytes: int | None = None) 
                             + ("a frozen head: the smallest buffer" if frozen else "the head trains") + ")")
 
 
+TIED_TABLE = ("--offload-embeddings: this model ties its input embeddings to the output head, which computes "
+              "with the same table where the model runs; drop --offload-embeddings")
+
+
 def embedding_offload(cfg, device: torch.device, model_config, world_size: int, gpu_bytes: int | None = None) -> None:
     """--offload-embeddings, once the model's config and the process count are known: on for LoRA in
     one process on a CUDA GPU where the step is tight (needs_lean), the input embeddings are frozen and
     not tied to the output head (features/embedding_offload.py: about 1 GiB less GPU memory at 128K
     vocabulary)."""
     e = cfg.embedding_offload
+    if e.offload_embeddings and getattr(model_config, "tie_word_embeddings", False):  # before the model loads
+        raise UserError(TIED_TABLE)
     if e.offload_embeddings or e.no_offload_embeddings or device.type != "cuda" or not adapters_on(cfg.lora):
         return
     if world_size > 1 or getattr(model_config, "tie_word_embeddings", False) or "embed" in cfg.lora.lora_targets:

@@ -22,6 +22,7 @@ import types
 import torch
 
 from core import UserError
+from core.defaults import TIED_TABLE
 from core.distributed import launched_world_size
 
 
@@ -49,8 +50,7 @@ def apply_embedding_offload(model, world_size: int = 1):
                         "here (full fine-tuning or an embedding LoRA target); add --lora/--qlora or drop the flag")
     if head is not None and getattr(head, "weight", None) is not None and \
             head.weight.data_ptr() == emb.weight.data_ptr():
-        raise UserError("--offload-embeddings: this model ties its input embeddings to the output head, which "
-                        "needs the table on the GPU; drop --offload-embeddings")
+        raise UserError(TIED_TABLE)
     if world_size > 1:
         raise UserError(ONE_PROCESS)
     if emb.weight.device.type == "cuda":

@@ -48,6 +48,17 @@ def test_refuses_trainable_tied_and_distributed(tok):
         apply_embedding_offload(_lora_model(tok), world_size=2)
 
 
+def test_a_tied_table_is_refused_before_the_model_loads(tok):
+    from conftest import config
+    from core import defaults
+
+    qwen2 = load_config(ModelConfig("tiny-qwen2"), tok)  # tie_word_embeddings: only the config is read
+    cfg = config(**{"embedding_offload.offload_embeddings": True, "lora.lora": True})
+    with pytest.raises(UserError, match="^--offload-embeddings: this model ties its input embeddings"):
+        defaults.embedding_offload(cfg, torch.device("cpu"), qwen2, 1)
+    defaults.embedding_offload(cfg, torch.device("cpu"), load_config(ModelConfig("tiny-llama"), tok), 1)  # untied
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_table_leaves_the_gpu(tok):
