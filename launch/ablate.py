@@ -193,6 +193,23 @@ def ran_otherwise(runs: list[dict]) -> list[dict]:
             and (t.get("exit_code") == 0 or _holds_results(r))]
 
 
+def refused_flags(runs: list[dict]) -> str | None:
+    """Each config's flags parsed as train.py parses them (tyro), before any run starts or array task is
+    queued: a typo fails here once, not in every run. Values that need the machine are checked by the runs."""
+    sys.path.insert(0, str(REPO))
+    import tyro
+
+    import train
+
+    for run in {r["config"]: r for r in runs}.values():
+        try:
+            tyro.cli(train.Config, args=run["train_args"], config=train.CLI, prog="train.py")
+        except SystemExit:  # tyro printed what it refused, above
+            return (f"config {run['config']}: train.py refuses its flags (above); fix the --vary axis or the "
+                    f"flags after --")
+    return None
+
+
 def _train_py() -> str:
     """train.py from the caller's directory: the runs' relative paths (--dataset, --out) keep their meaning."""
     return os.path.relpath(REPO / "train.py")
@@ -312,6 +329,9 @@ def main(argv=None) -> int:
         print(f"error: {stale[0]['run_dir']} (and {len(stale) - 1} more) ran with other flags than this command "
               f"gives it; --force reruns the ablation, deleting a run's directory reruns that run, or give the "
               f"ablation another name", file=sys.stderr)
+        return 2
+    if bad := refused_flags(runs):
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     root = write_manifest(args, runs)
     if args.slurm:

@@ -276,6 +276,15 @@ def test_ablate_refuses_a_stopped_run_of_other_flags_and_keeps_a_run_killed_afte
     assert ablate.finished(run)  # not rerun into --resume auto's refusal of a finished run
 
 
+def test_ablate_refuses_a_config_whose_flags_train_py_would_refuse_before_any_run(tmp_path, capsys):
+    argv = ["bog", "--vary", "--lr 1e-3 | --bogus 1", "--out", str(tmp_path), "--", "--max-steps", "2"]
+    assert ablate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Unrecognized options: --bogus, 1" in err and "run train.py --help" in err
+    assert "error: config bogus=1: train.py refuses its flags (above)" in err
+    assert not (tmp_path / "bog").exists()  # nothing ran, nothing written
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--submit", "--nodes", "4"], "--submit, --nodes go with --slurm"),
     (["--vary", "--lr 'oops | --lr 2"], "No closing quotation; close each quote within its alternative"),
