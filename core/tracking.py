@@ -107,7 +107,9 @@ def apply_tracking(log, cfg, run_dir: Path) -> None:
                      dir=os.environ.get("WANDB_DIR") or str(run_dir),
                      config={**dataclasses.asdict(cfg), "run": info}, resume="allow",
                      id=None if os.environ.get("WANDB_SWEEP_ID") else run_id,  # a sweep's agent names its run
-                     settings=wandb.Settings(quiet=True))  # the run's link, not W&B's history and summary
+                     settings=wandb.Settings(silent=True))  # W&B's own lines: the log says where the run is
+    print(f"wandb: offline run in {Path(run.dir).parent}; `wandb sync` it later" if run.offline else
+          f"wandb: {run.url}", flush=True)
     run.log_code(str(_REPO), include_fn=_source_file)
     if (run_dir / "git.diff").is_file():  # a copy in the W&B run's files (run.save would link it, and warn)
         shutil.copy(run_dir / "git.diff", run.dir)

@@ -144,7 +144,7 @@ def test_the_code_artifact_takes_source_files_and_skips_links_out_of_the_reposit
 
 
 @pytest.mark.parametrize("sweep", [False, True])
-def test_a_sweep_agent_names_the_run_and_the_output_is_quiet(tmp_path, monkeypatch, sweep):
+def test_a_sweep_agent_names_the_run_and_the_output_is_quiet(tmp_path, monkeypatch, sweep, capsys):
     import types
 
     import wandb
@@ -156,7 +156,8 @@ def test_a_sweep_agent_names_the_run_and_the_output_is_quiet(tmp_path, monkeypat
 
     def init(**kwargs):
         seen.update(kwargs)
-        return types.SimpleNamespace(log_code=lambda *a, **k: None, dir=str(tmp_path))
+        return types.SimpleNamespace(log_code=lambda *a, **k: None, dir=str(tmp_path / "files"),
+                                     url="https://wandb.ai/me/nanotune/runs/agentrun", offline=False)
 
     monkeypatch.setattr(wandb, "init", init)
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun")
@@ -167,6 +168,7 @@ def test_a_sweep_agent_names_the_run_and_the_output_is_quiet(tmp_path, monkeypat
         monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
     log = types.SimpleNamespace(enabled=True, add_sink=lambda sink: None)
     tracking.apply_tracking(log, train.parse_config(["--wandb"]), tmp_path)
-    assert seen["id"] == (None if sweep else "agentrun") and seen["settings"].quiet
+    assert seen["id"] == (None if sweep else "agentrun") and seen["settings"].silent  # W&B's lines: ours instead
+    assert "wandb: https://wandb.ai/me/nanotune/runs/agentrun\n" in capsys.readouterr().out
     assert seen["dir"] == str(tmp_path / "wandb-files")
     assert (tmp_path / "wandb_id.txt").read_text() == "agentrun"  # kept for a resumed run either way
