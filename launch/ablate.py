@@ -237,8 +237,9 @@ def run_local(runs: list[dict], slots: list[str]) -> int:
     except (KeyboardInterrupt, Stopped) as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runs end on their own now: no second traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(f"\n{'SIGTERM' if isinstance(e, Stopped) else 'Ctrl-C'}: stopping {len(active)} runs; each saves "
-              f"a checkpoint", flush=True)
+        runs_now = f"{len(active)} run" + ("" if len(active) == 1 else "s")
+        print(f"\n{'SIGTERM' if isinstance(e, Stopped) else 'Ctrl-C'}: stopping {runs_now}; each saves a checkpoint",
+              flush=True)
         for i, run, proc, log, t0 in active.values():
             if isinstance(e, Stopped):  # Ctrl-C reached the runs from the terminal; a SIGTERM reached only us
                 proc.send_signal(signal.SIGTERM)
@@ -322,6 +323,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         print("\n".join(shlex.join(["python", _train_py(), "--resume", "auto", *r["train_args"]]) for r in runs))
         return 0
+    if bad := refused_flags(runs):
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     if args.force:  # a fresh start: --resume auto would otherwise continue from a run's last checkpoint
         for r in runs:
             shutil.rmtree(r["run_dir"], ignore_errors=True)
@@ -329,9 +333,6 @@ def main(argv=None) -> int:
         print(f"error: {stale[0]['run_dir']} (and {len(stale) - 1} more) ran with other flags than this command "
               f"gives it; --force reruns the ablation, deleting a run's directory reruns that run, or give the "
               f"ablation another name", file=sys.stderr)
-        return 2
-    if bad := refused_flags(runs):
-        print(f"error: {bad}", file=sys.stderr)
         return 2
     root = write_manifest(args, runs)
     if args.slurm:
