@@ -162,7 +162,8 @@ def tag_run(run: dict, **extra) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     old = _tag(run)
     keep = {k: run[k] for k in ("ablation", "config", "seed", "flags", "train_args")}
-    path.write_text(json.dumps({**old, **keep, "command": shlex.join(["python", "train.py", *run["train_args"]]),
+    command = shlex.join(["python", "train.py", "--resume", "auto", *run["train_args"]])  # as run_local runs it
+    path.write_text(json.dumps({**old, **keep, "command": command,
                                 **extra}, indent=1))
 
 
