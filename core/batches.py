@@ -69,9 +69,10 @@ class StepBatches:
         """Refuse a dataset too small for one step, naming the sizes that make a step."""
         if self.steps_in_epoch(0) == 0:
             rows = f" fill {len(self.rows(0))} packed rows, which are" if self.pack_to else " are"
-            raise UserError(f"--dataset {dataset}: {len(self.samples)} samples{rows} fewer than one step takes "
-                            f"({self.world} data-parallel ranks x --micro-batch-size {self.mbs} x --grad-accum "
-                            f"{self.accum} rows); lower them")
+            raise UserError(f"--dataset {dataset}: {count(len(self.samples), 'sample')}{rows} fewer than one step "
+                            f"takes ({self.world} data-parallel ranks x --micro-batch-size {self.mbs} x --grad-accum "
+                            f"{self.accum} rows); lower --micro-batch-size or --grad-accum (or --seq-len, where "
+                            f"samples are packed rows or pretrain blocks)")
 
     def total_steps(self, epochs: float) -> int:
         """Steps in `epochs` passes (a fraction of the last one rounds up, after rounding away float

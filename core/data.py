@@ -36,7 +36,7 @@ from typing import Literal
 from core import UserError, count, data_cache
 from core.chat import template_drops, tokenize_chat
 from core.records import IGNORE, BadRecord, Record, Sample, encodable
-from core.sources import read_records
+from core.sources import has_split, read_records, source_kind
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -107,10 +107,11 @@ def _renamed(records: list[Record], columns: dict[str, str]) -> list[Record]:
 
 
 def _sibling_val_file(train: Path) -> Path | None:
-    if train.stem not in ("train", "training"):
+    kind = source_kind(train)  # .jsonl, or .jsonl.gz
+    if not kind or train.name[:-len(kind)] not in ("train", "training"):
         return None
     for name in VAL_NAMES:
-        if (candidate := train.with_name(name + train.suffix)).is_file():
+        if (candidate := train.with_name(name + kind)).is_file():
             return candidate
     return None
 
@@ -341,6 +342,8 @@ def _val_source(cfg: DataConfig) -> str | None:
         return None
     if cfg.val_dataset != "auto":
         return cfg.val_dataset
+    if Path(cfg.dataset).is_dir() and cfg.dataset_split == "train" and has_split(Path(cfg.dataset), "validation"):
+        return cfg.dataset  # the folder's own validation split (read as "validation")
     sibling = _sibling_val_file(Path(cfg.dataset))
     return str(sibling) if sibling else None
 

@@ -195,7 +195,7 @@ def _quiet_hub_retries() -> None:
         if "thrown while requesting" not in message and not message.startswith("Retrying in "):
             return True
         if not said:
-            print("model: the Hugging Face hub does not answer; retrying for up to a minute", file=sys.stderr,
+            print("hub: the Hugging Face hub does not answer; retrying for up to a minute", file=sys.stderr,
                   flush=True)
             said.append(True)
         return False

@@ -8,6 +8,7 @@ import csv
 import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 
 from core import UserError
@@ -32,7 +33,13 @@ def _parse_line(raw: bytes, where: str):
 
 
 def _read_bytes(path: Path) -> bytes:
-    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as e:  # not gzip at all, or cut short
+        raise UserError(f"{path}: not a whole gzip file ({_first_line(e) or type(e).__name__}); re-compress it, "
+                        f"or drop the .gz from its name if it is plain text") from None
 
 
 def _read_jsonl(path: Path) -> list[Record]:
@@ -59,7 +66,7 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_table(path: Path) -> list[Record]:
-    import datasets
+    datasets = _quiet_datasets()
 
     try:
         table = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **_as_text(path))
@@ -68,11 +75,11 @@ def _read_table(path: Path) -> list[Record]:
         raise UserError(f"{path}: could not read as {path.suffix[1:]} ({type(cause).__name__}: "
                         f"{_first_line(cause)})") from e
     if path.suffix == ".parquet":
-        return [(dict(r), f"{path}: row {i + 1}") for i, r in enumerate(table)]
+        return [(_present(r), f"{path}: row {i + 1}") for i, r in enumerate(table)]
     lines = _row_lines(path, _as_text(path)["sep"])
     if len(lines) != len(table):  # the two parsers disagree on an odd file: count a line a row after the header
         lines = range(2, len(table) + 2)
-    return [(dict(r), f"{path}: line {n}") for r, n in zip(table, lines)]
+    return [(dict(r), f"{path}: line {n}") for r, n in zip(table, lines)]  # flat: an empty cell is None
 
 
 def _row_lines(path: Path, sep: str) -> list[int]:
@@ -94,13 +101,32 @@ def _as_text(path: Path) -> dict:
     infer int64, and records need strings). Parquet keeps its own types."""
     if path.suffix == ".parquet":
         return {}
-    import datasets
+    datasets = _quiet_datasets()
 
     sep = "\t" if path.suffix == ".tsv" else ","
     with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # Excel's "CSV UTF-8" opens with a BOM
         header = next(csv.reader(f, delimiter=sep), [])
     return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
             "encoding": "utf-8-sig", "sep": sep}
+
+
+def _present(value):
+    """A row read through Arrow without the keys it never had: Arrow gives every row of a nested column
+    all its rows' keys, null where a row has none (one message's "weight", another tool's parameter)."""
+    if isinstance(value, dict):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_present(v) for v in value]
+    return value
+
+
+def _quiet_datasets():
+    """The datasets package, its progress bars and log lines off: the run's log is nanotune's."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
 
 
 def _first_line(e: BaseException) -> str:
@@ -112,13 +138,13 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table,
 _BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}  # datasets' loader for each table file
 
 
-def _kind(path: Path) -> str:
+def source_kind(path: Path) -> str:
     """The reader's key: the suffix, or the two of a gzipped JSON file (.jsonl.gz)."""
     return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
 
 
 def _read_hub(name: str, subset: str | None, split: str, flag: str) -> list[Record]:
-    import datasets
+    datasets = _quiet_datasets()
 
     try:
         table = datasets.load_dataset(name, subset, split=split)
@@ -126,27 +152,67 @@ def _read_hub(name: str, subset: str | None, split: str, flag: str) -> list[Reco
         raise UserError(f"{flag} {name!r}: could not load from the hub ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); check the id, --dataset-split, "
                         f"network access, or pass a local file") from e
-    return [(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(table)]
+    return [(_present(r), f"{name}[{split}] row {i}") for i, r in enumerate(table)]
+
+
+# A split's names in a directory's file names and a DatasetDict's keys, first found first taken
+SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev", "eval", "test")}
+
+
+def _names(split: str) -> tuple[str, ...]:
+    return SPLIT_NAMES.get(split, (split,))
+
+
+def _named(path: Path, name: str) -> bool:
+    return bool(re.search(rf"(^|[-_.]){re.escape(name)}([-_.]|$)", path.name[:-len(source_kind(path))]))
+
+
+def _data_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if source_kind(p) in _READERS and p.is_file())
+
+
+def has_split(path: Path, split: str) -> bool:
+    """Whether a directory holds `split` of its own: a DatasetDict's key, or data files named for it."""
+    if (path / "dataset_dict.json").is_file():
+        keys = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        return any(name in keys for name in _names(split))
+    return path.is_dir() and any(_named(f, name) for f in _data_files(path) for name in _names(split))
 
 
 def _read_dir(path: Path, flag: str, split: str) -> list[Record]:
     """A directory: a `datasets` save_to_disk (its `split`, for a DatasetDict), or data files, such as a
-    hub snapshot's shards (those named after `split` where some are: data/train-00000-of-00002.parquet)."""
-    import datasets
-
+    hub snapshot's shards (those named after `split` where some are: data/train-00000-of-00002.parquet);
+    a plain folder of files, none named for a split, is read whole."""
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-        table = datasets.load_from_disk(str(path))
-        if isinstance(table, datasets.DatasetDict):
-            if split not in table:
-                raise UserError(f"{flag} {path}: no split {split!r} (it has {', '.join(table)}); pass --dataset-split")
-            table = table[split]
-        return [(dict(r), f"{path}: row {i}") for i, r in enumerate(table)]
-    files = sorted(p for p in path.rglob("*") if _kind(p) in _READERS and p.is_file())
-    named = [p for p in files if re.search(rf"(^|[-_.]){re.escape(split)}([-_.]|$)", p.stem)]
+        return _read_saved(path, flag, split)
+    files = _data_files(path)
     if not files:
         raise UserError(f"{flag} {path}: a directory with no .jsonl, .json, .parquet, .csv or .tsv file and no "
                         f"datasets save_to_disk")
-    return [record for f in named or files for record in _READERS[_kind(f)](f)]
+    for name in _names(split):
+        if named := [f for f in files if _named(f, name)]:
+            return [record for f in named for record in _READERS[source_kind(f)](f)]
+    splits = sorted({n for names in SPLIT_NAMES.values() for n in names for f in files if _named(f, n)})
+    if splits:  # files named for other splits: reading them all would mix the splits
+        raise UserError(f"{flag} {path}: no file named for the {split!r} split (it has files named "
+                        f"{', '.join(splits)}); pass the file itself"
+                        + (", or --dataset-split NAME" if flag == "--dataset" else ""))
+    return [record for f in files for record in _READERS[source_kind(f)](f)]
+
+
+def _read_saved(path: Path, flag: str, split: str) -> list[Record]:
+    datasets = _quiet_datasets()
+    try:
+        table = datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged or partial save_to_disk
+        raise UserError(f"{flag} {path}: not a readable datasets save_to_disk ({type(e).__name__}: "
+                        f"{_first_line(e)}); save it again, or pass its data files") from None
+    if isinstance(table, datasets.DatasetDict):
+        if not (found := [name for name in _names(split) if name in table]):
+            fix = "pass --dataset-split NAME" if flag == "--dataset" else "pass a file or folder of held-out records"
+            raise UserError(f"{flag} {path}: no split {split!r} (it has {', '.join(table)}); {fix}")
+        table = table[found[0]]
+    return [(_present(r), f"{path}: row {i}") for i, r in enumerate(table)]
 
 
 def _looks_local(source: str) -> bool:
@@ -158,10 +224,10 @@ def _looks_local(source: str) -> bool:
 
 def read_records(source: str, flag: str, subset: str | None = None, split: str = "train") -> list[Record]:
     path = Path(source).expanduser()
-    if _kind(path) in _READERS:
+    if source_kind(path) in _READERS:
         if not path.is_file():
             raise UserError(f"{flag} {source}: file not found")
-        records = _READERS[_kind(path)](path)
+        records = _READERS[source_kind(path)](path)
     elif path.is_dir():
         records = _read_dir(path, flag, split)
     elif path.exists():

@@ -404,3 +404,74 @@ def test_an_automatic_seq_len_fits_the_held_out_samples_too(tmp_path, tok):
     cfg = DataConfig(dataset=str(tmp_path / "train.jsonl"))
     train, val = load_splits(cfg, tok)
     assert len(val.samples) == 1 and cfg.seq_len == len(val.samples[0].input_ids) > len(train.samples[0].input_ids)
+
+
+# ---------------------------------------------------------------------------- directories, Arrow and gzip sources
+
+
+def _alpaca(n: int, tag: str) -> list[dict]:
+    return [{"instruction": f"{tag} {i}", "output": "ok"} for i in range(n)]
+
+
+def _folder(path, files: dict):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, rows in files.items():
+        write_jsonl(path / name, rows)
+    return path
+
+
+def test_arrow_rows_keep_only_the_keys_they_had(tmp_path):
+    """Parquet (and save_to_disk) give every row of a nested column all its rows' keys, null where one had
+    none: a weight on one message only, two tools with different parameters."""
+    datasets = pytest.importorskip("datasets")
+    from core.sources import read_records
+
+    chats = [{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}],
+              "tools": [{"name": "f", "parameters": {"city": {"type": "string"}}}]},
+             {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+              "tools": [{"name": "g", "parameters": {"tz": {"type": "string"}}}]}]
+    datasets.Dataset.from_list(chats).to_parquet(tmp_path / "c.parquet")
+    read = [record for record, _ in read_records(str(tmp_path / "c.parquet"), "--dataset")]
+    assert read == chats  # not "weight": None on the messages without one, nor "tz": None on f's parameters
+
+
+def test_a_folder_gives_each_split_its_own_files_and_never_mixes_them(tmp_path, tok):
+    folder = _folder(tmp_path / "d", {"train.jsonl": _alpaca(30, "t"), "validation.jsonl": _alpaca(4, "v")})
+    train, val = load_splits(DataConfig(dataset=str(folder), seq_len=64), tok)
+    assert len(train.samples) == 30 and len(val.samples) == 4  # the folder's own validation split, not 5% of train
+    _folder(tmp_path / "e", {"train.jsonl": _alpaca(30, "t"), "dev.jsonl": _alpaca(4, "v")})
+    _, val = load_splits(DataConfig(dataset=str(tmp_path / "e/train.jsonl"), val_dataset=str(tmp_path / "e"),
+                                    seq_len=64), tok)
+    assert len(val.samples) == 4  # dev names the validation split; train.jsonl is not read into it
+    _folder(tmp_path / "f", {"train.jsonl": _alpaca(30, "t"), "notes.jsonl": _alpaca(4, "n")})
+    with pytest.raises(UserError, match=r"^--val-dataset .*/f: no file named for the 'validation' split \(it has "
+                                        r"files named train\); pass the file itself$"):
+        load_splits(DataConfig(dataset=str(tmp_path / "f/train.jsonl"), val_dataset=str(tmp_path / "f"),
+                               seq_len=64), tok)
+    with pytest.raises(UserError, match=r"no file named for the 'valid' split .* or --dataset-split NAME$"):
+        load_splits(DataConfig(dataset=str(folder), dataset_split="valid", seq_len=64), tok)
+    plain = _folder(tmp_path / "plain", {"part-0.jsonl": _alpaca(10, "a"), "part-1.jsonl": _alpaca(10, "b")})
+    train, val = load_splits(DataConfig(dataset=str(plain), val_size=2, seq_len=64), tok)
+    assert len(train.samples) + len(val.samples) == 20  # files named for no split: the folder is one dataset
+
+
+def test_a_saved_dataset_dict_brings_its_validation_split(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_alpaca(30, "t")),
+                          "validation": datasets.Dataset.from_list(_alpaca(3, "v"))}).save_to_disk(tmp_path / "dd")
+    train, val = load_splits(DataConfig(dataset=str(tmp_path / "dd"), seq_len=64), tok)
+    assert (len(train.samples), len(val.samples)) == (30, 3)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "dataset_info.json").write_text("{}")
+    with pytest.raises(UserError, match=r"broken: not a readable datasets save_to_disk \("):
+        load_splits(DataConfig(dataset=str(tmp_path / "broken"), seq_len=64), tok)
+
+
+def test_gzipped_siblings_are_found_and_a_bad_gzip_is_one_line(tmp_path, tok):
+    for name, rows in (("train", _alpaca(30, "t")), ("val", _alpaca(4, "v"))):
+        (tmp_path / f"{name}.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    _, val = load_splits(DataConfig(dataset=str(tmp_path / "train.jsonl.gz"), seq_len=64), tok)
+    assert len(val.samples) == 4
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps(_alpaca(1, "x")[0]) + "\n")
+    with pytest.raises(UserError, match=r"plain.jsonl.gz: not a whole gzip file .*drop the .gz from its name"):
+        load_splits(DataConfig(dataset=str(tmp_path / "plain.jsonl.gz"), seq_len=64), tok)

@@ -88,4 +88,4 @@ def test_an_unreachable_hub_is_one_line_of_ours_then_one_error(monkeypatch, caps
                                         r"cannot be reached"):
         load_tokenizer(ModelConfig(path="org/model"))
     assert capsys.readouterr().err.splitlines() == [
-        "model: the Hugging Face hub does not answer; retrying for up to a minute"]
+        "hub: the Hugging Face hub does not answer; retrying for up to a minute"]
