@@ -441,7 +441,7 @@ NOTES = ("no_validation", "too_long", "template_drops", "rendered_chats")  # sen
 
 _COUNTED = (("dropped_too_long", "dropped as longer than --seq-len"), ("truncated", "cut to --seq-len"),
             ("cut_untrained", "dropped as cut to --seq-len before their first trained token"),
-            ("dropped_untrained", "dropped with no token to train"), ("skipped_bad", "skipped as bad records"),
+            ("dropped_untrained", "dropped with no token to train"), ("skipped_bad", "skipped as bad"),
             ("dropped_tail_tokens", "left out as tokens after the last full block"))
 
 
