@@ -43,21 +43,33 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
-    records = []
-    for n, raw in enumerate(_read_bytes(path).splitlines(), start=1):
+    data, records = _read_bytes(path), []
+    first = next((line.strip() for line in data.lstrip(b"\xef\xbb\xbf").splitlines() if line.strip()), b"")
+    if first == b"[" and _is_array(data):  # a pretty-printed array: every line of it would be reported bad
+        raise UserError(f"{path}: one JSON array, not one object per line; name the file .json")
+    for n, raw in enumerate(data.splitlines(), start=1):
         where = f"{path}:{n}"
         if (record := _parse_line(raw, where)) is not None:
             records.append((record, where))
     return records
 
 
+def _is_array(data: bytes) -> bool:
+    try:
+        return isinstance(json.loads(data.decode("utf-8-sig")), list)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+
+
 def _read_json(path: Path) -> list[Record]:
     try:
         data = json.loads(_read_bytes(path).decode("utf-8-sig"))  # a byte-order mark is not an error
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         lines = " (one object per line is JSON Lines: name the file .jsonl)" if "Extra data" in str(e) else ""
-        raise UserError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {e}){lines}; "
-                        "a .json dataset is one array of objects")
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {e}){lines}; "
+                        "a .json dataset is one array of objects") from None
     if isinstance(data, dict) and len(lists := [k for k in ("data", "train") if isinstance(data.get(k), list)]) == 1:
         data = data[lists[0]]  # {"data": [...]} or {"train": [...]}, as some exports wrap the array
     if not isinstance(data, list):

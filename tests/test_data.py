@@ -475,3 +475,15 @@ def test_gzipped_siblings_are_found_and_a_bad_gzip_is_one_line(tmp_path, tok):
     (tmp_path / "plain.jsonl.gz").write_text(json.dumps(_alpaca(1, "x")[0]) + "\n")
     with pytest.raises(UserError, match=r"plain.jsonl.gz: not a whole gzip file .*drop the .gz from its name"):
         load_splits(DataConfig(dataset=str(tmp_path / "plain.jsonl.gz"), seq_len=64), tok)
+
+
+def test_a_json_array_named_jsonl_and_bad_json_say_what_they_are(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text(json.dumps(_alpaca(3, "x"), indent=1))
+    with pytest.raises(UserError, match=r"a.jsonl: one JSON array, not one object per line; name the file .json$"):
+        load_splits(DataConfig(dataset=str(tmp_path / "a.jsonl"), seq_len=64), tok)
+    (tmp_path / "b.json").write_text('[{"instruction": "x", "output": }]')
+    with pytest.raises(UserError, match=r"b.json: not valid JSON \(JSONDecodeError"):
+        load_splits(DataConfig(dataset=str(tmp_path / "b.json"), seq_len=64), tok)
+    (tmp_path / "c.json").write_bytes(b'[{"instruction": "\xe9", "output": "y"}]')
+    with pytest.raises(UserError, match=r"c.json: invalid UTF-8 at byte 18; re-encode the file as UTF-8$"):
+        load_splits(DataConfig(dataset=str(tmp_path / "c.json"), seq_len=64), tok)
