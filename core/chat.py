@@ -145,6 +145,8 @@ def tokenize_chat(record, where, tok) -> Sample:
     does not begin with that prompt (the template renders a turn otherwise once later ones follow), the
     turn is found by difference instead: _body_in."""
     messages, tools = _check_messages(record, where), record.get("tools")
+    if isinstance(tools, str):  # hub datasets often store the definitions as a JSON string, as `arguments`
+        tools = _decoded(tools)
     if tools is not None and not isinstance(tools, list):
         raise BadRecord(f"{where}: 'tools' needs a list of function definitions")
 

@@ -147,7 +147,8 @@ def _field(record: dict, key: str, where: str, fmt: str, required: bool = True) 
         return ""
     if not isinstance(value, str):
         got = "missing" if key not in record else "empty" if value is None else _JSON_TYPE.get(type(value), "no string")
-        raise BadRecord(f"{where}: {fmt} records need a string {key!r} ({got})")
+        hint = f"; under another name, map it: --dataset-columns YOURS={key}" if key not in record else ""
+        raise BadRecord(f"{where}: {fmt} records need a string {key!r} ({got}){hint}")
     return encodable(value, where, repr(key))
 
 

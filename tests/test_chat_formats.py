@@ -4,6 +4,7 @@ ChatML template stands in for a model whose template renders tool calls (their a
 as Qwen2.5's, Llama 3.1's and Mistral's do)."""
 
 import copy
+import json
 
 import pytest
 
@@ -59,6 +60,8 @@ def test_tool_calls_are_trained_and_tool_results_are_not(tool_tok):
     assert '<tool_call>get_weather({"city": "Lima"})</tool_call>' in text and "18 C and cloudy." in text
     assert "18 C, cloudy" not in text and "Weather in Lima?" not in text and "Tools:" not in text
     assert "Tools: get_weather" in tool_tok.decode(s.input_ids)  # the tools reach the template
+    as_string = tokenize({"messages": messages, "tools": json.dumps(TOOLS)}, "chat", "x:1", tool_tok, False)
+    assert as_string == s  # tools stored as a JSON string (as many hub datasets do) read as the list
 
 
 def test_a_template_without_tool_calls_is_refused_not_trained_empty(tok):

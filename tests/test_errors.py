@@ -55,7 +55,8 @@ def test_cli_exit_status_and_no_traceback(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {bad}:2: alpaca records need a string 'output' (missing)"
+    assert proc.stderr.strip() == (f"error: {bad}:2: alpaca records need a string 'output' (missing); under another "
+                                   f"name, map it: --dataset-columns YOURS=output")
 
 
 def test_bad_flag_value_is_a_parser_error(tmp_path):
