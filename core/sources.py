@@ -33,7 +33,7 @@ def _parse_line(raw: bytes, where: str):
 
 
 def _read_bytes(path: Path) -> bytes:
-    if path.suffix != ".gz":
+    if path.suffix.lower() != ".gz":
         return path.read_bytes()
     try:
         return gzip.decompress(path.read_bytes())
@@ -70,6 +70,9 @@ def _read_json(path: Path) -> list[Record]:
         lines = " (one object per line is JSON Lines: name the file .jsonl)" if "Extra data" in str(e) else ""
         raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {e}){lines}; "
                         "a .json dataset is one array of objects") from None
+    if isinstance(data, dict) and len(lists := [k for k, v in data.items() if isinstance(v, list)]) > 1:
+        raise UserError(f"{path}: holds the lists {', '.join(lists)}; put each split in a file of its own "
+                        f"(train.json beside validation.json is found as its validation data)")
     if isinstance(data, dict) and len(lists := [k for k in ("data", "train") if isinstance(data.get(k), list)]) == 1:
         data = data[lists[0]]  # {"data": [...]} or {"train": [...]}, as some exports wrap the array
     if not isinstance(data, list):
@@ -81,12 +84,13 @@ def _read_table(path: Path) -> list[Record]:
     datasets = _quiet_datasets()
 
     try:
-        table = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **_as_text(path))
+        table = datasets.load_dataset(_BUILDERS[source_kind(path)], data_files=str(path), split="train",
+                                      **_as_text(path))
     except Exception as e:  # pyarrow/pandas raise many types for a damaged file; datasets wraps the cause
         cause = e.__cause__ or e.__context__ or e
-        raise UserError(f"{path}: could not read as {path.suffix[1:]} ({type(cause).__name__}: "
+        raise UserError(f"{path}: could not read as {source_kind(path)[1:]} ({type(cause).__name__}: "
                         f"{_first_line(cause)})") from e
-    if path.suffix == ".parquet":
+    if source_kind(path) == ".parquet":
         return [(_present(r), f"{path}: row {i + 1}") for i, r in enumerate(table)]
     lines = _row_lines(path, _as_text(path)["sep"])
     if len(lines) != len(table):  # the two parsers disagree on an odd file: count a line a row after the header
@@ -111,11 +115,11 @@ def _row_lines(path: Path, sep: str) -> list[int]:
 def _as_text(path: Path) -> dict:
     """A CSV's (or TSV's) cells are text: a column of numbers ("2", "4") holds answers, not ints (pandas would
     infer int64, and records need strings). Parquet keeps its own types."""
-    if path.suffix == ".parquet":
+    if source_kind(path) == ".parquet":
         return {}
     datasets = _quiet_datasets()
 
-    sep = "\t" if path.suffix == ".tsv" else ","
+    sep = "\t" if source_kind(path) == ".tsv" else ","
     with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # Excel's "CSV UTF-8" opens with a BOM
         header = next(csv.reader(f, delimiter=sep), [])
     return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
@@ -145,14 +149,15 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_table, ".csv": _read_table,
-            ".tsv": _read_table, ".jsonl.gz": _read_jsonl, ".json.gz": _read_json}
+_READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".parquet": _read_table,
+            ".csv": _read_table, ".tsv": _read_table, ".jsonl.gz": _read_jsonl, ".ndjson.gz": _read_jsonl,
+            ".json.gz": _read_json}
 _BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}  # datasets' loader for each table file
 
 
 def source_kind(path: Path) -> str:
-    """The reader's key: the suffix, or the two of a gzipped JSON file (.jsonl.gz)."""
-    return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    """The reader's key: the suffix, or the two of a gzipped JSON file (.jsonl.gz), in lower case."""
+    return ("".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix).lower()
 
 
 def _read_hub(name: str, subset: str | None, split: str, flag: str) -> list[Record]:
@@ -243,8 +248,8 @@ def read_records(source: str, flag: str, subset: str | None = None, split: str =
     elif path.is_dir():
         records = _read_dir(path, flag, split)
     elif path.exists():
-        raise UserError(f"{flag} {source}: unsupported file type; use .jsonl, .json (either gzipped: .gz), "
-                        f".parquet, .csv or .tsv")
+        raise UserError(f"{flag} {source}: unsupported file type; use .jsonl (or .ndjson), .json (either "
+                        f"gzipped: .gz), .parquet, .csv or .tsv")
     elif _looks_local(source):
         raise UserError(f"{flag} {source}: no such file or directory")
     else:

@@ -487,3 +487,14 @@ def test_a_json_array_named_jsonl_and_bad_json_say_what_they_are(tmp_path, tok):
     (tmp_path / "c.json").write_bytes(b'[{"instruction": "\xe9", "output": "y"}]')
     with pytest.raises(UserError, match=r"c.json: invalid UTF-8 at byte 18; re-encode the file as UTF-8$"):
         load_splits(DataConfig(dataset=str(tmp_path / "c.json"), seq_len=64), tok)
+
+
+def test_upper_case_and_ndjson_names_read_and_a_json_of_several_splits_is_refused(tmp_path, tok):
+    write_jsonl(tmp_path / "TRAIN.JSONL", _alpaca(30, "t"))
+    write_jsonl(tmp_path / "more.ndjson", _alpaca(30, "n"))
+    for name in ("TRAIN.JSONL", "more.ndjson"):
+        train, _ = load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none", seq_len=64), tok)
+        assert len(train.samples) == 30
+    (tmp_path / "both.json").write_text(json.dumps({"train": _alpaca(3, "t"), "validation": _alpaca(2, "v")}))
+    with pytest.raises(UserError, match=r"both.json: holds the lists train, validation; put each split in a file"):
+        load_splits(DataConfig(dataset=str(tmp_path / "both.json"), seq_len=64), tok)
