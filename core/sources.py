@@ -180,8 +180,10 @@ def _names(split: str) -> tuple[str, ...]:
     return SPLIT_NAMES.get(split, (split,))
 
 
-def _named(path: Path, name: str) -> bool:
-    return bool(re.search(rf"(^|[-_.]){re.escape(name)}([-_.]|$)", path.name[:-len(source_kind(path))]))
+def _named(path: Path, name: str, root: Path) -> bool:
+    """Whether a data file under `root` is named for a split, by its name or a folder's (train/part-0.jsonl)."""
+    text = path.relative_to(root).as_posix()[:-len(source_kind(path))]
+    return bool(re.search(rf"(^|[-_./]){re.escape(name)}([-_./]|$)", text))
 
 
 def _data_files(path: Path) -> list[Path]:
@@ -193,7 +195,7 @@ def has_split(path: Path, split: str) -> bool:
     if (path / "dataset_dict.json").is_file():
         keys = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         return any(name in keys for name in _names(split))
-    return path.is_dir() and any(_named(f, name) for f in _data_files(path) for name in _names(split))
+    return path.is_dir() and any(_named(f, name, path) for f in _data_files(path) for name in _names(split))
 
 
 def _read_dir(path: Path, flag: str, split: str) -> list[Record]:
@@ -207,9 +209,9 @@ def _read_dir(path: Path, flag: str, split: str) -> list[Record]:
         raise UserError(f"{flag} {path}: a directory with no .jsonl, .json, .parquet, .csv or .tsv file and no "
                         f"datasets save_to_disk")
     for name in _names(split):
-        if named := [f for f in files if _named(f, name)]:
+        if named := [f for f in files if _named(f, name, path)]:
             return [record for f in named for record in _READERS[source_kind(f)](f)]
-    splits = sorted({n for names in SPLIT_NAMES.values() for n in names for f in files if _named(f, n)})
+    splits = sorted({n for names in SPLIT_NAMES.values() for n in names for f in files if _named(f, n, path)})
     if splits:  # files named for other splits: reading them all would mix the splits
         raise UserError(f"{flag} {path}: no file named for the {split!r} split (it has files named "
                         f"{', '.join(splits)}); pass the file itself"

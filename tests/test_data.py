@@ -453,6 +453,11 @@ def test_a_folder_gives_each_split_its_own_files_and_never_mixes_them(tmp_path, 
     plain = _folder(tmp_path / "plain", {"part-0.jsonl": _alpaca(10, "a"), "part-1.jsonl": _alpaca(10, "b")})
     train, val = load_splits(DataConfig(dataset=str(plain), val_size=2, seq_len=64), tok)
     assert len(train.samples) + len(val.samples) == 20  # files named for no split: the folder is one dataset
+    nested = tmp_path / "nested"
+    _folder(nested / "train", {"part-0.jsonl": _alpaca(30, "t")})
+    _folder(nested / "validation", {"part-0.jsonl": _alpaca(5, "v")})
+    train, val = load_splits(DataConfig(dataset=str(nested), seq_len=64), tok)
+    assert (len(train.samples), len(val.samples)) == (30, 5)  # a folder per split
 
 
 def test_a_saved_dataset_dict_brings_its_validation_split(tmp_path, tok):
