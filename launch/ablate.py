@@ -72,11 +72,16 @@ def parse_args(argv=None):
     args.nodes, args.gpus_per_node, args.parallel = args.nodes or 1, args.gpus_per_node or 8, args.parallel or 0
     if own := [f for f in common if f.split("=")[0] in OWN]:
         p.error(f"{own[0]} is ablate.py's own option: put it before `--` (what follows `--` goes to train.py)")
+    seen = {}
     for axis in args.vary:
         try:
-            [shlex.split(alt) for alt in axis.split("|")]
+            flags = {f.split("=")[0] for alt in axis.split("|") for f in shlex.split(alt) if f.startswith("--")}
         except ValueError as e:
             p.error(f"--vary {axis!r}: {e}; close each quote within its alternative")
+        if twice := sorted(flags & seen.keys()):
+            p.error(f"{twice[0]} varies on two --vary axes ({seen[twice[0]]!r} and {axis!r}); put all its values "
+                    f"on one axis")
+        seen.update(dict.fromkeys(flags, axis))
     if not re.fullmatch(r"[\w.-]+", args.name):
         p.error(f"name {args.name!r}: use letters, digits, '.', '-', '_' (it names a directory)")
     if not args.vary:

@@ -66,8 +66,8 @@ def find_runs(paths: list[str]) -> list[dict]:
         elif listed:  # a run that failed before its first step has no metrics: listed as failed
             grid = [p / r["config"] / f"seed{r['seed']}" for r in listed]
             dirs += [d for d in grid if (d / "metrics.jsonl").is_file() or (d / "ablation.json").is_file()]
-        else:
-            dirs += sorted(m.parent for m in p.rglob("metrics.jsonl"))
+        else:  # run.json is written before the first step: a run that failed before it is listed as failed
+            dirs += sorted({m.parent for name in ("metrics.jsonl", "run.json") for m in p.rglob(name)})
     return [load_run(d) for d in dirs]
 
 

@@ -190,6 +190,10 @@ def test_compare_groups_untagged_runs_by_differing_flags(tmp_path):
     assert parse_cell(a["peak mem (GiB)"]) == pytest.approx((1.25, statistics.stdev([1.0, 1.5])), abs=1e-2)
     assert rows["lr=0.003"]["train loss (last window)"] == "0.5000"  # one seed: no spread
     assert png_size(tmp_path / "report/loss.png") == (700, 400)
+    (tmp_path / "d").mkdir()  # a run that failed before its first step: run.json, no metrics
+    (tmp_path / "d" / "run.json").write_text(json.dumps({"total_steps": 3}))
+    assert compare.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    assert str(tmp_path / "d") in (tmp_path / "report/results.md").read_text()  # listed under the table
 
 
 def test_compare_takes_the_manifests_grid_and_lists_failed_runs_apart(tmp_path):
@@ -289,6 +293,7 @@ def test_ablate_refuses_a_config_whose_flags_train_py_would_refuse_before_any_ru
     (["--submit", "--nodes", "4"], "--submit, --nodes go with --slurm"),
     (["--vary", "--lr 'oops | --lr 2"], "No closing quotation; close each quote within its alternative"),
     (["--", "--force"], "--force is ablate.py's own option: put it before `--`"),
+    (["--vary", "--lr 2e-3 | --packing"], "--lr varies on two --vary axes ('--lr 1e-3' and '--lr 2e-3 | --packing')"),
 ])
 def test_ablate_refuses_options_that_would_not_do_what_they_say(argv, message, capsys):
     with pytest.raises(SystemExit):
