@@ -36,9 +36,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "launch"))
+sys.path[:0] = [str(REPO / "launch"), str(REPO)]
 
 import compare  # noqa: E402  (launch/compare.py, next to this file)
+from core import count  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -202,7 +203,6 @@ def ran_otherwise(runs: list[dict]) -> list[dict]:
 def refused_flags(runs: list[dict]) -> str | None:
     """Each config's flags parsed as train.py parses them (tyro), before any run starts or array task is
     queued: a typo fails here once, not in every run. Values that need the machine are checked by the runs."""
-    sys.path.insert(0, str(REPO))
     import tyro
 
     import train
@@ -243,8 +243,8 @@ def run_local(runs: list[dict], slots: list[str]) -> int:
     except (KeyboardInterrupt, Stopped) as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runs end on their own now: no second traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        runs_now = f"{len(active)} run" + ("" if len(active) == 1 else "s")
-        print(f"\n{'SIGTERM' if isinstance(e, Stopped) else 'Ctrl-C'}: stopping {runs_now}; each saves a checkpoint",
+        print(f"\n{'SIGTERM' if isinstance(e, Stopped) else 'Ctrl-C'}: stopping {count(len(active), 'run')}; each "
+              f"saves a checkpoint",
               flush=True)
         for i, run, proc, log, t0 in active.values():
             if isinstance(e, Stopped):  # Ctrl-C reached the runs from the terminal; a SIGTERM reached only us

@@ -21,6 +21,9 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: core/ and its log words
+from core import count  # noqa: E402
+
 IGNORED = ("train.seed", "train.output_dir", "train.resume", "tracking.", "auto")  # do not define a config
 COLUMNS = [("final_loss", "train loss (last window)", "{:.4f}"), ("val_loss", "val loss (final)", "{:.4f}"),
            ("best_val_loss", "val loss (best)", "{:.4f}"), ("exact_match", "exact match", "{:.1%}"),
@@ -175,7 +178,7 @@ def provenance(runs: list[dict], manifest: dict) -> str:
              f"- device: {info.get('device', '?')}, world size {info.get('world_size', '?')}",
              "- versions: " + ", ".join(f"{k} {versions[k]}" for k in ("python", "torch", "transformers", "peft")
                                         if k in versions),
-             f"- {len(runs)} run{'' if len(runs) == 1 else 's'}; mean ± sample standard deviation over seeds; "
+             f"- {count(len(runs), 'run')}; mean ± sample standard deviation over seeds; "
              f"tokens/s: mean over logging "
              f"windows after step 1; peak mem: GPU peak allocated, or peak RSS on a CPU"]
     return "\n".join(line for line in lines if line)
@@ -227,7 +230,6 @@ def wandb_runs(path: str) -> list[dict]:
         import wandb
     except ImportError:
         raise SystemExit("error: --wandb-group needs the wandb package: pip install wandb") from None
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from core.tracking import WANDB_KEYS
 
     entity_project, _, group_name = path.rpartition("/")
