@@ -195,7 +195,8 @@ def train(cfg: Config) -> dict:
     defaults.step_rows(cfg, train_split.samples, model_config, d.device)  # packed or not, ~8 samples a step
     step_source = batches.StepBatches(train_split.samples, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                       cfg.train.seed, tok.pad_token_id, d.dp_rank, d.dp_size,
-                                      pack_to=cfg.data.seq_len if cfg.packing.packing else None)
+                                      pack_to=cfg.data.seq_len if cfg.packing.packing else None,
+                                      row_multiple=attention.row_multiple(cfg.attention))
     step_source.check_one_step(cfg.data.dataset)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else step_source.total_steps(cfg.train.epochs)
     defaults.resolve_run(cfg, total_steps, step_source.steps_in_epoch(0), d, model_config, val)

@@ -33,6 +33,11 @@ from core import UserError, optional
 NATIVE = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention"}
 CUSTOM = ("nanotune_varlen", "nanotune_xformers")  # our registered implementations
 FLASH_KWARGS = ("flash_attention_2", "flash_attention_4") + CUSTOM  # take cu_seq_lens_* kwargs
+# The longest document a varlen kernel is told of is a bound that sizes its grid, nothing more. FlashAttention-4
+# builds other kernels for a bound within one tile (at most 2 x 128 rows), about 3 s each, the first time a row of
+# only short documents comes: mid-run stalls (benchmarks/results/2026-12-06-fa4-short-rows-h100.md). A floor above
+# every such tile keeps one kernel; the empty tiles it adds to such a row end at once.
+LONGEST_FLOOR = 512
 
 
 @dataclasses.dataclass
@@ -138,9 +143,22 @@ def model_inputs(batch: dict, impl: str) -> dict:
         return inputs
     inputs["position_ids"] = batch["position_ids"]
     if impl in FLASH_KWARGS:
-        cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+        cu, longest = batch["cu_seqlens"], kernel_longest(batch["max_seqlen"], batch["input_ids"].numel())
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     return inputs
+
+
+def row_multiple(cfg: AttentionConfig) -> int:
+    """Training rows are padded to a multiple of this. Compiled flex_attention (torch 2.11) finds no kernel
+    for some rows of 65-127 tokens under grouped-query attention (inductor's NoValidChoicesError); rows
+    of whole 128-token blocks always build, and flex computes whole blocks anyway."""
+    return 128 if cfg.attn == "flex" else 1
+
+
+def kernel_longest(longest: int, tokens: int) -> int:
+    """The longest-document bound to give a varlen kernel for packed rows of `tokens` in all: at
+    least LONGEST_FLOOR, never more than the tokens there are."""
+    return max(longest, min(LONGEST_FLOOR, tokens))
 
 
 @contextlib.contextmanager

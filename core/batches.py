@@ -19,10 +19,11 @@ from core.data import Sample
 from core.packing import best_fit_decreasing, collate_packed
 
 
-def collate_padded(samples: list[Sample], pad_id: int) -> dict:
-    """One sample per row, right-padded: a packed batch of one document per row plus attention_mask,
-    so every attention backend can take either (labels stay unshifted, HF convention)."""
-    batch = collate_packed([[s] for s in samples], pad_id)
+def collate_padded(samples: list[Sample], pad_id: int, width: int | None = None) -> dict:
+    """One sample per row, right-padded (to `width`, default the longest): a packed batch of one document
+    per row plus attention_mask, so every attention backend can take either (labels stay unshifted, HF
+    convention)."""
+    batch = collate_packed([[s] for s in samples], pad_id, width)
     lengths = torch.tensor([len(s.input_ids) for s in samples])
     batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < lengths[:, None]).long()
     return batch
@@ -41,9 +42,10 @@ class StepBatches:
     """Yields, for this rank, the list of micro-batches of each optimizer step, epoch after epoch."""
 
     def __init__(self, samples: list[Sample], micro_batch_size: int, grad_accum: int, seed: int,
-                 pad_id: int, rank: int = 0, world_size: int = 1, pack_to: int | None = None):
+                 pad_id: int, rank: int = 0, world_size: int = 1, pack_to: int | None = None, row_multiple: int = 1):
         self.samples, self.mbs, self.accum = samples, micro_batch_size, grad_accum
         self.seed, self.pad_id, self.rank, self.world, self.pack_to = seed, pad_id, rank, world_size, pack_to
+        self.row_multiple = row_multiple  # rows are padded to a multiple of it (core/attention.row_multiple)
         self.rows_per_step = world_size * micro_batch_size * grad_accum
         self.epoch, self.step_in_epoch = 0, 0
         self._plans: dict[int, list[list[int]]] = {}
@@ -87,11 +89,14 @@ class StepBatches:
         --seq-len wide, padded rows as wide as the longest sample of their micro-batch (collate_padded)."""
         used = self.rows(epoch)[: self.steps_in_epoch(epoch) * self.rows_per_step]
         lengths = [sum(len(self.samples[i].input_ids) for i in row) for row in used]
-        if self.pack_to:
-            slots = len(used) * self.pack_to
-        else:  # consecutive micro-batch-size rows are one micro-batch of one rank (__iter__)
-            slots = sum(len(mb) * max(mb) for mb in (lengths[j:j + self.mbs] for j in range(0, len(used), self.mbs)))
+        # consecutive micro-batch-size rows are one micro-batch of one rank (__iter__)
+        micro = (lengths[j:j + self.mbs] for j in range(0, len(used), self.mbs))
+        slots = sum(len(mb) * self._width(max(mb)) for mb in micro)
         return sum(lengths) / max(1, slots)
+
+    def _width(self, longest: int) -> int:
+        """A micro-batch's row width: --seq-len when packed, else its longest row; rounded up to row_multiple."""
+        return -(-(self.pack_to or longest) // self.row_multiple) * self.row_multiple
 
     def describe(self, total_steps: int) -> str:
         """The run log's line on the steps and on how full the rows are."""
@@ -107,9 +112,11 @@ class StepBatches:
         return sum(len(row) for row in self.rows(epoch)[self.steps_in_epoch(epoch) * self.rows_per_step:])
 
     def _collate(self, rows: list[list[int]]) -> dict:
+        docs = [[self.samples[i] for i in row] for row in rows]
+        width = self._width(max(sum(len(s.input_ids) for s in row) for row in docs))
         if self.pack_to is None:
-            return collate_padded([self.samples[row[0]] for row in rows], self.pad_id)
-        return collate_packed([[self.samples[i] for i in row] for row in rows], self.pad_id, self.pack_to)
+            return collate_padded([row[0] for row in docs], self.pad_id, width)
+        return collate_packed(docs, self.pad_id, width)
 
     def __iter__(self):
         while True:

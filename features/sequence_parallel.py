@@ -47,10 +47,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from core import UserError
+from core.attention import FLASH_KWARGS, kernel_longest
 from core.loss import IGNORE, shifted_targets
 from features.ring_attention import ring_attention, shard_index
 
-FLASH_LIKE = ("flash_attention_2", "flash_attention_4", "nanotune_varlen", "nanotune_xformers")
 _ROW_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
 
 
@@ -162,10 +162,10 @@ def _row_mask(info: RowInfo, inner: str, dtype: torch.dtype, window: int | None)
     (flex), or the varlen keyword arguments (flash-like)."""
     key = (inner, dtype, window)
     if key not in info.masks:
-        if inner in FLASH_LIKE:
+        if inner in FLASH_KWARGS:
             lengths = torch.cat([torch.bincount(row) for row in info.doc])
             cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-            longest = int(lengths.max())
+            longest = kernel_longest(int(lengths.max()), info.doc.numel())
             info.masks[key] = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         elif inner == "flex_attention":
             from torch.nn.attention.flex_attention import create_block_mask
@@ -255,7 +255,7 @@ def _ulysses(module, query, key, value, attention_mask, *, inner: str, group, sp
         key, value = key.repeat_interleave(copies, 1), value.repeat_interleave(copies, 1)
     q, k, v = (_seq_to_heads(t, group) for t in (query, key, value))
     mask = _row_mask(sp_rows, inner, q.dtype, sliding_window)
-    if inner in FLASH_LIKE:
+    if inner in FLASH_KWARGS:
         kwargs.update(mask)
         mask = None
     view = _inner_view(module, inner)

@@ -1,6 +1,8 @@
 """Every attention backend keeps packed documents apart: a packed batch gives the same loss and
 gradients as the same documents unpacked, and changing one document never moves another's logits."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -111,22 +113,62 @@ def test_packed_training_step_equals_unpacked(tmp_path, small_data):
     assert a["tokens"] == b["tokens"]
 
 
+@pytest.mark.parametrize("impl", ["flash_attention_4", "flash_attention_2", "nanotune_varlen"])
+def test_varlen_kernels_are_told_of_no_longest_document_under_the_floor(impl):
+    """A row of only short documents gets the floor as its bound (so FlashAttention-4 keeps one kernel),
+    never more than the tokens there are; a longer document keeps its own length."""
+    from core.attention import LONGEST_FLOOR
+
+    short = collate_packed([_docs(lengths=(40, 17, 63) * 10)], 0)
+    assert short["max_seqlen"] == 63 and model_inputs(short, impl)["max_length_q"] == LONGEST_FLOOR
+    tiny = collate_packed([_docs(lengths=(7, 19))], 0)
+    assert model_inputs(tiny, impl)["max_length_k"] == 26
+    long = collate_packed([_docs(lengths=(700, 40))], 0)
+    assert model_inputs(long, impl)["max_length_q"] == 700
+    assert model_inputs(short, "sdpa").keys() == {"input_ids", "position_ids"}
+
+
+@pytest.mark.parametrize("pack_to", [None, 100])
+def test_flex_rows_are_whole_blocks(tok, pack_to):
+    """Under --attn flex every training row is padded to a multiple of 128 tokens (compiled flex finds no
+    kernel for some shorter rows); the tokens and targets are those of the unwidened rows."""
+    from core.attention import AttentionConfig, row_multiple
+    from core.batches import StepBatches
+    from core.loss import count_targets
+
+    docs = _docs(lengths=(40, 17, 63, 9, 30, 51))
+    plain, flex = (StepBatches(docs, 2, 1, 0, 0, pack_to=pack_to, row_multiple=row_multiple(AttentionConfig(a)))
+                   for a in ("sdpa", "flex"))
+    for (p,), (f,) in zip(itertools.islice(plain, 3), itertools.islice(flex, 3)):
+        assert f["input_ids"].shape[1] == 128 and p["input_ids"].shape[1] < 128
+        width = p["input_ids"].shape[1]
+        for key in ("input_ids", "labels", "position_ids") + (("attention_mask",) if pack_to is None else ()):
+            assert torch.equal(f[key][:, :width], p[key]), key
+        assert count_targets(f["labels"]) == count_targets(p["labels"]) and f["num_tokens"] == p["num_tokens"]
+    assert flex.efficiency() < plain.efficiency()
+
+
 @cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [(300, 1200, 77, 900, 611, 1000), (40, 17, 63, 9, 30, 51)],
+                         ids=["long", "short"])  # short: every document under LONGEST_FLOOR, rows under 128
 @pytest.mark.parametrize("attn", ["flash", "flex", "sdpa"])
-def test_gpu_packed_equals_unpacked_bf16(tok, attn):
-    """bf16 on a small Llama shape: packed (backend under test) vs unpacked (sdpa), loss and grads."""
-    from core.attention import AttentionConfig, resolve
+def test_gpu_packed_equals_unpacked_bf16(tok, attn, lengths):
+    """bf16 on a small Llama shape: packed (backend under test, rows as wide as training makes them)
+    vs unpacked (sdpa), loss and grads."""
+    from core.attention import AttentionConfig, resolve, row_multiple
 
     impl = resolve(AttentionConfig(attn), torch.device("cuda"))
-    docs = _docs(lengths=(300, 1200, 77, 900, 611, 1000))
+    docs = _docs(lengths=lengths)
+    multiple, longest = row_multiple(AttentionConfig(attn)), max(sum(lengths[:3]), sum(lengths[3:]))
     ref = _model("tiny-qwen2", "sdpa", tok, "cuda", torch.bfloat16)
     model = _model("tiny-qwen2", impl, tok, "cuda", torch.bfloat16)
 
     def to(b):
         return {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
 
-    loss_p, grads_p = _loss_and_grads(model, to(collate_packed([docs[:3], docs[3:]], 0)), impl)
+    packed = collate_packed([docs[:3], docs[3:]], 0, -(-longest // multiple) * multiple)
+    loss_p, grads_p = _loss_and_grads(model, to(packed), impl)
     loss_u, grads_u = _loss_and_grads(ref, to(collate_padded(docs, 0)), "sdpa")
     torch.testing.assert_close(loss_p.float(), loss_u.float(), rtol=1e-2, atol=0)
     for name in grads_u:  # bf16 kernels differ in summation order: compare relative to the norm
