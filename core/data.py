@@ -292,7 +292,7 @@ def build_split(records: list[Record], fmt: str, tok, cfg: DataConfig, source: s
         tokenized, bad = tokenized or _tokenized(records, fmt, tok, cfg)
         samples, stats = _fit(tokenized, cfg)
         if stats["dropped_too_long"]:
-            stats["too_long"] = _too_long_note(stats["dropped_too_long"], len(tokenized), fmt, records, cfg.seq_len)
+            stats["too_long"] = _too_long_note(stats["dropped_too_long"], tokenized, fmt, records, cfg.seq_len)
     if bad:
         stats.update(skipped_bad=len(bad), first_bad=bad[0])
     if not samples:
@@ -321,12 +321,14 @@ def _no_samples(records: int, stats: dict, fmt: str, cfg: DataConfig, source: st
     return f"{source}: no usable samples out of {records} records ({why or 'none'}); {hint}"
 
 
-def _too_long_note(dropped: int, total: int, fmt: str, records: list[Record], seq_len: int) -> str:
-    """The log line on dropped samples: how many, and the flags that keep them."""
+def _too_long_note(dropped: int, samples: list[Sample], fmt: str, records: list[Record], seq_len: int) -> str:
+    """The log line on dropped samples: how many, the longest, and the flags that keep them."""
+    longest = max(len(s.input_ids) for s in samples)
     documents = fmt == "completion" and isinstance(records[0][0], dict) and "prompt" not in records[0][0]
     keep = ("--dataset-format pretrain cuts {\"text\"} documents into blocks, " if documents else "") + (
-        f"--truncation truncate keeps each one's first {seq_len} tokens")
-    return f"{dropped} of {total} samples are longer than --seq-len {seq_len} and were dropped; {keep}"
+        f"--seq-len {longest} keeps them whole, --truncation truncate keeps each one's first {seq_len} tokens")
+    return (f"{dropped} of {len(samples)} samples are longer than --seq-len {seq_len} (the longest: {longest:,} "
+            f"tokens) and were dropped; {keep}")
 
 
 def _hold_out(records: list[Record], cfg: DataConfig) -> tuple[list[Record], list[Record]]:

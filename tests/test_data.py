@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import gzip
 import json
+import re
 
 import pytest
 
@@ -117,8 +118,14 @@ def test_long_samples_dropped_or_truncated_and_counted(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", records)
     train, _ = load_splits(DataConfig(dataset=str(path), seq_len=40, val_dataset="none"), tok)
     assert train.stats["dropped_too_long"] == 1 and len(train.samples) == 1
-    assert ("data: train: 1 of 2 samples are longer than --seq-len 40 and were dropped; --truncation truncate "
-            "keeps each one's first 40 tokens") in describe(train, None).splitlines()
+    line = describe(train, None).splitlines()[1]
+    longest = int(re.search(r"the longest: (\d+) tokens", line)[1])
+    assert line == (f"data: train: 1 of 2 samples are longer than --seq-len 40 (the longest: {longest} tokens) and "
+                    f"were dropped; --seq-len {longest} keeps them whole, --truncation truncate keeps each one's "
+                    f"first 40 tokens")
+    for seq_len, kept in ((longest, 2), (longest - 1, 1)):  # the --seq-len it names is the one that keeps them
+        train, _ = load_splits(DataConfig(dataset=str(path), seq_len=seq_len, val_dataset="none"), tok)
+        assert len(train.samples) == kept
     texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": " ".join("abcdefgh" * 10)}])
     train, _ = load_splits(DataConfig(dataset=str(texts), seq_len=40, val_dataset="none"), tok)
     assert 'pretrain cuts {"text"} documents into blocks' in describe(train, None)  # auto read them as completion
