@@ -1,8 +1,9 @@
 """Where a dataset's records come from: a local file (.jsonl, .json, either gzipped; .parquet, .csv,
 .tsv), a directory (a `datasets` save_to_disk, or data files such as a hub snapshot's shards), or a
-Hugging Face hub id. Each record comes with where it came from ("file:line"), which every error about it
-names; a line that cannot be read is kept as a BadRecord, so --skip-bad-samples can count it (core/data.py
-turns records into samples)."""
+Hugging Face hub id. Each record comes with where it came from, which every error about it names: "file:line"
+and "line n" count lines from 1, as editors do; "item i" of a JSON array and "row i" of an Arrow table (parquet,
+save_to_disk, the hub) count from 0, as `data[i]` and `dataset[i]` do. A line that cannot be read is kept
+as a BadRecord, so --skip-bad-samples can count it (core/data.py turns records into samples)."""
 
 import csv
 import gzip
@@ -91,7 +92,7 @@ def _read_table(path: Path) -> list[Record]:
         raise UserError(f"{path}: could not read as {source_kind(path)[1:]} ({type(cause).__name__}: "
                         f"{_first_line(cause)})") from e
     if source_kind(path) == ".parquet":
-        return [(_present(r), f"{path}: row {i + 1}") for i, r in enumerate(table)]
+        return [(_present(r), f"{path}: row {i}") for i, r in enumerate(table)]
     lines = _row_lines(path, _as_text(path)["sep"])
     if len(lines) != len(table):  # the two parsers disagree on an odd file: count a line a row after the header
         lines = range(2, len(table) + 2)

@@ -186,6 +186,22 @@ def test_parquet_csv_tsv_and_json_sources(tmp_path, tok):
         assert [s.labels for s in train.samples] == [s.labels for s in want.samples], name
 
 
+def test_a_bad_record_is_named_by_its_line_or_its_index(tmp_path, tok):
+    """Text files count lines from 1; a JSON array's items and an Arrow table's rows count from 0, as
+    `data[i]` and `dataset[i]` do: the third record is line 3, item 2, row 2."""
+    import datasets
+
+    rows = [{"instruction": "Say hi.", "output": "Hi."}] * 2 + [{"instruction": "Say hi.", "output": ""}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for name, where in (("d.jsonl", "d.jsonl:3"), ("d.json", "d.json: item 2"), ("d.parquet", "d.parquet: row 2"),
+                        ("saved", "saved: row 2")):
+        with pytest.raises(BadRecord, match=f"{re.escape(where)}: empty response"):
+            load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none"), tok)
+
+
 def test_a_csv_error_names_the_line_a_row_starts_on(tmp_path, tok):
     """A quoted cell may span lines, and blank lines hold no row: the location counts the file's lines."""
     path = tmp_path / "d.csv"
