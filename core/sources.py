@@ -9,6 +9,7 @@ import csv
 import gzip
 import json
 import re
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -82,21 +83,27 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_table(path: Path) -> list[Record]:
-    datasets = _quiet_datasets()
+    # datasets converts the file to an Arrow copy in its cache (~/.cache/huggingface by default): a copy of
+    # the user's data in their home directory, kept after the run. Here it lives in TMPDIR while read.
+    with tempfile.TemporaryDirectory(prefix="nanotune-table-") as arrow_copy:
+        table = _load_table(path, arrow_copy)
+        if source_kind(path) == ".parquet":
+            return [(_present(r), f"{path}: row {i}") for i, r in enumerate(table)]
+        lines = _row_lines(path, _as_text(path)["sep"])
+        if len(lines) != len(table):  # the two parsers disagree on an odd file: count a line a row after the header
+            lines = range(2, len(table) + 2)
+        return [(dict(r), f"{path}: line {n}") for r, n in zip(table, lines)]  # flat: an empty cell is None
 
+
+def _load_table(path: Path, cache_dir: str):
+    datasets = _quiet_datasets()
     try:
-        table = datasets.load_dataset(_BUILDERS[source_kind(path)], data_files=str(path), split="train",
-                                      **_as_text(path))
+        return datasets.load_dataset(_BUILDERS[source_kind(path)], data_files=str(path), split="train",
+                                     cache_dir=cache_dir, **_as_text(path))
     except Exception as e:  # pyarrow/pandas raise many types for a damaged file; datasets wraps the cause
         cause = e.__cause__ or e.__context__ or e
         raise UserError(f"{path}: could not read as {source_kind(path)[1:]} ({type(cause).__name__}: "
                         f"{_first_line(cause)})") from e
-    if source_kind(path) == ".parquet":
-        return [(_present(r), f"{path}: row {i}") for i, r in enumerate(table)]
-    lines = _row_lines(path, _as_text(path)["sep"])
-    if len(lines) != len(table):  # the two parsers disagree on an odd file: count a line a row after the header
-        lines = range(2, len(table) + 2)
-    return [(dict(r), f"{path}: line {n}") for r, n in zip(table, lines)]  # flat: an empty cell is None
 
 
 def _row_lines(path: Path, sep: str) -> list[int]:

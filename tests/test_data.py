@@ -186,6 +186,26 @@ def test_parquet_csv_tsv_and_json_sources(tmp_path, tok):
         assert [s.labels for s in train.samples] == [s.labels for s in want.samples], name
 
 
+def test_table_files_leave_no_copy_in_the_datasets_cache(tmp_path, tok, monkeypatch):
+    """datasets converts a parquet or CSV file to an Arrow copy in its cache (~/.cache/huggingface):
+    it is made in TMPDIR while read and removed, so the user's data is not copied into their home."""
+    import datasets
+    import tempfile
+
+    home_cache, tmp = tmp_path / "hf", tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(home_cache))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    rows = [{"instruction": "Say hi.", "output": "Hi."}] * 3
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.csv").write_text("instruction,output\n" + "Say hi.,Hi.\n" * 3)
+    for name in ("d.parquet", "d.csv"):
+        train, _ = load_splits(DataConfig(dataset=str(tmp_path / name), val_dataset="none"), tok)
+        assert len(train.samples) == 3
+    assert not home_cache.exists() or not any(home_cache.rglob("*.arrow")), list(home_cache.rglob("*"))
+    assert list(tmp.iterdir()) == []
+
+
 def test_a_bad_record_is_named_by_its_line_or_its_index(tmp_path, tok):
     """Text files count lines from 1; a JSON array's items and an Arrow table's rows count from 0, as
     `data[i]` and `dataset[i]` do: the third record is line 3, item 2, row 2."""
