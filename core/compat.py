@@ -202,6 +202,8 @@ NOTES = [
     "--tp N and Ulysses --cp N must divide the model's attention and key/value heads (checked when the model loads).",
     "--tp N with several data-parallel ranks needs --fsdp (checked when the process mesh is built).",
     "--dp-replicate x --dp-shard x --cp x --tp must equal the number of processes.",
+    "--loss chunked / cce / liger refuse ZeRO-3 (--deepspeed zero3, or a json config of stage 3): the loss reads the "
+    "output head's weight where ZeRO-3 holds only a partition of it.",
     "--attn flash / sdpa / --loss chunked refuse models that soft-cap logits (Gemma 2); --attn flash refuses "
     "sliding-window models where torch's varlen kernel has no window.",
     "--offload-embeddings refuses models that tie the input embeddings to the output head (Llama-3.2-1B/3B, "

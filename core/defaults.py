@@ -381,8 +381,8 @@ def loss(cfg, device: torch.device, model_config, gpu_bytes: int | None = None) 
             why = "the full logits fit; --loss chunked saves their memory"
             if (tight := needs_lean(cfg, model_config, device, gpu_bytes)) is not None:
                 cfg.loss.loss, why = "chunked", f"{tight}; never the full logits; --loss ce turns it off"
-                if (reason := _matrix_problem(cfg)) is not None:  # the matrix reads the value under test
-                    cfg.loss.loss, why = "ce", reason
+                if (reason := _matrix_problem(cfg) or _head_partitioned(cfg)) is not None:  # the matrix reads
+                    cfg.loss.loss, why = "ce", reason  # the value under test
         if device.type == "cuda":
             cfg.auto.append(f"--loss {cfg.loss.loss} (auto: {why})")
     if cfg.loss.loss_chunk is None:
@@ -461,6 +461,14 @@ def _speedups(cfg, choose) -> None:
 
 def _matrix_problem(cfg) -> str | None:
     return compat.problem(compat.active(cfg), True, compat.rows(cfg))
+
+
+def _head_partitioned(cfg) -> str | None:
+    """ZeRO-3 holds a partition of the output head, which the chunked loss reads after the forward
+    (features/deepspeed_zero.check_head_loss refuses it); a json config is taken as stage 3 here."""
+    if cfg.deepspeed.deepspeed not in (None, "zero1", "zero2"):
+        return f"--deepspeed {cfg.deepspeed.deepspeed} may partition the output head, which the chunked loss reads"
+    return None
 
 
 def _get(obj, names: list[str]):

@@ -33,7 +33,8 @@ for stage 3): a little faster than without, full fine-tune and LoRA alike, at th
 (off there by default, as in DeepSpeed; not measured).
 
 Works with: LoRA, activation checkpointing, packing, bf16 / bf16-mixed. Refused with: --fsdp,
---ddp, --tp, --cp (DeepSpeed owns data parallelism), --qlora (use --fsdp), --compile.
+--ddp, --tp, --cp (DeepSpeed owns data parallelism), --qlora (use --fsdp), --compile; ZeRO-3 also
+with --loss chunked / cce / liger (check_head_loss).
 """
 
 import contextlib
@@ -53,6 +54,7 @@ from core.distributed import attention_blocks
 optional.drop_records("DeepSpeed", "Setting accelerator to CPU")
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+HEAD_LOSSES = ("chunked", "cce", "liger")  # they multiply the output head's weight after the model's forward
 
 
 @dataclasses.dataclass
@@ -80,6 +82,27 @@ def validate(cfg) -> None:
         flag = "--ds-offload" if ds.ds_offload else "--ds-overlap-comm"
         raise UserError(f"{flag} with --deepspeed {ds.deepspeed}: a json config keeps its own zero_optimization; "
                         f"set {'offload_optimizer / offload_param' if ds.ds_offload else 'overlap_comm'} there")
+    check_head_loss(cfg.loss.loss, stage(ds))
+
+
+def stage(cfg: DeepSpeedConfig) -> int | None:
+    """The ZeRO stage of --deepspeed: the flag's, or its json config's (None where the json sets none)."""
+    if cfg.deepspeed in STAGES:
+        return STAGES[cfg.deepspeed]
+    try:
+        zero = json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {})
+    except (ValueError, AttributeError) as e:  # before the model loads, not a traceback after
+        raise UserError(f"--deepspeed {cfg.deepspeed}: not a JSON object of DeepSpeed settings ({e})") from e
+    return zero.get("stage") if isinstance(zero, dict) else None
+
+
+def check_head_loss(loss: str, zero_stage: int | None) -> None:
+    """ZeRO-3 gathers the head's weight only inside the head's forward; --loss chunked / cce / liger read
+    it after the model's forward, where each rank holds a partition of it (a size-mismatch error)."""
+    if zero_stage == 3 and loss in HEAD_LOSSES:
+        raise UserError(f"--loss {loss} with ZeRO-3 (--deepspeed): ZeRO-3 partitions the output head's weight, "
+                        f"which this loss multiplies outside the model's forward; use --loss ce, or ZeRO-2 "
+                        f"(--deepspeed zero2) or --fsdp")
 
 
 def build_config(cfg: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
@@ -201,12 +224,15 @@ def gather_full(engine):
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
+        full = {}  # one full tensor a partitioned parameter: tied ones (embeddings and head) stay one in the export
         for sub in module.modules():
             params = list(sub.named_parameters(recurse=False))
             if params:
                 with deepspeed.zero.GatheredParameters([p for _, p in params]):
                     for name, p in params:
-                        sub.register_parameter(name, torch.nn.Parameter(p.data.clone(), p.requires_grad))
+                        if id(p) not in full:
+                            full[id(p)] = torch.nn.Parameter(p.data.clone(), p.requires_grad)
+                        sub.register_parameter(name, full[id(p)])
     return module
 
 
@@ -215,4 +241,5 @@ def apply(model, optimizer, cfg, run):
     feature that takes the optimizer too). Returns (engine, engine's optimizer)."""
     ds_config = build_config(cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm,
                              run.precision, run.d.dp_size, adapters=adapters_on(cfg.lora))
+    check_head_loss(cfg.loss.loss, ds_config.get("zero_optimization", {}).get("stage"))  # --loss auto's choice too
     return apply_deepspeed(model, optimizer, ds_config)

@@ -177,6 +177,8 @@ def _at(argv, cuda=True, seq_len=4096):
     (["--model", "llama3-8b", "--lora"], "cuda", L4, {"final_logit_softcapping": 30.0}, "ce"),  # Gemma 2
     (["--model", "llama3-8b", "--lora", "--loss", "ce"], "cuda", L4, {}, "ce"),  # set by hand
     (["--model", "llama3-8b", "--lora", "--loss-chunk", "512"], "cuda", L4, {}, "chunked"),
+    (["--model", "llama3-8b", "--lora", "--deepspeed", "zero2"], "cuda", L4, {}, "chunked"),  # whole weights
+    (["--model", "llama3-8b", "--lora", "--deepspeed", "zero3"], "cuda", L4, {}, "ce"),  # a partitioned head
 ])
 def test_loss_auto_is_fast_where_the_logits_fit_and_lean_where_not(argv, device, gpu_bytes, changes, want):
     cfg = _at(argv, cuda=device == "cuda")
