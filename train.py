@@ -167,8 +167,9 @@ def build_loss(cfg: Config, run: Run):
     elif cfg.loss.loss in ("cce", "liger"):
         loss_fn = functools.partial(fused_loss.forward_fused_loss_sum, kernel=cfg.loss.loss)
     else:  # the full logits; under --compile, cross entropy compiled into one fused kernel
-        ce = compile.compile_loss(cfg.compile) if cfg.compile.compile else core.loss.cross_entropy_sum
-        loss_fn = functools.partial(core.loss.forward_loss_sum, ce=ce)
+        ce = core.loss.cross_entropy_sum
+        loss_fn = functools.partial(core.loss.forward_loss_sum, ce=compile.compile_loss(cfg.compile, ce)
+                                    if cfg.compile.compile else ce)
     loss_fn = functools.partial(loss_fn, attn_impl=run.attn_impl)
     if cfg.sequence_parallel.sp_mode != "none":
         loss_fn = sequence_parallel.wrap_loss(loss_fn, cfg, run)

@@ -262,7 +262,7 @@ def check(cfg, cuda: bool) -> None:
     """Refuse a combination the matrix refuses, with one line naming the flags, the reason and the fix."""
     on = active(cfg)
     if (reason := problem(on, cuda, rows(cfg))) is not None:
-        for f in on:  # "--tp N" as the user typed it: "--tp 4"
+        for f in on:  # "--tp N" with its parsed value: "--tp 4"
             if f.flag.endswith(" N"):
                 reason = reason.replace(f.flag, f"{f.flag[:-1]}{field_value(cfg, f.field)[0]}")
         raise UserError(reason)

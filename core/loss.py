@@ -4,6 +4,12 @@ A step's loss is the sum of token losses over all its micro-batches and ranks di
 number of trained tokens in all of them (see train.py); a per-micro-batch mean instead would
 weight a short micro-batch's tokens more than a long one's, and gradient accumulation would no
 longer equal one big batch.
+
+A loss of your own keeps that contract: a sum over the trained positions (targets != IGNORE), never a
+mean. train.py's `build_loss` picks the function for --loss; the same function gives the validation
+loss (core/evaluate.py), so an added term shows there too. Under --compile, `build_loss` hands the
+function it picked to features/compile.compile_loss. --loss chunked, cce and liger compute their own
+sums (features/chunked_loss.py, features/fused_loss.py).
 """
 
 import contextlib

@@ -20,6 +20,11 @@ Under --compile (on by default on a CUDA GPU) the whole step is one compiled gra
 a tensor: eager, each tensor takes about 15 memory-bound kernels that move some 150 bytes a weight,
 against 22 fused; and one compiled call a tensor would leave the GPU idle behind dynamo's per-call
 host cost (measured in benchmarks/results/2026-12-03-adamw-sr-h200.md).
+
+Another optimizer or schedule: a value in `optimizer`'s or `lr_schedule`'s Literal, and its branch in
+`build_optimizer` or `lr_factor`. A new OptimConfig field is the flag of its name (`min_lr_ratio`:
+`--min-lr-ratio`) and enters every checkpoint's plan (`schedule_plan`), so a resume that changes it is
+refused. The other files such a change touches: docs/adding-a-feature.md.
 """
 
 import dataclasses
@@ -41,9 +46,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """The schedule decays toward lr * min-lr-ratio, reached as the last step ends."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup."""
+    """Decay after warmup, toward lr * min-lr-ratio (constant: none)."""
     warmup_steps: int | None = None
-    """Linear warmup from 0 over this many optimizer steps; unset: 3% of the steps (the demo: 50, at most a tenth)."""
+    """Linear warmup over this many optimizer steps (the first at lr / warmup-steps); unset: 3% of the steps (the demo: 50, at most a tenth)."""  # noqa: E501
     weight_decay: float = 0.0
     """AdamW decoupled weight decay, on matrices only."""
     adam_beta1: float = 0.9
@@ -76,7 +81,8 @@ def rounding_notice(cfg, precision: str) -> str | None:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
                     compile_backend: str | None = None) -> torch.optim.Optimizer:
-    """`compile_backend` (--compile's): on CUDA, adamw-sr's update compiled with it; None: eager."""
+    """--optimizer over the parameters that require grad: matrices with --weight-decay, norms and biases
+    without. `compile_backend` (--compile's): on CUDA, adamw-sr's update compiled with it; None: eager."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -197,15 +203,15 @@ def schedule_plan(cfg: OptimConfig, total_steps: int) -> dict:
     return {"total_steps": total_steps, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "max_grad_norm"}}
 
 
-PLAN_FLAGS = {"total_steps": "the steps (--max-steps / --epochs)", "optimizer": "--optimizer", "lr": "--lr",
-              "min_lr_ratio": "--min-lr-ratio", "lr_schedule": "--lr-schedule", "warmup_steps": "--warmup-steps",
-              "weight_decay": "--weight-decay", "adam_beta1": "--adam-beta1", "adam_beta2": "--adam-beta2",
-              "adam_eps": "--adam-eps"}
+def plan_flag(key: str) -> str:
+    """The flag a plan value comes from: an OptimConfig field's flag is its name (the CLI omits section
+    prefixes: lr_schedule -> --lr-schedule), so a new field needs no entry here."""
+    return "the steps (--max-steps / --epochs)" if key == "total_steps" else "--" + key.replace("_", "-")
 
 
 def plan_changes(saved: dict, now: dict) -> list[str]:
     """'--lr 0.001 (saved: 0.0003)' for each value of the plan a resumed run would change."""
-    return [f"{PLAN_FLAGS.get(k, k)} {now.get(k)} (saved: {saved[k]})" for k in saved if saved[k] != now.get(k)]
+    return [f"{plan_flag(k)} {now.get(k)} (saved: {saved[k]})" for k in saved if saved[k] != now.get(k)]
 
 
 def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

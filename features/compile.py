@@ -89,14 +89,15 @@ def _mode(cfg: CompileConfig) -> str | None:
     return None if plain else cfg.compile_mode
 
 
-def compile_loss(cfg: CompileConfig):
-    """cross_entropy_sum as one fused graph (shapes marked dynamic after the first new one: padded
-    batches vary in length, evaluation runs its own no-grad graph)."""
+def compile_loss(cfg: CompileConfig, ce=cross_entropy_sum):
+    """The token-loss function `ce` (train.py's choice: cross_entropy_sum, or a loss of your own) as one
+    fused graph (shapes marked dynamic after the first new one: padded batches vary in length,
+    evaluation runs its own no-grad graph)."""
     mode = _mode(cfg)  # the loss stays out of CUDA graphs: one graph a micro-step, little host time to save
     # Inductor splits a long row reduction (the vocabulary) over blocks and warns that its online softmax
     # is then off; the split kernel is the one it chose as faster. Said at compile time, on every GPU run.
     warnings.filterwarnings("ignore", r"\s*Online softmax is disabled on the fly", UserWarning)
-    return torch.compile(cross_entropy_sum, backend=cfg.compile_backend,
+    return torch.compile(ce, backend=cfg.compile_backend,
                          mode=None if mode == "reduce-overhead" else mode)
 
 

@@ -137,6 +137,21 @@ def test_compiled_loss_is_exact_and_keeps_only_the_logits(dtype):
     assert big_bytes(ref_saved) >= 2 * logits.numel() * 4  # eager: two fp32 tokens x vocabulary tensors
 
 
+def test_compiled_loss_is_the_loss_it_is_given():
+    """build_loss hands compile_loss the function it picked: a loss of your own is compiled, not replaced
+    by cross_entropy_sum."""
+    def z_loss_sum(logits, labels, targets):  # a forker's variant: cross entropy plus a z-loss term
+        trained = (targets != IGNORE).flatten()
+        z = torch.logsumexp(logits.float(), -1).flatten()[trained].square().sum()
+        return cross_entropy_sum(logits, labels, targets) + 1e-3 * z
+
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(2, 16, 50, generator=g), torch.randint(0, 50, (2, 16), generator=g)
+    compiled = compile_loss(CompileConfig(compile=True, compile_backend="aot_eager"), z_loss_sum)
+    torch.testing.assert_close(compiled(logits, None, targets), z_loss_sum(logits, None, targets))
+    assert not torch.allclose(compiled(logits, None, targets), cross_entropy_sum(logits, None, targets))
+
+
 def test_inductors_online_softmax_note_stays_out_of_the_log():
     """Inductor says this once per compiled loss on a GPU (torch 2.11, a 49,152-entry vocabulary); the
     text is the one it printed there. Other UserWarnings still show."""
@@ -156,8 +171,9 @@ def test_train_uses_the_compiled_loss_under_compile(tmp_path, small_data, monkey
 
     calls = []
 
-    def counting(cfg):
-        compiled = compile_loss(cfg)
+    def counting(cfg, ce):
+        assert ce is cross_entropy_sum  # --loss ce's function, handed over by build_loss
+        compiled = compile_loss(cfg, ce)
 
         def ce(*args):
             calls.append(args[0].shape)

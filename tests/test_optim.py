@@ -222,3 +222,14 @@ def test_adamw_on_bf16_weights_of_a_full_fine_tune_is_noticed(tmp_path, small_da
     assert len(lines) == noticed
     if noticed:
         assert "--optimizer adamw-sr keeps them on average, --precision bf16-mixed keeps fp32 masters" in lines[0]
+
+
+def test_every_setting_a_resume_compares_is_named_by_a_real_flag():
+    """A refused resume names the flag of each changed setting (plan_flag); each is one train.py takes."""
+    from conftest import ROOT
+    from core.optim import plan_flag, schedule_plan
+
+    flags = {line.split("\t")[0] for line in (ROOT / "tests" / "cli_flags.txt").read_text().splitlines()}
+    for key in schedule_plan(OptimConfig(), total_steps=10):
+        named = plan_flag(key)
+        assert named in flags or named == "the steps (--max-steps / --epochs)", (key, named)
