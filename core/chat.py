@@ -244,3 +244,17 @@ def _check_calls_rendered(message: dict, turn: str, where: str) -> None:
         if name not in turn:
             raise BadRecord(f"{where}: its tool call {name!r} is not in the chat template's rendering (this "
                             f"tokenizer's template drops tool calls); pass a --tokenizer whose template has them")
+
+
+def end_of_turn_id(tok) -> int | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template, the last token a
+    chat run trains (ChatML's <|im_end|>, Llama 3's <|eot_id|>); None without a template or such a token."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    try:
+        sample = tokenize_chat(record, "the chat template", tok)
+    except (BadRecord, UserError):
+        return None
+    last = sample.answer[-1] if sample.answer else None
+    return last if last in special_ids(tok) else None

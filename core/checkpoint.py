@@ -158,31 +158,50 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind a failed save (DCP wraps its writers' errors in CheckpointException)."""
+# torch.save's zip writer reports a full disk as a RuntimeError with no errno ("[enforce fail at
+# inline_container.cc:672] . unexpected pos 704 vs 598", "basic_ios::clear: iostream error"; torch 2.13)
+_TORCH_WRITE_FAILED = ("inline_container.cc", "PytorchStreamWriter", "iostream error")
+
+
+def _write_error(e: BaseException, where: Path) -> str | None:
+    """Why a save failed to write (disk full, quota, a read-only disk), or None for another error: an
+    OSError, safetensors' error around one ("I/O error: No space left on device (os error 28)"), torch's
+    writer's, or one of these inside DCP's CheckpointException or as the cause of another."""
+    said = str(e)
     if isinstance(e, OSError):
-        return e
+        return e.strerror or said
+    if type(e).__name__ == "SafetensorError" and "I/O error: " in said:
+        return said.split("I/O error: ", 1)[1]
+    if isinstance(e, RuntimeError) and any(s in said for s in _TORCH_WRITE_FAILED):
+        return f"a file could not be written ({said.splitlines()[0]}), {_free(where)} free on its disk"
     for exc, _ in getattr(e, "failures", {}).values():
-        if isinstance(exc, OSError):
-            return exc
-    return _os_error(e.__cause__) if e.__cause__ is not None else None
+        if (why := _write_error(exc, where)) is not None:
+            return why
+    return _write_error(e.__cause__, where) if e.__cause__ is not None else None
+
+
+def _free(where: Path) -> str:
+    """The free space on the disk of `where` (or of its nearest existing parent)."""
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return f"{shutil.disk_usage(where).free / 2**30:.2f} GiB"
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, batches, d: Dist,
                     keep: int, tokens: int = 0) -> Path:
-    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     root = Path(output_dir) / "checkpoints"
     tmp = root / f".tmp-step_{step:08d}"
     try:
         return _save(root, step, model, optimizer, scheduler, batches, d, keep, tokens)
-    except (OSError, CheckpointException) as e:
-        if (err := _os_error(e)) is None:
+    except (Exception, CheckpointException) as e:
+        if (why := _write_error(e, root)) is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # the partial save; earlier checkpoints stay untouched
         good = checkpoints(output_dir)
         kept = "the last good checkpoint " + str(good[-1][1]) + " is kept" if good else "no earlier checkpoint exists"
-        raise UserError(f"saving checkpoint {tmp.name[5:]} in {root} failed: {err.strerror or err}; "
+        raise UserError(f"saving checkpoint {tmp.name[5:]} in {root} failed: {why}; "
                         f"{kept}. "
                         f"Free disk space (or lower --keep-checkpoints), then rerun with --resume auto") from e
 
@@ -221,9 +240,13 @@ def _save(root: Path, step: int, model, optimizer, scheduler, batches, d: Dist, 
 def check_resume(path: Path, plan: dict, batches, d: Dist, deepspeed: bool) -> dict:
     """The checkpoint's trainer state (step, tokens, ...), read before the model loads: a resume that cannot
     continue the saved run is refused here, not minutes later. Refused: a changed schedule or optimizer
-    (`plan`, core/optim.py schedule_plan), other rows a step, a DeepSpeed checkpoint on another number
-    of ranks. Restores the data position."""
+    (`plan`, core/optim.py schedule_plan), other rows a step, a checkpoint of the other format (DeepSpeed's
+    or DCP's), a DeepSpeed checkpoint on another number of ranks. Restores the data position."""
     state = json.loads((path / "trainer_state.json").read_text())
+    if deepspeed != (path / ENGINE_TAG).is_dir():  # DeepSpeed's engine and DCP keep the weights in other files
+        saved, fix = ("with", "pass the same --deepspeed") if not deepspeed else ("without", "drop --deepspeed")
+        raise UserError(f"--resume {path}: saved {saved} --deepspeed, it resumes only so; {fix}, or start anew "
+                        f"in another --output-dir")
     trains_on = state["step"] < plan.get("total_steps", 0)  # --max-steps at the saved step: only final/ is written
     if trains_on and (changed := plan_changes(state["scheduler"].get("plan", {}), plan)):
         raise UserError(f"--resume {path}: this run changes {'; '.join(changed)}, which would bend the schedule or "
@@ -244,6 +267,7 @@ def load_checkpoint(path: Path, state: dict, model, optimizer, scheduler, d: Dis
     if _is_engine(model):  # --deepspeed
         _load_engine(model, path)
     else:
+        check_same_weights(path, _trainable(model))
         optim_sd = get_optimizer_state_dict(unwrap(model), optimizer, options=_options())
         sd = {"model": _trainable(model), "optim": optim_sd}
         with warnings.catch_warnings():
@@ -256,6 +280,26 @@ def load_checkpoint(path: Path, state: dict, model, optimizer, scheduler, d: Dis
         _set_rng_state(torch.load(rng_file, weights_only=False))
 
 
+def check_same_weights(path: Path, trainable: dict) -> None:
+    """Refuse a checkpoint whose trained weights are not this run's: another --model, --lora-rank or
+    --lora-targets, an adapter resumed as a full fine-tune. DCP would stop with a traceback on a missing
+    or resized weight, and load a subset silently (fewer --lora-targets drop the others' training)."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = {k[len("model."):]: tuple(m.size) for k, m in dcp.FileSystemReader(path).read_metadata()
+             .state_dict_metadata.items() if k.startswith("model.")}
+    here = {k: tuple(p.shape) for k, p in trainable.items()}  # a DTensor's shape is the whole weight's
+    resized = [k for k in saved.keys() & here.keys() if saved[k] != here[k]]
+    problems = [f"{len(names)} {what} (first: {min(names)}{detail(min(names))})" for names, what, detail in (
+        (resized, "of another shape", lambda k: f", saved {list(saved[k])}, here {list(here[k])}"),
+        (saved.keys() - here.keys(), "saved that this run does not train", lambda k: ""),
+        (here.keys() - saved.keys(), "trained here that it did not save", lambda k: "")) if names]
+    if problems:
+        raise UserError(f"--resume {path}: its weights are not this run's: {'; '.join(problems)}. Resume with the "
+                        f"--model and adapter flags (--lora, --lora-rank, --lora-targets, --dora) that saved it "
+                        f"(config.json beside checkpoints/ keeps them), or start anew in another --output-dir")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path):
     """Yield a temporary sibling directory to fill; it replaces `out` only once the block completes,
@@ -263,9 +307,31 @@ def atomic_dir(out: Path):
     out = Path(out)
     tmp = out.with_name(".tmp-" + out.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves no partial copy taking space
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def final_dir(out: Path):
+    """atomic_dir for a model a run writes once it has trained: a failed write ends the run in one line that
+    says how to write it again, from the run's last checkpoint when there is one."""
+    out = Path(out)
+    try:
+        with atomic_dir(out) as tmp:
+            yield tmp
+    except Exception as e:
+        if (why := _write_error(e, out.parent)) is None:
+            raise
+        good = checkpoints(out.parent)
+        again = (f"then rerun with the same flags plus --resume auto: it continues from {good[-1][1]} and writes "
+                 f"{out.name}/" if good else "then train again: no checkpoint holds the trained weights "
+                 "(--save-every N keeps them)")
+        raise UserError(f"writing {out} failed: {why}; free disk space, {again}") from e
 
 
 def export_hf(model, tokenizer, out: Path, d: Dist) -> Path | None:
@@ -276,10 +342,26 @@ def export_hf(model, tokenizer, out: Path, d: Dist) -> Path | None:
 
     hf_logging.disable_progress_bar()  # a bar per shard drowns the log of a non-interactive run
     net = unwrap(model)
-    with atomic_dir(out) as tmp, kv_cache_on(net.config):
+    stop_at_end_of_turn(getattr(net, "generation_config", None), tokenizer)
+    with final_dir(out) as tmp, kv_cache_on(net.config):
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def stop_at_end_of_turn(generation_config, tokenizer) -> None:
+    """generate() stops where a chat run taught the model to stop: the template's end-of-turn token joins
+    eos_token_id. A base model's eos is not its template's (Llama 3.1's <|end_of_text|> and <|eot_id|>,
+    Qwen2.5's <|endoftext|> and <|im_end|>): without it, generation runs past the answer."""
+    from core.chat import end_of_turn_id
+
+    end = end_of_turn_id(tokenizer)
+    if generation_config is None or end is None:
+        return
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if end not in ids:
+        generation_config.eos_token_id = ids + [end]
 
 
 @contextlib.contextmanager
@@ -304,4 +386,19 @@ def prepare_output_dir(output_dir: str | None, resume: str | None, d: Dist) -> P
     if resume is None and ((out / "final").exists() or (out / "metrics.jsonl").exists()):
         raise UserError(f"--output-dir {out} holds an earlier run's results; choose another --output-dir, "
                         f"or delete it to start over")
+    if (problem := broadcast_object(_unwritable(out) if d.is_main else None, d)) is not None:
+        raise UserError(f"--output-dir {out} cannot be written ({problem}); pass a directory you can write to")
     return out
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why the run could not write its directory, found before the data and the model load (it is
+    first written once they have), or None."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror or str(e)
+    return None

@@ -29,6 +29,7 @@ Does not work with: two of --lora / --qlora / --lora-8bit at once.
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -153,13 +154,17 @@ def export(model, tokenizer, out_dir) -> Path:
     """Write the adapter in peft's format + the tokenizer (atomically); a preset's base goes in base/."""
     from transformers.utils import logging as hf_logging
 
-    from core.checkpoint import atomic_dir, kv_cache_on
+    from core.checkpoint import final_dir, kv_cache_on, stop_at_end_of_turn
 
     hf_logging.disable_progress_bar()  # a bar per shard drowns the log of a non-interactive run
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    generation = copy.deepcopy(getattr(model.get_base_model(), "generation_config", None))
+    stop_at_end_of_turn(generation, tokenizer)  # the base's own stops at its eos, maybe not the template's turn end
+    with final_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if generation is not None:  # GenerationConfig.from_pretrained(final); merge_and_save gives it the merged model
+            generation.save_pretrained(tmp)
         if not model.peft_config["default"].base_model_name_or_path:  # built by from_config: random weights
             base = model.get_base_model()
             with kv_cache_on(base.config):
@@ -199,7 +204,7 @@ def _dequantized(module) -> torch.Tensor:
 def merge_and_save(base: str, adapter_dir, out_dir, dtype: str = "auto") -> Path:
     """Load the base unquantized, merge the adapter into its weights, save a plain HF model + tokenizer."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     from core.checkpoint import atomic_dir
@@ -225,6 +230,8 @@ def merge_and_save(base: str, adapter_dir, out_dir, dtype: str = "auto") -> Path
         model = model.dequantize()
     with _peft_wrapping():
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if (adapter / "generation_config.json").is_file():  # the run's, which stops at the chat template's turn end
+        merged.generation_config = GenerationConfig.from_pretrained(adapter)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base

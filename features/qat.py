@@ -154,7 +154,7 @@ def export(model, tokenizer, out_dir, cfg: QatConfig, plain_dir=None, say=print)
     """
     import torchao
 
-    from core.checkpoint import atomic_dir, kv_cache_on
+    from core.checkpoint import final_dir, kv_cache_on
 
     if _sharded(model):
         if plain_dir is None or hasattr(model, "peft_config"):
@@ -165,7 +165,7 @@ def export(model, tokenizer, out_dir, cfg: QatConfig, plain_dir=None, say=print)
     else:
         model = convert(model, cfg)
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with final_dir(out) as tmp:
         tmp.mkdir(parents=True)
         with kv_cache_on(model.config):  # for generation, as the other saved models
             model.config.save_pretrained(tmp)

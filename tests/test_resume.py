@@ -113,3 +113,44 @@ def test_final_model_loads_with_transformers(tmp_path, small_data):
     tok = AutoTokenizer.from_pretrained(out / "final")
     ids = tok("### Instruction:\nCopy.", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("changed, said", [
+    (["--lora", "--lora-rank", "8"], "of another shape (first: base_model.model.model.layers.0.mlp.down_proj.lora_A"),
+    (["--lora", "--lora-targets", "q_proj,v_proj"], "40 saved that this run does not train"),
+    ([], "trained here that it did not save (first: lm_head.weight)"),  # the adapter resumed as a full fine-tune
+])
+def test_a_resume_into_other_weights_is_refused(tmp_path, small_data, capsys, changed, said):
+    """Another --lora-rank or model: one line, not DCP's traceback; fewer --lora-targets: refused, not
+    a silent load of part of the adapter."""
+    out = tmp_path / "run"
+    common = ["--dataset", str(small_data), "--micro-batch-size", "4", "--max-steps", "3", "--skip-export"]
+    assert run_train(out, *common, "--lora", "--save-every", "2") == 0  # checkpoints at steps 2 and 3
+    capsys.readouterr()
+    assert run_train(out, *common, *changed, "--resume", str(out / "checkpoints" / "step_00000002")) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Resume with the --model and adapter flags" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_resumes_only_in_the_format_that_saved_it(tmp_path):
+    """A DeepSpeed checkpoint (its engine's files in deepspeed/) without --deepspeed, or a DCP one with it,
+    is refused in one line before the model loads (else DCP's or DeepSpeed's own assertion, from deep inside)."""
+    from core import UserError
+    from core.checkpoint import ENGINE_TAG, check_resume
+    from core.distributed import Dist
+
+    class Batches:
+        def load_state_dict(self, state):
+            self.state = state
+
+    step = tmp_path / "step_00000002"
+    step.mkdir()
+    (step / "trainer_state.json").write_text(json.dumps(
+        {"step": 2, "scheduler": {"plan": {}}, "data": {"epoch": 0}, "world_size": 1}))
+    with pytest.raises(UserError, match="saved without --deepspeed, it resumes only so; drop --deepspeed"):
+        check_resume(step, {}, Batches(), Dist(), deepspeed=True)
+    assert check_resume(step, {}, Batches(), Dist(), deepspeed=False)["step"] == 2
+    (step / ENGINE_TAG).mkdir()
+    with pytest.raises(UserError, match="saved with --deepspeed, it resumes only so; pass the same --deepspeed"):
+        check_resume(step, {}, Batches(), Dist(), deepspeed=False)
+    assert check_resume(step, {}, Batches(), Dist(), deepspeed=True)["step"] == 2
