@@ -166,10 +166,11 @@ def build_loss(cfg: Config, run: Run):
         loss_fn = functools.partial(chunked_loss.forward_chunked_loss_sum, chunk=cfg.loss.loss_chunk)
     elif cfg.loss.loss in ("cce", "liger"):
         loss_fn = functools.partial(fused_loss.forward_fused_loss_sum, kernel=cfg.loss.loss)
-    else:  # the full logits; under --compile, cross entropy compiled into one fused kernel
-        ce = core.loss.cross_entropy_sum
-        loss_fn = functools.partial(core.loss.forward_loss_sum, ce=compile.compile_loss(cfg.compile, ce)
-                                    if cfg.compile.compile else ce)
+    else:  # the full logits; under --compile, the token loss compiled into one fused kernel
+        ce = core.loss.cross_entropy_sum  # a loss of your own goes here (core/loss.py)
+        if cfg.compile.compile:
+            ce = compile.compile_loss(cfg.compile, ce)
+        loss_fn = functools.partial(core.loss.forward_loss_sum, ce=ce)
     loss_fn = functools.partial(loss_fn, attn_impl=run.attn_impl)
     if cfg.sequence_parallel.sp_mode != "none":
         loss_fn = sequence_parallel.wrap_loss(loss_fn, cfg, run)

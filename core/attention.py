@@ -150,8 +150,9 @@ def model_inputs(batch: dict, impl: str) -> dict:
 
 def row_multiple(cfg: AttentionConfig) -> int:
     """Training rows are padded to a multiple of this. Compiled flex_attention (torch 2.11) finds no kernel
-    for some rows of 65-127 tokens under grouped-query attention (inductor's NoValidChoicesError); rows
-    of whole 128-token blocks always build, and flex computes whole blocks anyway."""
+    for some rows under 128 tokens with grouped-query attention (inductor's NoValidChoicesError at 100-127,
+    benchmarks/results/2026-12-06-fa4-short-rows-h100.md); rows of whole 128-token blocks build, and flex
+    computes whole blocks anyway."""
     return 128 if cfg.attn == "flex" else 1
 
 
