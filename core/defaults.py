@@ -381,8 +381,9 @@ def loss(cfg, device: torch.device, model_config, gpu_bytes: int | None = None) 
             why = "the full logits fit; --loss chunked saves their memory"
             if (tight := needs_lean(cfg, model_config, device, gpu_bytes)) is not None:
                 cfg.loss.loss, why = "chunked", f"{tight}; never the full logits; --loss ce turns it off"
-                if (reason := _matrix_problem(cfg) or _head_partitioned(cfg)) is not None:  # the matrix reads
-                    cfg.loss.loss, why = "ce", reason  # the value under test
+                # the matrix reads the value under test; ZeRO-3 holds only a partition of the head chunks read
+                if (reason := _matrix_problem(cfg) or _head_partitioned(cfg)) is not None:
+                    cfg.loss.loss, why = "ce", reason
         if device.type == "cuda":
             cfg.auto.append(f"--loss {cfg.loss.loss} (auto: {why})")
     if cfg.loss.loss_chunk is None:
