@@ -247,8 +247,10 @@ def check_resume(path: Path, plan: dict, batches, d: Dist, deepspeed: bool) -> d
         saved, fix = ("with", "pass the same --deepspeed") if not deepspeed else ("without", "drop --deepspeed")
         raise UserError(f"--resume {path}: saved {saved} --deepspeed, it resumes only so; {fix}, or start anew "
                         f"in another --output-dir")
-    trains_on = state["step"] < plan.get("total_steps", 0)  # --max-steps at the saved step: only final/ is written
-    if trains_on and (changed := plan_changes(state["scheduler"].get("plan", {}), plan)):
+    saved = state["scheduler"].get("plan", {})
+    if state["step"] >= plan.get("total_steps", 0):  # --max-steps at the saved step: only final/ is written, but
+        saved = {k: v for k, v in saved.items() if k == "optimizer"}  # the optimizer's state still loads
+    if changed := plan_changes(saved, plan):
         raise UserError(f"--resume {path}: this run changes {'; '.join(changed)}, which would bend the schedule or "
                         f"the optimizer midway; resume with the saved values, or start anew in another --output-dir")
     batches.load_state_dict(state["data"])

@@ -154,3 +154,26 @@ def test_a_checkpoint_resumes_only_in_the_format_that_saved_it(tmp_path):
     with pytest.raises(UserError, match="saved with --deepspeed, it resumes only so; pass the same --deepspeed"):
         check_resume(step, {}, Batches(), Dist(), deepspeed=False)
     assert check_resume(step, {}, Batches(), Dist(), deepspeed=True)["step"] == 2
+
+
+def test_a_finished_run_resumes_to_write_final_with_its_own_optimizer_only(tmp_path):
+    """At its last step a resume trains nothing, so a changed --lr passes; the optimizer's state still
+    loads, so another --optimizer is refused in one line (its state would not fit: a traceback)."""
+    from core import UserError
+    from core.checkpoint import check_resume
+    from core.distributed import Dist
+
+    class Batches:
+        def load_state_dict(self, state):
+            pass
+
+    step = tmp_path / "step_00000004"
+    step.mkdir()
+    plan = {"total_steps": 4, "optimizer": "adamw", "lr": 3e-4}
+    (step / "trainer_state.json").write_text(json.dumps(
+        {"step": 4, "scheduler": {"plan": plan}, "data": {}, "world_size": 1}))
+    assert check_resume(step, {**plan, "lr": 1e-3}, Batches(), Dist(), deepspeed=False)["step"] == 4
+    with pytest.raises(UserError, match=r"changes --optimizer adamw-sr \(saved: adamw\)"):
+        check_resume(step, {**plan, "optimizer": "adamw-sr"}, Batches(), Dist(), deepspeed=False)
+    with pytest.raises(UserError, match=r"; --lr 0.001 \(saved: 0.0003\)"):  # with steps left, any change
+        check_resume(step, {**plan, "total_steps": 8, "lr": 1e-3}, Batches(), Dist(), deepspeed=False)
