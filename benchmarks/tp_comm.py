@@ -247,9 +247,11 @@ def run_layout(args, layout: str, out: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
         lines = (proc.stdout + proc.stderr).strip().splitlines()
-        # the worker's own error, not torchrun's report of it ("raise ChildFailedError(")
-        errors = [line for line in lines if "Error" in line and "torch.distributed.elastic" not in line
-                  and "ChildFailedError" not in line] or lines[-3:]
+        # the worker's own error (an exception, or nanotune's "error: ..." line), else torchrun's exit code line;
+        # not torchrun's report of it ("raise ChildFailedError(")
+        errors = [line for line in lines if ("Error" in line or "error:" in line) and "ChildFailedError" not in line
+                  and "torch.distributed.elastic" not in line] or [line for line in lines if "exitcode" in line]
+        errors = errors or lines[-3:]
         return {"layout": layout, "error": f"exit {proc.returncode}: {errors[-1].strip()[:300]}"}
     return json.loads(out.read_text())
 
