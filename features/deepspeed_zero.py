@@ -241,5 +241,4 @@ def apply(model, optimizer, cfg, run):
     feature that takes the optimizer too). Returns (engine, engine's optimizer)."""
     ds_config = build_config(cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm,
                              run.precision, run.d.dp_size, adapters=adapters_on(cfg.lora))
-    check_head_loss(cfg.loss.loss, ds_config.get("zero_optimization", {}).get("stage"))  # --loss auto's choice too
     return apply_deepspeed(model, optimizer, ds_config)
